@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""relay-trainer benchmarks: figures, printed side by side with their baselines.
+
+    python bench_relay.py            # everything (about 1 minute)
+    python bench_relay.py renewals   # one part: renewals | takeover | footprint
+
+Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
+throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
+restore; worker + watchdog under 1% of a core and under 40 MB while a trainer runs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from testing.harness import Cluster, relay, wait_for
+
+SIMULATED_WORKERS = 200
+CLIENT_PROCESSES = 4
+DURATION = 4.0
+SECRET = "bench-secret-0123456789abcdef"
+
+
+# --------------------------------------------------------------------------- renewals/s
+
+
+class BareHandler(http.server.BaseHTTPRequestHandler):
+    """The baseline: a stdlib server that reads the body and answers a fixed JSON object."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        data = b'{"ok": true, "lease_expires_in_sec": 60}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class BareServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the commander's backlog too: same conditions
+
+
+def serve_bare(port_queue: multiprocessing.Queue) -> None:
+    server = BareServer(("127.0.0.1", 0), BareHandler)
+    port_queue.put(server.server_address[1])
+    server.serve_forever()
+
+
+def client_process(port: int, leases: list[dict], duration: float, secret: str, out: multiprocessing.Queue) -> None:
+    """Each simulated worker: a thread with a keep-alive connection renewing in a loop."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def simulate(lease: dict) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        step = 0
+        while time.monotonic() < stop_at:
+            step += 1
+            body = json.dumps({"run_id": lease["run_id"], "worker_id": lease["worker_id"],
+                               "lease_token": lease["token"], "step": step}).encode()
+            headers = {"Content-Type": "application/json"}
+            if secret:
+                headers.update(relay.signed_headers(secret, "POST", "/api/lease/renew", body))
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/api/lease/renew", body, headers)
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                ok = False
+            if ok:
+                mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=simulate, args=(lease,)) for lease in leases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out.put(latencies)
+
+
+def load(port: int, leases: list[dict], secret: str) -> dict:
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    chunks = [leases[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
+    procs = [multiprocessing.Process(target=client_process, args=(port, chunk, DURATION, secret, out))
+             for chunk in chunks]
+    for proc in procs:
+        proc.start()
+    latencies = [x for _ in procs for x in out.get()]
+    for proc in procs:
+        proc.join()
+    latencies.sort()
+    return {"rate": len(latencies) / DURATION,
+            "p50": latencies[len(latencies) // 2] * 1000 if latencies else float("nan"),
+            "p99": latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")}
+
+
+def bench_renewals(tmp: Path) -> list[tuple[str, str, str]]:
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_commander(lease=60, secret=SECRET)
+        client = cluster.client()
+        leases = []
+        for n in range(SIMULATED_WORKERS):
+            run_id, worker_id = f"bench-{n}", f"w{n}"
+            body = client.post("/api/lease/acquire", {"run_id": run_id, "worker_id": worker_id, "mode": "sft"}).body
+            leases.append({"run_id": run_id, "worker_id": worker_id, "token": body["lease_token"]})
+        relayed = load(cluster.port, leases, SECRET)
+        ports: multiprocessing.Queue = multiprocessing.Queue()
+        bare_server = multiprocessing.Process(target=serve_bare, args=(ports,), daemon=True)
+        bare_server.start()
+        bare = load(ports.get(timeout=10), leases, "")
+        bare_server.terminate()
+        bare_server.join()
+    finally:
+        cluster.close()
+    ratio = relayed["rate"] / bare["rate"]
+    return [
+        (f"renewals/s, {SIMULATED_WORKERS} simulated workers (HMAC on)",
+         f"{relayed['rate']:.0f}/s (p50 {relayed['p50']:.1f} ms, p99 {relayed['p99']:.1f} ms)",
+         f"bare stdlib server {bare['rate']:.0f}/s (p50 {bare['p50']:.1f} ms, p99 {bare['p99']:.1f} ms); "
+         f"ratio {ratio:.2f} (target >= 0.5)"),
+    ]
+
+
+# --------------------------------------------------------------------------- takeover
+
+
+def bench_takeover(tmp: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    ttl = 4.0
+    for how in (signal.SIGKILL, signal.SIGTERM):
+        cluster = Cluster(tmp / how.name)
+        cluster.tmp.mkdir()
+        try:
+            cluster.start_commander(lease=ttl)
+            env = {"MOCK_MAX_STEPS": "400", "MOCK_STEP_SECONDS": "0.05"}
+            first = cluster.start_worker("a", env=env)
+            wait_for("a checkpoint", lambda c=cluster: (c.run("r1").get("latest_checkpoint") or {}).get("iteration", 0) >= 5)
+            cluster.start_worker("b", env=env)
+            wait_for("b standing by", lambda c=cluster: "standing by" in c.log("b"))
+            time.sleep(ttl / 3)  # land the kill at a typical point between two renewals
+            killed = time.time()
+            os.kill(first.pid, how)
+            wait_for("b to take over", lambda c=cluster: c.run("r1").get("holder") == "b", 30, 0.01)
+            run = cluster.run("r1")
+            granted = run["leases"][-1]["started_at"]
+            resumed = wait_for("b's trainer", lambda c=cluster: c.trainer_pids(worker_id="b"), 30, 0.01)
+            assert resumed
+            trainer_started = time.time()
+        finally:
+            cluster.close()
+        takeover = granted - killed
+        target = "<= 1.0 x TTL + 2 s" if how == signal.SIGKILL else "< 1 s + restore"
+        rows.append((f"takeover after {how.name} (TTL {ttl:g} s)",
+                     f"{takeover:.2f} s = {takeover / ttl:.2f} x TTL; trainer running after {trainer_started - killed:.2f} s",
+                     f"target {target}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- footprint
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Rss, Pss (shared pages split between their users: the figure that adds up across
+    processes) and Uss (pages only this process has), in MB."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in handle if line.rstrip().endswith("kB")}
+    return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024, "uss": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
+
+
+def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
+    cluster = Cluster(tmp)
+    window = 10.0
+    try:
+        cluster.start_commander(lease=6)
+        worker = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "100000", "MOCK_STEP_SECONDS": "0.5",
+                                                "MOCK_SAVE_EVERY": "10"})
+        wait_for("the trainer", lambda: cluster.trainer_pids(), 20)
+        watchdogs = wait_for("the watchdog", lambda: [p for p in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}")
+                                                     if Path(f"/proc/{p}/comm").read_text().strip() == "relay-watchdog"], 10)
+        pids = [worker.pid, *watchdogs]
+        time.sleep(2)  # past start-up: measure the steady state
+        before = sum(cpu_seconds(p) for p in pids)
+        time.sleep(window)
+        used = sum(cpu_seconds(p) for p in pids) - before
+        worker_mem, watchdog_mem = memory_mb(worker.pid), memory_mb(watchdogs[0])
+        trainer_mem = memory_mb(next(iter(cluster.trainer_pids())))
+    finally:
+        cluster.close()
+    pss = worker_mem["pss"] + watchdog_mem["pss"]
+    return [("worker + watchdog while a trainer runs",
+             f"{100 * used / window:.2f}% of a core; {pss:.1f} MB PSS (worker {worker_mem['pss']:.1f}, "
+             f"watchdog {watchdog_mem['pss']:.1f}: {watchdog_mem['uss']:.1f} MB its own, the rest shared "
+             f"copy-on-write); RSS {worker_mem['rss']:.1f} + {watchdog_mem['rss']:.1f} MB",
+             f"target < 1% of a core, < 40 MB; a bare `python3` trainer here: {trainer_mem['pss']:.1f} MB PSS")]
+
+
+# --------------------------------------------------------------------------- main
+
+PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": bench_footprint}
+
+
+def main(argv: list[str]) -> int:
+    chosen = argv or list(PARTS)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        for name in chosen:
+            part = Path(tmp) / name
+            part.mkdir()
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            rows += PARTS[name](part)
+    print(f"\nrelay-trainer {relay.VERSION} on {os.cpu_count()} cores, Python {sys.version.split()[0]}\n")
+    print("| figure | measured | baseline / target |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,2515 @@
+#!/usr/bin/env python3
+"""relay-trainer: keep one training run alive across many preemptible GPU pods.
+
+A commander grants each run to exactly one worker at a time (a lease carrying a fencing
+epoch); a worker on each pod restores the newest checkpoint, runs the trainer, renews the
+lease, seals and prunes checkpoints; a watchdog kills the trainer the moment the lease can no
+longer be trusted.  One file, standard library only at module level, so that it can be copied
+onto any pod with scp.  Sections, in the order data flows:
+
+    1. constants, errors, small utilities       7. trainer process and watchdog
+    2. config                                   8. worker
+    3. protocol and auth                        9. status and demo
+    4. commander                               10. mock trainer
+    5. checkpoints                             11. command line
+    6. stores (L2: the Hugging Face Hub)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import hmac
+import html
+import http.client
+import http.server
+import ipaddress
+import json
+import math
+import os
+import random
+import re
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import Callable
+
+VERSION = "0.3.0"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+###############################################################################
+# 1. Constants, errors, small utilities #######################################
+###############################################################################
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
+SHA1_RE = re.compile(r"[0-9a-f]{40}\Z")
+MODES = ("sft", "rl")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing package, unreachable commander).
+
+    The command line turns it into one line on stderr and exit status 2, never a traceback.
+    """
+
+
+def boottime() -> float:
+    """Seconds on CLOCK_BOOTTIME: the clock every lease deadline on a pod is measured with.
+
+    It is system-wide (the worker and its watchdog read the same clock), never jumps with
+    NTP or a user setting the date, and unlike CLOCK_MONOTONIC it keeps counting while the
+    machine is suspended, so a frozen-then-thawed pod sees its deadline as passed.
+    """
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def utc_now() -> float:
+    return time.time()
+
+
+def iso(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def log(component: str, message: str) -> None:
+    """One line on stderr with a UTC timestamp; never called with a secret."""
+    stamp = time.strftime("%H:%M:%S", time.gmtime())
+    print(f"{stamp} [{component}] {message}", file=sys.stderr, flush=True)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace `path` with `data` so that a reader sees the old or the new file, never a mix.
+
+    Temp file in the same folder, fsync, rename, fsync of the folder (`durable`): after a
+    crash at any point the file is either the previous version or the complete new one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+@functools.cache
+def _libc() -> Any:
+    # Loaded once, in the worker before the watchdog is forked: the child never calls dlopen.
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    try:
+        _libc().prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: process names are best effort
+        pass
+
+
+def set_process_name(name: str) -> None:
+    """Rename this process (Linux comm, 15 bytes) so `pkill -9 python` does not match it.
+
+    slime's stock scripts run `pkill -9 python`, which matches every process whose name
+    starts with "python": the worker and watchdog must not be among them.
+    """
+    _prctl(15, name.encode()[:15] + b"\0")  # PR_SET_NAME
+
+
+def sha256_file(path: str, should_abort: Callable[[], bool] = lambda: False) -> str | None:
+    """Hex SHA-256 of a file, or None when `should_abort` turned true part-way."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            if should_abort():
+                return None
+    return digest.hexdigest()
+
+
+###############################################################################
+# 2. Config ###################################################################
+###############################################################################
+
+
+def load_yaml_file(path: str) -> Any:
+    """Parse a YAML file (JSON is accepted too, and needs no PyYAML)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        import yaml  # noqa: PLC0415  (only the commands that read YAML need PyYAML)
+    except ImportError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise UserError(f"{path}: reading YAML needs PyYAML: pip install pyyaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: not valid YAML{at}: {problem}") from None
+
+
+def _check_type(where: str, name: str, value: Any, kind: type) -> Any:
+    """Check one config value against its declared type; ints are accepted for floats."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{where}: field '{name}' must be a mapping of names to values")
+        bad = [k for k, v in value.items() if not isinstance(v, (str, int, float)) or isinstance(v, bool)]
+        if bad:
+            raise UserError(f"{where}: field '{name}.{bad[0]}' must be a string or number")
+        return {k: str(v) for k, v in value.items()}
+    if kind is int and isinstance(value, bool):
+        raise UserError(f"{where}: field '{name}' must be an integer, not {value!r}")
+    if not isinstance(value, kind):
+        expected = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise UserError(f"{where}: field '{name}' must be {expected}, not {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        raise UserError(f"{where}: field '{name}' must be a finite number")
+    return value
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build `cls` from a mapping, naming the field of the first mistake.
+
+    Unknown fields are refused: a typo such as `hf_rep:` silently ignored would cost a user
+    a run without its Hub copy.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        raise UserError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(fields))})")
+    values = {}
+    for name, spec in fields.items():
+        if name in data and data[name] is not None:
+            kind = {"str": str, "bool": bool, "int": int, "float": float}.get(str(spec.type), dict)
+            values[name] = _check_type(where, name, data[name], kind)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise UserError(f"{where}: missing required field '{name}'")
+    return cls(**values)
+
+
+@dataclass
+class RunConfig:
+    """run.yaml: what one worker needs to relay one run.  README.md documents every field."""
+
+    commander_url: str
+    run_id: str
+    mode: str
+    worker_id: str = ""
+    hf_repo: str = ""
+    hf_dry_run: bool = False
+    relay_shared_secret: str = ""
+    save_rollout_trajectories: bool = False
+    rollout_trajectory_subdir: str = "rollout"
+    rollout_trajectory_pattern: str = "rollout_{rollout_id}.pt"
+    l1_root: str = "/mnt/relay"
+    keep_last_checkpoints: int = 3
+    hf_sync_interval_seconds: float = 7200.0
+    max_trainer_restarts: int = 3
+    stall_timeout_seconds: float = 3600.0
+    stop_grace_seconds: float = 30.0
+    require_dataset_state: bool = True
+    total_steps: int = 0
+    trainer_command: str = ""
+    commander_wait_seconds: float = 60.0
+    env: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.l1_root, "runs", self.run_id)
+
+    @property
+    def rollout_dir(self) -> str:
+        return os.path.join(self.run_dir, self.rollout_trajectory_subdir)
+
+
+def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
+    """Range and format checks that types alone cannot express; fills derived defaults."""
+    def bad(name: str, why: str) -> UserError:
+        return UserError(f"{where}: field '{name}' {why}")
+
+    if not re.match(r"https?://[^/\s]+", cfg.commander_url):
+        raise bad("commander_url", f"must be an http:// or https:// URL, not {cfg.commander_url!r}")
+    cfg.commander_url = cfg.commander_url.rstrip("/")
+    if not RUN_ID_RE.match(cfg.run_id):
+        raise bad("run_id", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+    if cfg.mode not in MODES:
+        raise bad("mode", f"must be 'sft' or 'rl', not {cfg.mode!r}")
+    cfg.worker_id = cfg.worker_id or socket.gethostname()
+    if not WORKER_ID_RE.match(cfg.worker_id):
+        raise bad("worker_id", "must match [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+    if cfg.hf_repo and not HF_REPO_RE.match(cfg.hf_repo):
+        raise bad("hf_repo", f"must look like 'user/repo', not {cfg.hf_repo!r}")
+    sub = cfg.rollout_trajectory_subdir
+    if not sub or sub.startswith("/") or ".." in sub.split("/") or sub == "ckpt" or sub.startswith("ckpt/"):
+        raise bad("rollout_trajectory_subdir", "must be a relative folder inside the run's folder (not ckpt)")
+    cfg.rollout_trajectory_pattern = normalize_rollout_pattern(cfg.rollout_trajectory_pattern, where)
+    for name in ("keep_last_checkpoints",):
+        if getattr(cfg, name) < 1:
+            raise bad(name, "must be at least 1")
+    for name in ("max_trainer_restarts", "total_steps"):
+        if getattr(cfg, name) < 0:
+            raise bad(name, "must be 0 or more")
+    for name in ("hf_sync_interval_seconds", "stall_timeout_seconds", "stop_grace_seconds", "commander_wait_seconds"):
+        if getattr(cfg, name) <= 0:
+            raise bad(name, "must be a positive number of seconds")
+    if not cfg.l1_root:
+        raise bad("l1_root", "must not be empty")
+    return cfg
+
+
+def normalize_rollout_pattern(pattern: str, where: str) -> str:
+    """Return a pattern slime can format.
+
+    slime calls PATTERN.format(rollout_id=<a string>), so a format spec such as the seed's
+    `{rollout_id:08d}` raises inside slime.  It is rewritten to plain `{rollout_id}` with a
+    warning (file names lose the zero padding; the relay sorts them numerically anyway).
+    """
+    if "/" in pattern:
+        raise UserError(f"{where}: field 'rollout_trajectory_pattern' must be a file name, not a path")
+    fixed = re.sub(r"\{rollout_id:[^}]*\}", "{rollout_id}", pattern)
+    if fixed != pattern:
+        log("config", f"rollout_trajectory_pattern {pattern!r} uses a format spec that slime cannot apply "
+                      f"(it passes rollout_id as a string); using {fixed!r}")
+    try:
+        fixed.format(rollout_id="0")
+    except (KeyError, IndexError, ValueError):
+        raise UserError(f"{where}: field 'rollout_trajectory_pattern' may use only the placeholder {{rollout_id}}") from None
+    if "{rollout_id}" not in fixed:
+        raise UserError(f"{where}: field 'rollout_trajectory_pattern' must contain {{rollout_id}}")
+    return fixed
+
+
+def load_run_config(path: str) -> RunConfig:
+    cfg = build_dataclass(RunConfig, load_yaml_file(path), path)
+    cfg = validate_run_config(cfg, path)
+    cfg.relay_shared_secret = os.environ.get("RELAY_SHARED_SECRET") or cfg.relay_shared_secret
+    return cfg
+
+
+###############################################################################
+# 3. Protocol and auth ########################################################
+###############################################################################
+#
+# Every request but GET /api/health carries X-Relay-Timestamp, X-Relay-Nonce and
+# X-Relay-Signature = HMAC-SHA256(secret, "ts\nnonce\nMETHOD\npath?query\nsha256(body)").
+# The secret itself never crosses the wire; a captured request cannot be replayed (nonce
+# cache, 600 s) nor kept for later (300 s skew).
+
+AUTH_MAX_SKEW_SECONDS = 300
+AUTH_NONCE_TTL_SECONDS = 600
+MAX_BODY_BYTES = 1 << 20
+
+
+def request_signature(secret: str, timestamp: str, nonce: str, method: str, path: str, body: bytes) -> str:
+    message = f"{timestamp}\n{nonce}\n{method}\n{path}\n{hashlib.sha256(body).hexdigest()}"
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_headers(secret: str, method: str, path: str, body: bytes) -> dict[str, str]:
+    timestamp, nonce = str(int(utc_now())), secrets.token_hex(16)
+    return {
+        "X-Relay-Timestamp": timestamp,
+        "X-Relay-Nonce": nonce,
+        "X-Relay-Signature": request_signature(secret, timestamp, nonce, method, path, body),
+    }
+
+
+class NonceCache:
+    """Nonces of accepted requests from the last AUTH_NONCE_TTL_SECONDS; a repeat is a replay.
+
+    Only requests with a valid signature are recorded, so an attacker without the secret
+    cannot grow it; its size is bounded by the legitimate request rate times 600 s.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._next_purge = 0.0
+
+    def first_use(self, nonce: str, now: float) -> bool:
+        with self._lock:
+            if now >= self._next_purge:
+                self._seen = {n: t for n, t in self._seen.items() if now - t < AUTH_NONCE_TTL_SECONDS}
+                self._next_purge = now + 10
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = now
+            return True
+
+
+def verify_request(secret: str, headers: Any, method: str, path: str, body: bytes, nonces: NonceCache) -> str:
+    """'' when the request is authentic and fresh, else why not (for the 401 body)."""
+    timestamp = headers.get("X-Relay-Timestamp", "")
+    nonce = headers.get("X-Relay-Nonce", "")
+    signature = headers.get("X-Relay-Signature", "")
+    if not (timestamp and nonce and signature):
+        return "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature"
+    if not re.fullmatch(r"[0-9a-fA-F]{16,128}", nonce):
+        return "X-Relay-Nonce must be 16 to 128 hex characters"
+    try:
+        skew = abs(utc_now() - int(timestamp))
+    except ValueError:
+        return "X-Relay-Timestamp must be unix seconds"
+    if skew > AUTH_MAX_SKEW_SECONDS:
+        return f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock (limit {AUTH_MAX_SKEW_SECONDS})"
+    expected = request_signature(secret, timestamp, nonce, method, path, body)
+    if not hmac.compare_digest(expected, signature.lower()):
+        return "bad signature"
+    if not nonces.first_use(nonce, utc_now()):
+        return "nonce already used (replayed request)"
+    return ""
+
+
+class CommanderUnreachable(Exception):
+    """No HTTP answer: connection refused, timeout, DNS.  The message names the URL."""
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict
+
+
+class CommanderClient:
+    """A tiny JSON client for the commander API that signs every request when a secret is set."""
+
+    def __init__(self, base_url: str, secret: str = "", timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.secret = secret
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> Reply:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.secret:
+            headers.update(signed_headers(self.secret, method, path, body))
+        req = urllib.request.Request(self.base_url + path, data=body if method != "GET" else None,
+                                     method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                return Reply(resp.status, _json_or_error(resp.read()))
+        except urllib.error.HTTPError as exc:
+            return Reply(exc.code, _json_or_error(exc.read()))
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CommanderUnreachable(f"cannot reach the commander at {self.base_url}: {reason}") from None
+
+    def post(self, path: str, payload: dict, timeout: float | None = None) -> Reply:
+        return self.request("POST", path, payload, timeout)
+
+    def get(self, path: str, timeout: float | None = None) -> Reply:
+        return self.request("GET", path, None, timeout)
+
+
+def _json_or_error(raw: bytes) -> dict:
+    try:
+        value = json.loads(raw or b"{}")
+    except ValueError:
+        return {"error": raw[:200].decode("utf-8", "replace")}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+###############################################################################
+# 4. Commander ################################################################
+###############################################################################
+#
+# Safety argument.  A run is granted to one worker at a time; each grant increments the
+# run's epoch and is written to disk before the answer leaves, so an epoch is never issued
+# twice, also across restarts.  Every write (renew, report, release) must present the
+# current lease token, so a holder that paused past its lease can no longer change the
+# record (fencing).  Expiry is measured on the commander's monotonic clock from when it
+# RECEIVED the renewal; the worker measures its own deadline from when it SENT it, minus a
+# margin, on its own clock.  Only durations cross the wire, so clock offsets never matter,
+# and the worker (and its watchdog) always give up before the commander re-grants.
+
+RUN_STATUSES = ("PENDING", "RUNNING", "PREEMPTED", "FAILED", "COMPLETED")
+RELEASE_STATUSES = ("COMPLETED", "FAILED", "PREEMPTED")
+STATE_FORMAT = "relay-commander-state"
+MAX_EVENTS = 200
+MAX_LEASES_KEPT = 500
+MAX_LOSS_POINTS = 2000
+MAX_LOG_LINES = 200
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class LeaseRecord:
+    """One grant of a run to a worker, from grant to its end."""
+
+    epoch: int
+    worker_id: str
+    started_at: float
+    start_step: int
+    ended_at: float = 0.0
+    end_step: int = 0
+    why: str = ""  # completed | failed | preempted | expired | reacquired
+
+
+@dataclass
+class RunRecord:
+    """Everything the commander knows about one run; persisted as JSON."""
+
+    run_id: str
+    mode: str
+    status: str = "PENDING"
+    holder: str = ""
+    epoch: int = 0
+    lease_token_sha256: str = ""
+    step: int = 0
+    loss: float | None = None
+    worker_phase: str = ""
+    latest_checkpoint: dict | None = None
+    hub: dict | None = None
+    sync_error: str = ""
+    failed_leases: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    leases: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    log_tail: list = field(default_factory=list)
+
+    def current_lease(self) -> LeaseRecord | None:
+        if self.holder and self.leases:
+            return LeaseRecord(**self.leases[-1])
+        return None
+
+    def add_event(self, message: str) -> None:
+        self.events.append({"at": utc_now(), "msg": message})
+        del self.events[:-MAX_EVENTS]
+
+    def end_lease(self, why: str, now: float) -> None:
+        lease = self.leases[-1]
+        lease.update(ended_at=now, end_step=self.step, why=why)
+        self.add_event(f"lease epoch {self.epoch} of {self.holder} ended: {why} at step {self.step}")
+        self.holder = ""
+        self.lease_token_sha256 = ""
+
+
+def token_digest(token: str) -> str:
+    # Only a digest is stored: the state file alone does not let anyone act as the holder.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Body:
+    """Typed access to a JSON request body; every mistake becomes a 400 naming the field."""
+
+    def __init__(self, raw: bytes) -> None:
+        try:
+            data = json.loads(raw.decode("utf-8")) if raw else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "body must be a JSON object")
+        self.data = data
+
+    def str(self, name: str, required: bool = True, max_len: int = 256, pattern: re.Pattern | None = None,
+            choices: tuple = ()) -> str:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise ApiError(400, f"missing field '{name}'")
+            return ""
+        if not isinstance(value, str) or len(value) > max_len:
+            raise ApiError(400, f"field '{name}' must be a string of at most {max_len} characters")
+        if pattern is not None and not pattern.match(value):
+            raise ApiError(400, f"field '{name}' has an invalid format")
+        if choices and value not in choices:
+            raise ApiError(400, f"field '{name}' must be one of {', '.join(choices)}")
+        return value
+
+    def int(self, name: str, required: bool = False, maximum: int = 10**12) -> int | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise ApiError(400, f"missing field '{name}'")
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+            raise ApiError(400, f"field '{name}' must be an integer from 0 to {maximum}")
+        return value
+
+    def number(self, name: str) -> float | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ApiError(400, f"field '{name}' must be a number")
+        return float(value) if math.isfinite(value) else None
+
+    def obj(self, name: str) -> "Body | None":
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ApiError(400, f"field '{name}' must be an object")
+        nested = Body.__new__(Body)
+        nested.data = value
+        return nested
+
+    def lines(self, name: str, max_lines: int = 50, max_len: int = 500) -> list[str]:
+        value = self.data.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list) or len(value) > max_lines or not all(isinstance(x, str) for x in value):
+            raise ApiError(400, f"field '{name}' must be a list of at most {max_lines} strings")
+        return [x[:max_len] for x in value]
+
+
+class StateStore:
+    """The commander's JSON state file: atomic, durable, 0600, exclusive to one commander."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self._lock_handle = open(self.path + ".lock", "a")  # noqa: SIM115 (held for the process's life)
+            os.chmod(self.path + ".lock", 0o600)
+        except OSError as exc:
+            raise UserError(f"state path {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"state file {self.path} is in use by another commander; stop it first") from None
+
+    def load(self) -> dict[str, RunRecord]:
+        if not os.path.exists(self.path):
+            return {}
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            if data.get("format") != STATE_FORMAT or not isinstance(data.get("runs"), dict):
+                raise ValueError("not a relay commander state file")
+            runs = {}
+            for run_id, record in data["runs"].items():
+                run = RunRecord(**record)
+                for lease in run.leases:
+                    LeaseRecord(**lease)
+                runs[run_id] = run
+            return runs
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"state file {self.path} is corrupt ({exc}); refusing to start. "
+                            "Restore it from a backup or move it away to start empty.") from None
+
+    def save(self, runs: dict[str, RunRecord]) -> None:
+        state = {"format": STATE_FORMAT, "version": 1, "saved_at": utc_now(),
+                 "runs": {run_id: dataclasses.asdict(run) for run_id, run in runs.items()}}
+        atomic_write(self.path, json.dumps(state, indent=1, sort_keys=True).encode())
+
+
+class Commander:
+    """Leases, epochs and run records.  All methods are called under one lock."""
+
+    def __init__(self, store: StateStore, lease_seconds: float, max_failed_leases: int = 3) -> None:
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.max_failed_leases = max_failed_leases
+        self.lock = threading.Lock()
+        self.runs = store.load()
+        # A restarted commander cannot know how long its holders went without renewing, so
+        # every lease gets a full TTL from now: a live holder renews, a dead one expires.
+        self.expires: dict[str, float] = {}
+        now = time.monotonic()
+        for run in self.runs.values():
+            if run.holder:
+                self.expires[run.run_id] = now + lease_seconds
+                run.add_event(f"commander restarted; lease of {run.holder} (epoch {run.epoch}) kept for a full TTL")
+
+    # -- persistence --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def durable_change(self, run_id: str):
+        """Apply a change to the records and write it to disk before the caller answers.
+
+        When the write fails (disk full, read-only), the in-memory records are put back as
+        they were and the client gets a 503: nothing is acknowledged that is not on disk.
+        """
+        before = copy.deepcopy(self.runs.get(run_id))
+        expires_before = self.expires.get(run_id)
+        yield
+        try:
+            self.store.save(self.runs)
+        except OSError as exc:
+            if before is None:
+                self.runs.pop(run_id, None)
+            else:
+                self.runs[run_id] = before
+            if expires_before is None:
+                self.expires.pop(run_id, None)
+            else:
+                self.expires[run_id] = expires_before
+            raise ApiError(503, f"commander cannot write its state file: {exc.strerror}") from None
+
+    # -- lease lifecycle -------------------------------------------------------------------
+
+    def _expire_if_due(self, run: RunRecord, now: float) -> None:
+        if run.holder and self.expires.get(run.run_id, 0.0) <= now:
+            with self.durable_change(run.run_id):
+                run.end_lease("expired", utc_now())
+                run.status = "PREEMPTED"
+                self.expires.pop(run.run_id, None)
+
+    def expire_due_leases(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            for run in list(self.runs.values()):
+                with contextlib.suppress(ApiError):
+                    self._expire_if_due(run, now)
+
+    def _run(self, run_id: str) -> RunRecord:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise ApiError(404, f"unknown run '{run_id}'")
+        return run
+
+    def _holder_run(self, run_id: str, token: str, worker_id: str | None = None) -> RunRecord:
+        """The run, if `token` is its live lease (else 409: stale epoch or expired lease)."""
+        run = self._run(run_id)
+        self._expire_if_due(run, time.monotonic())
+        if not run.holder or not hmac.compare_digest(token_digest(token), run.lease_token_sha256):
+            raise ApiError(409, "lease is not held by this token (expired, released or taken over)")
+        if worker_id is not None and worker_id != run.holder:
+            raise ApiError(409, f"lease is held by '{run.holder}', not '{worker_id}'")
+        return run
+
+    def retry_after(self, run: RunRecord, now: float) -> float:
+        # Standbys poll fast enough to take over "at once" after a release, and never later
+        # than a hair after the current lease expires.
+        base = min(5.0, max(0.2, self.lease_seconds / 10))
+        remaining = self.expires.get(run.run_id, now) - now
+        return round(max(0.05, min(base, remaining + 0.05)), 3)
+
+    def acquire(self, body: Body) -> dict:
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
+        mode = body.str("mode", choices=MODES)
+        previous = body.str("previous_lease_token", required=False, max_len=128)
+        now = time.monotonic()
+        run = self.runs.get(run_id)
+        if run is not None and run.mode != mode:
+            raise ApiError(409, f"run '{run_id}' is a {run.mode} run, this worker is configured for {mode}")
+        if run is not None and run.status in ("COMPLETED", "FAILED"):
+            return {"status": run.status.lower(), "run_id": run_id}
+        if run is not None and run.holder:
+            self._expire_if_due(run, now)
+        if run is not None and run.holder:
+            # The holder itself may come back with its old token after its own deadline
+            # passed (its trainer already stopped): it may start a new epoch at once.
+            if previous and run.holder == worker_id and hmac.compare_digest(token_digest(previous), run.lease_token_sha256):
+                with self.durable_change(run_id):
+                    run.end_lease("reacquired", utc_now())
+            else:
+                return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
+                        "retry_after_sec": self.retry_after(run, now)}
+        token = secrets.token_urlsafe(24)
+        with self.durable_change(run_id):
+            if run is None:
+                run = self.runs[run_id] = RunRecord(run_id=run_id, mode=mode, created_at=utc_now())
+                run.add_event(f"run created by {worker_id} ({mode})")
+            run.epoch += 1
+            run.holder = worker_id
+            run.lease_token_sha256 = token_digest(token)
+            run.status = "RUNNING"
+            run.updated_at = utc_now()
+            run.worker_phase = "RESTORING"
+            run.leases.append(dataclasses.asdict(LeaseRecord(run.epoch, worker_id, utc_now(), run.step)))
+            del run.leases[:-MAX_LEASES_KEPT]
+            run.add_event(f"lease epoch {run.epoch} granted to {worker_id}")
+            self.expires[run_id] = now + self.lease_seconds
+        checkpoint = dict(run.latest_checkpoint) if run.latest_checkpoint else None
+        if run.hub:
+            checkpoint = dict(checkpoint or {}, hub=dict(run.hub))
+        return {"status": "granted", "lease_token": token, "epoch": run.epoch,
+                "lease_expires_in_sec": self.lease_seconds, "checkpoint": checkpoint}
+
+    def renew(self, body: Body) -> dict:
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
+        token = body.str("lease_token", max_len=128)
+        step = body.int("step")
+        loss = body.number("loss")
+        phase = body.str("phase", required=False, max_len=32)
+        lines = body.lines("log_lines")
+        run = self._holder_run(run_id, token, worker_id)
+        # Renewals stay in memory (they are frequent and the TTL restarts on a commander
+        # restart anyway); grants, releases and checkpoint reports go to disk.
+        self.expires[run_id] = time.monotonic() + self.lease_seconds
+        run.updated_at = utc_now()
+        self._record_progress(run, step, loss, phase, lines)
+        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds}
+
+    def _record_progress(self, run: RunRecord, step: int | None, loss: float | None, phase: str,
+                         lines: list[str]) -> None:
+        if step is not None and step >= run.step:
+            run.step = step
+            if loss is not None and (not run.losses or run.losses[-1][0] != step):
+                run.losses.append([step, loss])
+                del run.losses[:-MAX_LOSS_POINTS]
+        if loss is not None:
+            run.loss = loss
+        if phase:
+            run.worker_phase = phase
+        if lines:
+            run.log_tail.extend(lines)
+            del run.log_tail[:-MAX_LOG_LINES]
+
+    def release(self, body: Body) -> dict:
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
+        token = body.str("lease_token", max_len=128)
+        status = body.str("status", choices=RELEASE_STATUSES)
+        reason = body.str("reason", required=False, max_len=500)
+        run = self._holder_run(run_id, token, worker_id)
+        with self.durable_change(run_id):
+            lease = run.current_lease()
+            progressed = lease is not None and run.step > lease.start_step
+            run.end_lease(status.lower() + (f": {reason}" if reason else ""), utc_now())
+            self.expires.pop(run_id, None)
+            run.updated_at = utc_now()
+            if status == "COMPLETED":
+                run.status = "COMPLETED"
+                run.worker_phase = "DONE"
+                run.add_event(f"run completed at step {run.step}")
+            elif status == "FAILED":
+                run.failed_leases = 1 if progressed else run.failed_leases + 1
+                if run.failed_leases >= self.max_failed_leases:
+                    run.status = "FAILED"
+                    run.add_event(f"run failed: {run.failed_leases} consecutive leases ended FAILED without progress")
+                else:
+                    run.status = "PENDING"
+            else:
+                run.status = "PREEMPTED"
+        return {"ok": True, "status": run.status}
+
+    def report(self, body: Body) -> dict:
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        token = body.str("lease_token", max_len=128)
+        step = body.int("step")
+        phase = body.str("status", required=False, max_len=32)
+        msg = body.str("msg", required=False, max_len=1000)
+        checkpoint = self._checkpoint_from(body.obj("latest_ckpt"))
+        hub = self._hub_from(body.obj("hf"))
+        sync_error = body.str("sync_error", required=False, max_len=1000) if "sync_error" in body.data else None
+        run = self._holder_run(run_id, token)
+        latest = (run.latest_checkpoint or {}).get("iteration", -1)
+        with self.durable_change(run_id):
+            self._record_progress(run, step, body.number("loss"), phase, [])
+            run.updated_at = utc_now()
+            if checkpoint is not None and checkpoint["iteration"] > latest:
+                run.latest_checkpoint = dict(checkpoint, epoch=run.epoch, worker_id=run.holder, at=utc_now())
+                run.add_event(f"checkpoint {checkpoint['iteration']} sealed by {run.holder} (epoch {run.epoch})")
+            if hub is not None and hub["iteration"] >= (run.hub or {}).get("iteration", -1):
+                run.hub = dict(hub, epoch=run.epoch, at=utc_now())
+                run.add_event(f"checkpoint {hub['iteration']} on the Hub: {hub['repo']}@{hub['revision'][:12]}")
+            if sync_error is not None:
+                if sync_error and sync_error != run.sync_error:
+                    run.add_event(f"hub sync failing: {sync_error}")
+                run.sync_error = sync_error
+            if msg:
+                run.add_event(msg)
+        return {"ok": True, "epoch": run.epoch}
+
+    @staticmethod
+    def _checkpoint_from(obj: Body | None) -> dict | None:
+        if obj is None:
+            return None
+        return {"iteration": obj.int("iteration", required=True),
+                "manifest_sha256": obj.str("manifest_sha256", pattern=re.compile(r"[0-9a-f]{64}\Z")),
+                "bytes": obj.int("bytes") or 0, "files": obj.int("files") or 0}
+
+    @staticmethod
+    def _hub_from(obj: Body | None) -> dict | None:
+        if obj is None:
+            return None
+        return {"repo": obj.str("repo", pattern=HF_REPO_RE), "revision": obj.str("revision", pattern=SHA1_RE),
+                "iteration": obj.int("iteration", required=True),
+                "manifest_sha256": obj.str("manifest_sha256", pattern=re.compile(r"[0-9a-f]{64}\Z"))}
+
+    # -- views ---------------------------------------------------------------------------
+
+    def run_view(self, run: RunRecord, now: float) -> dict:
+        view = dataclasses.asdict(run)
+        del view["lease_token_sha256"]
+        lease = run.current_lease()
+        view["lease_expires_in_sec"] = round(self.expires[run.run_id] - now, 2) if run.holder else None
+        view["lease_age_sec"] = round(utc_now() - lease.started_at, 1) if lease else None
+        return view
+
+    def runs_view(self) -> dict:
+        now = time.monotonic()
+        return {"runs": [self.run_view(run, now) for _, run in sorted(self.runs.items())],
+                "lease_seconds": self.lease_seconds}
+
+    def dispatch(self, method: str, path: str, raw: bytes) -> tuple[int, dict | str]:
+        routes: dict[tuple[str, str], Callable[[Body], dict]] = {
+            ("POST", "/api/lease/acquire"): self.acquire,
+            ("POST", "/api/lease/renew"): self.renew,
+            ("POST", "/api/lease/release"): self.release,
+            ("POST", "/api/job/report"): self.report,
+        }
+        if (method, path) in routes:
+            body = Body(raw)
+            with self.lock:
+                return 200, routes[(method, path)](body)
+        if method == "GET" and path == "/api/runs":
+            with self.lock:
+                return 200, self.runs_view()
+        if method == "GET" and path.startswith("/api/runs/"):
+            run_id = urllib.parse.unquote(path[len("/api/runs/"):])
+            with self.lock:
+                return 200, self.run_view(self._run(run_id), time.monotonic())
+        if method == "GET" and path == "/":
+            with self.lock:
+                return 200, render_status_page(self.runs_view())
+        if any(p == path for _, p in routes) or path in ("/api/runs", "/", "/api/health"):
+            raise ApiError(405, f"{method} is not allowed on {path}")
+        raise ApiError(404, f"no such endpoint: {path}")
+
+
+class CommanderHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], commander: Commander, secret: str) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        super().__init__(address, CommanderHandler)
+        self.commander = commander
+        self.secret = secret
+        self.nonces = NonceCache()
+
+
+class CommanderHandler(http.server.BaseHTTPRequestHandler):
+    server: CommanderHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"relay-commander/{VERSION}"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # request lines are not logged: events go to the run records instead
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(411, "chunked bodies are not accepted; send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        try:
+            size = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "Content-Length must be an integer") from None
+        if size < 0:
+            self.close_connection = True
+            raise ApiError(400, "Content-Length must not be negative")
+        if size > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, f"body over {MAX_BODY_BYTES} bytes")
+        return self.rfile.read(size)
+
+    def _authenticate(self, method: str, body: bytes, path: str) -> None:
+        secret = self.server.secret
+        if not secret or path == "/api/health":
+            return
+        auth = self.headers.get("Authorization", "")
+        if path == "/" and auth.startswith("Basic ") and not self.headers.get("X-Relay-Signature"):
+            try:
+                _, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                password = ""
+            if hmac.compare_digest(password.encode(), secret.encode()):
+                return
+            raise ApiError(401, "wrong password")
+        problem = verify_request(secret, self.headers, method, self.path, body, self.server.nonces)
+        if problem:
+            raise ApiError(401, problem)
+
+    def _handle(self, method: str) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        try:
+            body = self._read_body()
+            self._authenticate(method, body, path)
+            if method == "GET" and path == "/api/health":
+                status, payload = 200, {"ok": True, "version": VERSION}
+            else:
+                status, payload = self.server.commander.dispatch(method, path, body)
+        except ApiError as exc:
+            status, payload = exc.status, {"error": exc.message}
+        except Exception as exc:  # a bug must not take the commander down or leak a trace
+            log("commander", f"internal error on {method} {path}: {type(exc).__name__}: {exc}")
+            status, payload = 500, {"error": "internal error"}
+        self._send(status, payload, path)
+
+    def _send(self, status: int, payload: dict | str, path: str) -> None:
+        if isinstance(payload, str):
+            data, ctype = payload.encode(), "text/html; charset=utf-8"
+        else:
+            data, ctype = json.dumps(payload).encode(), "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if status == 401 and path == "/":
+            self.send_header("WWW-Authenticate", 'Basic realm="relay-trainer", charset="UTF-8"')
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: float, insecure: bool,
+          max_failed_leases: int) -> int:
+    if lease_seconds < 2:
+        raise UserError("--lease-seconds must be at least 2")
+    if max_failed_leases < 1:
+        raise UserError("--max-failed-leases must be at least 1")
+    if not secret and not is_loopback(host) and not insecure:
+        raise UserError(f"refusing to listen on {host} without a shared secret: set RELAY_SHARED_SECRET "
+                        "(or pass --insecure if this network is private)")
+    commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases)
+    try:
+        server = CommanderHTTPServer((host, port), commander, secret)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    set_process_name("relay-commander")
+    stopping = threading.Event()
+
+    def reap_expired() -> None:
+        while not stopping.wait(0.25):
+            commander.expire_due_leases()
+
+    threading.Thread(target=reap_expired, name="lease-reaper", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"relay commander {VERSION} listening on http://{shown}:{bound_port} "
+          f"(state {commander.store.path}, lease {lease_seconds:g} s, auth {'on' if secret else 'off'})", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stopping.set()
+        server.server_close()
+    print("relay commander stopped", flush=True)
+    return 0
+
+
+###############################################################################
+# 5. Checkpoints ##############################################################
+###############################################################################
+#
+# The trainer writes Megatron's layout into RELAY_CKPT_DIR = {l1_root}/runs/{run_id}/ckpt:
+# iter_0000019/..., then latest_checkpointed_iteration.txt (only once the save is complete),
+# then, for slime, rollout/global_dataset_state_dict_19.pt (the data position).  The relay
+# seals a complete checkpoint by writing a manifest (sizes and SHA-256 of every file) to
+# {run_dir}/sealed/; only sealed checkpoints are reported, synced, restored or counted.
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+SEAL_SETTLE_SECONDS = 0.5  # a dataset-state file must be this old before it counts as written
+
+
+def iteration_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def dataset_state_relpath(iteration: int) -> str:
+    return f"rollout/global_dataset_state_dict_{iteration}.pt"
+
+
+@dataclass
+class Manifest:
+    """What a sealed checkpoint consists of: relative path -> [size, sha256]."""
+
+    iteration: int
+    files: dict
+    epoch: int = 0
+    worker_id: str = ""
+    sealed_at: float = 0.0
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(dumps({"iteration": self.iteration, "files": self.files})).hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+    def summary(self) -> dict:
+        return {"iteration": self.iteration, "manifest_sha256": self.digest,
+                "bytes": self.total_bytes, "files": len(self.files)}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Manifest":
+        data = json.loads(raw)
+        manifest = cls(**data)
+        if not isinstance(manifest.iteration, int) or not isinstance(manifest.files, dict):
+            raise ValueError("malformed manifest")
+        return manifest
+
+
+class CheckpointDir:
+    """One run's checkpoint folder on the local volume (L1) and the seals beside it."""
+
+    def __init__(self, run_dir: str, require_dataset_state: bool) -> None:
+        self.path = os.path.join(run_dir, "ckpt")
+        self.seal_dir = os.path.join(run_dir, "sealed")
+        self.require_dataset_state = require_dataset_state
+        self._warned_missing_state: set[int] = set()
+        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self.seal_dir, exist_ok=True)
+
+    # -- reading the trainer's layout ------------------------------------------------------
+
+    def tracker(self) -> str | None:
+        try:
+            with open(os.path.join(self.path, TRACKER_FILE), encoding="utf-8") as handle:
+                return handle.read().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def tracker_iteration(self) -> int | None:
+        """The iteration the tracker names; None for none, for 'release' or for garbage."""
+        text = self.tracker()
+        return int(text) if text and text.isdigit() else None
+
+    def iterations_on_disk(self) -> list[int]:
+        found = []
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.path):
+                match = re.fullmatch(r"iter_(\d{7,})", name)
+                if match and os.path.isdir(os.path.join(self.path, name)):
+                    found.append(int(match.group(1)))
+        return sorted(found)
+
+    def files_of(self, iteration: int) -> list[str]:
+        """Relative paths of every file that belongs to checkpoint `iteration`."""
+        root = os.path.join(self.path, iteration_dirname(iteration))
+        files = []
+        for folder, _, names in os.walk(root):
+            files += [os.path.relpath(os.path.join(folder, n), self.path) for n in names]
+        if os.path.exists(os.path.join(self.path, dataset_state_relpath(iteration))):
+            files.append(dataset_state_relpath(iteration))
+        return sorted(files)
+
+    def is_complete(self, iteration: int, tracker: int | None, writer_alive: bool = True) -> bool:
+        """Megatron and slime: the tracker has reached it, and its data position is saved.
+
+        slime writes the dataset-state file after the tracker and not atomically: while the
+        trainer lives, the file must also be SEAL_SETTLE_SECONDS old before it counts.
+        """
+        if tracker is None or iteration > tracker:
+            return False
+        if not self.require_dataset_state:
+            return True
+        state = os.path.join(self.path, dataset_state_relpath(iteration))
+        try:
+            return not writer_alive or utc_now() - os.stat(state).st_mtime >= SEAL_SETTLE_SECONDS
+        except OSError:
+            if iteration == tracker and iteration not in self._warned_missing_state:
+                self._warned_missing_state.add(iteration)
+                log("checkpoints", f"tracker names iteration {iteration} but {dataset_state_relpath(iteration)} "
+                                   "is not there yet; waiting for it (set require_dataset_state: false if your "
+                                   "trainer never writes one)")
+            return False
+
+    # -- seals -----------------------------------------------------------------------------
+
+    def sealed_iterations(self) -> list[int]:
+        found = []
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.seal_dir):
+                match = re.fullmatch(r"iter_(\d{7,})\.json", name)
+                if match:
+                    found.append(int(match.group(1)))
+        return sorted(found)
+
+    def manifest_path(self, iteration: int) -> str:
+        return os.path.join(self.seal_dir, iteration_dirname(iteration) + ".json")
+
+    def load_manifest(self, iteration: int) -> Manifest | None:
+        try:
+            with open(self.manifest_path(iteration), "rb") as handle:
+                return Manifest.from_bytes(handle.read())
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def newest_sealed(self) -> Manifest | None:
+        sealed = self.sealed_iterations()
+        return self.load_manifest(sealed[-1]) if sealed else None
+
+    def seal(self, iteration: int, epoch: int, worker_id: str,
+             should_abort: Callable[[], bool] = lambda: False) -> Manifest | None:
+        """Hash checkpoint `iteration` and write its manifest; None if it changed meanwhile."""
+        before = self._stat_files(iteration)
+        files = {}
+        for rel, (size, _) in before.items():
+            digest = sha256_file(os.path.join(self.path, rel), should_abort)
+            if digest is None:
+                return None
+            files[rel] = [size, digest]
+        if not files or self._stat_files(iteration) != before:
+            return None  # still being written: try again at the next scan
+        manifest = Manifest(iteration, files, epoch, worker_id, utc_now())
+        atomic_write(self.manifest_path(iteration), manifest.to_bytes())
+        return manifest
+
+    def _stat_files(self, iteration: int) -> dict[str, tuple[int, int]]:
+        stats = {}
+        for rel in self.files_of(iteration):
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(self.path, rel))
+                stats[rel] = (st.st_size, st.st_mtime_ns)
+        return stats
+
+    def seal_newest(self, epoch: int, worker_id: str, writer_alive: bool,
+                    should_abort: Callable[[], bool] = lambda: False) -> Manifest | None:
+        """Seal the newest complete checkpoint newer than every sealed one, if there is one.
+
+        Older complete ones that were skipped (the trainer saves faster than we seal) are
+        left for prune(); sealing only the newest keeps up with any save interval.
+        """
+        sealed = self.sealed_iterations()
+        floor = sealed[-1] if sealed else -1
+        tracker = self.tracker_iteration()
+        for iteration in reversed(self.iterations_on_disk()):
+            if iteration <= floor:
+                break
+            if self.is_complete(iteration, tracker, writer_alive):
+                return self.seal(iteration, epoch, worker_id, should_abort)
+        return None
+
+    def verify(self, manifest: Manifest, should_abort: Callable[[], bool] = lambda: False) -> bool:
+        """Every file present with the sealed size and SHA-256 (a damaged copy is refused)."""
+        for rel, (size, digest) in manifest.files.items():
+            path = os.path.join(self.path, rel)
+            try:
+                if os.path.getsize(path) != size:
+                    return False
+            except OSError:
+                return False
+            if sha256_file(path, should_abort) != digest:
+                return False
+        return True
+
+    # -- preparing a resume and pruning ----------------------------------------------------
+
+    def remove(self, iteration: int) -> None:
+        shutil.rmtree(os.path.join(self.path, iteration_dirname(iteration)), ignore_errors=True)
+        for path in (os.path.join(self.path, dataset_state_relpath(iteration)), self.manifest_path(iteration)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def point_tracker_at(self, iteration: int | None) -> None:
+        """Make the trainer resume from `iteration` (None: cold start) and nothing newer.
+
+        Checkpoint folders newer than the chosen one are unsealed leftovers of a holder that
+        died mid-save (or damaged): they are removed so they can never be sealed later as if
+        this history had produced them.
+        """
+        for other in self.iterations_on_disk():
+            if iteration is None or other > iteration:
+                self.remove(other)
+        tracker = os.path.join(self.path, TRACKER_FILE)
+        if iteration is not None:
+            atomic_write(tracker, f"{iteration}\n".encode(), mode=0o644)
+        elif os.path.isdir(os.path.join(self.path, "release")):
+            atomic_write(tracker, b"release\n", mode=0o644)  # a converted base checkpoint
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tracker)
+
+    def prune(self, keep: int, protected: set[int]) -> list[int]:
+        """Keep the newest `keep` sealed checkpoints (and every protected one); remove the rest.
+
+        Unsealed iteration folders older than the newest seal are trainer saves the relay
+        skipped; they go too.  'release' (a converted base checkpoint) is never touched.
+        """
+        sealed = self.sealed_iterations()
+        keep_set = set(sealed[-keep:]) | protected
+        newest = sealed[-1] if sealed else -1
+        removed = []
+        for iteration in sorted(set(sealed) | set(self.iterations_on_disk())):
+            if iteration in keep_set or iteration >= newest:
+                continue
+            self.remove(iteration)
+            removed.append(iteration)
+        return removed
+
+
+###############################################################################
+# 6. Stores (L2: the Hugging Face Hub) ########################################
+###############################################################################
+#
+# L1 is the CheckpointDir above, on the pod's Lium volume.  L2 is a store with two calls:
+# upload(manifest) -> revision and download(record) -> manifest.  Section 8 talks to it
+# only through HubSync, so a slow Hub never holds up training or lease renewals.
+
+HUB_COMMIT_RETRIES = 5
+
+
+class HubStore:
+    """Checkpoints in a Hugging Face Hub repo under runs/{run_id}/ckpt/ (one commit each)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.repo = cfg.hf_repo
+        self.prefix = f"runs/{cfg.run_id}"
+        self.dry_run = cfg.hf_dry_run
+        self.api: Any = None
+
+    def check(self) -> None:
+        """Fail fast, before any trainer runs: package present, token valid, repo reachable."""
+        if self.dry_run:
+            log("hub", f"hf_dry_run: nothing will be sent to the Hub (repo {self.repo})")
+            return
+        try:
+            import huggingface_hub  # noqa: PLC0415
+        except ImportError:
+            raise UserError("hf_repo is set, which needs huggingface_hub: pip install huggingface_hub") from None
+        token = os.environ.get("HF_TOKEN", "")
+        if not token:
+            raise UserError("hf_repo is set but HF_TOKEN is not in the environment (export it on the pod; "
+                            "it is never read from run.yaml)")
+        self.api = huggingface_hub.HfApi(token=token)
+        try:
+            self.api.whoami()
+            self.api.create_repo(self.repo, private=True, exist_ok=True)
+        except Exception as exc:  # the client raises many types; all mean "cannot use the Hub"
+            raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)}") from None
+
+    def upload(self, ckpt: CheckpointDir, manifest: Manifest, trajectories: list[str], parent: str | None,
+               message: str) -> str:
+        """One commit holding the checkpoint's files, its manifest and new trajectory files."""
+        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+        base = f"{self.prefix}/ckpt"
+        ops = [CommitOperationAdd(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
+        ops.append(CommitOperationAdd(f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json",
+                                      manifest.to_bytes()))
+        ops.append(CommitOperationAdd(f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode()))
+        for path in trajectories:
+            rel = os.path.relpath(path, self.cfg.run_dir)
+            ops.append(CommitOperationAdd(f"{self.prefix}/{rel}", path))
+        info = self.api.create_commit(self.repo, ops, commit_message=message, parent_commit=parent)
+        return info.oid
+
+    def download(self, record: dict, ckpt: CheckpointDir) -> Manifest:
+        """Fetch exactly checkpoint record['iteration'] at revision record['revision'] into L1."""
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        iteration, revision = record["iteration"], record["revision"]
+        base = f"{self.prefix}/ckpt"
+        staging = tempfile.mkdtemp(prefix=".hub-", dir=ckpt.path)
+        try:
+            def fetch(rel: str) -> str:
+                return hf_hub_download(self.repo, f"{base}/{rel}", revision=revision, local_dir=staging,
+                                       token=os.environ.get("HF_TOKEN"))
+            with open(fetch(f"{iteration_dirname(iteration)}/relay_manifest.json"), "rb") as handle:
+                manifest = Manifest.from_bytes(handle.read())
+            if manifest.iteration != iteration or manifest.digest != record.get("manifest_sha256", manifest.digest):
+                raise ValueError(f"the Hub's manifest at {revision[:12]} is not the recorded checkpoint")
+            for rel in sorted(manifest.files):
+                target = os.path.join(ckpt.path, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(fetch(rel), target)
+            atomic_write(ckpt.manifest_path(iteration), manifest.to_bytes())
+            return manifest
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def hub_error_text(exc: BaseException) -> str:
+    """A short, token-free description of a Hub failure."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+    return f"HTTP {status}: {text}"[:300] if status else text[:300]
+
+
+###############################################################################
+# 7. Trainer process and watchdog #############################################
+###############################################################################
+#
+# Finding everything a trainer started: a process group misses what slime's Ray starts in a
+# new session, so every trainer gets a random RELAY_TRAINER_TAG in its environment, which
+# every descendant inherits (new sessions and Ray daemons included) and /proc/PID/environ
+# shows.  Stopping = signal the trainer's group, then every process carrying the tag, until
+# none is left.
+
+TRAINER_TAG_ENV = "RELAY_TRAINER_TAG"
+PROGRESS_RE = re.compile(r"\bstep (\d+)(?:/\d+)?\b")
+LOSS_RE = re.compile(r"loss['\"]?\s*[:=]?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Pids (other than ours) whose environment holds `entry` ("NAME=value")."""
+    needle = entry.encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def processes_tagged(tag: str) -> list[int]:
+    return processes_with_env(f"{TRAINER_TAG_ENV}={tag}")
+
+
+def signal_trainer_tree(pgid: int | None, tag: str, sig: int) -> int:
+    """Send `sig` to the trainer's group and to every tagged process; how many were found."""
+    if pgid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    tagged = processes_tagged(tag)
+    for pid in tagged:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    return len(tagged)
+
+
+def kill_trainer_tree(pgid: int | None, tag: str, within: float = 5.0) -> bool:
+    """SIGKILL the whole trainer tree and wait until no tagged process is left."""
+    give_up = boottime() + within
+    while signal_trainer_tree(pgid, tag, signal.SIGKILL) and boottime() < give_up:
+        time.sleep(0.02)  # killed processes need a moment to leave the process table
+    return not processes_tagged(tag)
+
+
+def watchdog_loop(commands: int) -> int:
+    """The watchdog: kill the armed trainer's tree when its lease deadline passes or the worker dies.
+
+    One watchdog serves a worker for its whole life.  The worker feeds it through a pipe
+    whose write end only the worker holds: `arm TAG DEADLINE` (a trainer is about to start),
+    `pgid N` (its process group), `deadline T` (CLOCK_BOOTTIME seconds, after each renewal),
+    `disarm` (the trainer is stopped).  End of file means the worker is gone, even while it
+    is an unreaped zombie, and an unrenewed lease cannot be trusted: kill at once.  A stopped
+    (SIGSTOP) worker keeps the pipe open but stops sending deadlines, so the deadline fires.
+    """
+    set_process_name("relay-watchdog")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # only the worker (or its death) ends the watch
+    tag, pgid, deadline = "", None, math.inf
+    pending = b""
+    while True:
+        if tag and boottime() >= deadline:
+            clean = kill_trainer_tree(pgid, tag)
+            log("watchdog", f"the lease deadline passed: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
+            tag, pgid, deadline = "", None, math.inf
+        timeout = min(max(deadline - boottime(), 0.0), 0.1) if tag else None  # idle: sleep until told
+        ready, _, _ = select.select([commands], [], [], timeout)
+        if not ready:
+            continue
+        chunk = os.read(commands, 4096)
+        if not chunk:
+            if tag:
+                clean = kill_trainer_tree(pgid, tag)
+                log("watchdog", f"the worker died: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
+            return 0
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            words = line.decode(errors="replace").split()
+            if words[:1] == ["arm"] and len(words) == 3:
+                tag, pgid, deadline = words[1], None, float(words[2])
+            elif words[:1] == ["pgid"] and len(words) == 2 and tag:
+                pgid = int(words[1])
+            elif words[:1] == ["deadline"] and len(words) == 2 and tag:
+                deadline = float(words[1])
+            elif words[:1] == ["disarm"]:
+                tag, pgid, deadline = "", None, math.inf
+
+
+class Watchdog:
+    """The worker's handle on its watchdog process.
+
+    It is forked once, before the worker starts any thread, so it costs only the pages it
+    writes (copy-on-write) instead of a second interpreter.  A replacement for a watchdog
+    that died is started by exec instead (`relay.py watchdog`): forking a process that runs
+    threads could deadlock the child.
+    """
+
+    def __init__(self, pid: int, commands: int) -> None:
+        self.pid = pid
+        self.commands = commands
+        os.set_blocking(commands, False)  # a stopped watchdog must never block renewals
+        self._lock = threading.Lock()
+        self._exited = False
+
+    @classmethod
+    def fork(cls) -> "Watchdog":
+        assert threading.active_count() == 1, "fork the watchdog before starting threads"
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the watchdog
+            code = 1
+            try:
+                os.close(write_end)
+                os.setsid()  # out of the worker's group: a terminal's Ctrl-C or killpg misses it
+                code = watchdog_loop(read_end)
+            finally:
+                os._exit(code)
+        os.close(read_end)
+        return cls(pid, write_end)
+
+    @classmethod
+    def spawn(cls) -> "Watchdog":
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "relay.py"), "watchdog"], stdin=read_end,
+                                start_new_session=True, close_fds=True)
+        os.close(read_end)
+        return cls(proc.pid, write_end)
+
+    def _send(self, line: str) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            os.write(self.commands, (line + "\n").encode())
+
+    def arm(self, tag: str, deadline: float) -> None:
+        self._send(f"arm {tag} {deadline:.3f}")
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"pgid {pgid}")
+
+    def extend(self, deadline: float) -> None:
+        self._send(f"deadline {deadline:.3f}")
+
+    def disarm(self) -> None:
+        self._send("disarm")
+
+    def alive(self) -> bool:
+        if not self._exited:
+            with contextlib.suppress(ChildProcessError):
+                self._exited = os.waitpid(self.pid, os.WNOHANG)[0] == self.pid
+        return not self._exited
+
+
+class Progress:
+    """What the trainer said lately: step, loss, last output time, the last lines (bounded)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.loss: float | None = None
+        self.last_output = boottime()
+        self.unsent_lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def observe(self, line: str) -> None:
+        self.last_output = boottime()
+        match = PROGRESS_RE.search(line)
+        if match:
+            self.step = max(self.step, int(match.group(1)))
+            loss = LOSS_RE.search(line[match.end():])
+            if loss:
+                with contextlib.suppress(ValueError):
+                    self.loss = float(loss.group(1))
+        with self._lock:
+            self.unsent_lines.append(line[:500])
+            del self.unsent_lines[:-20]
+
+    def take_lines(self) -> list[str]:
+        with self._lock:
+            lines, self.unsent_lines = self.unsent_lines, []
+        return lines
+
+
+class TrainerProcess:
+    """The trainer black box: its own session, output passed through line by line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str) -> None:
+        self.tag = env[TRAINER_TAG_ENV]
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        self.pgid = self.proc.pid
+        self.exited = threading.Event()
+        pumps = [threading.Thread(target=self._pump, args=(pipe, out, progress), daemon=True)
+                 for pipe, out in ((self.proc.stdout, sys.stdout), (self.proc.stderr, sys.stderr))]
+        for pump in pumps:
+            pump.start()
+        threading.Thread(target=self._wait, args=(pumps,), daemon=True).start()
+
+    @staticmethod
+    def _pump(pipe: Any, out: Any, progress: Progress) -> None:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            progress.observe(line)
+            with contextlib.suppress(OSError, ValueError):
+                out.write(f"[trainer] {line}\n")
+                out.flush()
+        pipe.close()
+
+    def _wait(self, pumps: list[threading.Thread]) -> None:
+        self.proc.wait()
+        for pump in pumps:
+            pump.join(timeout=2)
+        self.exited.set()
+
+    def exit_code(self) -> int | None:
+        return self.proc.returncode if self.exited.is_set() else None
+
+    def kill(self) -> None:
+        """SIGKILL everything the trainer started, now (the lease is gone)."""
+        kill_trainer_tree(self.pgid, self.tag)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM, up to `grace` seconds to finish, then SIGKILL; nothing tagged is left."""
+        signal_trainer_tree(self.pgid, self.tag, signal.SIGTERM)
+        give_up = boottime() + grace
+        while boottime() < give_up and (not self.exited.is_set() or processes_tagged(self.tag)):
+            self.exited.wait(0.1)
+        self.kill()
+        self.exited.wait(5)
+
+
+def trainer_argv(cfg: RunConfig) -> list[str]:
+    if cfg.trainer_command:
+        return ["bash", "-c", cfg.trainer_command]
+    return ["bash", os.path.join(HERE, f"launch_{cfg.mode}.sh")]
+
+
+def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None, ckpt_dir: str,
+                        tag: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_SHARED_SECRET"}
+    env.update(cfg.env)
+    pattern = os.path.join(cfg.rollout_dir, cfg.rollout_trajectory_pattern)
+    keep_rollouts = cfg.mode == "rl" and cfg.save_rollout_trajectories
+    slime_args = f"--load {shlex.quote(ckpt_dir)} --save {shlex.quote(ckpt_dir)}"
+    if keep_rollouts:
+        slime_args += f" --save-debug-rollout-data {shlex.quote(pattern)}"
+    env.update({
+        "RELAY_RUN_ID": cfg.run_id,
+        "RELAY_WORKER_ID": cfg.worker_id,
+        "RELAY_MODE": cfg.mode,
+        "RELAY_LEASE_EPOCH": str(epoch),
+        "RELAY_CKPT_DIR": ckpt_dir,
+        "RELAY_RESUME_STEP": "" if resume_iteration is None else str(resume_iteration),
+        "RELAY_ROLLOUT_DIR": cfg.rollout_dir,
+        "RELAY_ROLLOUT_PATTERN": pattern if keep_rollouts else "",
+        "RELAY_SLIME_ARGS": slime_args,
+        "RELAY_PYTHON": sys.executable,
+        TRAINER_TAG_ENV: tag,
+    })
+    return env
+
+
+###############################################################################
+# 8. Worker ###################################################################
+###############################################################################
+
+
+@dataclass
+class Lease:
+    token: str
+    epoch: int
+    ttl: float
+    sent_at: float  # boottime() when the acquire request that granted it was sent
+    checkpoint: dict | None
+
+
+def lease_margin(ttl: float) -> float:
+    """How long before the commander's expiry the worker stops trusting its lease.
+
+    It covers the watchdog's poll (0.1 s), the time SIGKILL takes to empty the process
+    table, and scheduling delay, with room to spare; 20% of the TTL, at least 0.5 s.
+    """
+    return max(0.5, 0.2 * ttl)
+
+
+class LeaseKeeper:
+    """Renews one lease on its own thread and alone decides when it can no longer be trusted.
+
+    Which clock: CLOCK_BOOTTIME on this pod; the commander uses its own monotonic clock, and
+    only durations cross the wire.  Deadline: send time of the last successful renewal + TTL
+    − margin.  The commander's expiry is receipt time + TTL, and receipt comes after sending,
+    so this deadline precedes the commander's expiry by at least the margin (clock-rate
+    drift between machines is parts per million).  Renewal every TTL/3: two renewals may be
+    lost before the deadline.  What a pause does: if this process is stopped (SIGSTOP, swap
+    storm), renewals stop, and the watchdog, a separate process holding the same deadline,
+    kills the trainer when it passes; if the whole pod freezes, the thawed watchdog sees the
+    passed deadline on its first poll, and any late write by the thawed trainer carries a
+    stale epoch that the commander refuses.  Renewal never waits behind checkpoint hashing
+    or uploads: those run on other threads.
+    """
+
+    def __init__(self, client: CommanderClient, cfg: RunConfig, lease: Lease, progress: Progress,
+                 watchdog: Watchdog, on_lost: Callable[[str], None]) -> None:
+        self.client, self.cfg, self.lease, self.progress = client, cfg, lease, progress
+        self.watchdog = watchdog
+        self.on_lost = on_lost
+        self.deadline = lease.sent_at + lease.ttl - lease_margin(lease.ttl)
+        self.phase = "RESTORING"
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.is_set():
+            self.lost.set()
+            self.on_lost(why)
+
+    def _run(self) -> None:
+        interval = self.lease.ttl / 3
+        next_renewal = self.lease.sent_at + interval
+        complained = False
+        while not self._stop.is_set():
+            now = boottime()
+            if now >= self.deadline:
+                self._lose("the lease deadline passed without a successful renewal")
+                return
+            if now < next_renewal:
+                self._stop.wait(min(next_renewal, self.deadline) - now)
+                continue
+            sent = boottime()
+            payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
+                       "step": self.progress.step, "loss": self.progress.loss, "phase": self.phase,
+                       "log_lines": self.progress.take_lines()}
+            try:
+                reply = self.client.post("/api/lease/renew", payload, timeout=max(0.2, min(interval, self.deadline - sent)))
+            except CommanderUnreachable as exc:
+                if not complained:
+                    log("worker", f"renewal failed, retrying until the lease deadline: {exc}")
+                    complained = True
+                next_renewal = boottime() + min(1.0, interval / 2)
+                continue
+            if reply.status == 200:
+                ttl = float(reply.body.get("lease_expires_in_sec", self.lease.ttl))
+                self.deadline = sent + ttl - lease_margin(ttl)
+                self.watchdog.extend(self.deadline)
+                next_renewal = sent + interval
+                complained = False
+            elif reply.status == 409:
+                self._lose(f"the commander refused the renewal: {reply.body.get('error', '')}")
+                return
+            else:
+                log("worker", f"renewal answered {reply.status}: {reply.body.get('error', '')}")
+                next_renewal = boottime() + min(1.0, interval / 2)
+
+
+class Worker:
+    """One pod's worker: a state machine over named states, each a method returning the next.
+
+        ACQUIRING ─granted→ RESTORING → TRAINING ─exit 0→ FINISHING → EXITED
+            ↑  └─completed/failed→ EXITED      │ ├─crash/stall→ CRASHED ─restarts left→ RESTORING
+            │                                  │ │                    └─no restarts left→ ACQUIRING
+            └──────────── LOST ←─lease lost────┘ └─SIGTERM/SIGINT→ STOPPING → EXITED
+    """
+
+    SCAN_SECONDS = 1.0
+
+    def __init__(self, cfg: RunConfig, watchdog: Watchdog, hub: HubStore | None = None) -> None:
+        self.cfg = cfg
+        self.watchdog = watchdog
+        self.client = CommanderClient(cfg.commander_url, cfg.relay_shared_secret)
+        self.ckpt = CheckpointDir(cfg.run_dir, cfg.require_dataset_state)
+        self.hub = hub
+        self.progress = Progress()
+        self.wake = threading.Event()
+        self.stop_requested = threading.Event()
+        self.lease: Lease | None = None
+        self.keeper: LeaseKeeper | None = None
+        self.trainer: TrainerProcess | None = None
+        self.previous_token = ""
+        self.resume_iteration: int | None = None
+        self.restarts = 0
+        self.crash_reason = ""
+        self.exit_code = 0
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        log(f"worker {self.cfg.worker_id}", message)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requested.set()
+        self.wake.set()
+
+    def _on_lease_lost(self, why: str) -> None:
+        # Runs on the keeper's thread: kill first, talk later.
+        trainer = self.trainer
+        if trainer is not None:
+            trainer.kill()
+        self.say(f"lease lost: {why}")
+        self.wake.set()
+
+    def _post(self, path: str, payload: dict) -> Reply | None:
+        try:
+            return self.client.post(path, payload)
+        except CommanderUnreachable as exc:
+            self.say(str(exc))
+            return None
+
+    def report(self, **fields: Any) -> None:
+        """Report progress or a checkpoint; a 409 means the lease is gone (fenced)."""
+        if self.lease is None:
+            return
+        payload = {"run_id": self.cfg.run_id, "lease_token": self.lease.token, "step": self.progress.step,
+                   "loss": self.progress.loss, **fields}
+        reply = self._post("/api/job/report", payload)
+        if reply is not None and reply.status == 409 and self.keeper is not None:
+            self.keeper._lose(f"the commander refused a report: {reply.body.get('error', '')}")
+
+    def lease_lost(self) -> bool:
+        return self.keeper is not None and self.keeper.lost.is_set()
+
+    def aborting(self) -> bool:
+        """Long work (hashing, downloads) while training or restoring gives way to a stop or a lost lease."""
+        return self.stop_requested.is_set() or self.lease_lost()
+
+    def seal_and_report(self, abort: Callable[[], bool] | None = None) -> Manifest | None:
+        """Seal the newest complete checkpoint, report it, prune.  While stopping, only a
+        lost lease may interrupt it (`abort`): the last checkpoint is what a stop must keep."""
+        assert self.lease is not None
+        alive = self.trainer is not None and self.trainer.exit_code() is None
+        manifest = self.ckpt.seal_newest(self.lease.epoch, self.cfg.worker_id, alive, abort or self.aborting)
+        if manifest is None:
+            return None
+        self.progress.step = max(self.progress.step, manifest.iteration)
+        self.say(f"sealed checkpoint {manifest.iteration} ({len(manifest.files)} files, {manifest.total_bytes} bytes)")
+        self.report(latest_ckpt=manifest.summary(), status="TRAINING")
+        removed = self.ckpt.prune(self.cfg.keep_last_checkpoints, set())
+        if removed:
+            self.say(f"pruned checkpoints {', '.join(map(str, removed))}")
+        return manifest
+
+    def wait_for_commander(self) -> None:
+        """A commander nobody can reach at start is a configuration mistake: exit 2."""
+        give_up = boottime() + self.cfg.commander_wait_seconds
+        while True:
+            try:
+                reply = self.client.get("/api/health", timeout=5)
+                if reply.status == 200:
+                    return
+                problem = f"{self.cfg.commander_url}/api/health answered {reply.status}"
+            except CommanderUnreachable as exc:
+                problem = str(exc)
+            if boottime() >= give_up or self.stop_requested.is_set():
+                raise UserError(f"{problem} (commander_url in the run config)")
+            self.stop_requested.wait(1.0)
+
+    # -- the state machine -----------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.wait_for_commander()
+        state = "ACQUIRING"
+        while state != "EXITED":
+            following = getattr(self, f"state_{state.lower()}")()
+            if following != state:
+                self.say(f"{state} -> {following}")
+            state = following
+        return self.exit_code
+
+    def state_acquiring(self) -> str:
+        complained = False
+        while not self.stop_requested.is_set():
+            sent = boottime()
+            payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "mode": self.cfg.mode}
+            if self.previous_token:
+                payload["previous_lease_token"] = self.previous_token
+            try:
+                reply = self.client.post("/api/lease/acquire", payload)
+            except CommanderUnreachable as exc:
+                if not complained:
+                    self.say(f"{exc}; retrying")
+                    complained = True
+                self.stop_requested.wait(2.0)
+                continue
+            body = reply.body
+            if reply.status in (401, 403):
+                raise UserError(f"the commander refused this worker: {body.get('error', '')} "
+                                "(check relay_shared_secret / RELAY_SHARED_SECRET)")
+            if reply.status != 200:
+                raise UserError(f"the commander refused the lease request: {body.get('error', reply.status)}")
+            status = body.get("status")
+            if status == "granted":
+                self.lease = Lease(body["lease_token"], int(body["epoch"]), float(body["lease_expires_in_sec"]),
+                                   sent, body.get("checkpoint"))
+                self.previous_token = self.lease.token
+                self.say(f"lease granted, epoch {self.lease.epoch}")
+                self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
+                                          self._on_lease_lost)
+                self.restarts = 0
+                return "RESTORING"
+            if status == "completed":
+                self.say(f"run {self.cfg.run_id} is COMPLETED; nothing to do")
+                self.exit_code = 0
+                return "EXITED"
+            if status == "failed":
+                self.say(f"run {self.cfg.run_id} is FAILED; not retrying (see `relay.py status --run {self.cfg.run_id}`)")
+                self.exit_code = 1
+                return "EXITED"
+            if not complained:
+                self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
+                complained = True
+            self.stop_requested.wait(float(body.get("retry_after_sec", 1.0)))
+        self.exit_code = 0
+        return "EXITED"
+
+    def restore(self) -> int | None:
+        """Put the newest trustworthy checkpoint in place; its iteration, or None (cold start).
+
+        Order: the newest sealed checkpoint in L1 that verifies, when it is at least as new as
+        the commander's record; else the commander-recorded Hub revision; else whatever L1
+        has (older than recorded: progress since then was lost with the other pod's volume).
+        """
+        assert self.lease is not None
+        record = self.lease.checkpoint or {}
+        recorded = record.get("iteration", -1)
+        # A checkpoint the previous holder completed but had no time to seal: its trainer is
+        # dead (the commander only re-grants after that holder's watchdog deadline), so the
+        # files can no longer change.
+        self.ckpt.seal_newest(self.lease.epoch, self.cfg.worker_id, False, self.aborting)
+        local = None
+        for iteration in reversed(self.ckpt.sealed_iterations()):
+            manifest = self.ckpt.load_manifest(iteration)
+            if manifest is not None and self.ckpt.verify(manifest, self.aborting):
+                local = manifest
+                break
+            if self.aborting():
+                return None
+            self.say(f"checkpoint {iteration} in L1 is damaged; removing it and trying an older one")
+            self.ckpt.remove(iteration)
+        hub_record = record.get("hub")
+        newest_here = local.iteration if local is not None else -1
+        if self.hub is not None and hub_record and newest_here < recorded and hub_record["iteration"] > newest_here:
+            local = self.download_from_hub(hub_record) or local
+        if local is not None and local.iteration < recorded:
+            self.say(f"WARNING: the newest checkpoint here is {local.iteration}, the commander recorded {recorded}; "
+                     "resuming from the older one")
+        iteration = local.iteration if local is not None else None
+        self.ckpt.point_tracker_at(iteration)
+        return iteration
+
+    def download_from_hub(self, hub_record: dict) -> Manifest | None:
+        raise NotImplementedError  # replaced by the Hub tier
+
+    def state_restoring(self) -> str:
+        assert self.lease is not None and self.keeper is not None
+        self.keeper.phase = "RESTORING"
+        self.resume_iteration = self.restore()
+        if self.keeper.lost.is_set():
+            return "LOST"
+        if self.stop_requested.is_set():
+            return "STOPPING"
+        where = "a cold start" if self.resume_iteration is None else f"checkpoint {self.resume_iteration}"
+        self.progress.step = self.resume_iteration or 0
+        restored = self.ckpt.load_manifest(self.resume_iteration) if self.resume_iteration is not None else None
+        self.report(status="RESTORED", msg=f"{self.cfg.worker_id} resumes from {where} (epoch {self.lease.epoch})",
+                    **({"latest_ckpt": restored.summary()} if restored else {}))
+        self.say(f"resuming from {where}")
+        return "TRAINING"
+
+    def start_trainer(self) -> None:
+        assert self.lease is not None and self.keeper is not None
+        tag = secrets.token_hex(12)
+        # Armed before the trainer exists: if the worker dies in between, the watchdog's end
+        # of file still finds the trainer by its tag.
+        self.watchdog.arm(tag, self.keeper.deadline)
+        env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
+        self.progress.last_output = boottime()
+        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd())
+        self.watchdog.watch(self.trainer.pgid)
+
+    def end_trainer(self, graceful: bool) -> None:
+        """Stop the trainer tree (if still running) and disarm its watchdog."""
+        if self.trainer is not None:
+            if graceful:
+                self.trainer.stop(self.cfg.stop_grace_seconds)
+            else:
+                self.trainer.kill()
+            self.trainer.exited.wait(5)
+        self.watchdog.disarm()
+        self.trainer = None
+
+    def state_training(self) -> str:
+        assert self.keeper is not None
+        self.keeper.phase = "TRAINING"
+        self.start_trainer()
+        assert self.trainer is not None
+        last_progress = boottime()
+        next_scan = boottime()
+        while True:
+            self.wake.wait(0.2)
+            self.wake.clear()
+            if self.keeper.lost.is_set():
+                return "LOST"
+            if self.stop_requested.is_set():
+                return "STOPPING"
+            if self.trainer.exit_code() is not None:
+                code = self.trainer.exit_code()
+                self.end_trainer(graceful=False)  # leftovers of an exited trainer die too
+                if code == 0:
+                    return "FINISHING"
+                self.crash_reason = f"trainer exited with status {code}"
+                return "CRASHED"
+            if not self.watchdog.alive():
+                self.say("the watchdog died: stopping the trainer (it must not run unguarded) and starting a new watchdog")
+                self.end_trainer(graceful=False)
+                self.watchdog = self.keeper.watchdog = Watchdog.spawn()
+                return "RESTORING"
+            if boottime() >= next_scan:
+                next_scan = boottime() + self.SCAN_SECONDS
+                if self.seal_and_report() is not None:
+                    last_progress = boottime()
+            quiet = boottime() - max(last_progress, self.progress.last_output)
+            if quiet > self.cfg.stall_timeout_seconds:
+                self.say(f"trainer stalled: no output and no checkpoint for {quiet:.0f} s")
+                self.end_trainer(graceful=False)
+                self.crash_reason = f"stalled for {quiet:.0f} s"
+                return "CRASHED"
+
+    def state_crashed(self) -> str:
+        self.restarts += 1
+        self.say(f"{self.crash_reason} (restart {self.restarts} of {self.cfg.max_trainer_restarts})")
+        self.seal_and_report(abort=self.lease_lost)
+        if self.restarts <= self.cfg.max_trainer_restarts:
+            self.report(status="RESTARTING", msg=f"{self.cfg.worker_id}: {self.crash_reason}; restarting")
+            return "RESTORING"
+        self.release("FAILED", f"{self.crash_reason}; {self.cfg.max_trainer_restarts} restarts used")
+        self.drop_lease()
+        return "ACQUIRING"
+
+    def state_lost(self) -> str:
+        self.end_trainer(graceful=False)
+        self.drop_lease()
+        return "ACQUIRING"
+
+    def state_stopping(self) -> str:
+        self.say("stopping: signal received")
+        if self.keeper is not None:
+            self.keeper.phase = "STOPPING"
+        self.end_trainer(graceful=True)
+        if self.keeper is not None and not self.keeper.lost.is_set():
+            self.seal_and_report(abort=self.lease_lost)
+            self.release("PREEMPTED", "worker stopped by a signal")
+        self.drop_lease()
+        self.exit_code = 0
+        return "EXITED"
+
+    def state_finishing(self) -> str:
+        sealed = self.seal_and_report(abort=self.lease_lost)
+        newest = sealed or self.ckpt.newest_sealed()
+        last = newest.iteration if newest else self.progress.step
+        if self.cfg.total_steps and last < self.cfg.total_steps - 1:
+            self.crash_reason = (f"trainer exited 0 at iteration {last}, before total_steps {self.cfg.total_steps} "
+                                 "(a stopped job also exits 0)")
+            return "CRASHED"
+        if not self.release("COMPLETED", "trainer exited 0"):
+            # The commander never heard it: the run is not done in its records.  The next
+            # grant restores this final checkpoint, the trainer exits at once, and we try again.
+            self.say("the commander did not acknowledge the completion; trying again with a new lease")
+            self.drop_lease()
+            return "ACQUIRING"
+        self.say(f"run {self.cfg.run_id} COMPLETED at step {self.progress.step}")
+        self.drop_lease()
+        self.exit_code = 0
+        return "EXITED"
+
+    def release(self, status: str, reason: str) -> bool:
+        """Hand the lease back; True once the commander acknowledged it.
+
+        Retries while the lease is still ours (the keeper keeps renewing meanwhile), so a
+        commander restart does not lose a completion; bounded by the lease deadline.
+        """
+        if self.lease is None or self.keeper is None:
+            return False
+        payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
+                   "status": status, "reason": reason}
+        while not self.keeper.lost.is_set():
+            reply = self._post("/api/lease/release", payload)
+            if reply is not None:
+                if reply.status != 200:
+                    self.say(f"release answered {reply.status}: {reply.body.get('error', '')}")
+                self.previous_token = ""
+                self.keeper.stop()
+                return reply.status == 200
+            self.keeper.lost.wait(1.0)
+        return False
+
+    def drop_lease(self) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+        self.keeper = None
+        self.lease = None
+
+
+def run_worker(config_path: str) -> int:
+    cfg = load_run_config(config_path)
+    if not cfg.trainer_command and not os.path.exists(os.path.join(HERE, f"launch_{cfg.mode}.sh")):
+        raise UserError(f"launch_{cfg.mode}.sh is not next to relay.py ({HERE}); copy it there or set trainer_command")
+    try:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"l1_root {cfg.l1_root}: cannot create the run folder: {exc.strerror}") from None
+    set_process_name("relay-worker")
+    watchdog = Watchdog.fork()  # first: no thread may exist yet (see Watchdog)
+    hub = HubStore(cfg) if cfg.hf_repo else None
+    if hub is not None:
+        hub.check()
+    return Worker(cfg, watchdog, hub).run()
+
+
+###############################################################################
+# 9. Status and demo ##########################################################
+###############################################################################
+
+
+def age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def run_rows(runs: list[dict]) -> list[list[str]]:
+    rows = [["RUN", "STATUS", "HOLDER", "EPOCH", "STEP", "CHECKPOINT", "HUB REVISION", "LEASE"]]
+    for run in runs:
+        ckpt = run.get("latest_checkpoint") or {}
+        hub = run.get("hub") or {}
+        lease = "-"
+        if run.get("holder"):
+            lease = f"age {age_text(run.get('lease_age_sec'))}, expires in {age_text(run.get('lease_expires_in_sec'))}"
+        rows.append([run["run_id"], run["status"], run.get("holder") or "-", str(run["epoch"]), str(run["step"]),
+                     str(ckpt.get("iteration", "-")), (hub.get("revision") or "-")[:12], lease])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def format_run_detail(run: dict) -> str:
+    lines = [format_table(run_rows([run])), "", "leases:"]
+    for lease in run.get("leases", []):
+        end = iso(lease["ended_at"]) or "now"
+        lines.append(f"  epoch {lease['epoch']:>3}  {lease['worker_id']:<24} {iso(lease['started_at'])} -> {end:<20} "
+                     f"steps {lease['start_step']}->{lease['end_step'] if lease['ended_at'] else run['step']}  "
+                     f"{lease['why'] or 'holding'}")
+    if run.get("sync_error"):
+        lines.append(f"hub sync failing: {run['sync_error']}")
+    lines.append("recent events:")
+    lines += [f"  {iso(e['at'])}  {e['msg']}" for e in run.get("events", [])[-15:]]
+    return "\n".join(lines)
+
+
+def render_status_page(view: dict) -> str:
+    """The page at GET /: every run, self-contained (no external assets), text escaped."""
+    esc = html.escape
+    rows = run_rows(view["runs"])
+    head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td class='{esc(r[1]) if i == 1 else ''}'>{esc(c)}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows[1:])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            f"<meta http-equiv='refresh' content='5'><title>relay-trainer</title><style>"
+            f"body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}"
+            f"td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}"
+            f".RUNNING{{color:#070}}.COMPLETED{{color:#05a}}.FAILED{{color:#b00}}.PREEMPTED{{color:#a60}}</style>"
+            f"</head><body><h1>relay-trainer</h1><table><tr>{head}</tr>{body}</table></body></html>")
+
+
+def client_from_args(args: argparse.Namespace) -> CommanderClient:
+    return CommanderClient(args.commander_url, os.environ.get("RELAY_SHARED_SECRET", ""), timeout=10)
+
+
+def fetch_json(client: CommanderClient, path: str) -> dict:
+    try:
+        reply = client.get(path)
+    except CommanderUnreachable as exc:
+        raise UserError(str(exc)) from None
+    if reply.status != 200:
+        raise UserError(f"{client.base_url}{path}: {reply.status} {reply.body.get('error', '')}")
+    return reply.body
+
+
+def run_status(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+    if args.run:
+        if not RUN_ID_RE.match(args.run):
+            raise UserError(f"--run {args.run!r} is not a valid run id")
+        run = fetch_json(client, f"/api/runs/{args.run}")
+        print(json.dumps(run, indent=2) if args.json else format_run_detail(run))
+        return 0
+    view = fetch_json(client, "/api/runs")
+    if args.json:
+        print(json.dumps(view, indent=2))
+    elif not view["runs"]:
+        print(f"no runs yet on {client.base_url}")
+    else:
+        print(format_table(run_rows(view["runs"])))
+    return 0
+
+
+class Demo:
+    """`relay.py demo`: a commander, two workers, a SIGKILL, a handoff, and the proof."""
+
+    RUN_ID = "demo"
+    LEASE_SECONDS = 3
+    MOCK_ENV = {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1", "MOCK_SAVE_EVERY": "5"}
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.work = tempfile.mkdtemp(prefix="relay-demo-")
+        self.procs: list[subprocess.Popen] = []
+        self.env = dict(os.environ, **self.MOCK_ENV)
+        self.env.pop("RELAY_SHARED_SECRET", None)
+        self.seen_events = 0
+
+    def say(self, message: str) -> None:
+        print(f"[demo +{time.monotonic() - self.started:5.1f}s] {message}", flush=True)
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        logfile = open(os.path.join(self.work, f"{name}.log"), "wb")  # noqa: SIM115 (closed with the demo)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "relay.py"), *args], stdout=logfile,
+                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def wait_for(self, what: str, condition: Callable[[], Any], timeout: float = 30.0) -> Any:
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            value = condition()
+            self.print_new_events()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise UserError(f"demo: timed out waiting for {what}; logs are in {self.work}")
+
+    def run_record(self) -> dict:
+        try:
+            reply = self.client.get(f"/api/runs/{self.RUN_ID}", timeout=2)
+        except CommanderUnreachable:
+            return {}
+        return reply.body if reply.status == 200 else {}
+
+    def print_new_events(self) -> None:
+        events = self.run_record().get("events", [])
+        for event in events[self.seen_events:]:
+            self.say(f"commander: {event['msg']}")
+        self.seen_events = max(self.seen_events, len(events))
+
+    def commander_url(self) -> str:
+        with contextlib.suppress(OSError), open(os.path.join(self.work, "commander.log"), encoding="utf-8") as log_file:
+            match = re.search(r"listening on (http://\S+)", log_file.read())
+            return match.group(1) if match else ""
+        return ""
+
+    def write_worker_config(self, worker_id: str) -> str:
+        path = os.path.join(self.work, f"{worker_id}.yaml")
+        config = {"commander_url": self.client.base_url, "run_id": self.RUN_ID, "worker_id": worker_id,
+                  "mode": "sft", "l1_root": os.path.join(self.work, "volume"), "keep_last_checkpoints": 2,
+                  "stop_grace_seconds": 2}
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=1)  # JSON is YAML: no PyYAML needed for the demo
+        return path
+
+    def run(self) -> int:
+        self.started = time.monotonic()
+        try:
+            return self._run()
+        finally:
+            for proc in self.procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if self.keep:
+                print(f"demo files kept in {self.work}")
+            else:
+                shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> int:
+        max_steps = int(self.MOCK_ENV["MOCK_MAX_STEPS"])
+        self.say(f"work folder {self.work}; mock trainer: {max_steps} steps, a checkpoint every "
+                 f"{self.MOCK_ENV['MOCK_SAVE_EVERY']}")
+        self.spawn("commander", "serve", "--port", "0", "--lease-seconds", str(self.LEASE_SECONDS),
+                   "--state-path", os.path.join(self.work, "commander_state.json"))
+        self.client = CommanderClient("http://unset")
+        url = self.wait_for("the commander to listen", self.commander_url, 15)
+        self.client = CommanderClient(url)
+        self.say(f"commander up at {url}, lease {self.LEASE_SECONDS} s")
+        worker_a = self.spawn("worker-a", "worker", self.write_worker_config("worker-a"))
+        self.wait_for("worker-a to hold the lease", lambda: self.run_record().get("holder") == "worker-a")
+        self.spawn("worker-b", "worker", self.write_worker_config("worker-b"))
+        self.say("worker-b started as a hot standby")
+        self.wait_for("worker-a to seal a checkpoint and pass step 17",
+                      lambda: (self.run_record().get("latest_checkpoint") or {}).get("iteration", 0) >= 10
+                      and self.run_record().get("step", 0) >= 17)
+        step_at_kill = self.run_record().get("step")
+        os.kill(worker_a.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        self.say(f"SIGKILL -> worker-a (pid {worker_a.pid}) at step {step_at_kill}; its trainer is still running")
+        self.wait_for("worker-a's watchdog to kill its trainer",
+                      lambda: not processes_with_env("RELAY_WORKER_ID=worker-a"), 10)
+        self.say(f"worker-a's watchdog killed its trainer {time.monotonic() - killed_at:.1f}s after the SIGKILL")
+        self.wait_for("worker-b to take over", lambda: self.run_record().get("holder") == "worker-b",
+                      self.LEASE_SECONDS * 3)
+        self.say(f"worker-b took over {time.monotonic() - killed_at:.1f}s after the kill (lease {self.LEASE_SECONDS} s)")
+        record = self.wait_for("the run to complete", lambda: self.run_record().get("status") == "COMPLETED"
+                               and self.run_record(), 60)
+        self.say(f"run COMPLETED at step {record['step']}")
+        return self.prove(record, max_steps)
+
+    def prove(self, record: dict, max_steps: int) -> int:
+        print("\nhandoff timeline:")
+        for lease in record["leases"]:
+            print(f"  epoch {lease['epoch']}  {lease['worker_id']:<9} steps {lease['start_step']:>3} -> "
+                  f"{lease['end_step']:<3} {lease['ended_at'] - lease['started_at']:5.1f}s  ended: {lease['why']}")
+        reference = os.path.join(self.work, "reference")
+        env = dict(self.env, RELAY_CKPT_DIR=reference, MOCK_STEP_SECONDS="0")
+        subprocess.run([sys.executable, os.path.join(HERE, "relay.py"), "mock-trainer"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        final = iteration_dirname(max_steps) + "/model.json"
+        relayed = sha256_file(os.path.join(self.work, "volume", "runs", self.RUN_ID, "ckpt", final))
+        uninterrupted = sha256_file(os.path.join(reference, final))
+        print(f"\nrelayed run        {final}  sha256 {relayed}")
+        print(f"uninterrupted run  {final}  sha256 {uninterrupted}")
+        if relayed != uninterrupted:
+            print("MISMATCH: the relayed result differs from an uninterrupted run")
+            return 1
+        print("identical: the relayed run equals an uninterrupted run, byte for byte")
+        return 0
+
+
+###############################################################################
+# 10. Mock trainer ############################################################
+###############################################################################
+#
+# Honest and deterministic: SGD on a synthetic linear regression whose batch for step k is
+# drawn from random.Random(k) alone, so a run resumed from any checkpoint computes exactly
+# what an uninterrupted run computes.  Its whole state is iter_XXXXXXX/model.json; floats
+# survive JSON exactly (repr round-trips), which makes resumption bit-exact.
+
+MOCK_DIM, MOCK_BATCH, MOCK_LR = 8, 16, 0.05
+
+
+def mock_sgd_step(weights: list[float], step: int) -> tuple[list[float], float]:
+    rng = random.Random(step)
+    target = [math.sin(i + 1) for i in range(MOCK_DIM)]
+    grad, loss = [0.0] * MOCK_DIM, 0.0
+    for _ in range(MOCK_BATCH):
+        x = [rng.uniform(-1.0, 1.0) for _ in range(MOCK_DIM)]
+        y = sum(t * xi for t, xi in zip(target, x, strict=True)) + rng.gauss(0.0, 0.01)
+        err = sum(w * xi for w, xi in zip(weights, x, strict=True)) - y
+        loss += err * err / MOCK_BATCH
+        grad = [g + 2.0 * err * xi / MOCK_BATCH for g, xi in zip(grad, x, strict=True)]
+    return [w - MOCK_LR * g for w, g in zip(weights, grad, strict=True)], loss
+
+
+def mock_env_number(name: str, default: str, kind: type) -> Any:
+    raw = os.environ.get(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} must be a {'whole ' if kind is int else ''}number") from None
+    if value < 0 or (kind is int and name != "MOCK_MAX_STEPS" and value < 1):
+        raise UserError(f"{name}={raw!r} is out of range")
+    return value
+
+
+def mock_trainer_main() -> int:
+    ckpt = os.environ.get("RELAY_CKPT_DIR") or os.path.abspath("mock_ckpt")
+    max_steps = mock_env_number("MOCK_MAX_STEPS", "100", int)
+    step_seconds = mock_env_number("MOCK_STEP_SECONDS", "0.05", float)
+    save_every = mock_env_number("MOCK_SAVE_EVERY", "10", int)
+    pattern = os.environ.get("RELAY_ROLLOUT_PATTERN", "")
+    state = {"step": 0, "weights": [0.0] * MOCK_DIM, "loss": None}
+    tracker = CheckpointDir.__new__(CheckpointDir)
+    tracker.path = ckpt
+    resume = tracker.tracker_iteration()
+    if resume is not None:
+        with open(os.path.join(ckpt, iteration_dirname(resume), "model.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        print(f"mock-trainer: resumed from iteration {resume} in {ckpt}", flush=True)
+    else:
+        print(f"mock-trainer: cold start, {max_steps} steps, checkpoints in {ckpt}", flush=True)
+    while state["step"] < max_steps:
+        time.sleep(step_seconds)
+        step = state["step"] + 1
+        weights, loss = mock_sgd_step(state["weights"], step)
+        state = {"step": step, "weights": weights, "loss": loss}
+        if pattern:
+            samples = [{"prompt": f"q{step}.{i}", "reward": round(math.cos(step + i), 6)} for i in range(4)]
+            target = pattern.format(rollout_id=str(step))
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            atomic_write(target, dumps({"rollout_id": step, "samples": samples}), mode=0o644, durable=False)
+        print(f"step {step}/{max_steps} loss {loss:.6f}", flush=True)
+        if step % save_every == 0 or step == max_steps:
+            mock_save(ckpt, state)
+    return 0
+
+
+def mock_save(ckpt: str, state: dict) -> None:
+    """Megatron's order: the iteration folder, then the tracker, then the data position."""
+    iteration = state["step"]
+    folder = os.path.join(ckpt, iteration_dirname(iteration))
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "model.json"), (json.dumps(state, indent=1, sort_keys=True) + "\n").encode(),
+                 mode=0o644)
+    atomic_write(os.path.join(ckpt, TRACKER_FILE), f"{iteration}\n".encode(), mode=0o644)
+    os.makedirs(os.path.join(ckpt, "rollout"), exist_ok=True)
+    atomic_write(os.path.join(ckpt, dataset_state_relpath(iteration)),
+                 dumps({"consumed_samples": iteration * MOCK_BATCH}), mode=0o644)
+
+
+###############################################################################
+# 11. Command line ############################################################
+###############################################################################
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    secret = os.environ.get("RELAY_SHARED_SECRET", "")
+    if args.shared_secret:
+        log("commander", "warning: --shared-secret is visible in `ps`; prefer the RELAY_SHARED_SECRET variable")
+        secret = args.shared_secret
+    return serve(args.host, args.port, args.state_path, secret, args.lease_seconds, args.insecure,
+                 args.max_failed_leases)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"relay-trainer {VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the commander (lease and run records over HTTP)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed at start)")
+    p.add_argument("--state-path", default="./commander_state.json")
+    p.add_argument("--shared-secret", default="", help="prefer the RELAY_SHARED_SECRET variable (not visible in ps)")
+    p.add_argument("--lease-seconds", type=float, default=60.0, help="lease TTL, 2 or more (default 60)")
+    p.add_argument("--max-failed-leases", type=int, default=3,
+                   help="consecutive leases ending FAILED without progress before the run is FAILED (default 3)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="relay one run on this machine (run.yaml)")
+    p.add_argument("config", metavar="RUN_YAML")
+    p.set_defaults(func=lambda a: run_worker(a.config))
+
+    p = sub.add_parser("status", help="show the commander's runs")
+    p.add_argument("--commander-url", default="http://127.0.0.1:8080")
+    p.add_argument("--run", default="", help="one run in detail: its lease timeline and events")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_status)
+
+    p = sub.add_parser("demo", help="the whole relay on this machine in under a minute")
+    p.add_argument("--keep", action="store_true", help="keep the demo's folder (logs, checkpoints)")
+    p.set_defaults(func=lambda a: Demo(a.keep).run())
+
+    p = sub.add_parser("mock-trainer", help="the default deterministic trainer that launch_*.sh start")
+    p.set_defaults(func=lambda a: mock_trainer_main())
+
+    p = sub.add_parser("watchdog", help=argparse.SUPPRESS)  # a replacement watchdog; commands on stdin
+    p.set_defaults(func=lambda a: watchdog_loop(sys.stdin.fileno()))
+    # internal: started by the worker, not by people; keep it out of the help listing
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != "watchdog"]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"relay: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

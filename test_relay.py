@@ -1,0 +1,466 @@
+"""What relay-trainer promises its users, one behaviour per test.
+
+Real processes on loopback: a commander, workers, their watchdogs and trainers.  The helpers
+in testing/ start them, mark them, and kill exactly them at the end of each test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, reference_model, relay, wait_for
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> bytes:
+    return reference_model(tmp_path_factory.mktemp("reference"))
+
+
+def final_model(cluster: Cluster, run_id: str = "r1", l1: str = "volume", steps: int = 40) -> bytes:
+    return (cluster.ckpt_dir(run_id, l1) / relay.iteration_dirname(steps) / "model.json").read_bytes()
+
+
+def completed(cluster: Cluster, run_id: str = "r1") -> dict:
+    run = cluster.run(run_id)
+    return run if run.get("status") == "COMPLETED" else {}
+
+
+def checkpoint_at_least(cluster: Cluster, iteration: int, run_id: str = "r1") -> bool:
+    return (cluster.run(run_id).get("latest_checkpoint") or {}).get("iteration", -1) >= iteration
+
+
+def resumed_from(run: dict, worker_id: str) -> list[str]:
+    return [e["msg"] for e in run["events"] if e["msg"].startswith(f"{worker_id} resumes from")]
+
+
+def raw_request(cluster: Cluster, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, RELAY, "demo"], capture_output=True, text=True, env=env, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SIGKILL -> worker-a" in result.stdout
+    assert "worker-b took over" in result.stdout
+    assert "identical: the relayed run equals an uninterrupted run" in result.stdout
+    assert time.monotonic() - started < 60
+
+
+# --------------------------------------------------------------------------- handoffs
+
+
+def test_a_killed_worker_loses_its_trainer_and_a_standby_resumes_from_the_last_checkpoint(cluster, reference):
+    cluster.start_commander(lease=2)
+    worker_a = cluster.start_worker("a")
+    wait_for("a to hold the run", lambda: cluster.run("r1").get("holder") == "a")
+    worker_b = cluster.start_worker("b")
+    wait_for("a sealed checkpoint 10", lambda: checkpoint_at_least(cluster, 10))
+    assert cluster.trainer_pids(worker_id="a")
+    os.kill(worker_a.pid, signal.SIGKILL)
+    wait_for("a's trainer to die within the lease TTL", lambda: not cluster.trainer_pids(worker_id="a"), timeout=2)
+    run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
+    resumes = resumed_from(run, "b")
+    assert resumes and "cold start" not in resumes[0], resumes
+    assert int(resumes[0].split("checkpoint ")[1].split()[0]) >= 10
+    assert final_model(cluster) == reference
+    assert worker_b.wait(10) == 0
+
+
+def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_anyone_else(cluster, reference):
+    cluster.start_commander(lease=2)
+    with TrainerOverlapMonitor(cluster) as monitor:
+        worker_a = cluster.start_worker("a")
+        wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+        worker_b = cluster.start_worker("b")
+        os.kill(worker_a.pid, signal.SIGSTOP)  # the worker alone: its watchdog keeps running
+        try:
+            wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
+            assert not cluster.trainer_pids(worker_id="a")
+        finally:
+            os.kill(worker_a.pid, signal.SIGCONT)
+        run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
+    assert {"1", "2"} <= monitor.epochs_seen
+    assert monitor.last_seen["1"] < run["leases"][1]["started_at"]
+    assert final_model(cluster) == reference
+    assert worker_a.wait(15) == 0  # thawed, it finds its lease gone, stands by, sees COMPLETED
+    assert worker_b.wait(10) == 0
+
+
+def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(cluster, reference):
+    cluster.start_commander(lease=6)
+    worker_a = cluster.start_worker("a")
+    wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+    cluster.start_worker("b")
+    wait_for("b standing by", lambda: "standing by" in cluster.log("b"))
+    stopped = time.monotonic()
+    worker_a.send_signal(signal.SIGTERM)
+    wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
+    takeover = time.monotonic() - stopped
+    assert takeover < 3.0, f"takeover took {takeover:.1f}s with a 6 s lease"
+    assert worker_a.wait(10) == 0
+    run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    assert run["leases"][0]["why"].startswith("preempted")
+    assert final_model(cluster) == reference
+
+
+def test_a_commander_killed_and_restarted_mid_run_keeps_the_run_going_and_never_repeats_an_epoch(cluster, reference):
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", env={"MOCK_STEP_SECONDS": "0.1"})
+    wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+    os.killpg(cluster.commander.pid, signal.SIGKILL)
+    cluster.commander.wait()
+    # Down for longer than the lease: the worker must stop its trainer, then come back.
+    wait_for("the worker to stop its trainer without a commander", lambda: not cluster.trainer_pids(), timeout=5)
+    cluster.start_commander(lease=3)
+    run = wait_for("the run to complete", lambda: completed(cluster), 40)
+    epochs = [lease["epoch"] for lease in run["leases"]]
+    assert epochs == sorted(set(epochs)) and len(epochs) >= 2, epochs
+    assert run["epoch"] == epochs[-1]
+    assert final_model(cluster) == reference
+    assert worker.wait(10) == 0
+
+
+def test_one_commander_relays_many_runs_at_once_each_with_its_own_holder(cluster):
+    cluster.start_commander(lease=3)
+    run_ids = ["alpha", "beta", "gamma"]
+    for n, run_id in enumerate(run_ids):
+        cluster.start_worker(f"w{n}", run_id, env={"MOCK_MAX_STEPS": "60"})
+
+    def all_held() -> bool:
+        holders = {run["run_id"]: run["holder"] for run in cluster.runs()["runs"]}
+        return holders == {run_id: f"w{n}" for n, run_id in enumerate(run_ids)}
+
+    wait_for("each run held by its own worker at the same time", all_held, 20)
+    for run_id in run_ids:
+        wait_for(f"{run_id} to complete", lambda r=run_id: completed(cluster, r), 40)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_trainer_that_keeps_crashing_ends_the_run_as_failed(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "2"))
+    worker = cluster.start_worker("a", trainer_command="echo boom >&2; exit 3", max_trainer_restarts=1)
+    assert worker.wait(40) == 1
+    run = cluster.run("r1")
+    assert run["status"] == "FAILED"
+    assert [lease["why"].split(":")[0] for lease in run["leases"]] == ["failed", "failed"]
+    log = cluster.log("a")
+    assert "[trainer] boom" in log and "trainer exited with status 3" in log
+    late = cluster.start_worker("late", trainer_command="exit 3")
+    assert late.wait(15) == 1
+
+
+def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    worker = cluster.start_worker("a", trainer_command="setsid sleep 300 & sleep 300", stall_timeout_seconds=1,
+                                  max_trainer_restarts=0)
+    assert worker.wait(30) == 1
+    assert "trainer stalled" in cluster.log("a")
+    assert cluster.run("r1")["status"] == "FAILED"
+    wait_for("no trainer process left, the setsid child included", lambda: not cluster.trainer_pids(), 5)
+
+
+def test_a_late_worker_for_a_completed_run_goes_home_with_exit_0(cluster):
+    cluster.start_commander(lease=2)
+    first = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "10"})
+    assert first.wait(30) == 0
+    assert completed(cluster)
+    late = cluster.start_worker("late")
+    assert late.wait(15) == 0
+    assert "is COMPLETED; nothing to do" in cluster.log("late")
+    assert [lease["worker_id"] for lease in cluster.run("r1")["leases"]] == ["a"]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_an_older_sound_one(cluster, reference):
+    cluster.start_commander(lease=2)
+    worker_a = cluster.start_worker("a", env={"MOCK_STEP_SECONDS": "0.1"})
+    wait_for("a sealed checkpoint 15", lambda: checkpoint_at_least(cluster, 15))
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(10) == 0
+    ckpt = relay.CheckpointDir(str(cluster.ckpt_dir().parent), True)
+    sealed = ckpt.sealed_iterations()
+    newest, older = sealed[-1], sealed[-2]
+    (cluster.ckpt_dir() / relay.iteration_dirname(newest) / "model.json").write_text('{"step": 0}')
+    cluster.start_worker("b")
+    run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    assert resumed_from(run, "b")[0].startswith(f"b resumes from checkpoint {older} ")
+    assert final_model(cluster) == reference
+
+
+def test_l1_keeps_only_the_last_n_sealed_checkpoints(cluster, reference):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", keep_last_checkpoints=2, env={"MOCK_SAVE_EVERY": "2"})
+    assert worker.wait(30) == 0
+    ckpt = relay.CheckpointDir(str(cluster.ckpt_dir().parent), True)
+    assert len(ckpt.sealed_iterations()) <= 2 and ckpt.sealed_iterations()[-1] == 40
+    assert len(ckpt.iterations_on_disk()) <= 2
+    assert final_model(cluster) == reference
+
+
+# --------------------------------------------------------------------------- the commander's API
+
+
+def test_a_stale_lease_can_neither_renew_nor_report_nor_release(cluster):
+    cluster.start_commander(lease=2)
+    client = cluster.client()
+    first = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body
+    assert first["status"] == "granted" and first["epoch"] == 1
+    second = wait_for("w2 to be granted after w1's lease expired", lambda: (lambda b: b if b["status"] == "granted"
+                      else None)(client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w2", "mode": "sft"}).body),
+                      timeout=6, interval=0.2)
+    assert second["epoch"] == 2
+    stale = {"run_id": "r1", "worker_id": "w1", "lease_token": first["lease_token"]}
+    assert client.post("/api/lease/renew", dict(stale, step=5)).status == 409
+    report = {"run_id": "r1", "lease_token": first["lease_token"], "step": 99,
+              "latest_ckpt": {"iteration": 99, "manifest_sha256": "0" * 64}}
+    assert client.post("/api/job/report", report).status == 409
+    assert client.post("/api/lease/release", dict(stale, status="COMPLETED")).status == 409
+    run = cluster.run("r1")
+    assert (run["holder"], run["epoch"], run["latest_checkpoint"], run["status"]) == ("w2", 2, None, "RUNNING")
+
+
+def test_requests_without_a_valid_fresh_signature_get_401(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=5, secret=secret)
+    assert raw_request(cluster, "GET", "/api/health")[0] == 200
+    assert raw_request(cluster, "GET", "/api/runs")[0] == 401
+    assert cluster.client(secret="wrong").get("/api/runs").status == 401
+    assert cluster.client().get("/api/runs").status == 200
+    body = json.dumps({"run_id": "r1", "worker_id": "w1", "mode": "sft"}).encode()
+    headers = relay.signed_headers(secret, "POST", "/api/lease/acquire", body)
+    assert raw_request(cluster, "POST", "/api/lease/acquire", body, headers)[0] == 200
+    status, answer, _ = raw_request(cluster, "POST", "/api/lease/acquire", body, headers)  # replayed
+    assert status == 401 and b"replayed" in answer
+    tampered = relay.signed_headers(secret, "POST", "/api/lease/acquire", body)
+    assert raw_request(cluster, "POST", "/api/lease/acquire", body.replace(b"w1", b"w2"), tampered)[0] == 401
+    old = str(int(time.time()) - 400)
+    stale = {"X-Relay-Timestamp": old, "X-Relay-Nonce": uuid.uuid4().hex,
+             "X-Relay-Signature": relay.request_signature(secret, old, "a" * 32, "GET", "/api/runs", b"")}
+    stale["X-Relay-Nonce"] = "a" * 32
+    assert raw_request(cluster, "GET", "/api/runs", headers=stale)[0] == 401
+    status, _, page_headers = raw_request(cluster, "GET", "/")
+    assert status == 401 and page_headers.get("WWW-Authenticate", "").startswith("Basic")
+    import base64
+    basic = {"Authorization": "Basic " + base64.b64encode(f"me:{secret}".encode()).decode()}
+    assert raw_request(cluster, "GET", "/", headers=basic)[0] == 200
+    assert secret not in cluster.log("commander")
+
+
+def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
+    cluster.start_commander(lease=30)
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+    state_before = open(cluster.state_path, "rb").read()
+
+    def view() -> list:
+        runs = cluster.runs()["runs"]
+        for run in runs:
+            run.pop("lease_expires_in_sec"), run.pop("lease_age_sec")
+        return runs
+
+    before = view()
+    renew = {"run_id": "r1", "worker_id": "w1", "lease_token": token}
+    bad_requests = [
+        ("POST", "/api/lease/acquire", b"{not json"),
+        ("POST", "/api/lease/acquire", b"[1, 2]"),
+        ("POST", "/api/lease/acquire", b"\xff\xfe"),
+        ("POST", "/api/lease/acquire", b"[" * 100000),
+        ("POST", "/api/lease/acquire", json.dumps({"run_id": "../etc", "worker_id": "w", "mode": "sft"}).encode()),
+        ("POST", "/api/lease/acquire", json.dumps({"run_id": 5, "worker_id": "w", "mode": "sft"}).encode()),
+        ("POST", "/api/lease/acquire", json.dumps({"run_id": "r1", "worker_id": "w", "mode": "ppo"}).encode()),
+        ("POST", "/api/lease/acquire", json.dumps({"run_id": "r1", "worker_id": "w9", "mode": "rl"}).encode()),
+        ("POST", "/api/lease/renew", json.dumps(dict(renew, step=-1)).encode()),
+        ("POST", "/api/lease/renew", json.dumps(dict(renew, step="ten")).encode()),
+        ("POST", "/api/lease/renew", json.dumps(dict(renew, step=True)).encode()),
+        ("POST", "/api/lease/release", json.dumps(dict(renew, status="BOGUS")).encode()),
+        ("POST", "/api/job/report", json.dumps({"run_id": "r1", "lease_token": token,
+                                                 "latest_ckpt": {"iteration": "x"}}).encode()),
+        ("POST", "/api/job/report", json.dumps({"run_id": "r1", "lease_token": token,
+                                                 "hf": {"repo": "a/b", "revision": "main", "iteration": 1}}).encode()),
+        ("POST", "/api/job/report", json.dumps({"run_id": "nope", "lease_token": token}).encode()),
+        ("GET", "/api/runs/nope", b""),
+        ("GET", "/api/nothing-here", b""),
+        ("DELETE", "/api/runs", b""),
+        ("GET", "/api/lease/acquire", b""),
+    ]
+    for method, path, body in bad_requests:
+        status, answer, _ = raw_request(cluster, method, path, body, {"Content-Type": "application/json"})
+        assert 400 <= status < 500, (method, path, body[:40], status, answer[:200])
+        assert "error" in json.loads(answer), answer
+    assert raw_request(cluster, "POST", "/api/lease/acquire", b"{}", {"Content-Length": "abc"})[0] == 400
+    oversize = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=5)
+    oversize.putrequest("POST", "/api/lease/acquire")
+    oversize.putheader("Content-Length", str(2 << 20))
+    oversize.endheaders()  # the commander answers from the header, without reading 2 MiB
+    assert oversize.getresponse().status == 413
+    oversize.close()
+    assert open(cluster.state_path, "rb").read() == state_before
+    assert view() == before
+    assert cluster.healthy()
+
+
+def test_commander_state_is_private_and_a_corrupt_state_file_stops_it_with_a_clear_error(cluster):
+    cluster.start_commander(lease=5)
+    cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"})
+    assert stat.S_IMODE(os.stat(cluster.state_path).st_mode) == 0o600
+    os.killpg(cluster.commander.pid, signal.SIGKILL)
+    cluster.commander.wait()
+    with open(cluster.state_path, "w") as handle:
+        handle.write('{"format": "relay-commander-state", "runs": {"r1": {"run_')
+    result = subprocess.run([sys.executable, RELAY, "serve", "--port", "0", "--state-path", cluster.state_path],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+    assert open(cluster.state_path).read().endswith('"run_')  # never silently replaced
+
+
+def test_serve_refuses_a_public_address_without_a_secret(tmp_path):
+    result = subprocess.run([sys.executable, RELAY, "serve", "--host", "0.0.0.0", "--port", "0",
+                             "--state-path", str(tmp_path / "s.json")],
+                            capture_output=True, text=True, timeout=20, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 2
+    assert "without a shared secret" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_shared_secret_stays_out_of_ps_logs_state_and_the_trainer(cluster):
+    secret = "topsecret-" + uuid.uuid4().hex
+    cluster.start_commander(lease=3, secret=secret)
+    worker = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "30"})
+    wait_for("a trainer running", lambda: cluster.trainer_pids(), 15)
+    for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            assert secret.encode() not in handle.read()
+    for env in cluster.trainer_pids().values():
+        assert "RELAY_SHARED_SECRET" not in env
+    assert worker.wait(30) == 0
+    for name in ("commander", "a"):
+        assert secret not in cluster.log(name)
+    assert secret not in open(cluster.state_path).read()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"commander_url": None}, "commander_url"),
+    ({"run_id": None}, "run_id"),
+    ({"mode": None}, "mode"),
+    ({"run_id": "bad id!"}, "run_id"),
+    ({"mode": "ppo"}, "mode"),
+    ({"commander_url": "ftp://example"}, "commander_url"),
+    ({"keep_last_checkpoints": "three"}, "keep_last_checkpoints"),
+    ({"keep_last_checkpoints": 0}, "keep_last_checkpoints"),
+    ({"hf_repo": "no-slash"}, "hf_repo"),
+    ({"hf_dry_run": "yes"}, "hf_dry_run"),
+    ({"env": ["A=1"]}, "env"),
+    ({"hf_rep": "user/repo"}, "hf_rep"),
+    ({"rollout_trajectory_pattern": "rollout.pt"}, "rollout_trajectory_pattern"),
+    ({"stall_timeout_seconds": -1}, "stall_timeout_seconds"),
+])
+def test_a_config_mistake_exits_2_with_one_line_naming_the_field(tmp_path, change, field):
+    config = {"commander_url": "http://127.0.0.1:9", "run_id": "r1", "mode": "sft", "l1_root": str(tmp_path)}
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, RELAY, "worker", str(path)], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"'{field}'" in lines[0], result.stderr
+
+
+def test_unreadable_yaml_and_an_unreachable_commander_exit_2_without_a_traceback(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run_id: [unclosed\n")
+    missing = tmp_path / "missing.yaml"
+    unreachable = tmp_path / "unreachable.yaml"
+    unreachable.write_text(json.dumps({"commander_url": "http://127.0.0.1:9", "run_id": "r1", "mode": "sft",
+                                       "l1_root": str(tmp_path), "commander_wait_seconds": 0.5}))
+    for path, words in ((broken, "not valid YAML"), (missing, "cannot read"), (unreachable, "cannot reach")):
+        result = subprocess.run([sys.executable, RELAY, "worker", str(path)], capture_output=True, text=True, timeout=20)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and str(path) in result.stderr or "127.0.0.1:9" in result.stderr
+
+
+def test_the_seed_rollout_pattern_is_converted_to_one_slime_can_format(tmp_path):
+    config = {"commander_url": "http://127.0.0.1:9", "run_id": "r1", "mode": "rl", "l1_root": str(tmp_path),
+              "rollout_trajectory_pattern": "rollout_{rollout_id:08d}.pt"}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    assert relay.load_run_config(str(path)).rollout_trajectory_pattern == "rollout_{rollout_id}.pt"
+
+
+def test_status_shows_runs_as_a_table_and_as_json(cluster):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "10"})
+    assert worker.wait(30) == 0
+    table = subprocess.run([sys.executable, RELAY, "status", "--commander-url", cluster.url],
+                           capture_output=True, text=True, timeout=20)
+    assert table.returncode == 0
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["RUN", "STATUS", "HOLDER", "EPOCH", "STEP"]
+    assert row.split()[:5] == ["r1", "COMPLETED", "-", "1", "10"]
+    as_json = subprocess.run([sys.executable, RELAY, "status", "--commander-url", cluster.url, "--json"],
+                             capture_output=True, text=True, timeout=20)
+    run = json.loads(as_json.stdout)["runs"][0]
+    assert (run["status"], run["latest_checkpoint"]["iteration"]) == ("COMPLETED", 10)
+    detail = subprocess.run([sys.executable, RELAY, "status", "--commander-url", cluster.url, "--run", "r1"],
+                            capture_output=True, text=True, timeout=20)
+    assert "epoch   1  a" in detail.stdout and "completed" in detail.stdout
+    down = subprocess.run([sys.executable, RELAY, "status", "--commander-url", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=20)
+    assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+# --------------------------------------------------------------------------- the mock trainer
+
+
+def test_the_mock_trainer_resumes_bit_exactly_from_a_checkpoint(tmp_path, reference):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
+    env.update(RELAY_CKPT_DIR=str(tmp_path / "ckpt"), MOCK_SAVE_EVERY="5", MOCK_STEP_SECONDS="0")
+    first = subprocess.run([sys.executable, RELAY, "mock-trainer"], env=dict(env, MOCK_MAX_STEPS="15"),
+                           capture_output=True, text=True, check=True)
+    assert first.stdout.splitlines()[-1].startswith("step 15/15 loss ")
+    second = subprocess.run([sys.executable, RELAY, "mock-trainer"], env=dict(env, MOCK_MAX_STEPS="40"),
+                            capture_output=True, text=True, check=True)
+    assert "resumed from iteration 15" in second.stdout
+    steps = [line for line in second.stdout.splitlines() if line.startswith("step ")]
+    assert steps[0].startswith("step 16/40") and len(steps) == 25
+    assert (tmp_path / "ckpt" / "iter_0000040" / "model.json").read_bytes() == reference
+    losses = [float(line.split()[-1]) for line in steps]
+    assert losses[-1] < losses[0]  # it really learns

@@ -1,0 +1,210 @@
+"""Test harness: real relay processes on loopback, cleaned up even when a test fails.
+
+Every process a test starts carries RELAY_TEST_MARK=<uuid> in its environment; every
+descendant inherits it (trainers in their own sessions too), so teardown kills exactly the
+processes this test started, found through /proc/PID/environ, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import relay  # noqa: E402
+
+RELAY = str(ROOT / "relay.py")
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll `condition` until it is truthy; fail naming `what` after `timeout` seconds."""
+    give_up = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= give_up:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+class Cluster:
+    """A commander and workers for one test, all marked for cleanup."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mark = uuid.uuid4().hex
+        self.procs: list[subprocess.Popen] = []
+        self.url = ""
+        self.port = 0
+        self.secret = ""
+        self.commander: subprocess.Popen | None = None
+        self.state_path = str(tmp / "commander_state.json")
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_", "SLIME_"))}
+        env.update({"RELAY_TEST_MARK": self.mark, "MOCK_STEP_SECONDS": "0.04", "MOCK_MAX_STEPS": "40",
+                    "MOCK_SAVE_EVERY": "5", "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1,localhost"})
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
+        proc = subprocess.Popen([sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env or self.env(), start_new_session=True, cwd=self.tmp)
+        proc.name = name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        for _ in range(50):
+            pids = relay.processes_with_env(f"RELAY_TEST_MARK={self.mark}")
+            for proc in self.procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            for proc in self.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.2)
+            if not pids:
+                break
+
+    # -- commander ---------------------------------------------------------------------------
+
+    def start_commander(self, lease: float = 2, secret: str = "", port: int | None = None,
+                        extra: tuple[str, ...] = ()) -> str:
+        self.secret = secret
+        self.port = port or self.port or free_port()
+        env = self.env(RELAY_SHARED_SECRET=secret) if secret else self.env()
+        self.commander = self.spawn("commander", ["serve", "--port", str(self.port), "--lease-seconds", str(lease),
+                                                  "--state-path", self.state_path, *extra], env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for("the commander to answer /api/health", self.healthy, 15)
+        return self.url
+
+    def healthy(self) -> bool:
+        try:
+            return relay.CommanderClient(self.url).get("/api/health", timeout=1).status == 200
+        except relay.CommanderUnreachable:
+            return False
+
+    def client(self, secret: str | None = None) -> relay.CommanderClient:
+        return relay.CommanderClient(self.url, self.secret if secret is None else secret, timeout=5)
+
+    def run(self, run_id: str) -> dict:
+        reply = self.client().get(f"/api/runs/{run_id}")
+        return reply.body if reply.status == 200 else {}
+
+    def runs(self) -> dict:
+        return self.client().get("/api/runs").body
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def write_config(self, worker_id: str, run_id: str = "r1", **fields: Any) -> Path:
+        config = {"commander_url": self.url, "run_id": run_id, "worker_id": worker_id, "mode": "sft",
+                  "l1_root": str(self.tmp / "volume"), "stop_grace_seconds": 2, "commander_wait_seconds": 10}
+        config.update(fields)
+        path = self.tmp / f"{worker_id}.yaml"
+        path.write_text(json.dumps(config))
+        return path
+
+    def start_worker(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
+                     **fields: Any) -> subprocess.Popen:
+        config = self.write_config(worker_id, run_id, **fields)
+        worker_env = self.env(**(env or {}))
+        if self.secret:
+            worker_env["RELAY_SHARED_SECRET"] = self.secret
+        return self.spawn(worker_id, ["worker", str(config)], worker_env)
+
+    def trainer_pids(self, run_id: str = "r1", worker_id: str | None = None) -> dict[int, dict[str, str]]:
+        """Live trainer processes of a run (this test's only), with their environments."""
+        found = {}
+        for pid in relay.processes_with_env(f"RELAY_TEST_MARK={self.mark}"):
+            env = environ_of(pid)
+            if env.get("RELAY_RUN_ID") == run_id and (worker_id is None or env.get("RELAY_WORKER_ID") == worker_id):
+                found[pid] = env
+        return found
+
+    def ckpt_dir(self, run_id: str = "r1", l1: str = "volume") -> Path:
+        return self.tmp / l1 / "runs" / run_id / "ckpt"
+
+
+class TrainerOverlapMonitor:
+    """Samples the process table and remembers any instant with two trainers of one run alive.
+
+    Trainers are told apart by their lease epoch; one trainer is a process tree whose
+    processes share an epoch.
+    """
+
+    def __init__(self, cluster: Cluster, run_id: str = "r1") -> None:
+        self.cluster, self.run_id = cluster, run_id
+        self.overlaps: list[set[str]] = []
+        self.epochs_seen: set[str] = set()
+        self.last_seen: dict[str, float] = {}  # epoch -> wall time its trainer was last seen alive
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "TrainerOverlapMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            epochs = {env.get("RELAY_LEASE_EPOCH", "?") for env in self.cluster.trainer_pids(self.run_id).values()}
+            self.epochs_seen |= epochs
+            now = time.time()
+            self.last_seen.update({epoch: now for epoch in epochs})
+            if len(epochs) > 1:
+                self.overlaps.append(epochs)
+            self._stop.wait(0.02)
+
+
+def reference_model(tmp: Path, max_steps: int = 40, save_every: int = 5) -> bytes:
+    """The final model.json of an uninterrupted mock run."""
+    ckpt = tmp / f"reference-{max_steps}-{save_every}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
+    env.update(RELAY_CKPT_DIR=str(ckpt), MOCK_MAX_STEPS=str(max_steps), MOCK_SAVE_EVERY=str(save_every),
+               MOCK_STEP_SECONDS="0")
+    subprocess.run([sys.executable, RELAY, "mock-trainer"], env=env, check=True, stdout=subprocess.DEVNULL)
+    return (ckpt / relay.iteration_dirname(max_steps) / "model.json").read_bytes()
