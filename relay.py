@@ -1328,11 +1328,20 @@ class CheckpointDir:
 # upload(manifest) -> revision and download(record) -> manifest.  Section 8 talks to it
 # only through HubSync, so a slow Hub never holds up training or lease renewals.
 
-HUB_COMMIT_RETRIES = 5
+TRAJECTORY_SETTLE_SECONDS = 2.0  # a trajectory file untouched this long is finished (slime writes in place)
+FINAL_SYNC_TIMEOUT_SECONDS = 1800.0
 
 
 class HubStore:
-    """Checkpoints in a Hugging Face Hub repo under runs/{run_id}/ckpt/ (one commit each)."""
+    """Checkpoints in a Hugging Face Hub repo under runs/{run_id}/ (one commit per checkpoint).
+
+    Guarantee.  The commander records a Hub revision only when the current lease holder
+    reports it (a stale epoch's report is refused), and a worker resuming from the Hub
+    downloads exactly that recorded commit SHA, never a branch head.  So a stale holder's
+    commit may land on the branch but can never become the run's latest nor be resumed from.
+    Each commit names the last commit this holder knows as its parent (compare-and-swap): a
+    412 means someone else committed meanwhile; the upload is then re-based on the new head.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -1342,14 +1351,17 @@ class HubStore:
         self.api: Any = None
 
     def check(self) -> None:
-        """Fail fast, before any trainer runs: package present, token valid, repo reachable."""
+        """Fail fast, before any trainer runs: package present, token valid, repo usable."""
         if self.dry_run:
             log("hub", f"hf_dry_run: nothing will be sent to the Hub (repo {self.repo})")
             return
         try:
-            import huggingface_hub  # noqa: PLC0415
+            import huggingface_hub  # noqa: PLC0415  (only workers with hf_repo need it)
         except ImportError:
             raise UserError("hf_repo is set, which needs huggingface_hub: pip install huggingface_hub") from None
+        from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415
+
+        disable_progress_bars()  # a worker log is a file: no progress bars in it
         token = os.environ.get("HF_TOKEN", "")
         if not token:
             raise UserError("hf_repo is set but HF_TOKEN is not in the environment (export it on the pod; "
@@ -1359,50 +1371,220 @@ class HubStore:
             self.api.whoami()
             self.api.create_repo(self.repo, private=True, exist_ok=True)
         except Exception as exc:  # the client raises many types; all mean "cannot use the Hub"
-            raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)}") from None
+            raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)} (check HF_TOKEN and the repo name)") from None
 
     def upload(self, ckpt: CheckpointDir, manifest: Manifest, trajectories: list[str], parent: str | None,
-               message: str) -> str:
-        """One commit holding the checkpoint's files, its manifest and new trajectory files."""
-        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
-        base = f"{self.prefix}/ckpt"
-        ops = [CommitOperationAdd(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
-        ops.append(CommitOperationAdd(f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json",
-                                      manifest.to_bytes()))
-        ops.append(CommitOperationAdd(f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode()))
-        for path in trajectories:
-            rel = os.path.relpath(path, self.cfg.run_dir)
-            ops.append(CommitOperationAdd(f"{self.prefix}/{rel}", path))
-        info = self.api.create_commit(self.repo, ops, commit_message=message, parent_commit=parent)
-        return info.oid
+               message: str, still_ours: Callable[[], bool]) -> str:
+        """One commit: the checkpoint's files, its manifest, the tracker, new trajectories.
 
-    def download(self, record: dict, ckpt: CheckpointDir) -> Manifest:
-        """Fetch exactly checkpoint record['iteration'] at revision record['revision'] into L1."""
-        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        Returns the commit SHA ('' in dry run).  Operations are rebuilt for every attempt:
+        the client refuses to reuse them.
+        """
+        base = f"{self.prefix}/ckpt"
+        files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
+        files += [(f"{self.prefix}/{os.path.relpath(path, self.cfg.run_dir)}", path) for path in trajectories]
+        extra = [(f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json", manifest.to_bytes()),
+                 (f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode())]
+        if self.dry_run:
+            log("hub", f"dry run: would commit {len(files) + len(extra)} files ({manifest.total_bytes} bytes of "
+                       f"checkpoint, {len(trajectories)} trajectories) to {self.repo}: {message}")
+            return ""
+        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+
+        def commit(parent_commit: str | None) -> str:
+            ops = [CommitOperationAdd(path_in_repo, source) for path_in_repo, source in files + extra]
+            return self.api.create_commit(self.repo, ops, commit_message=message, parent_commit=parent_commit).oid
+
+        try:
+            return commit(parent)
+        except Exception as exc:
+            if hub_status(exc) != 412 or not still_ours():
+                raise
+            head = self.api.repo_info(self.repo).sha
+            log("hub", f"the branch moved past {str(parent)[:12]} (another writer committed); re-basing on {head[:12]}")
+            return commit(head)
+
+    def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
+        """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified."""
+        from huggingface_hub import hf_hub_download, snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
-        staging = tempfile.mkdtemp(prefix=".hub-", dir=ckpt.path)
+        staging = tempfile.mkdtemp(prefix=".hub-download-", dir=ckpt.path)
         try:
-            def fetch(rel: str) -> str:
-                return hf_hub_download(self.repo, f"{base}/{rel}", revision=revision, local_dir=staging,
-                                       token=os.environ.get("HF_TOKEN"))
-            with open(fetch(f"{iteration_dirname(iteration)}/relay_manifest.json"), "rb") as handle:
+            manifest_path = hf_hub_download(record["repo"], f"{base}/{iteration_dirname(iteration)}/relay_manifest.json",
+                                            revision=revision, local_dir=staging)
+            with open(manifest_path, "rb") as handle:
                 manifest = Manifest.from_bytes(handle.read())
-            if manifest.iteration != iteration or manifest.digest != record.get("manifest_sha256", manifest.digest):
-                raise ValueError(f"the Hub's manifest at {revision[:12]} is not the recorded checkpoint")
+            if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
+                raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
+            snapshot_download(record["repo"], revision=revision, local_dir=staging,
+                              allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
             for rel in sorted(manifest.files):
                 target = os.path.join(ckpt.path, rel)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(fetch(rel), target)
+                os.replace(os.path.join(staging, base, rel), target)
+            if not ckpt.verify(manifest, should_abort):
+                raise ValueError(f"checkpoint {iteration} from {revision[:12]} does not match its manifest")
             atomic_write(ckpt.manifest_path(iteration), manifest.to_bytes())
             return manifest
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+class HubSync:
+    """Uploads sealed checkpoints to the Hub on its own thread, so training never waits for it.
+
+    Cadence: the newest sealed checkpoint every hf_sync_interval_seconds (milestones), and at
+    once when asked (the final checkpoint, a SIGTERM).  A failure is reported to the commander
+    (shown by `status`) and retried with backoff (2 s doubling to 5 min, or the Hub's
+    Retry-After); the checkpoint being uploaded is protected from pruning meanwhile.
+    """
+
+    def __init__(self, store: HubStore, ckpt: CheckpointDir, cfg: RunConfig,
+                 report: Callable[..., None], still_ours: Callable[[], bool]) -> None:
+        self.store, self.ckpt, self.cfg = store, ckpt, cfg
+        self.report, self.still_ours = report, still_ours
+        self.epoch = 0
+        self.synced: dict | None = None  # the last revision this lease recorded: {iteration, revision}
+        self.pending: int | None = None  # iteration being uploaded (never pruned meanwhile)
+        self.failures = 0
+        self.next_attempt = math.inf
+        self.trainer_stopped = False
+        self.uploaded_path = os.path.join(ckpt.seal_dir, "hub_trajectories.json")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._synced_changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def start(self, epoch: int, recorded: dict | None) -> None:
+        self.epoch, self.synced, self.failures, self.trainer_stopped = epoch, recorded, 0, False
+        self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hub-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=0.5)  # an upload in flight finishes in the background
+        self._thread = None
+
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def sync_now(self, trainer_stopped: bool = False) -> None:
+        """Upload the newest sealed checkpoint now.  `trainer_stopped`: nothing writes any
+        more, so trajectories count as finished without waiting for them to settle."""
+        self.trainer_stopped = trainer_stopped
+        self.next_attempt = boottime()
+        self._wake.set()
+
+    def protected(self) -> set[int]:
+        return {self.pending} if self.pending is not None else set()
+
+    def synced_iteration(self) -> int:
+        return (self.synced or {}).get("iteration", -1)
+
+    def wait_synced(self, iteration: int, timeout: float) -> bool:
+        give_up = boottime() + timeout
+        with self._synced_changed:
+            while self.synced_iteration() < iteration:
+                left = give_up - boottime()
+                if left <= 0 or not self.still_ours():
+                    return False
+                self._synced_changed.wait(min(left, 1.0))
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, min(self.next_attempt - boottime(), 60.0)))
+            self._wake.clear()
+            if self._stop.is_set() or boottime() < self.next_attempt:
+                continue
+            newest = self.ckpt.newest_sealed()
+            if newest is None or newest.iteration <= self.synced_iteration():
+                self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
+                continue
+            self._upload(newest)
+
+    def _upload(self, manifest: Manifest) -> None:
+        self.pending = manifest.iteration
+        trajectories = self.finished_trajectories()
+        before = {path: os.path.getsize(path) for path in trajectories}
+        message = (f"relay {self.cfg.run_id}: checkpoint {manifest.iteration} "
+                   f"(epoch {self.epoch}, worker {self.cfg.worker_id})")
+        started = boottime()
+        try:
+            revision = self.store.upload(self.ckpt, manifest, trajectories, (self.synced or {}).get("revision"),
+                                         message, self.still_ours)
+        except Exception as exc:  # any failure of the Hub or the network: report, back off, retry
+            self.failures += 1
+            delay = hub_retry_after(exc) or min(300.0, 2.0 ** self.failures)
+            error = hub_error_text(exc)
+            log("hub", f"upload of checkpoint {manifest.iteration} failed ({self.failures} in a row): {error}; "
+                       f"retrying in {delay:.0f} s")
+            self.report(sync_error=f"{error} ({self.failures} failures in a row)")
+            self.next_attempt = boottime() + delay
+            return
+        self.remember_uploaded([p for p in trajectories if os.path.exists(p) and os.path.getsize(p) == before[p]])
+        if revision:
+            log("hub", f"checkpoint {manifest.iteration} is {self.store.repo}@{revision} "
+                       f"({manifest.total_bytes} bytes in {boottime() - started:.1f} s)")
+            self.report(hf={"repo": self.store.repo, "revision": revision, "iteration": manifest.iteration,
+                            "manifest_sha256": manifest.digest}, sync_error="")
+        with self._synced_changed:
+            self.synced = {"iteration": manifest.iteration, "revision": revision or None}
+            self._synced_changed.notify_all()
+        self.failures, self.pending = 0, None
+        self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
+
+    # -- rollout trajectories ------------------------------------------------------------------
+
+    def finished_trajectories(self) -> list[str]:
+        """New trajectory files that nobody writes any more (hidden and .tmp files never count)."""
+        if not (self.cfg.mode == "rl" and self.cfg.save_rollout_trajectories):
+            return []
+        done = set(self.uploaded())
+        found = []
+        for folder, _, names in os.walk(self.cfg.rollout_dir):
+            for name in names:
+                path = os.path.join(folder, name)
+                if name.startswith(".") or name.endswith(".tmp") or os.path.relpath(path, self.cfg.run_dir) in done:
+                    continue
+                with contextlib.suppress(OSError):
+                    if self.trainer_stopped or utc_now() - os.stat(path).st_mtime >= TRAJECTORY_SETTLE_SECONDS:
+                        found.append(path)
+        return sorted(found)
+
+    def uploaded(self) -> list[str]:
+        try:
+            with open(self.uploaded_path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return []
+
+    def remember_uploaded(self, paths: list[str]) -> None:
+        if paths:
+            names = sorted(set(self.uploaded()) | {os.path.relpath(p, self.cfg.run_dir) for p in paths})
+            atomic_write(self.uploaded_path, json.dumps(names).encode(), durable=False)
+
+
+def hub_status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def hub_retry_after(exc: BaseException) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    try:
+        return max(0.0, float(headers.get("Retry-After")))
+    except (TypeError, ValueError):
+        return None
+
+
 def hub_error_text(exc: BaseException) -> str:
     """A short, token-free description of a Hub failure."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    status = hub_status(exc)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
     return f"HTTP {status}: {text}"[:300] if status else text[:300]
@@ -1683,6 +1865,16 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
 ###############################################################################
 
 
+class RestoreFailed(Exception):
+    """The recorded checkpoint cannot be brought to this pod (the Hub is unreachable)."""
+
+
+def final_model_text(repo: str, revision: str) -> str:
+    return (f"final model: {repo} at revision {revision}\n"
+            f"Affine hand-off: af chutes_push --repo {repo} --revision {revision}\n"
+            f"                 then af commit with the chute id it prints (see Affine's docs)")
+
+
 @dataclass
 class Lease:
     token: str
@@ -1793,6 +1985,7 @@ class Worker:
         self.client = CommanderClient(cfg.commander_url, cfg.relay_shared_secret)
         self.ckpt = CheckpointDir(cfg.run_dir, cfg.require_dataset_state)
         self.hub = hub
+        self.sync = HubSync(hub, self.ckpt, cfg, self.report, self.lease_held) if hub is not None else None
         self.progress = Progress()
         self.wake = threading.Event()
         self.stop_requested = threading.Event()
@@ -1801,6 +1994,7 @@ class Worker:
         self.trainer: TrainerProcess | None = None
         self.previous_token = ""
         self.resume_iteration: int | None = None
+        self.restored_from = "L1"
         self.restarts = 0
         self.crash_reason = ""
         self.exit_code = 0
@@ -1842,6 +2036,9 @@ class Worker:
     def lease_lost(self) -> bool:
         return self.keeper is not None and self.keeper.lost.is_set()
 
+    def lease_held(self) -> bool:
+        return self.lease is not None and not self.lease_lost()
+
     def aborting(self) -> bool:
         """Long work (hashing, downloads) while training or restoring gives way to a stop or a lost lease."""
         return self.stop_requested.is_set() or self.lease_lost()
@@ -1857,7 +2054,7 @@ class Worker:
         self.progress.step = max(self.progress.step, manifest.iteration)
         self.say(f"sealed checkpoint {manifest.iteration} ({len(manifest.files)} files, {manifest.total_bytes} bytes)")
         self.report(latest_ckpt=manifest.summary(), status="TRAINING")
-        removed = self.ckpt.prune(self.cfg.keep_last_checkpoints, set())
+        removed = self.ckpt.prune(self.cfg.keep_last_checkpoints, self.sync.protected() if self.sync else set())
         if removed:
             self.say(f"pruned checkpoints {', '.join(map(str, removed))}")
         return manifest
@@ -1963,8 +2160,13 @@ class Worker:
             self.ckpt.remove(iteration)
         hub_record = record.get("hub")
         newest_here = local.iteration if local is not None else -1
+        self.restored_from = "L1"
         if self.hub is not None and hub_record and newest_here < recorded and hub_record["iteration"] > newest_here:
-            local = self.download_from_hub(hub_record) or local
+            if self.hub.dry_run:
+                self.say("hf_dry_run: not fetching the Hub's newer checkpoint")
+            else:
+                local = self.download_from_hub(hub_record)
+                self.restored_from = f"the Hub at {hub_record['revision'][:12]}"
         if local is not None and local.iteration < recorded:
             self.say(f"WARNING: the newest checkpoint here is {local.iteration}, the commander recorded {recorded}; "
                      "resuming from the older one")
@@ -1972,23 +2174,51 @@ class Worker:
         self.ckpt.point_tracker_at(iteration)
         return iteration
 
-    def download_from_hub(self, hub_record: dict) -> Manifest | None:
-        raise NotImplementedError  # replaced by the Hub tier
+    def download_from_hub(self, record: dict) -> Manifest:
+        assert self.hub is not None
+        where = f"{record['repo']}@{record['revision'][:12]}"
+        for attempt in range(1, 4):
+            self.say(f"fetching checkpoint {record['iteration']} from {where}")
+            started = boottime()
+            try:
+                manifest = self.hub.download(record, self.ckpt, self.aborting)
+            except Exception as exc:  # any Hub or network failure: retry, then give the lease back
+                if self.aborting():
+                    raise RestoreFailed("interrupted") from None
+                self.say(f"fetching from the Hub failed (attempt {attempt} of 3): {hub_error_text(exc)}")
+                self.stop_requested.wait(2.0 * attempt)
+                continue
+            self.say(f"fetched checkpoint {manifest.iteration} ({manifest.total_bytes} bytes) in {boottime() - started:.1f} s")
+            return manifest
+        raise RestoreFailed(f"cannot fetch checkpoint {record['iteration']} from {where}")
 
     def state_restoring(self) -> str:
         assert self.lease is not None and self.keeper is not None
         self.keeper.phase = "RESTORING"
-        self.resume_iteration = self.restore()
+        try:
+            self.resume_iteration = self.restore()
+        except RestoreFailed as exc:
+            # This pod cannot reach the recorded checkpoint; training from anything older
+            # would throw progress away.  Give the run back and try again later.
+            self.say(f"{exc}; releasing the lease and retrying in 10 s")
+            self.release("PREEMPTED", str(exc))
+            self.drop_lease()
+            self.stop_requested.wait(10.0)
+            return "ACQUIRING"
         if self.keeper.lost.is_set():
             return "LOST"
         if self.stop_requested.is_set():
             return "STOPPING"
-        where = "a cold start" if self.resume_iteration is None else f"checkpoint {self.resume_iteration}"
+        where = ("a cold start" if self.resume_iteration is None
+                 else f"checkpoint {self.resume_iteration} in {self.restored_from}")
         self.progress.step = self.resume_iteration or 0
         restored = self.ckpt.load_manifest(self.resume_iteration) if self.resume_iteration is not None else None
         self.report(status="RESTORED", msg=f"{self.cfg.worker_id} resumes from {where} (epoch {self.lease.epoch})",
                     **({"latest_ckpt": restored.summary()} if restored else {}))
         self.say(f"resuming from {where}")
+        if self.sync is not None and not self.sync.running():
+            hub = (self.lease.checkpoint or {}).get("hub") or {}
+            self.sync.start(self.lease.epoch, hub if hub.get("repo") == self.cfg.hf_repo else None)
         return "TRAINING"
 
     def start_trainer(self) -> None:
@@ -2072,7 +2302,12 @@ class Worker:
             self.keeper.phase = "STOPPING"
         self.end_trainer(graceful=True)
         if self.keeper is not None and not self.keeper.lost.is_set():
-            self.seal_and_report(abort=self.lease_lost)
+            sealed = self.seal_and_report(abort=self.lease_lost) or self.ckpt.newest_sealed()
+            if self.sync is not None and sealed is not None and sealed.iteration > self.sync.synced_iteration():
+                self.say(f"best effort: syncing checkpoint {sealed.iteration} to the Hub for up to "
+                         f"{self.cfg.stop_grace_seconds:g} s")
+                self.sync.sync_now(trainer_stopped=True)
+                self.sync.wait_synced(sealed.iteration, self.cfg.stop_grace_seconds)
             self.release("PREEMPTED", "worker stopped by a signal")
         self.drop_lease()
         self.exit_code = 0
@@ -2086,6 +2321,14 @@ class Worker:
             self.crash_reason = (f"trainer exited 0 at iteration {last}, before total_steps {self.cfg.total_steps} "
                                  "(a stopped job also exits 0)")
             return "CRASHED"
+        if self.sync is not None and newest is not None:
+            self.say(f"syncing the final checkpoint {newest.iteration} to the Hub")
+            self.sync.sync_now(trainer_stopped=True)
+            if not self.sync.wait_synced(newest.iteration, FINAL_SYNC_TIMEOUT_SECONDS):
+                if self.lease_lost():
+                    return "LOST"
+                self.say(f"WARNING: the final checkpoint is not on the Hub after {FINAL_SYNC_TIMEOUT_SECONDS:.0f} s; "
+                         f"it is in {self.ckpt.path}")
         if not self.release("COMPLETED", "trainer exited 0"):
             # The commander never heard it: the run is not done in its records.  The next
             # grant restores this final checkpoint, the trainer exits at once, and we try again.
@@ -2093,6 +2336,9 @@ class Worker:
             self.drop_lease()
             return "ACQUIRING"
         self.say(f"run {self.cfg.run_id} COMPLETED at step {self.progress.step}")
+        revision = (self.sync.synced or {}).get("revision") if self.sync is not None else None
+        if revision:
+            print(final_model_text(self.cfg.hf_repo, revision), flush=True)
         self.drop_lease()
         self.exit_code = 0
         return "EXITED"
@@ -2119,6 +2365,8 @@ class Worker:
         return False
 
     def drop_lease(self) -> None:
+        if self.sync is not None:
+            self.sync.stop()
         if self.keeper is not None:
             self.keeper.stop()
         self.keeper = None
@@ -2181,8 +2429,13 @@ def format_run_detail(run: dict) -> str:
         lines.append(f"  epoch {lease['epoch']:>3}  {lease['worker_id']:<24} {iso(lease['started_at'])} -> {end:<20} "
                      f"steps {lease['start_step']}->{lease['end_step'] if lease['ended_at'] else run['step']}  "
                      f"{lease['why'] or 'holding'}")
+    hub = run.get("hub") or {}
+    if hub:
+        lines.append(f"hub: checkpoint {hub['iteration']} at {hub['repo']}@{hub['revision']}")
     if run.get("sync_error"):
         lines.append(f"hub sync failing: {run['sync_error']}")
+    if run["status"] == "COMPLETED" and hub:
+        lines.append(final_model_text(hub["repo"], hub["revision"]))
     lines.append("recent events:")
     lines += [f"  {iso(e['at'])}  {e['msg']}" for e in run.get("events", [])[-15:]]
     return "\n".join(lines)

@@ -247,11 +247,13 @@ def test_a_stale_lease_can_neither_renew_nor_report_nor_release(cluster):
     stale = {"run_id": "r1", "worker_id": "w1", "lease_token": first["lease_token"]}
     assert client.post("/api/lease/renew", dict(stale, step=5)).status == 409
     report = {"run_id": "r1", "lease_token": first["lease_token"], "step": 99,
-              "latest_ckpt": {"iteration": 99, "manifest_sha256": "0" * 64}}
+              "latest_ckpt": {"iteration": 99, "manifest_sha256": "0" * 64},
+              "hf": {"repo": "tester/x", "revision": "a" * 40, "iteration": 99, "manifest_sha256": "0" * 64}}
     assert client.post("/api/job/report", report).status == 409
     assert client.post("/api/lease/release", dict(stale, status="COMPLETED")).status == 409
     run = cluster.run("r1")
-    assert (run["holder"], run["epoch"], run["latest_checkpoint"], run["status"]) == ("w2", 2, None, "RUNNING")
+    assert (run["holder"], run["epoch"], run["latest_checkpoint"], run["hub"], run["status"]) == (
+        "w2", 2, None, None, "RUNNING")
 
 
 def test_requests_without_a_valid_fresh_signature_get_401(cluster):
@@ -464,3 +466,142 @@ def test_the_mock_trainer_resumes_bit_exactly_from_a_checkpoint(tmp_path, refere
     assert (tmp_path / "ckpt" / "iter_0000040" / "model.json").read_bytes() == reference
     losses = [float(line.split()[-1]) for line in steps]
     assert losses[-1] < losses[0]  # it really learns
+
+
+# --------------------------------------------------------------------------- the Hugging Face Hub (L2)
+
+HUB_REPO = "tester/relay-ckpt"
+
+
+@pytest.fixture
+def hub():
+    from testing.hub_server import HubServer
+
+    server = HubServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def hub_record(cluster: Cluster, run_id: str = "r1") -> dict:
+    return cluster.run(run_id).get("hub") or {}
+
+
+def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), **on_hub)
+    run = wait_for("the run to complete", lambda: completed(cluster), 40)
+    resume = resumed_from(run, "b")[0]
+    assert "in the Hub at" in resume and int(resume.split("checkpoint ")[1].split()[0]) >= 10, resume
+    assert final_model(cluster, l1="pod-b") == reference
+    final = hub_record(cluster)
+    assert final["iteration"] == 40
+    assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000040/model.json"] == reference
+    assert worker_b.wait(10) == 0
+    assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
+    assert f"af chutes_push --repo {HUB_REPO} --revision {final['revision']}" in cluster.log("b")
+    assert hub.repos[HUB_REPO].private
+    for name in ("a", "b", "commander"):
+        assert hub.token not in cluster.log(name)
+
+
+def test_the_recorded_revision_holds_its_checkpoint_and_a_stale_commit_on_the_branch_is_never_resumed(
+        cluster, hub, reference):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(15) == 0
+    recorded = hub_record(cluster)
+    files = hub.files_at(HUB_REPO, recorded["revision"])
+    ckpt = f"runs/r1/ckpt/{relay.iteration_dirname(recorded['iteration'])}"
+    manifest = relay.Manifest.from_bytes(files[f"{ckpt}/relay_manifest.json"])
+    assert manifest.digest == recorded["manifest_sha256"] and manifest.iteration == recorded["iteration"]
+    for rel, (size, _) in manifest.files.items():
+        assert len(files[f"runs/r1/ckpt/{rel}"]) == size
+    # A holder that lost its lease pushes anyway: the commit lands on the branch head...
+    from huggingface_hub import CommitOperationAdd, HfApi  # noqa: PLC0415
+    poison = relay.Manifest(recorded["iteration"] + 5, {"iter_0000099/model.json": [3, "0" * 64]})
+    HfApi(endpoint=hub.url, token=hub.token).create_commit(HUB_REPO, [
+        CommitOperationAdd(f"runs/r1/ckpt/{relay.iteration_dirname(poison.iteration)}/relay_manifest.json",
+                           poison.to_bytes()),
+        CommitOperationAdd("runs/r1/ckpt/latest_checkpointed_iteration.txt", f"{poison.iteration}\n".encode()),
+    ], commit_message="stale holder")
+    assert hub.head(HUB_REPO) != recorded["revision"]
+    # ...but a new pod resumes from the recorded revision and the result is still exact.
+    cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), **on_hub)
+    run = wait_for("the run to complete", lambda: completed(cluster), 40)
+    assert resumed_from(run, "b")[0].startswith(
+        f"b resumes from checkpoint {recorded['iteration']} in the Hub at {recorded['revision'][:12]}")
+    assert final_model(cluster, l1="pod-b") == reference
+
+
+def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing_anything(cluster, hub, tmp_path):
+    from testing.hub_server import Fault
+
+    reference = reference_model(tmp_path, max_steps=120)
+
+    cluster.hub = hub
+    hub.inject(Fault("/commit/", status=500, count=3))
+    hub.inject(Fault("/preupload/", status=429, count=2, retry_after=1))
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.5,
+                                  env={"MOCK_STEP_SECONDS": "0.1", "MOCK_MAX_STEPS": "120"})
+    failing = wait_for("the sync failure to show in the run record", lambda: cluster.run("r1").get("sync_error") and
+                       cluster.run("r1"), 30)
+    assert "500" in failing["sync_error"] or "429" in failing["sync_error"]
+    step_then = failing["step"]
+    wait_for("training to go on meanwhile", lambda: cluster.run("r1")["step"] > step_then + 3, 20)
+    run = wait_for("the run to complete", lambda: completed(cluster), 60)
+    assert worker.wait(10) == 0
+    assert run["sync_error"] == "" and run["hub"]["iteration"] == 120
+    assert hub.files_at(HUB_REPO, run["hub"]["revision"])["runs/r1/ckpt/iter_0000120/model.json"] == reference
+    statuses = [status for _, path, status in hub.requests if "/commit/" in path]
+    assert 500 in statuses and statuses[-1] == 200
+
+
+def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_dry_run=True, hf_sync_interval_seconds=0.5,
+                                  env={"MOCK_MAX_STEPS": "20"})
+    assert worker.wait(30) == 0
+    assert hub.requests == []
+    assert "dry run: would commit" in cluster.log("a")
+    assert completed(cluster)
+
+
+def test_rl_rollout_trajectories_arrive_on_the_hub_complete(cluster, hub):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", mode="rl", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.5,
+                                  save_rollout_trajectories=True, rollout_trajectory_pattern="rollout_{rollout_id:08d}.pt",
+                                  env={"MOCK_MAX_STEPS": "20"})
+    assert worker.wait(40) == 0
+    final = hub_record(cluster)
+    files = hub.files_at(HUB_REPO, final["revision"])
+    local = sorted((cluster.tmp / "volume" / "runs" / "r1" / "rollout").iterdir())
+    assert [p.name for p in local] == sorted(f"rollout_{k}.pt" for k in range(1, 21))
+    for path in local:
+        assert files[f"runs/r1/rollout/{path.name}"] == path.read_bytes()
+
+
+@pytest.mark.parametrize("token, words", [("", "HF_TOKEN is not in the environment"), ("hf_wrong", "HTTP 401")])
+def test_a_missing_or_invalid_hub_token_stops_the_worker_before_any_trainer_runs(cluster, hub, token, words):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    config = cluster.write_config("a", hf_repo=HUB_REPO)
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"))
+    result = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and (not token or token not in result.stderr)
+    assert cluster.run("r1") == {}  # never even asked for the lease

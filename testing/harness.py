@@ -68,6 +68,7 @@ class Cluster:
         self.port = 0
         self.secret = ""
         self.commander: subprocess.Popen | None = None
+        self.hub: Any = None  # a testing.hub_server.HubServer the workers talk to, if any
         self.state_path = str(tmp / "commander_state.json")
 
     # -- processes ---------------------------------------------------------------------------
@@ -149,6 +150,9 @@ class Cluster:
                      **fields: Any) -> subprocess.Popen:
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
+        if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
+            worker_env.update(HF_ENDPOINT=self.hub.url, HF_TOKEN=self.hub.token, HF_HUB_DISABLE_TELEMETRY="1",
+                              HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
         return self.spawn(worker_id, ["worker", str(config)], worker_env)
