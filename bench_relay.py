@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 1 minute)
-    python bench_relay.py renewals   # one part: renewals | takeover | footprint
+    python bench_relay.py renewals   # one part: renewals | takeover | footprint | hub
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -16,7 +16,9 @@ import http.server
 import json
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -226,9 +228,86 @@ def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
              f"target < 1% of a core, < 40 MB; a bare `python3` trainer here: {trainer_mem['pss']:.1f} MB PSS")]
 
 
+# --------------------------------------------------------------------------- the Hub
+
+CHECKPOINT_MB = 300
+
+
+def serve_hub(port_queue: multiprocessing.Queue, token: str) -> None:
+    from testing.hub_server import HubServer
+
+    server = HubServer(token)
+    port_queue.put(server.server_address[1])
+    server.serve_forever()
+
+
+def mock_run_seconds(tmp: Path, name: str) -> float:
+    """Wall time of a 60-step mock run whose steps mostly wait, as a GPU-bound step does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
+    env.update(RELAY_CKPT_DIR=str(tmp / name), MOCK_MAX_STEPS="60", MOCK_STEP_SECONDS="0.05", MOCK_SAVE_EVERY="20")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(relay.__file__)), "mock-trainer"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def bench_hub(tmp: Path) -> list[tuple[str, str, str]]:
+    token = "hf_bench_token_0123456789"
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve_hub, args=(ports, token), daemon=True)
+    server.start()
+    try:
+        os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{ports.get(timeout=10)}", HF_TOKEN=token,
+                          HF_HOME=str(tmp / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+        cfg = relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="bench", mode="sft", hf_repo="tester/bench",
+                              l1_root=str(tmp / "l1"))
+        store = relay.HubStore(cfg)
+        store.check()
+        ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
+        shard_dir = Path(ckpt.path) / relay.iteration_dirname(1)
+        shard_dir.mkdir(parents=True)
+        for n in range(3):
+            (shard_dir / f"shard_{n}.distcp").write_bytes(os.urandom(CHECKPOINT_MB // 3 << 20))
+        (Path(ckpt.path) / relay.TRACKER_FILE).write_text("1\n")
+        manifest = ckpt.seal(1, 1, "bench")
+        started = time.perf_counter()
+        store.upload(ckpt, manifest, [], None, "bench", lambda: True)
+        upload = time.perf_counter() - started
+        started = time.perf_counter()
+        shutil.copytree(shard_dir, tmp / "copy")
+        copy = time.perf_counter() - started
+
+        alone = min(mock_run_seconds(tmp, f"alone-{n}") for n in range(2))
+        uploading = threading.Event()
+
+        def upload_in_a_loop() -> None:
+            while not uploading.is_set():
+                store.upload(ckpt, manifest, [], None, "bench", lambda: True)
+
+        uploader = threading.Thread(target=upload_in_a_loop)
+        uploader.start()
+        try:
+            with_sync = min(mock_run_seconds(tmp, f"sync-{n}") for n in range(2))
+        finally:
+            uploading.set()
+            uploader.join()
+    finally:
+        server.terminate()
+        server.join()
+    mb = manifest.total_bytes / (1 << 20)
+    return [
+        (f"Hub upload of a {mb:.0f} MB checkpoint (one commit, local server)",
+         f"{mb / upload:.0f} MB/s ({upload:.1f} s)",
+         f"plain file copy {mb / copy:.0f} MB/s ({copy:.2f} s); ratio {copy / upload:.2f}"),
+        ("mock trainer, 60 GPU-like steps, while a sync runs",
+         f"{with_sync:.2f} s ({100 * (with_sync / alone - 1):+.1f}%)",
+         f"without a sync {alone:.2f} s; target within 2%"),
+    ]
+
+
 # --------------------------------------------------------------------------- main
 
-PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": bench_footprint}
+PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": bench_footprint, "hub": bench_hub}
 
 
 def main(argv: list[str]) -> int:
