@@ -38,7 +38,6 @@ import random
 import re
 import secrets
 import select
-import shlex
 import shutil
 import signal
 import socket
@@ -304,8 +303,10 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
     for name in ("hf_sync_interval_seconds", "stall_timeout_seconds", "stop_grace_seconds", "commander_wait_seconds"):
         if getattr(cfg, name) <= 0:
             raise bad(name, "must be a positive number of seconds")
-    if not cfg.l1_root:
-        raise bad("l1_root", "must not be empty")
+    for name in ("l1_root", "rollout_trajectory_subdir", "rollout_trajectory_pattern"):
+        if not re.fullmatch(r"[^\s'\"\\$`*?\[\];&|<>()!#~]+", getattr(cfg, name)):
+            raise bad(name, "must be a non-empty path without spaces or shell special characters "
+                            "(it is passed to the trainer in RELAY_SLIME_ARGS)")
     return cfg
 
 
@@ -1602,6 +1603,8 @@ def hub_error_text(exc: BaseException) -> str:
 
 TRAINER_TAG_ENV = "RELAY_TRAINER_TAG"
 PROGRESS_RE = re.compile(r"\bstep (\d+)(?:/\d+)?\b")
+ROLLOUT_RE = re.compile(r"^rollout (\d+):")
+NO_CHECKPOINT_WARNING_SECONDS = 3600.0
 LOSS_RE = re.compile(r"loss['\"]?\s*[:=]?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
@@ -1753,10 +1756,16 @@ class Watchdog:
 
 
 class Progress:
-    """What the trainer said lately: step, loss, last output time, the last lines (bounded)."""
+    """What the trainer said lately: step, loss, last output time, the last lines (bounded).
+
+    The step reported is the checkpoint iteration where the trainer says it: slime's
+    `rollout N:` lines (iteration = rollout id); otherwise `step N` (the mock's
+    `step N/M loss X`).  Loss comes from either (slime: `step N: {... 'train/loss': X}`).
+    """
 
     def __init__(self) -> None:
         self.step = 0
+        self.counts_rollouts = False
         self.loss: float | None = None
         self.last_output = boottime()
         self.unsent_lines: list[str] = []
@@ -1764,9 +1773,14 @@ class Progress:
 
     def observe(self, line: str) -> None:
         self.last_output = boottime()
+        rollout = ROLLOUT_RE.match(line)
+        if rollout:
+            self.counts_rollouts = True
+            self.step = max(self.step, int(rollout.group(1)))
         match = PROGRESS_RE.search(line)
         if match:
-            self.step = max(self.step, int(match.group(1)))
+            if not self.counts_rollouts:
+                self.step = max(self.step, int(match.group(1)))
             loss = LOSS_RE.search(line[match.end():])
             if loss:
                 with contextlib.suppress(ValueError):
@@ -1841,9 +1855,11 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
     env.update(cfg.env)
     pattern = os.path.join(cfg.rollout_dir, cfg.rollout_trajectory_pattern)
     keep_rollouts = cfg.mode == "rl" and cfg.save_rollout_trajectories
-    slime_args = f"--load {shlex.quote(ckpt_dir)} --save {shlex.quote(ckpt_dir)}"
+    # Plain words (the config refuses paths that would need quoting): slime scripts expand
+    # $RELAY_SLIME_ARGS unquoted, and quote characters would reach slime literally.
+    slime_args = f"--load {ckpt_dir} --save {ckpt_dir}"
     if keep_rollouts:
-        slime_args += f" --save-debug-rollout-data {shlex.quote(pattern)}"
+        slime_args += f" --save-debug-rollout-data {pattern}"
     env.update({
         "RELAY_RUN_ID": cfg.run_id,
         "RELAY_WORKER_ID": cfg.worker_id,
@@ -2248,7 +2264,8 @@ class Worker:
         self.keeper.phase = "TRAINING"
         self.start_trainer()
         assert self.trainer is not None
-        last_progress = boottime()
+        last_progress = started = boottime()
+        warned_no_checkpoint = False
         next_scan = boottime()
         while True:
             self.wake.wait(0.2)
@@ -2273,6 +2290,11 @@ class Worker:
                 next_scan = boottime() + self.SCAN_SECONDS
                 if self.seal_and_report() is not None:
                     last_progress = boottime()
+            if not warned_no_checkpoint and last_progress == started and boottime() - started > NO_CHECKPOINT_WARNING_SECONDS:
+                warned_no_checkpoint = True
+                self.say(f"WARNING: the trainer has run {NO_CHECKPOINT_WARNING_SECONDS / 3600:.0f} h without a checkpoint; "
+                         "slime saves nothing without --save-interval (see README, 'slime')")
+                self.report(msg=f"{self.cfg.worker_id}: no checkpoint after {NO_CHECKPOINT_WARNING_SECONDS:.0f} s")
             quiet = boottime() - max(last_progress, self.progress.last_output)
             if quiet > self.cfg.stall_timeout_seconds:
                 self.say(f"trainer stalled: no output and no checkpoint for {quiet:.0f} s")

@@ -393,10 +393,11 @@ def test_the_shared_secret_stays_out_of_ps_logs_state_and_the_trainer(cluster):
     ({"hf_rep": "user/repo"}, "hf_rep"),
     ({"rollout_trajectory_pattern": "rollout.pt"}, "rollout_trajectory_pattern"),
     ({"stall_timeout_seconds": -1}, "stall_timeout_seconds"),
+    ({"l1_root": "/mnt/my volume"}, "l1_root"),
 ])
 def test_a_config_mistake_exits_2_with_one_line_naming_the_field(tmp_path, change, field):
     config = {"commander_url": "http://127.0.0.1:9", "run_id": "r1", "mode": "sft", "l1_root": str(tmp_path)}
-    config.update(change)
+    config.update(change)  # (an l1_root with a space would reach slime as two words)
     config = {k: v for k, v in config.items() if v is not None}
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(config))
@@ -605,3 +606,130 @@ def test_a_missing_or_invalid_hub_token_stops_the_worker_before_any_trainer_runs
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and (not token or token not in result.stderr)
     assert cluster.run("r1") == {}  # never even asked for the lease
+
+
+# --------------------------------------------------------------------------- slime as the trainer
+
+FAKE_SLIME = f"{sys.executable} {os.path.join(os.path.dirname(RELAY), 'testing', 'fake_slime.py')}"
+
+
+def slime_env(**knobs: str) -> dict[str, str]:
+    """A worker whose launch_sft.sh runs the fake slime command, as SLIME_SFT_CMD would."""
+    return {"SLIME_SFT_CMD": FAKE_SLIME, **knobs}
+
+
+def test_a_slime_checkpoint_is_sealed_and_uploaded_only_after_its_dataset_state_exists(cluster, hub):
+    cluster.hub = hub
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.5, total_steps=9,
+                                  env=slime_env(FAKE_NUM_ROLLOUT="9", FAKE_SAVE_INTERVAL="3", FAKE_STATE_DELAY="1.5"))
+    assert worker.wait(60) == 0
+    written = {}
+    for line in cluster.log("a").splitlines():
+        if "wrote dataset state" in line:
+            words = line.split()
+            written[int(words[-3])] = float(words[-1])
+    run = cluster.run("r1")
+    sealed = {int(e["msg"].split()[1]): e["at"] for e in run["events"] if e["msg"].startswith("checkpoint ")
+              and " sealed by " in e["msg"]}
+    assert sealed and set(sealed) <= set(written)
+    for iteration, at in sealed.items():
+        assert at >= written[iteration], f"checkpoint {iteration} sealed before its dataset state was written"
+    for commit in hub.repos[HUB_REPO].commits.values():
+        for path in commit.files:
+            if path.endswith("/relay_manifest.json"):
+                iteration = int(path.split("/")[-2][len("iter_"):])
+                assert f"runs/r1/ckpt/rollout/global_dataset_state_dict_{iteration}.pt" in commit.files
+    assert run["hub"]["iteration"] == 8 and run["step"] == 8  # slime's rollout ids, 0-based
+
+
+@pytest.mark.parametrize("how", ["sigterm", "lease lost"])
+def test_stopping_a_slime_trainer_leaves_no_process_behind_even_in_a_new_session(cluster, how):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", stop_grace_seconds=2, env=slime_env(
+        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2"))
+    heartbeats = cluster.tmp / "volume" / "runs" / "r1"
+    wait_for("the setsid child to beat", lambda: list(heartbeats.glob("heartbeat-*")), 20)
+    trainers = cluster.trainer_pids()
+    sessions = {os.getsid(pid) for pid in trainers}
+    assert len(sessions) >= 2, "the fake slime must have a child in another session"
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGSTOP)
+    try:
+        wait_for("every trainer process to be gone", lambda: not cluster.trainer_pids(), 10)
+    finally:
+        if how != "sigterm":
+            worker.send_signal(signal.SIGCONT)
+    assert time.monotonic() - stopped < 8
+    beat = next(heartbeats.glob("heartbeat-*"))
+    last = beat.stat().st_mtime
+    time.sleep(0.5)  # a living heartbeat child would rewrite it every 0.1 s
+    assert beat.stat().st_mtime == last
+
+
+def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private PID namespace here (unshare: {probe.stderr.decode().strip()}); "
+                    "a broad pkill never runs outside one")
+    from testing.harness import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"commander_url": url, "run_id": "r1", "worker_id": "a", "mode": "sft",
+                                  "l1_root": str(tmp_path / "volume"), "total_steps": 6}))
+    py = sys.executable
+    script = tmp_path / "inside.sh"
+    script.write_text(f"""
+{py} {RELAY} serve --port {port} --lease-seconds 3 --state-path {tmp_path}/state.json > {tmp_path}/commander.log 2>&1 &
+until {py} {RELAY} status --commander-url {url} >/dev/null 2>&1; do sleep 0.1; done
+SLIME_SFT_CMD="pkill -9 python; sleep 0.5; {FAKE_SLIME}" FAKE_NUM_ROLLOUT=6 FAKE_SAVE_INTERVAL=2 \\
+  {py} {RELAY} worker {config} > {tmp_path}/worker.log 2>&1
+echo "worker exit $?"
+{py} {RELAY} status --commander-url {url} --json
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_", "SLIME_"))}
+    result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "bash", str(script)], capture_output=True,
+                            text=True, timeout=120, env=env, start_new_session=True)
+    log = (tmp_path / "worker.log").read_text()
+    assert "worker exit 0" in result.stdout, result.stdout + result.stderr + log
+    status = json.loads(result.stdout.split("worker exit 0", 1)[1])
+    assert status["runs"][0]["status"] == "COMPLETED"
+    assert "watchdog died" not in log and "fake slime: starting" in log
+
+
+def test_a_trainer_exiting_0_before_the_configured_total_is_a_failure_not_completion(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    worker = cluster.start_worker("a", total_steps=12, max_trainer_restarts=1,
+                                  env=slime_env(FAKE_NUM_ROLLOUT="12", FAKE_EXIT_EARLY_AT="4"))
+    assert worker.wait(60) == 1
+    assert cluster.run("r1")["status"] == "FAILED"
+    assert "before total_steps 12" in cluster.log("a")
+
+
+def test_relay_slime_args_are_what_the_readme_promises(cluster):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", mode="rl", save_rollout_trajectories=True,
+                                  trainer_command='printf %s "$RELAY_SLIME_ARGS" > "$RELAY_CKPT_DIR/../args.txt"')
+    assert worker.wait(30) == 0
+    run_dir = cluster.tmp / "volume" / "runs" / "r1"
+    ckpt = run_dir / "ckpt"
+    assert (run_dir / "args.txt").read_text() == (
+        f"--load {ckpt} --save {ckpt} --save-debug-rollout-data {run_dir}/rollout/rollout_{{rollout_id}}.pt")
+    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
+    assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in readme
+
+
+def test_the_launch_scripts_and_the_image_pass_static_checks():
+    root = os.path.dirname(RELAY)
+    scripts = [os.path.join(root, name) for name in ("launch_sft.sh", "launch_rl.sh", "docker/entrypoint.sh")]
+    shellcheck = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
+    assert shellcheck.returncode == 0, shellcheck.stdout
+    dockerfile = os.path.join(root, "Dockerfile")
+    hadolint = subprocess.run(["hadolint", dockerfile], capture_output=True, text=True)
+    assert hadolint.returncode == 0, hadolint.stdout
+    for line in open(dockerfile):
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert os.path.exists(os.path.join(root, source)), f"the Dockerfile copies a missing {source}"

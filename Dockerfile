@@ -1,0 +1,26 @@
+# Lium template image for relay-trainer: slime's published image plus relay.py.
+#   docker build -t USER/relay-trainer:0.3.0 . && docker push USER/relay-trainer:0.3.0
+# then register USER/relay-trainer:0.3.0 as a Lium template (README, "Docker image").
+# Pin the slime release you train with: --build-arg SLIME_IMAGE=slimerl/slime:<tag>
+ARG SLIME_IMAGE=slimerl/slime:latest
+FROM ${SLIME_IMAGE}
+
+# Lium runs every command over SSH: the image keeps an SSH server.  (The package version
+# follows the base image's distribution, so it is not pinned here.)
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openssh-server \
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /run/sshd /root/.ssh \
+ && chmod 700 /root/.ssh
+
+RUN python3 -m pip install --no-cache-dir "pyyaml==6.0.3" "huggingface_hub==2.4.0"
+
+COPY relay.py launch_sft.sh launch_rl.sh /opt/relay/
+COPY docker/entrypoint.sh /opt/relay/entrypoint.sh
+RUN chmod 755 /opt/relay/launch_sft.sh /opt/relay/launch_rl.sh /opt/relay/entrypoint.sh
+
+# A run config on the volume makes the container resume the relay whenever it starts.
+ENV RELAY_CONFIG=/mnt/relay/run.yaml
+ENTRYPOINT ["/opt/relay/entrypoint.sh"]
+CMD ["/usr/sbin/sshd", "-D", "-e"]
