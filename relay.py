@@ -527,6 +527,7 @@ class RunRecord:
     events: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     log_tail: list = field(default_factory=list)
+    log_total: int = 0  # lines ever received: log_tail holds numbers log_total-len+1 .. log_total
 
     def current_lease(self) -> LeaseRecord | None:
         if self.holder and self.leases:
@@ -810,6 +811,7 @@ class Commander:
             run.worker_phase = phase
         if lines:
             run.log_tail.extend(lines)
+            run.log_total += len(lines)
             del run.log_tail[:-MAX_LOG_LINES]
 
     def release(self, body: Body) -> dict:
@@ -899,7 +901,18 @@ class Commander:
         return {"runs": [self.run_view(run, now) for _, run in sorted(self.runs.items())],
                 "lease_seconds": self.lease_seconds}
 
-    def dispatch(self, method: str, path: str, raw: bytes) -> tuple[int, dict | str]:
+    def logs_view(self, run: RunRecord, query: dict[str, list[str]]) -> dict:
+        """Trainer lines numbered from 1, those after `?after=N` (what `logs --follow` asks)."""
+        try:
+            after = int(query.get("after", ["0"])[0])
+        except ValueError:
+            raise ApiError(400, "after must be an integer") from None
+        first = run.log_total - len(run.log_tail) + 1
+        lines = [{"n": first + i, "line": line} for i, line in enumerate(run.log_tail) if first + i > after]
+        return {"run_id": run.run_id, "status": run.status, "holder": run.holder, "lines": lines,
+                "next": run.log_total, "dropped": max(0, first - 1 - after)}
+
+    def dispatch(self, method: str, path: str, raw: bytes, query: dict[str, list[str]]) -> tuple[int, dict | str]:
         routes: dict[tuple[str, str], Callable[[Body], dict]] = {
             ("POST", "/api/lease/acquire"): self.acquire,
             ("POST", "/api/lease/renew"): self.renew,
@@ -913,6 +926,10 @@ class Commander:
         if method == "GET" and path == "/api/runs":
             with self.lock:
                 return 200, self.runs_view()
+        if method == "GET" and path.startswith("/api/runs/") and path.endswith("/logs"):
+            run_id = urllib.parse.unquote(path[len("/api/runs/"):-len("/logs")])
+            with self.lock:
+                return 200, self.logs_view(self._run(run_id), query)
         if method == "GET" and path.startswith("/api/runs/"):
             run_id = urllib.parse.unquote(path[len("/api/runs/"):])
             with self.lock:
@@ -1003,7 +1020,8 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             if method == "GET" and path == "/api/health":
                 status, payload = 200, {"ok": True, "version": VERSION}
             else:
-                status, payload = self.server.commander.dispatch(method, path, body)
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                status, payload = self.server.commander.dispatch(method, path, body, query)
         except ApiError as exc:
             status, payload = exc.status, {"error": exc.message}
         except Exception as exc:  # a bug must not take the commander down or leak a trace
@@ -1020,6 +1038,11 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if ctype.startswith("text/html"):
+            # Everything is inline and escaped; this stops anything else from loading or running.
+            self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                                        "script-src 'unsafe-inline'; connect-src 'self'")
         if status == 401 and path == "/":
             self.send_header("WWW-Authenticate", 'Basic realm="relay-trainer", charset="UTF-8"')
         if self.close_connection:
@@ -2460,22 +2483,148 @@ def format_run_detail(run: dict) -> str:
         lines.append(final_model_text(hub["repo"], hub["revision"]))
     lines.append("recent events:")
     lines += [f"  {iso(e['at'])}  {e['msg']}" for e in run.get("events", [])[-15:]]
+    if run.get("log_tail"):
+        lines.append("last trainer lines:")
+        lines += [f"  {line}" for line in run["log_tail"][-10:]]
     return "\n".join(lines)
 
 
-def render_status_page(view: dict) -> str:
-    """The page at GET /: every run, self-contained (no external assets), text escaped."""
+STATUS_COLOURS = {"RUNNING": "#1a7f37", "COMPLETED": "#0969da", "FAILED": "#cf222e", "PREEMPTED": "#bc4c00",
+                  "PENDING": "#6e7781"}
+LEASE_END_COLOURS = {"completed": "#0969da", "failed": "#cf222e", "preempted": "#bc4c00", "expired": "#bc4c00",
+                     "reacquired": "#8250df", "": "#1a7f37"}
+PAGE_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;padding:12px;background:#f6f8fa;color:#1f2328}
+h1{font-size:20px;margin:0 0 8px}
+#runs{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr));gap:12px}
+.run{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:12px;min-width:0}
+.run h2{font-size:17px;margin:0 0 6px;overflow-wrap:anywhere}
+.badge{color:#fff;border-radius:10px;padding:1px 8px;font-size:12px;margin-left:6px;vertical-align:middle}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 10px;margin:6px 0}
+dt{color:#656d76}dd{margin:0;overflow-wrap:anywhere}
+.error{color:#cf222e}
+svg{width:100%;height:auto;background:#fafbfc;border:1px solid #eaeef2;border-radius:4px}
+pre{background:#0d1117;color:#e6edf3;padding:8px;border-radius:6px;overflow-x:auto;font-size:12px;max-height:220px}
+ul{padding-left:18px;margin:4px 0}li{overflow-wrap:anywhere}
+h3{font-size:13px;margin:10px 0 4px;color:#656d76;text-transform:uppercase;letter-spacing:.04em}
+"""
+PAGE_SCRIPT = """
+const showNewest = () => document.querySelectorAll('pre').forEach(p => { p.scrollTop = p.scrollHeight; });
+showNewest();
+setInterval(async () => {
+  try {
+    const answer = await fetch(location.href, {credentials: 'same-origin', cache: 'no-store'});
+    if (!answer.ok) return;
+    const page = new DOMParser().parseFromString(await answer.text(), 'text/html');
+    document.getElementById('runs').replaceWith(page.getElementById('runs'));
+    document.getElementById('updated').replaceWith(page.getElementById('updated'));
+    showNewest();
+  } catch (e) { /* the commander is restarting: keep the last picture */ }
+}, 3000);
+"""
+
+
+def steps_per_hour(run: dict) -> float | None:
+    """Progress rate over the current (or last) lease."""
+    if not run["leases"]:
+        return None
+    lease = run["leases"][-1]
+    seconds = (lease["ended_at"] or utc_now()) - lease["started_at"]
+    steps = (lease["end_step"] if lease["ended_at"] else run["step"]) - lease["start_step"]
+    return steps / seconds * 3600 if seconds > 0 else None
+
+
+def lease_timeline_svg(run: dict, now: float) -> str:
+    """The run's leases as horizontal bars on one time axis, newest at the bottom."""
+    leases = run["leases"][-12:]
+    if not leases:
+        return "<p>no lease yet</p>"
+    begin = leases[0]["started_at"]
+    span = max(1.0, max(lease["ended_at"] or now for lease in leases) - begin)
+    row, label_width, width = 22, 120, 600
+    bars = []
+    for n, lease in enumerate(leases):
+        end = lease["ended_at"] or now
+        x = label_width + (lease["started_at"] - begin) / span * (width - label_width - 4)
+        w = max(2.0, (end - lease["started_at"]) / span * (width - label_width - 4))
+        why = lease["why"].split(":")[0]
+        colour = LEASE_END_COLOURS.get(why, "#6e7781")
+        steps = f"{lease['start_step']}→{lease['end_step'] if lease['ended_at'] else run['step']}"
+        tip = (f"epoch {lease['epoch']} · {lease['worker_id']} · {iso(lease['started_at'])} → "
+               f"{iso(lease['ended_at']) or 'now'} · steps {steps} · {lease['why'] or 'holding'}")
+        y = 4 + n * row
+        bars.append(f"<g class='lease'><title>{html.escape(tip)}</title>"
+                    f"<text x='4' y='{y + 14}' font-size='11'>e{lease['epoch']} {html.escape(lease['worker_id'][:14])}</text>"
+                    f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{row - 6}' rx='3' fill='{colour}'/>"
+                    f"<text x='{x + 4:.1f}' y='{y + 13}' font-size='10' fill='#fff'>{html.escape(steps)}</text></g>")
+    height = 8 + len(leases) * row
+    return (f"<svg class='timeline' viewBox='0 0 {width} {height}' role='img' aria-label='lease timeline'>"
+            f"{''.join(bars)}</svg>")
+
+
+def loss_curve_svg(points: list) -> str:
+    if len(points) < 2:
+        return "<p>no loss reported yet</p>"
+    stride = max(1, len(points) // 300)
+    points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    steps, losses = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(steps), max(steps), min(losses), max(losses)
+    width, height, pad = 600, 160, 30
+    def x(v: float) -> float:
+        return pad + (v - x0) / ((x1 - x0) or 1) * (width - pad - 6)
+    def y(v: float) -> float:
+        return 6 + (y1 - v) / ((y1 - y0) or 1) * (height - pad)
+    path = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(steps, losses, strict=True))
+    return (f"<svg class='loss' viewBox='0 0 {width} {height}' role='img' aria-label='loss curve'>"
+            f"<polyline fill='none' stroke='#0969da' stroke-width='1.5' points='{path}'/>"
+            f"<text x='2' y='12' font-size='10'>{y1:.4g}</text><text x='2' y='{height - pad + 6}' font-size='10'>{y0:.4g}</text>"
+            f"<text x='{pad}' y='{height - 4}' font-size='10'>step {x0}</text>"
+            f"<text x='{width - 70}' y='{height - 4}' font-size='10'>step {x1}</text></svg>")
+
+
+def render_run_card(run: dict, now: float) -> str:
     esc = html.escape
-    rows = run_rows(view["runs"])
-    head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td class='{esc(r[1]) if i == 1 else ''}'>{esc(c)}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows[1:])
-    return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-            f"<meta http-equiv='refresh' content='5'><title>relay-trainer</title><style>"
-            f"body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}"
-            f"td,th{{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}}"
-            f".RUNNING{{color:#070}}.COMPLETED{{color:#05a}}.FAILED{{color:#b00}}.PREEMPTED{{color:#a60}}</style>"
-            f"</head><body><h1>relay-trainer</h1><table><tr>{head}</tr>{body}</table></body></html>")
+    ckpt = run.get("latest_checkpoint") or {}
+    hub = run.get("hub") or {}
+    rate = steps_per_hour(run)
+    facts = [("holder", run["holder"] or "-"), ("epoch", run["epoch"]), ("step", run["step"]),
+             ("steps/hour", f"{rate:.0f}" if rate is not None else "-"),
+             ("loss", f"{run['loss']:.4g}" if run.get("loss") is not None else "-")]
+    if run["holder"]:
+        facts += [("lease", f"age {age_text(run['lease_age_sec'])}, expires in {age_text(run['lease_expires_in_sec'])}"),
+                  ("worker phase", run.get("worker_phase") or "-")]
+    facts.append(("checkpoint", f"{ckpt['iteration']} ({age_text(now - ckpt['at'])} ago)" if ckpt else "-"))
+    facts.append(("hub", f"{hub['repo']}@{hub['revision'][:12]} · checkpoint {hub['iteration']} "
+                          f"({age_text(now - hub['at'])} ago)" if hub else "-"))
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in facts)
+    if run.get("sync_error"):
+        rows += f"<dt>hub sync</dt><dd class='error'>failing: {esc(run['sync_error'])}</dd>"
+    colour = STATUS_COLOURS.get(run["status"], "#6e7781")
+    lines = "\n".join(run.get("log_tail", [])[-20:])
+    events = "".join(f"<li>{esc(iso(e['at']))} {esc(e['msg'])}</li>" for e in reversed(run.get("events", [])[-10:]))
+    return (f"<section class='run' id='run-{esc(run['run_id'])}'>"
+            f"<h2>{esc(run['run_id'])}<span class='badge status' style='background:{colour}'>{esc(run['status'])}</span>"
+            f" <small>{esc(run['mode'])}</small></h2><dl>{rows}</dl>"
+            f"<h3>leases</h3>{lease_timeline_svg(run, now)}"
+            f"<h3>loss</h3>{loss_curve_svg(run.get('losses', []))}"
+            f"<h3>trainer output</h3><pre>{esc(lines) or '(nothing yet)'}</pre>"
+            f"<h3>events</h3><ul>{events}</ul></section>")
+
+
+def render_status_page(view: dict) -> str:
+    """The page at GET /: every run, self-contained (no external assets), every string escaped.
+
+    It refreshes by fetching itself (the browser resends its Basic credentials) and swapping
+    the runs in place: the page never holds the secret, so it cannot sign API requests.
+    """
+    now = utc_now()
+    cards = "".join(render_run_card(run, now) for run in view["runs"]) or "<p>no runs yet</p>"
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>relay-trainer</title><style>{PAGE_STYLE}</style></head><body>"
+            f"<h1>relay-trainer <small>{VERSION}</small></h1>"
+            f"<p id='updated'>{len(view['runs'])} runs · lease {view['lease_seconds']:g} s · updated {iso(now)}</p>"
+            f"<div id='runs'>{cards}</div><script>{PAGE_SCRIPT}</script></body></html>")
 
 
 def client_from_args(args: argparse.Namespace) -> CommanderClient:
@@ -2492,22 +2641,55 @@ def fetch_json(client: CommanderClient, path: str) -> dict:
     return reply.body
 
 
-def run_status(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
+def checked_run_id(run_id: str, what: str) -> str:
+    if not RUN_ID_RE.match(run_id):
+        raise UserError(f"{what} {run_id!r} is not a valid run id")
+    return run_id
+
+
+def status_text(client: CommanderClient, args: argparse.Namespace) -> str:
     if args.run:
-        if not RUN_ID_RE.match(args.run):
-            raise UserError(f"--run {args.run!r} is not a valid run id")
-        run = fetch_json(client, f"/api/runs/{args.run}")
-        print(json.dumps(run, indent=2) if args.json else format_run_detail(run))
-        return 0
+        run = fetch_json(client, f"/api/runs/{checked_run_id(args.run, '--run')}")
+        return json.dumps(run, indent=2) if args.json else format_run_detail(run)
     view = fetch_json(client, "/api/runs")
     if args.json:
-        print(json.dumps(view, indent=2))
-    elif not view["runs"]:
-        print(f"no runs yet on {client.base_url}")
-    else:
-        print(format_table(run_rows(view["runs"])))
-    return 0
+        return json.dumps(view, indent=2)
+    return format_table(run_rows(view["runs"])) if view["runs"] else f"no runs yet on {client.base_url}"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    client = client_from_args(args)
+    if not args.watch:
+        print(status_text(client, args))
+        return 0
+    try:
+        while True:
+            text = status_text(client, args)
+            print(f"\033[H\033[2J{text}\n\n{client.base_url} · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", flush=True)
+            time.sleep(2)
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    """Print the trainer output the commander holds for a run; --follow keeps printing."""
+    client = client_from_args(args)
+    path = f"/api/runs/{checked_run_id(args.run_id, 'RUN')}/logs"
+    after = 0
+    try:
+        while True:
+            page = fetch_json(client, f"{path}?after={after}")
+            if page["dropped"]:
+                print(f"[... {page['dropped']} older lines are no longer kept by the commander ...]")
+            for item in page["lines"]:
+                print(item["line"])
+            sys.stdout.flush()
+            after = page["next"]
+            if not args.follow or page["status"] in ("COMPLETED", "FAILED"):
+                return 0
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
 
 
 class Demo:
@@ -2759,7 +2941,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commander-url", default="http://127.0.0.1:8080")
     p.add_argument("--run", default="", help="one run in detail: its lease timeline and events")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
     p.set_defaults(func=run_status)
+
+    p = sub.add_parser("logs", help="the trainer output the commander holds for a run (no SSH needed)")
+    p.add_argument("run_id", metavar="RUN")
+    p.add_argument("--commander-url", default="http://127.0.0.1:8080")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    p.set_defaults(func=run_logs)
 
     p = sub.add_parser("demo", help="the whole relay on this machine in under a minute")
     p.add_argument("--keep", action="store_true", help="keep the demo's folder (logs, checkpoints)")

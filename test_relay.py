@@ -733,3 +733,104 @@ def test_the_launch_scripts_and_the_image_pass_static_checks():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert os.path.exists(os.path.join(root, source)), f"the Dockerfile copies a missing {source}"
+
+
+# --------------------------------------------------------------------------- seeing the relay: page, status, logs
+
+ARTIFACTS = os.path.join(os.path.dirname(RELAY), "artifacts")
+
+
+def basic_auth(secret: str) -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"me:{secret}".encode()).decode()}
+
+
+def test_the_status_page_asks_for_the_password_and_shows_hostile_text_as_text(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=3, secret=secret)
+    worker = cluster.start_worker("a", trainer_command="for i in 1 2 3 4 5 6; do echo '<script>alert(1)</script> step '$i; "
+                                                       "sleep 0.4; done")
+    assert worker.wait(30) == 0
+    status, body, headers = raw_request(cluster, "GET", "/")
+    assert status == 401 and b"r1" not in body
+    status, body, headers = raw_request(cluster, "GET", "/", headers=basic_auth(secret))
+    page = body.decode()
+    assert status == 200 and "id='run-r1'" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert raw_request(cluster, "GET", "/", headers=basic_auth("wrong"))[0] == 401
+
+
+def test_the_commander_keeps_a_bounded_window_of_trainer_output(cluster):
+    cluster.start_commander(lease=30)
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+    for n in range(100):
+        lines = [f"line {n * 50 + i + 1}" for i in range(50)]
+        assert client.post("/api/lease/renew", {"run_id": "r1", "worker_id": "w1", "lease_token": token, "step": n,
+                                                "loss": 1.0 / (n + 1), "log_lines": lines}).status == 200
+    run = cluster.run("r1")
+    assert len(run["log_tail"]) == relay.MAX_LOG_LINES and run["log_tail"][-1] == "line 5000"
+    logs = client.get("/api/runs/r1/logs?after=4990").body
+    assert [item["line"] for item in logs["lines"]] == [f"line {n}" for n in range(4991, 5001)]
+    everything = client.get("/api/runs/r1/logs?after=0").body
+    assert everything["dropped"] == 5000 - relay.MAX_LOG_LINES and everything["next"] == 5000
+    assert len(run["losses"]) == 100
+
+
+def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
+    """A run handed from worker a (stopped with SIGTERM) to worker b, completed."""
+    worker_a = cluster.start_worker("a" if run_id == "r1" else f"a-{run_id}", run_id,
+                                    env={"MOCK_STEP_SECONDS": "0.1", "MOCK_MAX_STEPS": steps})
+    wait_for("a checkpoint", lambda: checkpoint_at_least(cluster, 10, run_id))
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(10) == 0
+    cluster.start_worker("b" if run_id == "r1" else f"b-{run_id}", run_id, env={"MOCK_MAX_STEPS": steps})
+    return wait_for("the relayed run to complete", lambda: completed(cluster, run_id), 30)
+
+
+def test_status_json_and_logs_tell_the_story_of_a_relayed_run(cluster):
+    cluster.start_commander(lease=3)
+    relayed_run(cluster)
+
+    def relay_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, RELAY, *args, "--commander-url", cluster.url], capture_output=True,
+                              text=True, timeout=30)
+
+    run = json.loads(relay_cli("status", "--json").stdout)["runs"][0]
+    assert (run["status"], run["step"], run["latest_checkpoint"]["iteration"]) == ("COMPLETED", 40, 40)
+    assert [(lease["worker_id"], lease["why"].split(":")[0]) for lease in run["leases"]] == [("a", "preempted"),
+                                                                                           ("b", "completed")]
+    assert run["holder"] == "" and run["loss"] is not None and run["losses"][-1][0] == 40
+    logs = relay_cli("logs", "r1")
+    assert logs.returncode == 0 and "step 40/40 loss" in logs.stdout
+    follow = relay_cli("logs", "r1", "--follow")  # returns by itself: the run is over
+    assert follow.returncode == 0 and follow.stdout == logs.stdout
+    detail = relay_cli("status", "--run", "r1").stdout
+    assert "last trainer lines:" in detail and "step 40/40" in detail
+
+
+def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_browser(cluster, tmp_path):
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it with apt-get)")
+    cluster.start_commander(lease=3)
+    relayed_run(cluster, "relayed")
+    single = cluster.start_worker("solo", "single", env={"MOCK_MAX_STEPS": "30"})
+    assert single.wait(30) == 0
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", cluster.url + "/"], capture_output=True, text=True, timeout=60).stdout
+    assert dom.count("class=\"run\"") == 2, dom[:2000]
+    relayed_card = dom.split('id="run-relayed"')[1].split("</section>")[0]
+    assert relayed_card.count('class="lease"') == 2 and "<polyline" in relayed_card and "COMPLETED" in relayed_card
+    for width in (1200, 420):  # a laptop and a phone
+        shot = os.path.join(ARTIFACTS, f"status-page-{width}.png")
+        subprocess.run([*browser, f"--screenshot={shot}", f"--window-size={width},1400", cluster.url + "/"],
+                       capture_output=True, timeout=60)
+        assert os.path.getsize(shot) > 10_000
