@@ -9,10 +9,10 @@ onto any pod with scp.  Sections, in the order data flows:
 
     1. constants, errors, small utilities       7. trainer process and watchdog
     2. config                                   8. worker
-    3. protocol and auth                        9. status and demo
-    4. commander                               10. mock trainer
-    5. checkpoints                             11. command line
-    6. stores (L2: the Hugging Face Hub)
+    3. protocol and auth                        9. lium and launch-stack
+    4. commander                               10. status and demo
+    5. checkpoints                             11. mock trainer
+    6. stores (L2: the Hugging Face Hub)       12. command line
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import re
 import secrets
 import select
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -337,6 +338,123 @@ def load_run_config(path: str) -> RunConfig:
     cfg = validate_run_config(cfg, path)
     cfg.relay_shared_secret = os.environ.get("RELAY_SHARED_SECRET") or cfg.relay_shared_secret
     return cfg
+
+
+@dataclass
+class CommanderGroup:
+    """stack.yaml `commander`: the commander launch-stack starts (or reuses) on this machine."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""  # what pods use to reach it; default http://host:port
+    state_path: str = ".relay-launch/commander_state.json"
+    log_path: str = ".relay-launch/commander.log"
+    pid_path: str = ".relay-launch/commander.pid"
+    lease_seconds: float = 60.0
+    shared_secret: str = ""  # RELAY_SHARED_SECRET wins
+    python_bin: str = ""  # default: the Python running launch-stack
+    wait_seconds: float = 20.0
+    restart_if_running: bool = False
+
+
+@dataclass
+class LiumGroup:
+    """stack.yaml `lium`: how pods are rented (`lium up`)."""
+
+    template_id: str
+    executor: str = ""
+    pod_name: str = ""  # default relay-{run_id}; "-N" is added per attempt so each pod is unique
+    volume: str = ""  # 'id:HUID' or 'new:name=NAME'
+    ttl: str = ""  # e.g. 6h
+    gpu: str = ""
+    yes: bool = True
+    ready_timeout_seconds: float = 900.0
+    poll_interval_seconds: float = 10.0
+
+
+@dataclass
+class WorkerGroup:
+    """stack.yaml `worker`: where the worker lives on the pod.  Relative paths are under the
+    pod's home folder (/root on Lium), which `lium exec` and `lium scp` start in."""
+
+    remote_config_path: str = "relay/run.yaml"
+    remote_workdir: str = "relay"
+    remote_python_bin: str = "python3"
+    remote_log_path: str = "relay/worker.log"
+    remote_pid_path: str = "relay/worker.pid"
+    command: str = ""  # default: REMOTE_PYTHON relay.py worker REMOTE_CONFIG
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class RelayGroup:
+    """stack.yaml `relay`: what --supervise does."""
+
+    max_pods: int = 5  # pods over the run's whole life
+    no_lease_grace_seconds: float = 300.0  # a run without a live lease this long gets a new pod
+    remove_pods_at_end: bool = True
+    state_path: str = ".relay-launch/stack_state.json"
+
+
+@dataclass
+class StackConfig:
+    path: str
+    commander: CommanderGroup
+    lium: LiumGroup
+    run: RunConfig
+    worker: WorkerGroup
+    relay: RelayGroup
+
+    @property
+    def local_url(self) -> str:
+        host = "127.0.0.1" if self.commander.host in ("0.0.0.0", "::", "") else self.commander.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.commander.port}"
+
+    @property
+    def secret(self) -> str:
+        return os.environ.get("RELAY_SHARED_SECRET") or self.commander.shared_secret
+
+
+STACK_GROUPS = ("commander", "lium", "run", "worker", "relay")
+
+
+def load_stack_config(path: str) -> StackConfig:
+    data = load_yaml_file(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected the groups {', '.join(STACK_GROUPS)}")
+    unknown = sorted(str(k) for k in data if k not in STACK_GROUPS)
+    if unknown:
+        raise UserError(f"{path}: unknown group '{unknown[0]}' (known: {', '.join(STACK_GROUPS)})")
+    if not isinstance(data.get("lium"), dict):
+        raise UserError(f"{path}: missing group 'lium' (it needs at least template_id)")
+    commander = build_dataclass(CommanderGroup, data.get("commander"), f"{path}: commander")
+    lium = build_dataclass(LiumGroup, data.get("lium"), f"{path}: lium")
+    worker = build_dataclass(WorkerGroup, data.get("worker"), f"{path}: worker")
+    relay = build_dataclass(RelayGroup, data.get("relay"), f"{path}: relay")
+    run_group = data.get("run")
+    if not isinstance(run_group, dict):
+        raise UserError(f"{path}: missing group 'run' (run_id and mode at least)")
+    for generated in ("commander_url", "worker_id"):
+        if generated in run_group:
+            raise UserError(f"{path}: run: field '{generated}' is set by launch-stack (commander.public_url, the pod's name)")
+    if not lium.template_id:
+        raise UserError(f"{path}: lium: field 'template_id' must not be empty")
+    if not 1 <= commander.port <= 65535:
+        raise UserError(f"{path}: commander: field 'port' must be from 1 to 65535")
+    if commander.lease_seconds < 2:
+        raise UserError(f"{path}: commander: field 'lease_seconds' must be at least 2")
+    if commander.host in ("0.0.0.0", "::") and not commander.public_url:
+        raise UserError(f"{path}: commander: field 'public_url' is required when host is {commander.host} "
+                        "(the address pods use to reach this machine)")
+    public_url = commander.public_url or f"http://{commander.host}:{commander.port}"
+    run = validate_run_config(build_dataclass(RunConfig, dict(run_group, commander_url=public_url, worker_id="pod"),
+                                              f"{path}: run"), f"{path}: run")
+    if relay.max_pods < 1:
+        raise UserError(f"{path}: relay: field 'max_pods' must be at least 1")
+    for name in ("ready_timeout_seconds", "poll_interval_seconds"):
+        if getattr(lium, name) <= 0:
+            raise UserError(f"{path}: lium: field '{name}' must be a positive number of seconds")
+    return StackConfig(path, commander, lium, run, worker, relay)
 
 
 ###############################################################################
@@ -2435,7 +2553,460 @@ def run_worker(config_path: str) -> int:
 
 
 ###############################################################################
-# 9. Status and demo ##########################################################
+# 9. Lium and launch-stack ####################################################
+###############################################################################
+#
+# launch-stack drives the `lium` command (lium.io).  Every pod it rents gets a name unique
+# to its attempt and is written to a local state file BEFORE `lium up` runs, so that a pod
+# left billing by a failed `up`, or by a crash of launch-stack itself, can always be found
+# and removed, and a restarted supervisor adopts its pods instead of renting new ones.
+
+POD_DEAD_STATUSES = ("failed", "stopped", "terminated", "error", "exited")
+
+
+class LiumError(Exception):
+    """`lium` failed; the message is its own (from the JSON error envelope when there is one)."""
+
+
+class Lium:
+    """The `lium` command, or with dry_run a printout of each command it would run."""
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        if not dry_run and shutil.which("lium") is None:
+            raise UserError("the lium command is not installed: pip install lium.io (and set LIUM_API_KEY)")
+
+    def run(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        if self.dry_run:
+            print(f"would run: {shlex.join(['lium', *args])}", flush=True)
+            return subprocess.CompletedProcess(args, 0, "", "")
+        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json")
+        try:
+            return subprocess.run(["lium", *args], capture_output=True, text=True, timeout=timeout, env=env,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(args, 124, "", f"lium {args[0]} did not answer within {timeout:.0f} s")
+
+    @staticmethod
+    def error_text(result: subprocess.CompletedProcess) -> str:
+        lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
+        with contextlib.suppress(ValueError, IndexError, AttributeError, TypeError):
+            error = json.loads(lines[-1])["error"]
+            hint = f" ({error['hint']})" if error.get("hint") else ""
+            return f"{error.get('message', 'error')}{hint} [exit {result.returncode}]"
+        return f"{lines[-1] if lines else 'no message'} [exit {result.returncode}]"
+
+    def check(self, result: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+        if result.returncode != 0:
+            raise LiumError(f"lium {what} failed: {self.error_text(result)}")
+        return result
+
+    def up(self, group: LiumGroup, name: str) -> None:
+        args = ["up", *([group.executor] if group.executor else []), "--name", name, "--template_id", group.template_id]
+        for flag, value in (("--volume", group.volume), ("--ttl", group.ttl), ("--gpu", group.gpu)):
+            if value:
+                args += [flag, value]
+        # --json: without it (or --no-ssh) `up` opens an interactive SSH session when ready.
+        self.check(self.run(*args, *(["-y"] if group.yes else []), "--json", timeout=1800), "up")
+
+    def pods(self) -> dict[str, dict]:
+        if self.dry_run:
+            return {}
+        result = self.check(self.run("ps", "--format", "json", timeout=120), "ps")
+        try:
+            rows = json.loads(result.stdout or "[]")
+        except ValueError:
+            raise LiumError(f"lium ps printed something that is not JSON: {result.stdout[:200]!r}") from None
+        return {row.get("name") or row.get("huid"): row for row in rows if isinstance(row, dict)}
+
+    def exec(self, pod: str, command: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        return self.run("exec", pod, command, timeout=timeout)
+
+    def scp(self, pod: str, local: str, remote: str) -> None:
+        self.check(self.run("scp", pod, local, remote, timeout=1800), f"scp to {pod}")
+
+    def remove(self, pod: str) -> None:
+        result = self.run("rm", pod, "-y", timeout=300)
+        if result.returncode not in (0, 5):  # 5: the pod is already gone
+            raise LiumError(f"lium rm {pod} failed: {self.error_text(result)}")
+
+
+@dataclass
+class PodRecord:
+    name: str
+    created_at: float
+    state: str = "creating"  # creating -> active -> removed
+
+
+class StackState:
+    """launch-stack's own record of the pods it rented (JSON, 0600), written before each `up`."""
+
+    def __init__(self, path: str, run_id: str, persist: bool) -> None:
+        self.path, self.run_id, self.persist = path, run_id, persist
+        self.attempts = 0
+        self.pods: list[PodRecord] = []
+        if persist and os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+                self.attempts = int(data["attempts"])
+                self.pods = [PodRecord(**pod) for pod in data["pods"]]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"stack state file {path} is unreadable ({exc}); move it away to start afresh") from None
+            if data.get("run_id") != run_id:
+                raise UserError(f"stack state file {path} belongs to run {data.get('run_id')!r}, not {run_id!r}; "
+                                "set relay.state_path to a file of its own")
+
+    def save(self) -> None:
+        if self.persist:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts,
+                                                "pods": [dataclasses.asdict(p) for p in self.pods]}, indent=1).encode())
+
+    def live(self) -> list[PodRecord]:
+        return [pod for pod in self.pods if pod.state != "removed"]
+
+
+class Stack:
+    """One stack.yaml: its commander, its pods and their workers."""
+
+    def __init__(self, cfg: StackConfig, dry_run: bool = False) -> None:
+        self.cfg, self.dry_run = cfg, dry_run
+        self.lium = Lium(dry_run)
+        self.state = StackState(cfg.relay.state_path, cfg.run.run_id, persist=not dry_run)
+        self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10)
+
+    def say(self, message: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    # -- the commander -------------------------------------------------------------------
+
+    def commander_healthy(self) -> bool:
+        try:
+            return self.client.get("/api/health", timeout=3).status == 200
+        except CommanderUnreachable:
+            return False
+
+    def commander_pid(self) -> int | None:
+        try:
+            with open(self.cfg.commander.pid_path, encoding="utf-8") as handle:
+                pid = int(handle.read().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def ensure_commander(self) -> dict:
+        group = self.cfg.commander
+        summary = {"url": self.cfg.local_url, "public_url": self.cfg.run.commander_url, "state_path": group.state_path,
+                   "log_path": group.log_path, "pid_path": group.pid_path}
+        if not self.dry_run and self.commander_healthy():
+            if not group.restart_if_running:
+                self.say(f"commander already running at {self.cfg.local_url}: reusing it")
+                return dict(summary, pid=self.commander_pid())
+            self.say("commander running; restarting it (commander.restart_if_running)")
+            self.stop_commander()
+        if not self.cfg.secret and not is_loopback(group.host):
+            raise UserError(f"{self.cfg.path}: commander: host {group.host} needs a shared secret "
+                            "(RELAY_SHARED_SECRET or commander.shared_secret)")
+        return dict(summary, pid=self.start_commander())
+
+    def start_commander(self) -> int | None:
+        group = self.cfg.commander
+        argv = [group.python_bin or sys.executable, os.path.join(HERE, "relay.py"), "serve", "--host", group.host,
+                "--port", str(group.port), "--state-path", group.state_path, "--lease-seconds", f"{group.lease_seconds:g}"]
+        if self.dry_run:
+            secret = "RELAY_SHARED_SECRET=*** " if self.cfg.secret else ""
+            print(f"would run: {secret}{shlex.join(argv)} >> {group.log_path} 2>&1 &", flush=True)
+            return None
+        for path in (group.log_path, group.pid_path, group.state_path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        env = dict(os.environ, **({"RELAY_SHARED_SECRET": self.cfg.secret} if self.cfg.secret else {}))
+        with open(group.log_path, "ab") as log_file:
+            proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        atomic_write(group.pid_path, f"{proc.pid}\n".encode())
+        give_up = time.monotonic() + group.wait_seconds
+        while not self.commander_healthy():
+            if proc.poll() is not None or time.monotonic() > give_up:
+                with open(group.log_path, encoding="utf-8", errors="replace") as log_file:
+                    last = (log_file.read().strip().splitlines() or ["(empty log)"])[-1]
+                raise UserError(f"the commander did not come up at {self.cfg.local_url}: {last}")
+            time.sleep(0.2)
+        self.say(f"commander started at {self.cfg.local_url} (pid {proc.pid}, log {group.log_path})")
+        return proc.pid
+
+    def stop_commander(self) -> bool:
+        pid = self.commander_pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        give_up = time.monotonic() + 10
+        while time.monotonic() < give_up:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cfg.commander.pid_path)
+        self.say(f"commander stopped (pid {pid})")
+        return True
+
+    # -- pods ------------------------------------------------------------------------------
+
+    def create_pod(self) -> str:
+        """Rent a pod and wait until it answers; a pod that fails on the way is removed."""
+        self.state.attempts += 1
+        name = f"{self.cfg.lium.pod_name or 'relay-' + self.cfg.run.run_id}-{self.state.attempts}"
+        record = PodRecord(name, utc_now())
+        self.state.pods.append(record)
+        self.state.save()  # before `up`: whatever happens next, this name can be cleaned up
+        self.say(f"creating pod {name} (template {self.cfg.lium.template_id})")
+        try:
+            self.lium.up(self.cfg.lium, name)
+            self.wait_ready(name)
+        except LiumError:
+            self.remove_pod(record, "it failed to start")
+            raise
+        record.state = "active"
+        self.state.save()
+        self.say(f"pod {name} is ready")
+        return name
+
+    def wait_ready(self, name: str) -> None:
+        if self.dry_run:
+            return
+        give_up = time.monotonic() + self.cfg.lium.ready_timeout_seconds
+        while True:
+            if self.lium.exec(name, "true", timeout=60).returncode == 0:
+                return
+            if time.monotonic() > give_up:
+                raise LiumError(f"pod {name} did not answer `lium exec` within {self.cfg.lium.ready_timeout_seconds:g} s")
+            time.sleep(self.cfg.lium.poll_interval_seconds)
+
+    def remove_pod(self, record: PodRecord, why: str) -> None:
+        try:
+            self.lium.remove(record.name)
+        except LiumError as exc:
+            self.say(f"WARNING: could not remove pod {record.name} ({exc}); remove it by hand: lium rm {record.name} -y")
+            return
+        record.state = "removed"
+        self.state.save()
+        self.say(f"pod {record.name} removed: {why}")
+
+    # -- the worker on a pod ---------------------------------------------------------------
+
+    def pod_run_config(self, pod: str) -> bytes:
+        run = dataclasses.asdict(self.cfg.run)
+        run.update(worker_id=pod, relay_shared_secret="")  # the secret travels in relay.env only
+        return json.dumps(run, indent=1).encode()
+
+    def pod_secrets(self) -> bytes:
+        values = dict(self.cfg.worker.env)
+        if self.cfg.secret:
+            values["RELAY_SHARED_SECRET"] = self.cfg.secret
+        if self.cfg.run.hf_repo and os.environ.get("HF_TOKEN"):
+            values["HF_TOKEN"] = os.environ["HF_TOKEN"]
+        return "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(values.items())).encode()
+
+    def upload(self, pod: str, name: str, remote: str, data: bytes | None = None, local: str = "") -> None:
+        """Copy a file to the pod, always through a 0600 local file (secrets never on a command line)."""
+        if self.dry_run:
+            print(f"would run: lium scp {pod} {local or '<generated ' + name + ', mode 0600>'} {remote}", flush=True)
+            return
+        if data is None:
+            self.lium.scp(pod, local, remote)
+            return
+        with tempfile.TemporaryDirectory(prefix="relay-upload-") as folder:
+            path = os.path.join(folder, name)
+            atomic_write(path, data, durable=False)
+            self.lium.scp(pod, path, remote)
+
+    def deploy_worker(self, pod: str) -> dict:
+        """Upload relay.py (unless the pod has the same), the run config and secrets; start the worker."""
+        worker = self.cfg.worker
+        q = shlex.quote
+        env_path = os.path.join(os.path.dirname(worker.remote_config_path), "relay.env")
+        folders = {os.path.dirname(p) or "." for p in (worker.remote_config_path, worker.remote_log_path,
+                                                       worker.remote_pid_path)} | {worker.remote_workdir}
+        self.check_exec(pod, f"mkdir -p {' '.join(q(f) for f in sorted(folders))}")
+        code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh"]
+        remote_code = [os.path.join(worker.remote_workdir, f) for f in code_files]
+        have = self.lium.exec(pod, f"sha256sum {' '.join(q(p) for p in remote_code)} 2>/dev/null", timeout=120).stdout
+        remote_hashes = dict(reversed(line.split(None, 1)) for line in (have or "").splitlines() if " " in line)
+        for name, remote in zip(code_files, remote_code, strict=True):
+            local = os.path.join(HERE, name)
+            if remote_hashes.get(remote.strip()) != sha256_file(local):
+                self.upload(pod, name, remote, local=local)
+        self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(pod))
+        self.upload(pod, "relay.env", env_path, self.pod_secrets())
+        self.check_exec(pod, f"chmod 600 {q(worker.remote_config_path)} {q(env_path)} && "
+                             f"chmod 755 {' '.join(q(p) for p in remote_code[1:])}")
+        command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
+                                     f"{q(worker.remote_config_path)}")
+        # Only the worker goes to the background, with every descriptor redirected: `lium exec`
+        # (an SSH session) returns at once, and $! is the worker's own pid.
+        start = (f"{{ set -a && . {q(env_path)} && set +a; }} || exit 1; nohup setsid {command} "
+                 f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}")
+        self.check_exec(pod, start)
+        pid, running = None, False
+        give_up = time.monotonic() + (0 if self.dry_run else 15)
+        while not self.dry_run:
+            probe = self.lium.exec(pod, f"kill -0 $(cat {q(worker.remote_pid_path)}) && cat {q(worker.remote_pid_path)}",
+                                   timeout=60)
+            if probe.returncode == 0 and probe.stdout.strip().isdigit():
+                pid, running = int(probe.stdout.strip()), True
+                break
+            if time.monotonic() > give_up:
+                break
+            time.sleep(1)
+        if running:
+            self.say(f"worker started on {pod} (pid {pid}, log {worker.remote_log_path})")
+        elif not self.dry_run:
+            self.say(f"WARNING: the worker on {pod} is not running; see `lium exec {pod} 'tail {worker.remote_log_path}'`")
+        return {"pid": pid, "running": running, "remote_log_path": worker.remote_log_path,
+                "remote_pid_path": worker.remote_pid_path, "remote_config_path": worker.remote_config_path}
+
+    def check_exec(self, pod: str, command: str) -> None:
+        self.lium.check(self.lium.exec(pod, command), f"exec on {pod}")
+
+    # -- launch, supervise, down -----------------------------------------------------------
+
+    def live_pods(self) -> list[PodRecord]:
+        """Pods of this stack that Lium still shows running; the others are marked removed."""
+        if self.dry_run:
+            return self.state.live()
+        shown = self.lium.pods()
+        alive = []
+        for record in self.state.live():
+            row = shown.get(record.name)
+            if row is None:
+                record.state = "removed"
+                self.state.save()
+                self.say(f"pod {record.name} is gone (preempted, expired or removed)")
+            elif str(row.get("status", "")).lower() in POD_DEAD_STATUSES:
+                self.remove_pod(record, f"Lium reports it {row.get('status')}")
+            else:
+                alive.append(record)
+        return alive
+
+    def launch(self) -> dict:
+        commander = self.ensure_commander()
+        alive = self.live_pods()
+        if alive:
+            self.say(f"pod {alive[-1].name} of this stack is already running: not renting another")
+            pod = alive[-1].name
+            worker = {"pid": None, "running": None, **{k: getattr(self.cfg.worker, k) for k in
+                                                      ("remote_log_path", "remote_pid_path", "remote_config_path")}}
+        else:
+            pod = self.create_pod()
+            worker = self.deploy_worker(pod)
+        return {"commander": commander, "pod": {"name": pod, "template_id": self.cfg.lium.template_id},
+                "worker": worker}
+
+    def run_record(self) -> dict:
+        try:
+            reply = self.client.get(f"/api/runs/{self.cfg.run.run_id}")
+        except CommanderUnreachable as exc:
+            self.say(f"commander unreachable ({exc}); pods are left as they are")
+            return {"status": "UNKNOWN"}
+        return reply.body if reply.status == 200 else {}
+
+    def supervise(self) -> int:
+        """Keep one working pod on the run until it is COMPLETED or FAILED, then clean up."""
+        relay = self.cfg.relay
+        poll = self.cfg.lium.poll_interval_seconds
+        self.say(f"supervising run {self.cfg.run.run_id}: up to {relay.max_pods} pods, a new pod after "
+                 f"{relay.no_lease_grace_seconds:g} s without a live lease (Ctrl-C stops supervising, pods stay)")
+        reported_epoch, step = 0, 0
+        waiting_since = time.monotonic()
+        try:
+            while True:
+                run = self.run_record()
+                status = run.get("status", "PENDING")
+                reported_epoch = self.report_handoffs(run.get("leases", []), reported_epoch)
+                if status in ("COMPLETED", "FAILED"):
+                    return self.finish(status, run)
+                if run.get("holder"):
+                    waiting_since = time.monotonic()
+                if run.get("step", 0) > step:
+                    step = run["step"]
+                alive = self.live_pods() if status != "UNKNOWN" else self.state.live()
+                if alive and time.monotonic() - waiting_since > relay.no_lease_grace_seconds:
+                    for record in alive:
+                        self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker cannot work")
+                    alive = []
+                if not alive and status != "UNKNOWN":
+                    if self.state.attempts >= relay.max_pods:
+                        self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on "
+                                 f"run {self.cfg.run.run_id} at step {step}")
+                        return 1
+                    try:
+                        self.deploy_worker(self.create_pod())
+                    except LiumError as exc:
+                        self.say(f"{exc}; trying again in {poll:g} s")
+                    waiting_since = time.monotonic()
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            names = ", ".join(p.name for p in self.state.live()) or "none"
+            self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them)")
+            return 130
+
+    def report_handoffs(self, leases: list[dict], reported_epoch: int) -> int:
+        """Log each lease granted since `reported_epoch`, from the commander's history (a poll
+        can miss a short lease; the history cannot)."""
+        previous = ""
+        for lease in leases:
+            if lease["epoch"] > reported_epoch:
+                moved = f"handed off from {previous} to {lease['worker_id']}" if previous else f"taken by {lease['worker_id']}"
+                self.say(f"lease {moved} at step {lease['start_step']} (epoch {lease['epoch']})")
+                reported_epoch = lease["epoch"]
+            previous = lease["worker_id"]
+        return reported_epoch
+
+    def finish(self, status: str, run: dict) -> int:
+        hub = run.get("hub") or {}
+        self.say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
+                 + (f"; final model {hub['repo']}@{hub['revision']}" if hub else ""))
+        if self.cfg.relay.remove_pods_at_end:
+            for record in self.live_pods():
+                self.remove_pod(record, f"the run is {status}")
+        return 0 if status == "COMPLETED" else 1
+
+    def down(self) -> dict:
+        removed = []
+        for record in self.state.live():
+            self.remove_pod(record, "relay.py down")
+            removed.append(record.name)
+        return {"removed_pods": removed, "commander_stopped": self.stop_commander()}
+
+
+def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
+    stack = Stack(load_stack_config(path), dry_run)
+    try:
+        summary = stack.launch()
+        print(json.dumps(summary, indent=2), flush=True)
+        return stack.supervise() if supervise and not dry_run else 0
+    except LiumError as exc:
+        stack.say(str(exc))
+        return 1
+
+
+def run_down(path: str) -> int:
+    stack = Stack(load_stack_config(path))
+    try:
+        print(json.dumps(stack.down(), indent=2))
+    except LiumError as exc:
+        stack.say(str(exc))
+        return 1
+    return 0
+
+
+###############################################################################
+# 10. Status and demo #########################################################
 ###############################################################################
 
 
@@ -2823,7 +3394,7 @@ class Demo:
 
 
 ###############################################################################
-# 10. Mock trainer ############################################################
+# 11. Mock trainer ############################################################
 ###############################################################################
 #
 # Honest and deterministic: SGD on a synthetic linear regression whose batch for step k is
@@ -2904,7 +3475,7 @@ def mock_save(ckpt: str, state: dict) -> None:
 
 
 ###############################################################################
-# 11. Command line ############################################################
+# 12. Command line ############################################################
 ###############################################################################
 
 
@@ -2949,6 +3520,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commander-url", default="http://127.0.0.1:8080")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
     p.set_defaults(func=run_logs)
+
+    p = sub.add_parser("launch-stack", help="start the commander and a Lium pod with a worker (stack.yaml)")
+    p.add_argument("stack", metavar="STACK_YAML")
+    p.add_argument("--supervise", action="store_true", help="stay and replace dead pods until the run ends")
+    p.add_argument("--dry-run", action="store_true", help="print every command, run none")
+    p.set_defaults(func=lambda a: run_launch_stack(a.stack, a.supervise, a.dry_run))
+
+    p = sub.add_parser("down", help="remove the stack's pods and stop the commander it started")
+    p.add_argument("stack", metavar="STACK_YAML")
+    p.set_defaults(func=lambda a: run_down(a.stack))
 
     p = sub.add_parser("demo", help="the whole relay on this machine in under a minute")
     p.add_argument("--keep", action="store_true", help="keep the demo's folder (logs, checkpoints)")

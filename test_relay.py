@@ -551,7 +551,7 @@ def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing
     reference = reference_model(tmp_path, max_steps=120)
 
     cluster.hub = hub
-    hub.inject(Fault("/commit/", status=500, count=3))
+    hub.inject(Fault("/commit/", status=500, count=2))
     hub.inject(Fault("/preupload/", status=429, count=2, retry_after=1))
     cluster.start_commander(lease=2)
     worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.5,
@@ -834,3 +834,189 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
         subprocess.run([*browser, f"--screenshot={shot}", f"--window-size={width},1400", cluster.url + "/"],
                        capture_output=True, timeout=60)
         assert os.path.getsize(shot) > 10_000
+
+
+# --------------------------------------------------------------------------- launch-stack on Lium (a fake lium)
+
+LIUM_BIN = os.path.join(os.path.dirname(RELAY), "testing", "bin")
+
+
+def write_stack(cluster: Cluster, **groups: dict) -> str:
+    from testing.harness import free_port
+
+    cluster.port = cluster.port or free_port()
+    launch = cluster.tmp / "launch"
+    stack = {
+        "commander": {"host": "127.0.0.1", "port": cluster.port, "lease_seconds": 3, "wait_seconds": 20,
+                      "state_path": str(launch / "commander_state.json"), "log_path": str(launch / "commander.log"),
+                      "pid_path": str(launch / "commander.pid")},
+        "lium": {"template_id": "tmpl-relay", "ready_timeout_seconds": 5, "poll_interval_seconds": 0.5},
+        "run": {"run_id": "r1", "mode": "sft", "l1_root": str(cluster.tmp / "volume"), "stop_grace_seconds": 2},
+        "worker": {"remote_python_bin": sys.executable, "env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1"}},
+        "relay": {"max_pods": 3, "no_lease_grace_seconds": 30, "state_path": str(launch / "stack_state.json")},
+    }
+    for group, fields in groups.items():
+        stack.setdefault(group, {}).update(fields)
+    path = cluster.tmp / "stack.yaml"
+    path.write_text(json.dumps(stack, indent=1))
+    cluster.url = f"http://127.0.0.1:{cluster.port}"
+    return str(path)
+
+
+def lium_env(cluster: Cluster, **extra: str) -> dict[str, str]:
+    return cluster.env(PATH=f"{LIUM_BIN}:{os.environ['PATH']}", FAKE_LIUM_HOME=str(cluster.tmp / "lium"),
+                       FAKE_LIUM_PYTHON=sys.executable, **extra)
+
+
+def lium_state(cluster: Cluster) -> dict:
+    path = cluster.tmp / "lium" / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {"pods": {}, "log": []}
+
+
+def pod_names(cluster: Cluster) -> list[str]:
+    return sorted(pod["name"] for pod in lium_state(cluster)["pods"].values())
+
+
+def launch_stack(cluster: Cluster, stack: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    empty = cluster.tmp / "empty"
+    empty.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, RELAY, "launch-stack", stack, *flags], capture_output=True, text=True,
+                          timeout=120, cwd=empty, env=env or lium_env(cluster))
+
+
+def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster):
+    secret = "stack-secret-" + uuid.uuid4().hex
+    stack = write_stack(cluster)
+    cluster.secret = secret
+    result = launch_stack(cluster, stack, env=lium_env(cluster, RELAY_SHARED_SECRET=secret))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["commander"]["url"] == cluster.url and isinstance(summary["commander"]["pid"], int)
+    assert summary["commander"]["state_path"].endswith("commander_state.json")
+    assert summary["pod"] == {"name": "relay-r1-1", "template_id": "tmpl-relay"}
+    assert summary["worker"]["running"] is True and isinstance(summary["worker"]["pid"], int)
+    assert summary["worker"]["remote_log_path"] == "relay/worker.log"
+    home = cluster.tmp / "lium" / "pods" / "relay-r1-1" / "home"
+    assert (home / "relay" / "relay.py").read_bytes() == open(RELAY, "rb").read()
+    run_yaml, relay_env = home / "relay" / "run.yaml", home / "relay" / "relay.env"
+    assert stat.S_IMODE(run_yaml.stat().st_mode) == 0o600 and stat.S_IMODE(relay_env.stat().st_mode) == 0o600
+    config = json.loads(run_yaml.read_text())
+    assert (config["worker_id"], config["commander_url"], config["relay_shared_secret"]) == ("relay-r1-1", cluster.url, "")
+    assert secret in relay_env.read_text()
+    for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):
+        assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+    run = wait_for("the run to complete", lambda: completed(cluster), 40)
+    assert run["leases"][0]["worker_id"] == "relay-r1-1"
+    assert "COMPLETED" in (home / "relay" / "worker.log").read_text()
+
+
+def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
+    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
+    empty = cluster.tmp / "empty"
+    empty.mkdir()
+    supervisor = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
+                                  env=lium_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+    cluster.procs.append(supervisor)
+    wait_for("the first pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 40)
+    subprocess.run(["lium", "preempt", "relay-r1-1"], env=lium_env(cluster), check=True, capture_output=True)
+    assert supervisor.wait(90) == 0
+    events = supervisor.stderr.read()
+    for words in ("pod relay-r1-1 is gone", "creating pod relay-r1-2", "lease handed off from relay-r1-1 to relay-r1-2",
+                  "run r1 COMPLETED", "pod relay-r1-2 removed"):
+        assert words in events, events
+    run = cluster.run("r1")
+    resume = resumed_from(run, "relay-r1-2")[0]
+    assert int(resume.split("checkpoint ")[1].split()[0]) >= 10, resume
+    assert final_model(cluster, steps=60) == reference_model(tmp_path, 60)
+    assert pod_names(cluster) == []
+
+
+@pytest.mark.parametrize("knobs, words", [
+    ({"FAKE_LIUM_UP_FAIL": "3", "FAKE_LIUM_UP_LEAVES_POD": "1"}, "lium up failed: pod relay-r1-1 was rented"),
+    ({"FAKE_LIUM_UP_FAIL": "3"}, "lium up failed: executor unavailable"),
+    ({"FAKE_LIUM_NEVER_READY": "1"}, "did not answer `lium exec` within 2 s"),
+])
+def test_a_failed_or_never_ready_pod_gives_a_clear_error_and_is_not_left_billing(cluster, knobs, words):
+    stack = write_stack(cluster, lium={"ready_timeout_seconds": 2})
+    result = launch_stack(cluster, stack, env=lium_env(cluster, **knobs))
+    assert result.returncode == 1
+    assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert pod_names(cluster) == []
+
+
+def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluster):
+    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
+    empty = cluster.tmp / "empty"
+    empty.mkdir()
+
+    def supervise() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
+                                env=lium_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        cluster.procs.append(proc)
+        return proc
+
+    first = supervise()
+    wait_for("the worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
+    first.kill()
+    first.wait()
+    second = supervise()
+    assert second.wait(90) == 0
+    assert "already running: not renting another" in second.stderr.read()
+    assert [entry for entry in lium_state(cluster)["log"] if entry[0] == "up"] == [["up", "relay-r1-1"]]
+    assert completed(cluster) and pod_names(cluster) == []
+
+
+@pytest.mark.parametrize("groups, words", [
+    ({"lium": {"template_id": ""}}, "'template_id'"),
+    ({"commander": {"port": "eighty"}}, "commander: field 'port'"),
+    ({"run": {"mode": "ppo"}}, "run: field 'mode'"),
+    ({"relay": {"max_pods": 0}}, "relay: field 'max_pods'"),
+    ({"pods": {}}, "unknown group 'pods'"),
+    ({"run": {"worker_id": "me"}}, "run: field 'worker_id' is set by launch-stack"),
+])
+def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(cluster, groups, words):
+    stack = write_stack(cluster, **groups)
+    result = launch_stack(cluster, stack)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert lium_state(cluster)["log"] == [] and not cluster.healthy()
+
+
+def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster):
+    secret = "dry-secret-" + uuid.uuid4().hex
+    stack = write_stack(cluster)
+    result = launch_stack(cluster, stack, "--dry-run", env=lium_env(cluster, RELAY_SHARED_SECRET=secret))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1", "would run: lium up --name relay-r1-1 "
+                  "--template_id tmpl-relay -y --json", "would run: lium scp relay-r1-1 <generated relay.env, mode 0600>",
+                  "nohup setsid"):
+        assert words in out, out
+    assert secret not in out + result.stderr
+    assert lium_state(cluster)["log"] == [] and not cluster.healthy()
+
+
+def test_down_removes_the_stacks_pods_and_stops_its_commander(cluster):
+    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
+    assert launch_stack(cluster, stack).returncode == 0
+    wait_for("a trainer on the pod", lambda: cluster.trainer_pids(), 20)
+    result = subprocess.run([sys.executable, RELAY, "down", stack], capture_output=True, text=True, timeout=60,
+                            cwd=cluster.tmp / "empty", env=lium_env(cluster))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"removed_pods": ["relay-r1-1"], "commander_stopped": True}
+    assert pod_names(cluster) == [] and not cluster.healthy()
+    wait_for("the pod's processes to be gone", lambda: not cluster.trainer_pids(), 10)
+
+
+def test_the_shipped_example_configs_are_valid():
+    root = os.path.dirname(RELAY)
+    assert relay.load_run_config(os.path.join(root, "run.yaml.example")).run_id == "lium-demo-sft"
+    for name in ("stack.yaml.example", "examples/stack.liveweb_sft.example.yaml", "examples/stack.liveweb_rl.example.yaml"):
+        stack = relay.load_stack_config(os.path.join(root, name))
+        command = stack.worker.env.get("SLIME_SFT_CMD", "") + stack.worker.env.get("SLIME_RL_CMD", "")
+        if "liveweb" in name:
+            assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
+            assert "$RELAY_SLIME_ARGS" in command and "--save-interval" in command
+            assert {"LIVEWEB_ARENA_ROOT", "TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL", "PYTHONPATH"} <= set(stack.worker.env)
