@@ -71,8 +71,12 @@ MODES = ("sft", "rl")
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing package, unreachable commander).
 
-    The command line turns it into one line on stderr and exit status 2, never a traceback.
+    The command line turns it into one line on stderr and exit status 2, never a traceback;
+    line breaks in text quoted from the user's files are escaped to keep it one line.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def boottime() -> float:
@@ -326,7 +330,7 @@ def normalize_rollout_pattern(pattern: str, where: str) -> str:
                       f"(it passes rollout_id as a string); using {fixed!r}")
     try:
         fixed.format(rollout_id="0")
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):
         raise UserError(f"{where}: field 'rollout_trajectory_pattern' may use only the placeholder {{rollout_id}}") from None
     if "{rollout_id}" not in fixed:
         raise UserError(f"{where}: field 'rollout_trajectory_pattern' must contain {{rollout_id}}")
@@ -778,7 +782,9 @@ class StateStore:
 class Commander:
     """Leases, epochs and run records.  All methods are called under one lock."""
 
-    def __init__(self, store: StateStore, lease_seconds: float, max_failed_leases: int = 3) -> None:
+    def __init__(self, store: StateStore, lease_seconds: float, max_failed_leases: int = 3,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # seconds; tests drive leases through expiry with a virtual clock
         self.store = store
         self.lease_seconds = lease_seconds
         self.max_failed_leases = max_failed_leases
@@ -787,7 +793,7 @@ class Commander:
         # A restarted commander cannot know how long its holders went without renewing, so
         # every lease gets a full TTL from now: a live holder renews, a dead one expires.
         self.expires: dict[str, float] = {}
-        now = time.monotonic()
+        now = self.clock()
         for run in self.runs.values():
             if run.holder:
                 self.expires[run.run_id] = now + lease_seconds
@@ -829,7 +835,7 @@ class Commander:
 
     def expire_due_leases(self) -> None:
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             for run in list(self.runs.values()):
                 with contextlib.suppress(ApiError):
                     self._expire_if_due(run, now)
@@ -843,7 +849,7 @@ class Commander:
     def _holder_run(self, run_id: str, token: str, worker_id: str | None = None) -> RunRecord:
         """The run, if `token` is its live lease (else 409: stale epoch or expired lease)."""
         run = self._run(run_id)
-        self._expire_if_due(run, time.monotonic())
+        self._expire_if_due(run, self.clock())
         if not run.holder or not hmac.compare_digest(token_digest(token), run.lease_token_sha256):
             raise ApiError(409, "lease is not held by this token (expired, released or taken over)")
         if worker_id is not None and worker_id != run.holder:
@@ -862,7 +868,7 @@ class Commander:
         worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
         mode = body.str("mode", choices=MODES)
         previous = body.str("previous_lease_token", required=False, max_len=128)
-        now = time.monotonic()
+        now = self.clock()
         run = self.runs.get(run_id)
         if run is not None and run.mode != mode:
             raise ApiError(409, f"run '{run_id}' is a {run.mode} run, this worker is configured for {mode}")
@@ -911,7 +917,7 @@ class Commander:
         run = self._holder_run(run_id, token, worker_id)
         # Renewals stay in memory (they are frequent and the TTL restarts on a commander
         # restart anyway); grants, releases and checkpoint reports go to disk.
-        self.expires[run_id] = time.monotonic() + self.lease_seconds
+        self.expires[run_id] = self.clock() + self.lease_seconds
         run.updated_at = utc_now()
         self._record_progress(run, step, loss, phase, lines)
         return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds}
@@ -1015,7 +1021,7 @@ class Commander:
         return view
 
     def runs_view(self) -> dict:
-        now = time.monotonic()
+        now = self.clock()
         return {"runs": [self.run_view(run, now) for _, run in sorted(self.runs.items())],
                 "lease_seconds": self.lease_seconds}
 
@@ -1051,7 +1057,7 @@ class Commander:
         if method == "GET" and path.startswith("/api/runs/"):
             run_id = urllib.parse.unquote(path[len("/api/runs/"):])
             with self.lock:
-                return 200, self.run_view(self._run(run_id), time.monotonic())
+                return 200, self.run_view(self._run(run_id), self.clock())
         if method == "GET" and path == "/":
             with self.lock:
                 return 200, render_status_page(self.runs_view())

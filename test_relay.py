@@ -6,13 +6,16 @@ in testing/ start them, mark them, and kill exactly them at the end of each test
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -1020,3 +1023,217 @@ def test_the_shipped_example_configs_are_valid():
             assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
             assert "$RELAY_SLIME_ARGS" in command and "--save-interval" in command
             assert {"LIVEWEB_ARENA_ROOT", "TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL", "PYTHONPATH"} <= set(stack.worker.env)
+
+
+# --------------------------------------------------------------------------- fuzzing and models
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def call(method, body: dict) -> tuple[int, dict]:
+    try:
+        return 200, method(relay.Body(json.dumps(body).encode()))
+    except relay.ApiError as exc:
+        return exc.status, {"error": exc.message}
+
+
+class LeaseRules(RuleBasedStateMachine):
+    """The commander against a reference model: one holder per run, epochs only grow and are
+    never reused (also across restarts), a stale token changes nothing, FAILED and COMPLETED
+    runs are never granted again."""
+
+    TTL, MAX_FAILED = 10.0, 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="lease-model-")
+        self.clock = VirtualClock()
+        self.restarts = 0
+        self.commander = self.start(os.path.join(self.folder, "state-0.json"))
+        self.model = {run: {"holder": None, "token": None, "epoch": 0, "expires": 0.0, "status": "PENDING", "failed": 0}
+                      for run in ("r1", "r2")}
+        self.stale: list[tuple[str, str, str]] = []
+
+    def start(self, path: str) -> relay.Commander:
+        return relay.Commander(relay.StateStore(path), self.TTL, self.MAX_FAILED, clock=self.clock)
+
+    def live_holder(self, run: str) -> str | None:
+        m = self.model[run]
+        return m["holder"] if m["holder"] and self.clock.now < m["expires"] else None
+
+    def reap(self) -> None:
+        """What the commander's reaper thread does every 0.25 s, before each request here."""
+        self.commander.expire_due_leases()
+        for run, m in self.model.items():
+            if m["holder"] and not self.live_holder(run):
+                self.stale.append((run, m["holder"], m["token"]))
+                m.update(holder=None, token=None, status="PREEMPTED")
+
+    @rule(run=st.sampled_from(["r1", "r2"]), worker=st.sampled_from(["w1", "w2", "w3"]))
+    def acquire(self, run: str, worker: str) -> None:
+        self.reap()
+        m = self.model[run]
+        code, answer = call(self.commander.acquire, {"run_id": run, "worker_id": worker, "mode": "sft"})
+        assert code == 200
+        if m["status"] in ("COMPLETED", "FAILED"):
+            assert answer["status"] == m["status"].lower()
+        elif m["holder"]:
+            assert (answer["status"], answer["holder"]) == ("denied", m["holder"])
+        else:
+            assert answer["status"] == "granted" and answer["epoch"] == m["epoch"] + 1
+            m.update(holder=worker, token=answer["lease_token"], epoch=answer["epoch"], expires=self.clock.now + self.TTL,
+                     status="RUNNING")
+
+    @rule(seconds=st.floats(min_value=0, max_value=12))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule(run=st.sampled_from(["r1", "r2"]))
+    def holder_renews(self, run: str) -> None:
+        self.reap()
+        m = self.model[run]
+        if m["holder"]:
+            code, _ = call(self.commander.renew, {"run_id": run, "worker_id": m["holder"], "lease_token": m["token"],
+                                                  "step": 0})
+            assert code == 200
+            m["expires"] = self.clock.now + self.TTL
+
+    @rule(run=st.sampled_from(["r1", "r2"]), status=st.sampled_from(relay.RELEASE_STATUSES))
+    def holder_releases(self, run: str, status: str) -> None:
+        self.reap()
+        m = self.model[run]
+        if not m["holder"]:
+            return
+        code, _ = call(self.commander.release, {"run_id": run, "worker_id": m["holder"], "lease_token": m["token"],
+                                                "status": status})
+        assert code == 200
+        self.stale.append((run, m["holder"], m["token"]))
+        m.update(holder=None, token=None)
+        if status == "FAILED":
+            m["failed"] += 1  # no step ever advances here: every FAILED lease counts
+            m["status"] = "FAILED" if m["failed"] >= self.MAX_FAILED else "PENDING"
+        else:
+            m["status"] = status
+
+    @rule(data=st.data())
+    def a_stale_token_changes_nothing(self, data) -> None:
+        if not self.stale:
+            return
+        run, worker, token = data.draw(st.sampled_from(self.stale))
+        self.reap()
+        before = json.dumps(dataclasses.asdict(self.commander.runs[run]), sort_keys=True)
+        for method, body in ((self.commander.renew, {"step": 1}), (self.commander.release, {"status": "COMPLETED"}),
+                             (self.commander.report, {"step": 9, "latest_ckpt": {"iteration": 9, "manifest_sha256": "0" * 64}})):
+            code, _ = call(method, {"run_id": run, "worker_id": worker, "lease_token": token, **body})
+            assert code == 409
+        assert json.dumps(dataclasses.asdict(self.commander.runs[run]), sort_keys=True) == before
+
+    @rule()
+    def commander_restarts(self) -> None:
+        """A new process on (a copy of) the state file: every lease gets a full TTL."""
+        self.reap()
+        self.restarts += 1
+        path = os.path.join(self.folder, f"state-{self.restarts}.json")
+        if os.path.exists(self.commander.store.path):
+            shutil.copy(self.commander.store.path, path)
+        self.commander = self.start(path)
+        for m in self.model.values():
+            if m["holder"]:  # still in the record, even if past its expiry: SPEC gives it a full TTL
+                m["expires"] = self.clock.now + self.TTL
+
+    @invariant()
+    def commander_agrees_with_the_model(self) -> None:
+        for run, m in self.model.items():
+            record = self.commander.runs.get(run)
+            if record is None:
+                assert m["epoch"] == 0
+                continue
+            live = record.holder if record.holder and self.commander.expires.get(run, 0) > self.clock.now else None
+            assert live == self.live_holder(run)
+            assert record.epoch == m["epoch"]
+            epochs = [lease["epoch"] for lease in record.leases]
+            assert epochs == list(range(1, len(epochs) + 1))  # one per grant, never reused
+            if m["status"] in ("COMPLETED", "FAILED"):
+                assert record.status == m["status"]
+        if os.path.exists(self.commander.store.path):
+            with open(self.commander.store.path) as handle:
+                json.load(handle)  # the state file always parses
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+TestLeaseRules = LeaseRules.TestCase
+TestLeaseRules.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("fuzz"))
+    c.start_commander(lease=30, secret="fuzz-secret-0123456789")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+SAFE_TEXT = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=60)
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                       max_size=5), max_leaves=15)
+FIELDS = ["run_id", "worker_id", "mode", "lease_token", "step", "status", "reason", "latest_ckpt", "hf", "loss",
+          "log_lines", "msg", "sync_error", "previous_lease_token", "phase"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+       path=st.sampled_from(["/api/lease/acquire", "/api/lease/renew", "/api/lease/release", "/api/job/report",
+                             "/api/runs", "/api/runs/r1", "/api/runs/r1/logs", "/", "/api/health"]) | SAFE_TEXT.map(lambda t: "/" + t),
+       body=st.binary(max_size=300) | st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).map(
+           lambda d: json.dumps(d).encode()),
+       sign=st.booleans(),
+       headers=st.dictionaries(st.sampled_from(["X-Relay-Timestamp", "X-Relay-Nonce", "X-Relay-Signature",
+                                                "Authorization", "Content-Type"]), SAFE_TEXT, max_size=4))
+def test_no_request_however_malformed_gets_a_500_and_a_rejected_one_changes_nothing(fuzz_target, method, path, body,
+                                                                                    sign, headers):
+    before = open(fuzz_target.state_path, "rb").read() if os.path.exists(fuzz_target.state_path) else b""
+    if sign:
+        headers = relay.signed_headers(fuzz_target.secret, method, path, body)
+    status, answer, _ = raw_request(fuzz_target, method, path, body, headers)
+    assert status < 500, (status, answer[:300])
+    if status >= 400:
+        assert "error" in json.loads(answer)
+        after = open(fuzz_target.state_path, "rb").read() if os.path.exists(fuzz_target.state_path) else b""
+        assert after == before
+
+
+YAML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                       max_size=4), max_leaves=12)
+RUN_FIELDS = [f.name for f in dataclasses.fields(relay.RunConfig)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.dictionaries(st.sampled_from(RUN_FIELDS + ["lium", "commander", "run", "worker", "relay"]),
+                                YAML_VALUES, max_size=10) | YAML_VALUES,
+       raw=st.none() | st.text(max_size=80))
+def test_any_yaml_document_gives_a_config_or_a_one_line_error(tmp_path, document, raw):
+    import yaml
+
+    path = tmp_path / "random.yaml"
+    path.write_text(raw if raw is not None else yaml.safe_dump(document))
+    for loader in (relay.load_run_config, relay.load_stack_config):
+        try:
+            loader(str(path))
+        except relay.UserError as exc:
+            assert "\n" not in str(exc) and str(exc)
