@@ -1584,7 +1584,7 @@ class HubSync:
 
     Cadence: the newest sealed checkpoint every hf_sync_interval_seconds (milestones), and at
     once when asked (the final checkpoint, a SIGTERM).  A failure is reported to the commander
-    (shown by `status`) and retried with backoff (2 s doubling to 5 min, or the Hub's
+    (shown by `status`) and retried with backoff (2 s doubling to 1 min, or the Hub's
     Retry-After); the checkpoint being uploaded is protected from pruning meanwhile.
     """
 
@@ -1668,7 +1668,7 @@ class HubSync:
                                          message, self.still_ours)
         except Exception as exc:  # any failure of the Hub or the network: report, back off, retry
             self.failures += 1
-            delay = hub_retry_after(exc) or min(300.0, 2.0 ** self.failures)
+            delay = hub_retry_after(exc) or min(60.0, 2.0 ** self.failures)
             error = hub_error_text(exc)
             log("hub", f"upload of checkpoint {manifest.iteration} failed ({self.failures} in a row): {error}; "
                        f"retrying in {delay:.0f} s")

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import http.server
 import json
+import sys
 import threading
 import time
 import urllib.parse
@@ -73,6 +74,10 @@ class HubServer(http.server.ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # a client giving up on a stall is no error
 
     def inject(self, fault: Fault) -> None:
         with self.lock:

@@ -1,0 +1,238 @@
+"""Chaos: one run, three competing workers, a local Hub, seeded random faults for a fixed time.
+
+    python -m testing.chaos --seconds 300 --seed 7    # the long version; test_relay.py runs a short one
+
+Faults: SIGKILL of the holder's worker; of its whole pod (worker, watchdog and trainer at
+once); of its watchdog; SIGSTOP of its worker for longer than the TTL, then SIGCONT; SIGKILL
+of the commander and a restart (at once, or after longer than the TTL); Hub errors (500, 429)
+and stalls.  Each worker has its own L1 folder, so a handoff restores from L1 or from the Hub.
+
+Invariants, checked from outside: (1) at no instant do two trainers of the run execute
+(process table sampled with epochs); (2) the commander's latest checkpoint is retrievable at
+the end, and every Hub revision it ever recorded still holds its checkpoint; (3) epochs
+only grow; (4) the run completes and its final model.json equals an uninterrupted run's;
+(5) the commander's state file always parses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testing.harness import Cluster, TrainerOverlapMonitor, environ_of, reference_model, relay, wait_for
+from testing.hub_server import Fault, HubServer
+
+WORKERS = ("w1", "w2", "w3")
+FAULTS = ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker", "restart-commander", "commander-down",
+          "hub-errors", "hub-stall")
+HUB_REPO = "tester/chaos"
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    ttl: float
+    faults: collections.Counter = field(default_factory=collections.Counter)
+    violations: list[str] = field(default_factory=list)
+    takeovers: list[float] = field(default_factory=list)  # seconds from a fault to the next grant
+    completed: bool = False
+
+    def summary(self) -> str:
+        kinds = " ".join(f"{k}={v}" for k, v in sorted(self.faults.items())) or "none"
+        takeover = "none"
+        if self.takeovers:
+            multiples = [t / self.ttl for t in self.takeovers]
+            takeover = f"median {statistics.median(multiples):.2f} x TTL, max {max(multiples):.2f} x TTL"
+        return (f"chaos seed={self.seed} ttl={self.ttl:g}s faults: {kinds}; violations: {len(self.violations)}; "
+                f"takeovers ({len(self.takeovers)}): {takeover}; completed: {self.completed}")
+
+
+class StateSampler:
+    """Reads the commander's state file and run record continuously: invariants 3 and 5."""
+
+    def __init__(self, cluster: Cluster, report: ChaosReport) -> None:
+        self.cluster, self.report = cluster, report
+        self.hub_records: dict[str, dict] = {}
+        self.last_epoch = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                raw = open(self.cluster.state_path, "rb").read()
+            except FileNotFoundError:
+                continue
+            try:
+                run = json.loads(raw)["runs"].get("r1")
+            except (ValueError, KeyError) as exc:
+                self.report.violations.append(f"state file did not parse: {exc}")
+                continue
+            if not run:
+                continue
+            if run["epoch"] < self.last_epoch:
+                self.report.violations.append(f"epoch went back from {self.last_epoch} to {run['epoch']}")
+            self.last_epoch = max(self.last_epoch, run["epoch"])
+            if run.get("hub"):
+                self.hub_records[run["hub"]["revision"]] = run["hub"]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Chaos:
+    def __init__(self, tmp: Path, seed: int, seconds: float, ttl: float) -> None:
+        self.tmp, self.seconds, self.ttl = tmp, seconds, ttl
+        self.rng = random.Random(seed)
+        self.report = ChaosReport(seed, ttl)
+        self.steps = max(60, int(seconds * 10))
+        self.hub = HubServer().start()
+        self.cluster = Cluster(tmp)
+        self.cluster.hub = self.hub
+        self.workers: dict[str, object] = {}
+
+    def start_worker(self, name: str) -> None:
+        self.workers[name] = self.cluster.start_worker(
+            name, l1_root=str(self.tmp / f"l1-{name}"), hf_repo=HUB_REPO, hf_sync_interval_seconds=1,
+            stop_grace_seconds=1, env={"MOCK_MAX_STEPS": str(self.steps), "MOCK_STEP_SECONDS": "0.05",
+                                       "CHAOS_POD": name})
+
+    def pod_pids(self, name: str) -> list[int]:
+        return [pid for pid in relay.processes_with_env(f"CHAOS_POD={name}") if environ_of(pid).get("RELAY_TEST_MARK") ==
+                self.cluster.mark]
+
+    def holder(self) -> str:
+        return self.cluster.run("r1").get("holder", "") if self.cluster.healthy() else ""
+
+    def inject(self, kind: str) -> None:
+        with self.hub.lock:
+            self.hub.faults.clear()  # a Hub outage lasts until the next fault, as outages last a while
+        holder = self.holder()
+        epoch = self.cluster.run("r1").get("epoch", 0) if self.cluster.healthy() else 0
+        proc = self.workers.get(holder)
+        started = time.time()
+        if kind in ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker") and proc is None:
+            return  # nobody holds the run right now
+        self.report.faults[kind] += 1
+        if kind == "kill-worker":
+            os.kill(proc.pid, signal.SIGKILL)
+        elif kind == "kill-pod":
+            for pid in self.pod_pids(holder):
+                os.kill(pid, signal.SIGKILL)
+        elif kind == "kill-watchdog":
+            for pid in self.pod_pids(holder):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "relay-watchdog":
+                    os.kill(pid, signal.SIGKILL)
+        elif kind == "stop-worker":
+            os.kill(proc.pid, signal.SIGSTOP)
+            time.sleep(self.ttl * self.rng.uniform(1.2, 2.0))
+            os.kill(proc.pid, signal.SIGCONT)
+        elif kind in ("restart-commander", "commander-down"):
+            os.killpg(self.cluster.commander.pid, signal.SIGKILL)
+            self.cluster.commander.wait()
+            time.sleep(0.2 if kind == "restart-commander" else self.ttl * 1.5)
+            self.cluster.start_commander(lease=self.ttl)
+        elif kind == "hub-errors":
+            self.hub.inject(Fault("/commit/", status=500, count=self.rng.randint(1, 3)))
+            self.hub.inject(Fault("/preupload/", status=429, count=1, retry_after=1))
+        elif kind == "hub-stall":
+            self.hub.inject(Fault("/api/models/", status=0, delay=self.ttl, count=2))
+        if kind in ("kill-worker", "kill-pod", "stop-worker"):
+            self.measure_takeover(epoch, started)
+        for name, worker in self.workers.items():  # a replaced pod: its worker comes back
+            if worker.poll() is not None and self.cluster.run("r1").get("status") != "COMPLETED":
+                self.start_worker(name)
+
+    def measure_takeover(self, epoch: int, since: float) -> None:
+        try:
+            wait_for("a new grant", lambda: self.cluster.healthy() and self.cluster.run("r1").get("epoch", 0) > epoch,
+                     self.ttl * 6, 0.02)
+        except AssertionError:
+            self.report.violations.append(f"no takeover within {6 * self.ttl:g} s after a fault at epoch {epoch}")
+            return
+        lease = next(lease for lease in self.cluster.run("r1")["leases"] if lease["epoch"] == epoch + 1)
+        self.report.takeovers.append(max(0.0, lease["started_at"] - since))
+
+    def run(self) -> ChaosReport:
+        try:
+            self.cluster.start_commander(lease=self.ttl)
+            for name in WORKERS:
+                self.start_worker(name)
+            sampler = StateSampler(self.cluster, self.report)
+            with TrainerOverlapMonitor(self.cluster) as monitor:
+                stop_faults = time.monotonic() + self.seconds
+                while time.monotonic() < stop_faults and self.cluster.run("r1").get("status") != "COMPLETED":
+                    time.sleep(self.ttl * self.rng.uniform(0.5, 1.5))
+                    self.inject(self.rng.choice(FAULTS))
+                with self.hub.lock:
+                    self.hub.faults.clear()
+                try:
+                    wait_for("the run to complete", lambda: self.cluster.run("r1").get("status") == "COMPLETED", 180)
+                    self.report.completed = True
+                except AssertionError as exc:
+                    self.report.violations.append(str(exc))
+            sampler.stop()
+            if monitor.overlaps:
+                self.report.violations.append(f"two trainers at once, epochs {monitor.overlaps[0]}")
+            self.check_the_end(sampler)
+        finally:
+            self.cluster.close()
+            self.hub.stop()
+        return self.report
+
+    def check_the_end(self, sampler: StateSampler) -> None:
+        run = self.cluster.run("r1")
+        epochs = [lease["epoch"] for lease in run["leases"]]
+        if epochs != sorted(set(epochs)):
+            self.report.violations.append(f"lease epochs not strictly growing: {epochs}")
+        latest = run["latest_checkpoint"]["iteration"]
+        sealed_somewhere = any(relay.CheckpointDir(str(self.tmp / f"l1-{name}" / "runs" / "r1"), True)
+                               .load_manifest(latest) for name in WORKERS)
+        if not sealed_somewhere and run["hub"]["iteration"] != latest:
+            self.report.violations.append(f"acknowledged checkpoint {latest} is neither in any L1 nor on the Hub")
+        for revision, record in sampler.hub_records.items():
+            files = self.hub.files_at(HUB_REPO, revision)
+            manifest = f"runs/r1/ckpt/{relay.iteration_dirname(record['iteration'])}/relay_manifest.json"
+            if manifest not in files or relay.Manifest.from_bytes(files[manifest]).digest != record["manifest_sha256"]:
+                self.report.violations.append(f"recorded Hub revision {revision[:12]} lacks checkpoint {record['iteration']}")
+        final = [self.tmp / f"l1-{name}" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(self.steps) / "model.json"
+                 for name in WORKERS]
+        produced = [path.read_bytes() for path in final if path.exists()]
+        expected = reference_model(self.tmp, self.steps)
+        if not produced or any(model != expected for model in produced):
+            self.report.violations.append("the final model differs from an uninterrupted run's")
+
+
+def run_chaos(tmp: Path, seed: int, seconds: float, ttl: float = 2.0) -> ChaosReport:
+    return Chaos(tmp, seed, seconds, ttl).run()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--seed", type=int, default=random.SystemRandom().randrange(10**6))
+    parser.add_argument("--ttl", type=float, default=2.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="relay-chaos-") as tmp:
+        report = run_chaos(Path(tmp), args.seed, args.seconds, args.ttl)
+    print(report.summary())
+    for violation in report.violations:
+        print(f"VIOLATION: {violation}")
+    return 1 if report.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
