@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import copy
 import ctypes
@@ -493,22 +494,23 @@ class NonceCache:
     """Nonces of accepted requests from the last AUTH_NONCE_TTL_SECONDS; a repeat is a replay.
 
     Only requests with a valid signature are recorded, so an attacker without the secret
-    cannot grow it; its size is bounded by the legitimate request rate times 600 s.
+    cannot grow it.  Nonces expire in the order they arrived, so each is dropped once, from
+    the front of a queue: no periodic sweep over everything seen in the last 600 s.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
+        self._seen: set[str] = set()
+        self._arrivals: collections.deque[tuple[float, str]] = collections.deque()
         self._lock = threading.Lock()
-        self._next_purge = 0.0
 
     def first_use(self, nonce: str, now: float) -> bool:
         with self._lock:
-            if now >= self._next_purge:
-                self._seen = {n: t for n, t in self._seen.items() if now - t < AUTH_NONCE_TTL_SECONDS}
-                self._next_purge = now + 10
+            while self._arrivals and now - self._arrivals[0][0] >= AUTH_NONCE_TTL_SECONDS:
+                self._seen.discard(self._arrivals.popleft()[1])
             if nonce in self._seen:
                 return False
-            self._seen[nonce] = now
+            self._seen.add(nonce)
+            self._arrivals.append((now, nonce))
             return True
 
 
@@ -1083,6 +1085,14 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
     server: CommanderHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = f"relay-commander/{VERSION}"
+    # A buffered writer sends headers and body in one write, flushed after each request: the
+    # stdlib default sends them separately, and Nagle's algorithm with the client's delayed
+    # ACK then holds every answer back ~40 ms.
+    wbufsize = -1
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # request lines are not logged: events go to the run records instead
@@ -1650,11 +1660,15 @@ class HubSync:
             self._wake.clear()
             if self._stop.is_set() or boottime() < self.next_attempt:
                 continue
-            newest = self.ckpt.newest_sealed()
-            if newest is None or newest.iteration <= self.synced_iteration():
-                self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
-                continue
-            self._upload(newest)
+            try:
+                newest = self.ckpt.newest_sealed()
+                if newest is None or newest.iteration <= self.synced_iteration():
+                    self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
+                    continue
+                self._upload(newest)
+            except Exception as exc:  # noqa: BLE001  (this thread must outlive any surprise)
+                log("hub", f"sync error: {type(exc).__name__}: {exc}; retrying in 60 s")
+                self.pending, self.next_attempt = None, boottime() + 60
 
     def _upload(self, manifest: Manifest) -> None:
         self.pending = manifest.iteration
@@ -1675,7 +1689,6 @@ class HubSync:
             self.report(sync_error=f"{error} ({self.failures} failures in a row)")
             self.next_attempt = boottime() + delay
             return
-        self.remember_uploaded([p for p in trajectories if os.path.exists(p) and os.path.getsize(p) == before[p]])
         if revision:
             log("hub", f"checkpoint {manifest.iteration} is {self.store.repo}@{revision} "
                        f"({manifest.total_bytes} bytes in {boottime() - started:.1f} s)")
@@ -1686,6 +1699,7 @@ class HubSync:
             self._synced_changed.notify_all()
         self.failures, self.pending = 0, None
         self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
+        self.remember_uploaded([p for p in trajectories if os.path.exists(p) and os.path.getsize(p) == before[p]])
 
     # -- rollout trajectories ------------------------------------------------------------------
 
@@ -2211,7 +2225,12 @@ class Worker:
         lost lease may interrupt it (`abort`): the last checkpoint is what a stop must keep."""
         assert self.lease is not None
         alive = self.trainer is not None and self.trainer.exit_code() is None
-        manifest = self.ckpt.seal_newest(self.lease.epoch, self.cfg.worker_id, alive, abort or self.aborting)
+        try:
+            manifest = self.ckpt.seal_newest(self.lease.epoch, self.cfg.worker_id, alive, abort or self.aborting)
+        except OSError as exc:  # a full or failing volume: keep the lease, say it, try again later
+            self.say(f"cannot seal a checkpoint in {self.ckpt.path}: {exc.strerror or exc}")
+            self.report(msg=f"{self.cfg.worker_id}: cannot seal a checkpoint: {exc.strerror or exc}")
+            return None
         if manifest is None:
             return None
         self.progress.step = max(self.progress.step, manifest.iteration)
@@ -2334,7 +2353,10 @@ class Worker:
             self.say(f"WARNING: the newest checkpoint here is {local.iteration}, the commander recorded {recorded}; "
                      "resuming from the older one")
         iteration = local.iteration if local is not None else None
-        self.ckpt.point_tracker_at(iteration)
+        try:
+            self.ckpt.point_tracker_at(iteration)
+        except OSError as exc:
+            raise RestoreFailed(f"cannot prepare {self.ckpt.path}: {exc.strerror or exc}") from None
         return iteration
 
     def download_from_hub(self, record: dict) -> Manifest:

@@ -1243,7 +1243,7 @@ def test_under_random_faults_no_two_trainers_run_no_acknowledged_checkpoint_is_l
     from testing.chaos import run_chaos
 
     seed = int(os.environ.get("RELAY_CHAOS_SEED", "1"))  # fixed in CI; `python -m testing.chaos` for long runs
-    report = run_chaos(tmp_path, seed, float(os.environ.get("RELAY_CHAOS_SECONDS", "12")))
+    report = run_chaos(tmp_path, seed, float(os.environ.get("RELAY_CHAOS_SECONDS", "10")))
     print(report.summary())
     assert report.violations == [], f"{report.summary()}: {report.violations} (replay with RELAY_CHAOS_SEED={seed})"
     assert report.completed and sum(report.faults.values()) >= 3

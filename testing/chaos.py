@@ -5,7 +5,9 @@
 Faults: SIGKILL of the holder's worker; of its whole pod (worker, watchdog and trainer at
 once); of its watchdog; SIGSTOP of its worker for longer than the TTL, then SIGCONT; SIGKILL
 of the commander and a restart (at once, or after longer than the TTL); Hub errors (500, 429)
-and stalls.  Each worker has its own L1 folder, so a handoff restores from L1 or from the Hub.
+and stalls; a full disk on one worker's L1 (a small tmpfs in a private mount namespace; the
+fault is left out where `unshare --mount` is not allowed).  Each worker has its own L1
+folder, so a handoff restores from L1 or from the Hub.
 
 Invariants, checked from outside: (1) at no instant do two trainers of the run execute
 (process table sampled with epochs); (2) the commander's latest checkpoint is retrievable at
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +39,8 @@ from testing.hub_server import Fault, HubServer
 
 WORKERS = ("w1", "w2", "w3")
 FAULTS = ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker", "restart-commander", "commander-down",
-          "hub-errors", "hub-stall")
+          "hub-errors", "hub-stall", "disk-full")
+SMALL_DISK = "w3"  # its L1 is a 4 MB tmpfs in a mount namespace of its own, which "disk-full" fills
 HUB_REPO = "tester/chaos"
 
 
@@ -103,12 +108,45 @@ class Chaos:
         self.cluster = Cluster(tmp)
         self.cluster.hub = self.hub
         self.workers: dict[str, object] = {}
+        self.fillers: list[Path] = []
+        self.small_disks = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                           "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
 
     def start_worker(self, name: str) -> None:
-        self.workers[name] = self.cluster.start_worker(
-            name, l1_root=str(self.tmp / f"l1-{name}"), hf_repo=HUB_REPO, hf_sync_interval_seconds=1,
-            stop_grace_seconds=1, env={"MOCK_MAX_STEPS": str(self.steps), "MOCK_STEP_SECONDS": "0.05",
-                                       "CHAOS_POD": name})
+        l1 = self.tmp / f"l1-{name}"
+        fields = {"l1_root": str(l1), "hf_repo": HUB_REPO, "hf_sync_interval_seconds": 1, "stop_grace_seconds": 1}
+        env = {"MOCK_MAX_STEPS": str(self.steps), "MOCK_STEP_SECONDS": "0.05", "CHAOS_POD": name}
+        if name != SMALL_DISK or not self.small_disks:
+            self.workers[name] = self.cluster.start_worker(name, env=env, **fields)
+            return
+        l1.mkdir(exist_ok=True)
+        config = self.cluster.write_config(name, **fields)
+        worker_env = self.cluster.env(**env, HF_ENDPOINT=self.hub.url, HF_TOKEN=self.hub.token,
+                                      HF_HOME=str(self.tmp / f"hf-home-{name}"))
+        script = (f"mount -t tmpfs -o size=4m tmpfs {l1} && exec {sys.executable} {Path(relay.__file__)} "
+                  f"worker {config}")
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log,
+                                stderr=subprocess.STDOUT, env=worker_env, start_new_session=True, cwd=self.tmp)
+        self.cluster.procs.append(proc)
+        self.workers[name] = proc
+
+    def fill_small_disk(self) -> None:
+        """Fill w3's tmpfs from outside its mount namespace, through /proc/PID/root."""
+        proc = self.workers.get(SMALL_DISK)
+        if proc is None or proc.poll() is not None:
+            return
+        filler = Path(f"/proc/{proc.pid}/root") / str(self.tmp / f"l1-{SMALL_DISK}").lstrip("/") / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as handle:
+            while True:
+                handle.write(b"\0" * (1 << 16))
+        self.fillers.append(filler)
+
+    def free_small_disk(self) -> None:
+        for filler in self.fillers:
+            with contextlib.suppress(OSError):
+                filler.unlink()
+        self.fillers.clear()
 
     def pod_pids(self, name: str) -> list[int]:
         return [pid for pid in relay.processes_with_env(f"CHAOS_POD={name}") if environ_of(pid).get("RELAY_TEST_MARK") ==
@@ -120,6 +158,9 @@ class Chaos:
     def inject(self, kind: str) -> None:
         with self.hub.lock:
             self.hub.faults.clear()  # a Hub outage lasts until the next fault, as outages last a while
+        self.free_small_disk()  # so does a full disk
+        if kind == "disk-full" and not self.small_disks:
+            return
         holder = self.holder()
         epoch = self.cluster.run("r1").get("epoch", 0) if self.cluster.healthy() else 0
         proc = self.workers.get(holder)
@@ -150,6 +191,8 @@ class Chaos:
             self.hub.inject(Fault("/preupload/", status=429, count=1, retry_after=1))
         elif kind == "hub-stall":
             self.hub.inject(Fault("/api/models/", status=0, delay=self.ttl, count=2))
+        elif kind == "disk-full":
+            self.fill_small_disk()
         if kind in ("kill-worker", "kill-pod", "stop-worker"):
             self.measure_takeover(epoch, started)
         for name, worker in self.workers.items():  # a replaced pod: its worker comes back
@@ -179,6 +222,7 @@ class Chaos:
                     self.inject(self.rng.choice(FAULTS))
                 with self.hub.lock:
                     self.hub.faults.clear()
+                self.free_small_disk()
                 try:
                     wait_for("the run to complete", lambda: self.cluster.run("r1").get("status") == "COMPLETED", 180)
                     self.report.completed = True
