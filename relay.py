@@ -389,6 +389,7 @@ class WorkerGroup:
     remote_pid_path: str = "relay/worker.pid"
     command: str = ""  # default: REMOTE_PYTHON relay.py worker REMOTE_CONFIG
     env: dict = field(default_factory=dict)
+    image_relay_dir: str = "/opt/relay"  # where the relay-trainer image has relay.py: used when identical
 
 
 @dataclass
@@ -2862,17 +2863,22 @@ class Stack:
                                                        worker.remote_pid_path)} | {worker.remote_workdir}
         self.check_exec(pod, f"mkdir -p {' '.join(q(f) for f in sorted(folders))}")
         code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh"]
+        local_hashes = {name: sha256_file(os.path.join(HERE, name)) for name in code_files}
+        in_image = [os.path.join(worker.image_relay_dir, f) for f in code_files]
         remote_code = [os.path.join(worker.remote_workdir, f) for f in code_files]
-        have = self.lium.exec(pod, f"sha256sum {' '.join(q(p) for p in remote_code)} 2>/dev/null", timeout=120).stdout
-        remote_hashes = dict(reversed(line.split(None, 1)) for line in (have or "").splitlines() if " " in line)
+        have = self.lium.exec(pod, f"sha256sum {' '.join(q(p) for p in in_image + remote_code)} 2>/dev/null",
+                              timeout=120).stdout
+        remote_hashes = {path.strip(): digest for digest, path in
+                         (line.split(None, 1) for line in (have or "").splitlines() if " " in line)}
+        if all(remote_hashes.get(p) == local_hashes[f] for p, f in zip(in_image, code_files, strict=True)):
+            self.say(f"the image on {pod} has this relay.py ({worker.image_relay_dir}): nothing to upload")
+            remote_code = in_image
         for name, remote in zip(code_files, remote_code, strict=True):
-            local = os.path.join(HERE, name)
-            if remote_hashes.get(remote.strip()) != sha256_file(local):
-                self.upload(pod, name, remote, local=local)
+            if remote_hashes.get(remote) != local_hashes[name]:
+                self.upload(pod, name, remote, local=os.path.join(HERE, name))
         self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(pod))
         self.upload(pod, "relay.env", env_path, self.pod_secrets())
-        self.check_exec(pod, f"chmod 600 {q(worker.remote_config_path)} {q(env_path)} && "
-                             f"chmod 755 {' '.join(q(p) for p in remote_code[1:])}")
+        self.check_exec(pod, f"chmod 600 {q(worker.remote_config_path)} {q(env_path)}")
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
                                      f"{q(worker.remote_config_path)}")
         # Only the worker goes to the background, with every descriptor redirected: `lium exec`

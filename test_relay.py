@@ -646,6 +646,23 @@ def test_a_slime_checkpoint_is_sealed_and_uploaded_only_after_its_dataset_state_
     assert run["hub"]["iteration"] == 8 and run["step"] == 8  # slime's rollout ids, 0-based
 
 
+def test_a_converted_base_checkpoint_is_loaded_first_and_never_pruned_or_counted_as_progress(cluster):
+    ckpt = cluster.ckpt_dir()
+    (ckpt / "release").mkdir(parents=True)
+    (ckpt / "release" / "common.pt").write_text("base weights")
+    (ckpt / relay.TRACKER_FILE).write_text("release")
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", keep_last_checkpoints=1, total_steps=9,
+                                  env=slime_env(FAKE_NUM_ROLLOUT="9", FAKE_SAVE_INTERVAL="3"))
+    assert worker.wait(60) == 0
+    assert "loading the base checkpoint" in cluster.log("a")
+    run = cluster.run("r1")
+    assert resumed_from(run, "a")[0].startswith("a resumes from a cold start")
+    assert (ckpt / "release" / "common.pt").read_text() == "base weights"
+    assert run["latest_checkpoint"]["iteration"] == 8
+    assert relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations() == [8]
+
+
 @pytest.mark.parametrize("how", ["sigterm", "lease lost"])
 def test_stopping_a_slime_trainer_leaves_no_process_behind_even_in_a_new_session(cluster, how):
     cluster.start_commander(lease=2)
@@ -946,6 +963,21 @@ def test_a_failed_or_never_ready_pod_gives_a_clear_error_and_is_not_left_billing
     assert result.returncode == 1
     assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert pod_names(cluster) == []
+
+
+def test_relay_py_is_not_uploaded_when_the_pods_image_already_has_the_same_version(cluster):
+    image = cluster.tmp / "image-opt-relay"  # the image's /opt/relay (fake pods see the host's files)
+    image.mkdir()
+    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh"):
+        shutil.copy(os.path.join(os.path.dirname(RELAY), name), image / name)
+    stack = write_stack(cluster, worker={"image_relay_dir": str(image),
+                                         "env": {"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.05"}})
+    result = launch_stack(cluster, stack)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to upload" in result.stderr
+    home = cluster.tmp / "lium" / "pods" / "relay-r1-1" / "home"
+    assert not (home / "relay" / "relay.py").exists()
+    wait_for("the run to complete", lambda: completed(cluster), 30)
 
 
 def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluster):

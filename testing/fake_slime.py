@@ -34,7 +34,10 @@ def main() -> int:
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.1"))
     exit_early_at = int(os.environ.get("FAKE_EXIT_EARLY_AT", "-1"))
     tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
-    start = int(open(tracker).read()) + 1 if os.path.exists(tracker) else 0
+    text = open(tracker).read().strip() if os.path.exists(tracker) else ""
+    start = int(text) + 1 if text.isdigit() else 0  # "release": a converted base checkpoint, rollout 0 next
+    if text == "release":
+        print(f"fake slime: loading the base checkpoint {os.path.join(save, 'release')}", flush=True)
     print(f"fake slime: starting at rollout {start} of {num_rollout}", flush=True)
     if os.environ.get("FAKE_SETSID_CHILD") == "1":
         heartbeat = os.path.join(save, "..", f"heartbeat-{os.getpid()}")
