@@ -3123,6 +3123,7 @@ setInterval(async () => {
     const page = new DOMParser().parseFromString(await answer.text(), 'text/html');
     document.getElementById('runs').replaceWith(page.getElementById('runs'));
     document.getElementById('updated').replaceWith(page.getElementById('updated'));
+    document.body.dataset.refreshes = Number(document.body.dataset.refreshes || 0) + 1;
     showNewest();
   } catch (e) { /* the commander is restarting: keep the last picture */ }
 }, 3000);

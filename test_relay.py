@@ -849,6 +849,10 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
     assert dom.count("class=\"run\"") == 2, dom[:2000]
     relayed_card = dom.split('id="run-relayed"')[1].split("</section>")[0]
     assert relayed_card.count('class="lease"') == 2 and "<polyline" in relayed_card and "COMPLETED" in relayed_card
+    later = subprocess.run([*browser, "--virtual-time-budget=7000", "--dump-dom", cluster.url + "/"],
+                           capture_output=True, text=True, timeout=60).stdout
+    refreshes = int(later.split('data-refreshes="')[1].split('"')[0]) if "data-refreshes" in later else 0
+    assert refreshes >= 1 and later.count('class="run"') == 2  # refreshed in place, every 3 s, no reload
     for width in (1200, 420):  # a laptop and a phone
         shot = os.path.join(ARTIFACTS, f"status-page-{width}.png")
         subprocess.run([*browser, f"--screenshot={shot}", f"--window-size={width},1400", cluster.url + "/"],
