@@ -2103,7 +2103,8 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _lose(self, why: str) -> None:
+    def lose(self, why: str) -> None:
+        """The lease can no longer be trusted (deadline, 409): once, and the trainer dies first."""
         if not self.lost.is_set():
             self.lost.set()
             self.on_lost(why)
@@ -2115,7 +2116,7 @@ class LeaseKeeper:
         while not self._stop.is_set():
             now = boottime()
             if now >= self.deadline:
-                self._lose("the lease deadline passed without a successful renewal")
+                self.lose("the lease deadline passed without a successful renewal")
                 return
             if now < next_renewal:
                 self._stop.wait(min(next_renewal, self.deadline) - now)
@@ -2139,7 +2140,7 @@ class LeaseKeeper:
                 next_renewal = sent + interval
                 complained = False
             elif reply.status == 409:
-                self._lose(f"the commander refused the renewal: {reply.body.get('error', '')}")
+                self.lose(f"the commander refused the renewal: {reply.body.get('error', '')}")
                 return
             else:
                 log("worker", f"renewal answered {reply.status}: {reply.body.get('error', '')}")
@@ -2209,7 +2210,7 @@ class Worker:
                    "loss": self.progress.loss, **fields}
         reply = self._post("/api/job/report", payload)
         if reply is not None and reply.status == 409 and self.keeper is not None:
-            self.keeper._lose(f"the commander refused a report: {reply.body.get('error', '')}")
+            self.keeper.lose(f"the commander refused a report: {reply.body.get('error', '')}")
 
     def lease_lost(self) -> bool:
         return self.keeper is not None and self.keeper.lost.is_set()
