@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
-    python bench_relay.py            # everything (about 1 minute)
+    python bench_relay.py            # everything (about 3 minutes)
     python bench_relay.py renewals   # one part: renewals | takeover | footprint | hub
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's

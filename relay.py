@@ -2888,7 +2888,7 @@ class Stack:
                  f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}")
         self.check_exec(pod, start)
         pid, running = None, False
-        give_up = time.monotonic() + (0 if self.dry_run else 15)
+        give_up = time.monotonic() + 15
         while not self.dry_run:
             probe = self.lium.exec(pod, f"kill -0 $(cat {q(worker.remote_pid_path)}) && cat {q(worker.remote_pid_path)}",
                                    timeout=60)
@@ -2902,6 +2902,10 @@ class Stack:
             self.say(f"worker started on {pod} (pid {pid}, log {worker.remote_log_path})")
         elif not self.dry_run:
             self.say(f"WARNING: the worker on {pod} is not running; see `lium exec {pod} 'tail {worker.remote_log_path}'`")
+        return self.worker_summary(pid, running)
+
+    def worker_summary(self, pid: int | None, running: bool | None) -> dict:
+        worker = self.cfg.worker
         return {"pid": pid, "running": running, "remote_log_path": worker.remote_log_path,
                 "remote_pid_path": worker.remote_pid_path, "remote_config_path": worker.remote_config_path}
 
@@ -2934,20 +2938,20 @@ class Stack:
         if alive:
             self.say(f"pod {alive[-1].name} of this stack is already running: not renting another")
             pod = alive[-1].name
-            worker = {"pid": None, "running": None, **{k: getattr(self.cfg.worker, k) for k in
-                                                      ("remote_log_path", "remote_pid_path", "remote_config_path")}}
+            worker = self.worker_summary(None, None)  # adopted: its worker was started earlier
         else:
             pod = self.create_pod()
             worker = self.deploy_worker(pod)
         return {"commander": commander, "pod": {"name": pod, "template_id": self.cfg.lium.template_id},
                 "worker": worker}
 
-    def run_record(self) -> dict:
+    def run_record(self) -> dict | None:
+        """The run as the commander sees it ({} before its first lease); None when unreachable."""
         try:
             reply = self.client.get(f"/api/runs/{self.cfg.run.run_id}")
         except CommanderUnreachable as exc:
             self.say(f"commander unreachable ({exc}); pods are left as they are")
-            return {"status": "UNKNOWN"}
+            return None
         return reply.body if reply.status == 200 else {}
 
     def supervise(self) -> int:
@@ -2956,28 +2960,29 @@ class Stack:
         poll = self.cfg.lium.poll_interval_seconds
         self.say(f"supervising run {self.cfg.run.run_id}: up to {relay.max_pods} pods, a new pod after "
                  f"{relay.no_lease_grace_seconds:g} s without a live lease (Ctrl-C stops supervising, pods stay)")
-        reported_epoch, step = 0, 0
+        reported_epoch = 0
         waiting_since = time.monotonic()
         try:
             while True:
                 run = self.run_record()
-                status = run.get("status", "PENDING")
+                if run is None:  # without the commander nothing can be judged: wait, touch nothing
+                    time.sleep(poll)
+                    continue
                 reported_epoch = self.report_handoffs(run.get("leases", []), reported_epoch)
-                if status in ("COMPLETED", "FAILED"):
-                    return self.finish(status, run)
+                if run.get("status") in ("COMPLETED", "FAILED"):
+                    return self.finish(run["status"], run)
                 if run.get("holder"):
                     waiting_since = time.monotonic()
-                if run.get("step", 0) > step:
-                    step = run["step"]
-                alive = self.live_pods() if status != "UNKNOWN" else self.state.live()
+                alive = self.live_pods()
                 if alive and time.monotonic() - waiting_since > relay.no_lease_grace_seconds:
                     for record in alive:
                         self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker cannot work")
                     alive = []
-                if not alive and status != "UNKNOWN":
+                if not alive:
                     if self.state.attempts >= relay.max_pods:
-                        self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on "
-                                 f"run {self.cfg.run.run_id} at step {step}")
+                        self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
+                                 f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
+                                 f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
                         return 1
                     try:
                         self.deploy_worker(self.create_pod())
@@ -3313,6 +3318,7 @@ class Demo:
         self.env = dict(os.environ, **self.MOCK_ENV)
         self.env.pop("RELAY_SHARED_SECRET", None)
         self.seen_events = 0
+        self.client: CommanderClient | None = None
 
     def say(self, message: str) -> None:
         print(f"[demo +{time.monotonic() - self.started:5.1f}s] {message}", flush=True)
@@ -3335,6 +3341,8 @@ class Demo:
         raise UserError(f"demo: timed out waiting for {what}; logs are in {self.work}")
 
     def run_record(self) -> dict:
+        if self.client is None:  # the commander has not said where it listens yet
+            return {}
         try:
             reply = self.client.get(f"/api/runs/{self.RUN_ID}", timeout=2)
         except CommanderUnreachable:
@@ -3382,7 +3390,6 @@ class Demo:
                  f"{self.MOCK_ENV['MOCK_SAVE_EVERY']}")
         self.spawn("commander", "serve", "--port", "0", "--lease-seconds", str(self.LEASE_SECONDS),
                    "--state-path", os.path.join(self.work, "commander_state.json"))
-        self.client = CommanderClient("http://unset")
         url = self.wait_for("the commander to listen", self.commander_url, 15)
         self.client = CommanderClient(url)
         self.say(f"commander up at {url}, lease {self.LEASE_SECONDS} s")
