@@ -947,8 +947,14 @@ class Commander:
         token = body.str("lease_token", max_len=128)
         status = body.str("status", choices=RELEASE_STATUSES)
         reason = body.str("reason", required=False, max_len=500)
+        step = body.int("step")
+        loss = body.number("loss")
+        lines = body.lines("log_lines")
         run = self._holder_run(run_id, token, worker_id)
         with self.durable_change(run_id):
+            # The trainer's last lines and step ride on the release, so a finished run's
+            # log ends with its final line instead of losing what came after the last renewal.
+            self._record_progress(run, step, loss, "", lines)
             lease = run.current_lease()
             progressed = lease is not None and run.step > lease.start_step
             run.end_lease(status.lower() + (f": {reason}" if reason else ""), utc_now())
@@ -2537,24 +2543,26 @@ class Worker:
         return "EXITED"
 
     def release(self, status: str, reason: str) -> bool:
-        """Hand the lease back; True once the commander acknowledged it.
+        """Hand the lease back with the last step and trainer lines; True once acknowledged.
 
-        Retries while the lease is still ours (the keeper keeps renewing meanwhile), so a
-        commander restart does not lose a completion; bounded by the lease deadline.
+        The keeper stops first, so no renewal in flight can take lines this payload needs or
+        land after the release.  Retries until the lease deadline (a commander restart keeps
+        the lease with a full TTL), so a brief outage does not lose a completion.
         """
         if self.lease is None or self.keeper is None:
             return False
+        self.keeper.stop()
         payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
-                   "status": status, "reason": reason}
-        while not self.keeper.lost.is_set():
+                   "status": status, "reason": reason, "step": self.progress.step, "loss": self.progress.loss,
+                   "log_lines": self.progress.take_lines()}
+        while not self.keeper.lost.is_set() and boottime() < self.keeper.deadline:
             reply = self._post("/api/lease/release", payload)
             if reply is not None:
                 if reply.status != 200:
                     self.say(f"release answered {reply.status}: {reply.body.get('error', '')}")
                 self.previous_token = ""
-                self.keeper.stop()
                 return reply.status == 200
-            self.keeper.lost.wait(1.0)
+            time.sleep(min(1.0, max(0.0, self.keeper.deadline - boottime())))
         return False
 
     def drop_lease(self) -> None:

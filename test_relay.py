@@ -83,14 +83,18 @@ def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninte
 
 # --------------------------------------------------------------------------- handoffs
 
+# Tests that interrupt worker a mid-run pace its trainer so that it is surely still running
+# when the checkpoint they wait for is sealed, even on a loaded machine.
+MID_RUN = {"MOCK_STEP_SECONDS": "0.1"}
+
 
 def test_a_killed_worker_loses_its_trainer_and_a_standby_resumes_from_the_last_checkpoint(cluster, reference):
     cluster.start_commander(lease=2)
-    worker_a = cluster.start_worker("a")
+    worker_a = cluster.start_worker("a", env=MID_RUN)
     wait_for("a to hold the run", lambda: cluster.run("r1").get("holder") == "a")
     worker_b = cluster.start_worker("b")
     wait_for("a sealed checkpoint 10", lambda: checkpoint_at_least(cluster, 10))
-    assert cluster.trainer_pids(worker_id="a")
+    assert cluster.trainer_pids(worker_id="a"), cluster.log("a")
     os.kill(worker_a.pid, signal.SIGKILL)
     wait_for("a's trainer to die within the lease TTL", lambda: not cluster.trainer_pids(worker_id="a"), timeout=2)
     run = wait_for("the run to complete", lambda: completed(cluster), 30)
@@ -105,7 +109,7 @@ def test_a_killed_worker_loses_its_trainer_and_a_standby_resumes_from_the_last_c
 def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_anyone_else(cluster, reference):
     cluster.start_commander(lease=2)
     with TrainerOverlapMonitor(cluster) as monitor:
-        worker_a = cluster.start_worker("a")
+        worker_a = cluster.start_worker("a", env=MID_RUN)
         wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
         worker_b = cluster.start_worker("b")
         os.kill(worker_a.pid, signal.SIGSTOP)  # the worker alone: its watchdog keeps running
@@ -125,7 +129,7 @@ def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_any
 
 def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(cluster, reference):
     cluster.start_commander(lease=6)
-    worker_a = cluster.start_worker("a")
+    worker_a = cluster.start_worker("a", env=MID_RUN)
     wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
     cluster.start_worker("b")
     wait_for("b standing by", lambda: "standing by" in cluster.log("b"))
@@ -930,7 +934,8 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
         assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
     run = wait_for("the run to complete", lambda: completed(cluster), 40)
     assert run["leases"][0]["worker_id"] == "relay-r1-1"
-    assert "COMPLETED" in (home / "relay" / "worker.log").read_text()
+    # The worker logs the completion once the commander acknowledged it: poll, do not race.
+    wait_for("the worker log to report the completion", lambda: "COMPLETED" in (home / "relay" / "worker.log").read_text(), 10)
 
 
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
