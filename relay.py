@@ -399,6 +399,9 @@ class RelayGroup:
     max_pods: int = 5  # pods over the run's whole life
     no_lease_grace_seconds: float = 300.0  # a run without a live lease this long gets a new pod
     remove_pods_at_end: bool = True
+    # A second pod whose worker stands by: a preemption then costs one lease TTL instead of a
+    # pod boot and a restore, at the price of a second GPU bill.  Off by default.
+    hot_standby: bool = False
     state_path: str = ".relay-launch/stack_state.json"
 
 
@@ -1797,14 +1800,20 @@ def processes_tagged(tag: str) -> list[int]:
 
 
 def signal_trainer_tree(pgid: int | None, tag: str, sig: int) -> int:
-    """Send `sig` to the trainer's group and to every tagged process; how many were found."""
+    """Send `sig` to the trainer's group and to every tagged process that left it; how many
+    tagged processes were found.
+
+    Each process gets the signal once: a launch script's TERM trap resets itself to the
+    default before it runs its stop steps, so a second SIGTERM would kill it halfway.
+    """
     if pgid:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
     tagged = processes_tagged(tag)
     for pid in tagged:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+            if os.getpgid(pid) != pgid:
+                os.kill(pid, sig)
     return len(tagged)
 
 
@@ -2963,11 +2972,14 @@ class Stack:
         return reply.body if reply.status == 200 else {}
 
     def supervise(self) -> int:
-        """Keep one working pod on the run until it is COMPLETED or FAILED, then clean up."""
+        """Keep a working pod (and a standby, if asked) on the run until it is COMPLETED or
+        FAILED, then clean up."""
         relay = self.cfg.relay
         poll = self.cfg.lium.poll_interval_seconds
+        pods_wanted = 2 if relay.hot_standby else 1
         self.say(f"supervising run {self.cfg.run.run_id}: up to {relay.max_pods} pods, a new pod after "
-                 f"{relay.no_lease_grace_seconds:g} s without a live lease (Ctrl-C stops supervising, pods stay)")
+                 f"{relay.no_lease_grace_seconds:g} s without a live lease"
+                 f"{', one hot standby' if relay.hot_standby else ''} (Ctrl-C stops supervising, pods stay)")
         reported_epoch = 0
         waiting_since = time.monotonic()
         try:
@@ -2986,17 +2998,18 @@ class Stack:
                     for record in alive:
                         self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker cannot work")
                     alive = []
-                if not alive:
-                    if self.state.attempts >= relay.max_pods:
-                        self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
-                                 f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
-                                 f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
-                        return 1
+                if not alive and self.state.attempts >= relay.max_pods:
+                    self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
+                             f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
+                             f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
+                    return 1
+                if len(alive) < pods_wanted and self.state.attempts < relay.max_pods:
                     try:
                         self.deploy_worker(self.create_pod())
                     except LiumError as exc:
                         self.say(f"{exc}; trying again in {poll:g} s")
-                    waiting_since = time.monotonic()
+                    if not alive:  # the new pod gets a whole grace to take the lease
+                        waiting_since = time.monotonic()
                 time.sleep(poll)
         except KeyboardInterrupt:
             names = ", ".join(p.name for p in self.state.live()) or "none"

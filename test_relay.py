@@ -23,6 +23,8 @@ import pytest
 
 from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, reference_model, relay, wait_for
 
+FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # stand-ins for `lium` and `ray`
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -670,8 +672,10 @@ def test_a_converted_base_checkpoint_is_loaded_first_and_never_pruned_or_counted
 @pytest.mark.parametrize("how", ["sigterm", "lease lost"])
 def test_stopping_a_slime_trainer_leaves_no_process_behind_even_in_a_new_session(cluster, how):
     cluster.start_commander(lease=2)
+    ray_calls = cluster.tmp / "ray-calls.log"
     worker = cluster.start_worker("a", stop_grace_seconds=2, env=slime_env(
-        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2"))
+        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2",
+        PATH=f"{FAKE_CLIS}:{os.environ['PATH']}", FAKE_RAY_LOG=str(ray_calls)))
     heartbeats = cluster.tmp / "volume" / "runs" / "r1"
     wait_for("the setsid child to beat", lambda: list(heartbeats.glob("heartbeat-*")), 20)
     trainers = cluster.trainer_pids()
@@ -688,6 +692,8 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_in_a_new_session
     assert time.monotonic() - stopped < 8
     for pid in escaped:  # the processes that left the trainer's session are gone too
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+    if how == "sigterm":  # a graceful stop also ran slime's own stop steps first
+        assert ray_calls.read_text().splitlines() == ["job list", "job stop raysubmit_T3stJob1", "stop --force"]
 
 
 def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):
@@ -865,7 +871,6 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
 
 # --------------------------------------------------------------------------- launch-stack on Lium (a fake lium)
 
-LIUM_BIN = os.path.join(os.path.dirname(RELAY), "testing", "bin")
 
 
 def write_stack(cluster: Cluster, **groups: dict) -> str:
@@ -891,7 +896,7 @@ def write_stack(cluster: Cluster, **groups: dict) -> str:
 
 
 def lium_env(cluster: Cluster, **extra: str) -> dict[str, str]:
-    return cluster.env(PATH=f"{LIUM_BIN}:{os.environ['PATH']}", FAKE_LIUM_HOME=str(cluster.tmp / "lium"),
+    return cluster.env(PATH=f"{FAKE_CLIS}:{os.environ['PATH']}", FAKE_LIUM_HOME=str(cluster.tmp / "lium"),
                        FAKE_LIUM_PYTHON=sys.executable, **extra)
 
 
@@ -940,12 +945,7 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
 
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
     stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
-    empty = cluster.tmp / "empty"
-    empty.mkdir()
-    supervisor = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
-                                  env=lium_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  start_new_session=True)
-    cluster.procs.append(supervisor)
+    supervisor = supervise(cluster, stack)
     wait_for("the first pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 40)
     subprocess.run(["lium", "preempt", "relay-r1-1"], env=lium_env(cluster), check=True, capture_output=True)
     assert supervisor.wait(90) == 0
@@ -958,6 +958,49 @@ def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the
     assert int(resume.split("checkpoint ")[1].split()[0]) >= 10, resume
     assert final_model(cluster, steps=60) == reference_model(tmp_path, 60)
     assert pod_names(cluster) == []
+
+
+def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> subprocess.Popen:
+    """`launch-stack --supervise` in the background, from an empty folder."""
+    empty = cluster.tmp / "empty"
+    empty.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
+                            env=lium_env(cluster, **lium_knobs), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    cluster.procs.append(proc)
+    return proc
+
+
+def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, tmp_path):
+    stack = write_stack(cluster, relay={"hot_standby": True}, lium={"ready_timeout_seconds": 20},
+                        worker={"env": {"MOCK_MAX_STEPS": "200", "MOCK_STEP_SECONDS": "0.05"}})
+    supervisor = supervise(cluster, stack, FAKE_LIUM_BOOT_SECONDS="5")  # every pod takes 5 s to boot
+    standby_log = cluster.tmp / "lium" / "pods" / "relay-r1-2" / "home" / "relay" / "worker.log"
+    wait_for("relay-r1-1 to train and relay-r1-2 to stand by", lambda: cluster.healthy()
+             and checkpoint_at_least(cluster, 5) and standby_log.exists() and "standing by" in standby_log.read_text(), 40)
+    assert cluster.run("r1")["holder"] == "relay-r1-1"
+    preempted = time.monotonic()
+    subprocess.run(["lium", "preempt", "relay-r1-1"], env=lium_env(cluster), check=True, capture_output=True)
+    wait_for("the standby to take the run", lambda: cluster.run("r1").get("holder") == "relay-r1-2", 20)
+    assert time.monotonic() - preempted < 7  # about the lease TTL (3 s); a new pod needs a 5 s boot more
+    assert supervisor.wait(90) == 0
+    events = supervisor.stderr.read()
+    for words in ("one hot standby", "pod relay-r1-1 is gone", "creating pod relay-r1-3",
+                  "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "pod relay-r1-3 removed"):
+        assert words in events, events
+    assert final_model(cluster, steps=200) == reference_model(tmp_path, 200)
+    assert pod_names(cluster) == []
+
+
+def test_ctrl_c_stops_supervising_says_so_and_leaves_the_pods_running(cluster):
+    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor = supervise(cluster, stack)
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
+    supervisor.send_signal(signal.SIGINT)
+    assert supervisor.wait(15) == 130
+    assert "stopped supervising; pods left as they are: relay-r1-1" in supervisor.stderr.read()
+    assert pod_names(cluster) == ["relay-r1-1"] and cluster.trainer_pids()
+    assert cluster.run("r1")["holder"] == "relay-r1-1"
 
 
 @pytest.mark.parametrize("knobs, words", [
@@ -990,21 +1033,11 @@ def test_relay_py_is_not_uploaded_when_the_pods_image_already_has_the_same_versi
 
 def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluster):
     stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
-    empty = cluster.tmp / "empty"
-    empty.mkdir()
-
-    def supervise() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
-                                env=lium_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        cluster.procs.append(proc)
-        return proc
-
-    first = supervise()
+    first = supervise(cluster, stack)
     wait_for("the worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
     first.kill()
     first.wait()
-    second = supervise()
+    second = supervise(cluster, stack)
     assert second.wait(90) == 0
     assert "already running: not renting another" in second.stderr.read()
     assert [entry for entry in lium_state(cluster)["log"] if entry[0] == "up"] == [["up", "relay-r1-1"]]

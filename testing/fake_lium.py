@@ -12,6 +12,7 @@ found.  Knobs (environment of `lium up`):
   FAKE_LIUM_UP_FAIL=N           `up` fails with exit N
   FAKE_LIUM_UP_LEAVES_POD=1     ...after renting the pod (it keeps "billing")
   FAKE_LIUM_NEVER_READY=1       the pod never answers exec/scp (exit 4)
+  FAKE_LIUM_BOOT_SECONDS=S      ...until S seconds after `up` (a pod takes a while to boot)
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def kill_pod_processes(pod_id: str) -> None:
 
 
 def reachable(pod: dict) -> None:
-    if not pod["ready"]:
+    if not pod["ready"] or time.time() < pod["ready_at"]:
         fail("SSH_ERROR", f"SSH connection to {pod['huid']} failed: connection refused", 4, "the pod may still be starting")
 
 
@@ -131,7 +132,8 @@ def main() -> int:
                    "status": "running", "template_id": args.template_id, "volume": args.volume, "ttl": args.ttl,
                    "gpu_type": args.gpu or "H200", "price_per_hour": 3.5, "spent_usd": 0.0, "ip": "127.0.0.1",
                    "ssh_cmd": f"ssh root@127.0.0.1 -p 22 # {name}", "removal_scheduled_at": None,
-                   "ready": os.environ.get("FAKE_LIUM_NEVER_READY") != "1", "created_at": time.time()}
+                   "ready": os.environ.get("FAKE_LIUM_NEVER_READY") != "1", "created_at": time.time(),
+                   "ready_at": time.time() + float(os.environ.get("FAKE_LIUM_BOOT_SECONDS", "0"))}
             failing = int(os.environ.get("FAKE_LIUM_UP_FAIL", "0"))
             data["log"].append(["up", name])
             if failing and os.environ.get("FAKE_LIUM_UP_LEAVES_POD") != "1":
