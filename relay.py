@@ -2065,7 +2065,7 @@ class RestoreFailed(Exception):
 def final_model_text(repo: str, revision: str) -> str:
     return (f"final model: {repo} at revision {revision}\n"
             f"Affine hand-off: af chutes_push --repo {repo} --revision {revision}\n"
-            f"                 then af commit with the chute id it prints (see Affine's docs)")
+            f"                 af commit --repo {repo} --revision {revision} --chute-id <the id chutes_push prints>")
 
 
 @dataclass

@@ -515,6 +515,7 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000040/model.json"] == reference
     assert worker_b.wait(10) == 0
     assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
+    assert f"af commit --repo {HUB_REPO} --revision {final['revision']} --chute-id" in cluster.log("b")
     assert f"af chutes_push --repo {HUB_REPO} --revision {final['revision']}" in cluster.log("b")
     assert hub.repos[HUB_REPO].private
     for name in ("a", "b", "commander"):
