@@ -610,6 +610,13 @@ MAX_EVENTS = 200
 MAX_LEASES_KEPT = 500
 MAX_LOSS_POINTS = 2000
 MAX_LOG_LINES = 200
+STANDBY_WINDOW_SECONDS = 60.0  # a standby asks at least every 5 s (retry_after_sec)
+MAX_STANDBYS_TRACKED = 16
+
+
+def standby_poll_seconds(lease_seconds: float) -> float:
+    """How often a standby asks for a held run (at most; sooner when the lease is about to end)."""
+    return min(5.0, max(0.2, lease_seconds / 10))
 
 
 class ApiError(Exception):
@@ -799,7 +806,11 @@ class Commander:
         # A restarted commander cannot know how long its holders went without renewing, so
         # every lease gets a full TTL from now: a live holder renews, a dead one expires.
         self.expires: dict[str, float] = {}
+        # Who asked for each run lately while another held it (run -> worker -> clock()), in
+        # memory only: launch-stack tells a standing-by worker from a dead one by it.
+        self.standbys: dict[str, dict[str, float]] = {}
         now = self.clock()
+        self.started = now
         for run in self.runs.values():
             if run.holder:
                 self.expires[run.run_id] = now + lease_seconds
@@ -865,9 +876,17 @@ class Commander:
     def retry_after(self, run: RunRecord, now: float) -> float:
         # Standbys poll fast enough to take over "at once" after a release, and never later
         # than a hair after the current lease expires.
-        base = min(5.0, max(0.2, self.lease_seconds / 10))
+        base = standby_poll_seconds(self.lease_seconds)
         remaining = self.expires.get(run.run_id, now) - now
         return round(max(0.05, min(base, remaining + 0.05)), 3)
+
+    def note_standby(self, run_id: str, worker_id: str, now: float) -> None:
+        seen = self.standbys.setdefault(run_id, {})
+        seen[worker_id] = now
+        for stale in [w for w, at in seen.items() if now - at > STANDBY_WINDOW_SECONDS]:
+            del seen[stale]
+        if len(seen) > MAX_STANDBYS_TRACKED:  # bounded, whatever worker ids a client invents
+            del seen[min(seen, key=seen.__getitem__)]
 
     def acquire(self, body: Body) -> dict:
         run_id = body.str("run_id", pattern=RUN_ID_RE)
@@ -889,6 +908,7 @@ class Commander:
                 with self.durable_change(run_id):
                     run.end_lease("reacquired", utc_now())
             else:
+                self.note_standby(run_id, worker_id, now)
                 return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
                         "retry_after_sec": self.retry_after(run, now)}
         token = secrets.token_urlsafe(24)
@@ -906,6 +926,7 @@ class Commander:
             del run.leases[:-MAX_LEASES_KEPT]
             run.add_event(f"lease epoch {run.epoch} granted to {worker_id}")
             self.expires[run_id] = now + self.lease_seconds
+        self.standbys.get(run_id, {}).pop(worker_id, None)
         checkpoint = dict(run.latest_checkpoint) if run.latest_checkpoint else None
         if run.hub:
             checkpoint = dict(checkpoint or {}, hub=dict(run.hub))
@@ -1030,6 +1051,12 @@ class Commander:
         lease = run.current_lease()
         view["lease_expires_in_sec"] = round(self.expires[run.run_id] - now, 2) if run.holder else None
         view["lease_age_sec"] = round(utc_now() - lease.started_at, 1) if lease else None
+        # Standbys: workers that asked for this run in the last `standby_window_sec` seconds
+        # (shorter than STANDBY_WINDOW_SECONDS just after a commander start: it saw no more).
+        view["standbys"] = [{"worker_id": worker, "seen_sec_ago": round(now - at, 1)}
+                            for worker, at in sorted(self.standbys.get(run.run_id, {}).items())
+                            if now - at <= STANDBY_WINDOW_SECONDS and worker != run.holder]
+        view["standby_window_sec"] = round(min(now - self.started, STANDBY_WINDOW_SECONDS), 1)
         return view
 
     def runs_view(self) -> dict:
@@ -2722,6 +2749,8 @@ class Stack:
         self.lium = Lium(dry_run)
         self.state = StackState(cfg.relay.state_path, cfg.run.run_id, persist=not dry_run)
         self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10)
+        self.started = time.monotonic()
+        self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
@@ -2904,6 +2933,7 @@ class Stack:
         start = (f"{{ set -a && . {q(env_path)} && set +a; }} || exit 1; nohup setsid {command} "
                  f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}")
         self.check_exec(pod, start)
+        self.worker_started[pod] = time.monotonic()
         pid, running = None, False
         give_up = time.monotonic() + 15
         while not self.dry_run:
@@ -2998,6 +3028,11 @@ class Stack:
                     for record in alive:
                         self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker cannot work")
                     alive = []
+                for record in self.silent_pods(run, alive):
+                    self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: it "
+                                            f"exited or cannot reach {self.cfg.run.commander_url} (see `lium exec {record.name} "
+                                            f"'tail {self.cfg.worker.remote_log_path}'`)")
+                    alive.remove(record)
                 if not alive and self.state.attempts >= relay.max_pods:
                     self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
                              f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
@@ -3015,6 +3050,27 @@ class Stack:
             names = ", ".join(p.name for p in self.state.live()) or "none"
             self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them)")
             return 130
+
+    def silence_seconds(self) -> float:
+        """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
+        return max(10.0, 6 * standby_poll_seconds(self.cfg.commander.lease_seconds),
+                   3 * self.cfg.lium.poll_interval_seconds)
+
+    def silent_pods(self, run: dict, alive: list[PodRecord]) -> list[PodRecord]:
+        """Pods whose worker neither holds the run nor asked the commander for it lately.
+
+        A standing-by worker asks every few seconds, so silence for `silence_seconds` means
+        it exited or cannot reach the commander.  No judgement until the commander has
+        watched that long (it forgets standbys on a restart), nor on a worker started less
+        than that ago (adopted pods count from this supervisor's start).
+        """
+        silence = self.silence_seconds()
+        if run.get("standby_window_sec", 0) < silence:
+            return []
+        heard = {s["worker_id"] for s in run.get("standbys", []) if s["seen_sec_ago"] < silence}
+        now = time.monotonic()
+        return [record for record in alive if record.name != run.get("holder") and record.name not in heard
+                and now - self.worker_started.get(record.name, self.started) > silence]
 
     def report_handoffs(self, leases: list[dict], reported_epoch: int) -> int:
         """Log each lease granted since `reported_epoch`, from the commander's history (a poll
@@ -3094,13 +3150,18 @@ def run_rows(runs: list[dict]) -> list[list[str]]:
     return rows
 
 
+def standbys_text(run: dict) -> str:
+    """Workers standing by for the run, as the commander last heard from them."""
+    return ", ".join(f"{s['worker_id']} ({age_text(s['seen_sec_ago'])} ago)" for s in run.get("standbys", [])) or "-"
+
+
 def format_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def format_run_detail(run: dict) -> str:
-    lines = [format_table(run_rows([run])), "", "leases:"]
+    lines = [format_table(run_rows([run])), f"standing by: {standbys_text(run)}", "", "leases:"]
     for lease in run.get("leases", []):
         end = iso(lease["ended_at"]) or "now"
         lines.append(f"  epoch {lease['epoch']:>3}  {lease['worker_id']:<24} {iso(lease['started_at'])} -> {end:<20} "
@@ -3220,7 +3281,8 @@ def render_run_card(run: dict, now: float) -> str:
     ckpt = run.get("latest_checkpoint") or {}
     hub = run.get("hub") or {}
     rate = steps_per_hour(run)
-    facts = [("holder", run["holder"] or "-"), ("epoch", run["epoch"]), ("step", run["step"]),
+    facts = [("holder", run["holder"] or "-"), ("standing by", standbys_text(run)), ("epoch", run["epoch"]),
+             ("step", run["step"]),
              ("steps/hour", f"{rate:.0f}" if rate is not None else "-"),
              ("loss", f"{run['loss']:.4g}" if run.get("loss") is not None else "-")]
     if run["holder"]:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,7 @@ def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(c
     wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
     cluster.start_worker("b")
     wait_for("b standing by", lambda: "standing by" in cluster.log("b"))
+    assert [standby["worker_id"] for standby in cluster.run("r1")["standbys"]] == ["b"]
     stopped = time.monotonic()
     worker_a.send_signal(signal.SIGTERM)
     wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
@@ -946,14 +948,13 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
 
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
     stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
-    supervisor = supervise(cluster, stack)
+    supervisor, events = supervise(cluster, stack)
     wait_for("the first pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 40)
     subprocess.run(["lium", "preempt", "relay-r1-1"], env=lium_env(cluster), check=True, capture_output=True)
     assert supervisor.wait(90) == 0
-    events = supervisor.stderr.read()
     for words in ("pod relay-r1-1 is gone", "creating pod relay-r1-2", "lease handed off from relay-r1-1 to relay-r1-2",
                   "run r1 COMPLETED", "pod relay-r1-2 removed"):
-        assert words in events, events
+        assert words in events.read_text(), events.read_text()
     run = cluster.run("r1")
     resume = resumed_from(run, "relay-r1-2")[0]
     assert int(resume.split("checkpoint ")[1].split()[0]) >= 10, resume
@@ -961,21 +962,23 @@ def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the
     assert pod_names(cluster) == []
 
 
-def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> subprocess.Popen:
-    """`launch-stack --supervise` in the background, from an empty folder."""
+def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subprocess.Popen, Path]:
+    """`launch-stack --supervise` in the background, from an empty folder; its event log's path."""
     empty = cluster.tmp / "empty"
     empty.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
-                            env=lium_env(cluster, **lium_knobs), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    events = cluster.tmp / f"supervisor-{len(cluster.procs)}.log"
+    with open(events, "w") as log:
+        proc = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
+                                env=lium_env(cluster, **lium_knobs), stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
     cluster.procs.append(proc)
-    return proc
+    return proc, events
 
 
 def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, tmp_path):
     stack = write_stack(cluster, relay={"hot_standby": True}, lium={"ready_timeout_seconds": 20},
                         worker={"env": {"MOCK_MAX_STEPS": "200", "MOCK_STEP_SECONDS": "0.05"}})
-    supervisor = supervise(cluster, stack, FAKE_LIUM_BOOT_SECONDS="5")  # every pod takes 5 s to boot
+    supervisor, events = supervise(cluster, stack, FAKE_LIUM_BOOT_SECONDS="5")  # every pod takes 5 s to boot
     standby_log = cluster.tmp / "lium" / "pods" / "relay-r1-2" / "home" / "relay" / "worker.log"
     wait_for("relay-r1-1 to train and relay-r1-2 to stand by", lambda: cluster.healthy()
              and checkpoint_at_least(cluster, 5) and standby_log.exists() and "standing by" in standby_log.read_text(), 40)
@@ -985,21 +988,37 @@ def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cl
     wait_for("the standby to take the run", lambda: cluster.run("r1").get("holder") == "relay-r1-2", 20)
     assert time.monotonic() - preempted < 7  # about the lease TTL (3 s); a new pod needs a 5 s boot more
     assert supervisor.wait(90) == 0
-    events = supervisor.stderr.read()
     for words in ("one hot standby", "pod relay-r1-1 is gone", "creating pod relay-r1-3",
                   "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "pod relay-r1-3 removed"):
-        assert words in events, events
+        assert words in events.read_text(), events.read_text()
     assert final_model(cluster, steps=200) == reference_model(tmp_path, 200)
     assert pod_names(cluster) == []
 
 
+def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_goes_on(cluster):
+    stack = write_stack(cluster, relay={"hot_standby": True},
+                        worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, stack)
+    pod_home = cluster.tmp / "lium" / "pods"
+    wait_for("relay-r1-2 to stand by", lambda: cluster.healthy() and cluster.run("r1").get("standbys"), 40)
+    assert cluster.run("r1")["standbys"][0]["worker_id"] == "relay-r1-2"
+    os.kill(int((pod_home / "relay-r1-2" / "home" / "relay" / "worker.pid").read_text()), signal.SIGKILL)
+    wait_for("the silent standby pod to be replaced", lambda: "creating pod relay-r1-3" in events.read_text(), 60)
+    assert "pod relay-r1-2 removed: its worker has not asked for the lease" in events.read_text()
+    wait_for("the new standby to stand by", lambda: any(s["worker_id"] == "relay-r1-3" and s["seen_sec_ago"] < 5
+                                                        for s in cluster.run("r1")["standbys"]), 30)
+    assert pod_names(cluster) == ["relay-r1-1", "relay-r1-3"] and supervisor.poll() is None
+    run = cluster.run("r1")
+    assert run["holder"] == "relay-r1-1" and len(run["leases"]) == 1  # training never stopped
+
+
 def test_ctrl_c_stops_supervising_says_so_and_leaves_the_pods_running(cluster):
     stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
-    supervisor = supervise(cluster, stack)
+    supervisor, events = supervise(cluster, stack)
     wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
     supervisor.send_signal(signal.SIGINT)
     assert supervisor.wait(15) == 130
-    assert "stopped supervising; pods left as they are: relay-r1-1" in supervisor.stderr.read()
+    assert "stopped supervising; pods left as they are: relay-r1-1" in events.read_text()
     assert pod_names(cluster) == ["relay-r1-1"] and cluster.trainer_pids()
     assert cluster.run("r1")["holder"] == "relay-r1-1"
 
@@ -1034,13 +1053,13 @@ def test_relay_py_is_not_uploaded_when_the_pods_image_already_has_the_same_versi
 
 def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluster):
     stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
-    first = supervise(cluster, stack)
+    first, _ = supervise(cluster, stack)
     wait_for("the worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
     first.kill()
     first.wait()
-    second = supervise(cluster, stack)
+    second, events = supervise(cluster, stack)
     assert second.wait(90) == 0
-    assert "already running: not renting another" in second.stderr.read()
+    assert "already running: not renting another" in events.read_text()
     assert [entry for entry in lium_state(cluster)["log"] if entry[0] == "up"] == [["up", "relay-r1-1"]]
     assert completed(cluster) and pod_names(cluster) == []
 
