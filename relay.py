@@ -460,6 +460,9 @@ def load_stack_config(path: str) -> StackConfig:
                                               f"{path}: run"), f"{path}: run")
     if relay.max_pods < 1:
         raise UserError(f"{path}: relay: field 'max_pods' must be at least 1")
+    if relay.hot_standby and not run.hf_repo:
+        raise UserError(f"{path}: relay: field 'hot_standby' needs run.hf_repo: a Lium volume attaches to one pod "
+                        "at a time, so a standby resumes from the Hub")
     for name in ("ready_timeout_seconds", "poll_interval_seconds"):
         if getattr(lium, name) <= 0:
             raise UserError(f"{path}: lium: field '{name}' must be a positive number of seconds")
@@ -2675,9 +2678,9 @@ class Lium:
             raise LiumError(f"lium {what} failed: {self.error_text(result)}")
         return result
 
-    def up(self, group: LiumGroup, name: str) -> None:
+    def up(self, group: LiumGroup, name: str, volume: str) -> None:
         args = ["up", *([group.executor] if group.executor else []), "--name", name, "--template_id", group.template_id]
-        for flag, value in (("--volume", group.volume), ("--ttl", group.ttl), ("--gpu", group.gpu)):
+        for flag, value in (("--volume", volume), ("--ttl", group.ttl), ("--gpu", group.gpu)):
             if value:
                 args += [flag, value]
         # --json: without it (or --no-ssh) `up` opens an interactive SSH session when ready.
@@ -2710,6 +2713,7 @@ class PodRecord:
     name: str
     created_at: float
     state: str = "creating"  # creating -> active -> removed
+    has_volume: bool = False  # lium.volume is attached to it (one pod at a time)
 
 
 class StackState:
@@ -2837,12 +2841,16 @@ class Stack:
         """Rent a pod and wait until it answers; a pod that fails on the way is removed."""
         self.state.attempts += 1
         name = f"{self.cfg.lium.pod_name or 'relay-' + self.cfg.run.run_id}-{self.state.attempts}"
-        record = PodRecord(name, utc_now())
+        # A volume attaches to one pod at a time: a standby beside its holder goes without
+        # (and resumes from the Hub); a replacement for the pod that had it takes it over.
+        volume = self.cfg.lium.volume if not any(p.has_volume for p in self.state.live()) else ""
+        record = PodRecord(name, utc_now(), has_volume=bool(volume))
         self.state.pods.append(record)
         self.state.save()  # before `up`: whatever happens next, this name can be cleaned up
-        self.say(f"creating pod {name} (template {self.cfg.lium.template_id})")
+        self.say(f"creating pod {name} (template {self.cfg.lium.template_id}"
+                 f"{f', volume {volume}' if volume else ', no volume' if self.cfg.lium.volume else ''})")
         try:
-            self.lium.up(self.cfg.lium, name)
+            self.lium.up(self.cfg.lium, name, volume)
             self.wait_ready(name)
         except LiumError:
             self.remove_pod(record, "it failed to start")
@@ -3010,6 +3018,9 @@ class Stack:
         self.say(f"supervising run {self.cfg.run.run_id}: up to {relay.max_pods} pods, a new pod after "
                  f"{relay.no_lease_grace_seconds:g} s without a live lease"
                  f"{', one hot standby' if relay.hot_standby else ''} (Ctrl-C stops supervising, pods stay)")
+        if not self.cfg.lium.volume and not self.cfg.run.hf_repo:
+            self.say("WARNING: neither lium.volume nor run.hf_repo is set: a replacement pod cannot see this pod's "
+                     "checkpoints and starts the run over from step 0")
         reported_epoch = 0
         waiting_since = time.monotonic()
         try:
@@ -3089,9 +3100,24 @@ class Stack:
         self.say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
                  + (f"; final model {hub['repo']}@{hub['revision']}" if hub else ""))
         if self.cfg.relay.remove_pods_at_end:
+            keep = self.sole_keeper_of_the_last_checkpoint(run)
             for record in self.live_pods():
+                if record.name == keep:
+                    self.say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
+                             f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
+                             f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
+                    continue
                 self.remove_pod(record, f"the run is {status}")
         return 0 if status == "COMPLETED" else 1
+
+    def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
+        """The pod whose removal would lose the run's last checkpoint: neither the Hub nor a
+        Lium volume (which outlives its pod) holds it."""
+        last = run.get("latest_checkpoint") or {}
+        if not last or (run.get("hub") or {}).get("iteration") == last["iteration"]:
+            return None
+        sealer = last.get("worker_id")
+        return None if any(p.name == sealer and p.has_volume for p in self.state.pods) else sealer
 
     def down(self) -> dict:
         removed = []

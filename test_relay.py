@@ -303,7 +303,7 @@ def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cl
     def view() -> list:
         runs = cluster.runs()["runs"]
         for run in runs:
-            run.pop("lease_expires_in_sec"), run.pop("lease_age_sec")
+            run.pop("lease_expires_in_sec"), run.pop("lease_age_sec"), run.pop("standby_window_sec")  # durations
         return runs
 
     before = view()
@@ -885,7 +885,8 @@ def write_stack(cluster: Cluster, **groups: dict) -> str:
         "commander": {"host": "127.0.0.1", "port": cluster.port, "lease_seconds": 3, "wait_seconds": 20,
                       "state_path": str(launch / "commander_state.json"), "log_path": str(launch / "commander.log"),
                       "pid_path": str(launch / "commander.pid")},
-        "lium": {"template_id": "tmpl-relay", "ready_timeout_seconds": 5, "poll_interval_seconds": 0.5},
+        "lium": {"template_id": "tmpl-relay", "volume": "id:vol-relay", "ready_timeout_seconds": 5,
+                 "poll_interval_seconds": 0.5},
         "run": {"run_id": "r1", "mode": "sft", "l1_root": str(cluster.tmp / "volume"), "stop_grace_seconds": 2},
         "worker": {"remote_python_bin": sys.executable, "env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1"}},
         "relay": {"max_pods": 3, "no_lease_grace_seconds": 30, "state_path": str(launch / "stack_state.json")},
@@ -975,9 +976,15 @@ def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subproce
     return proc, events
 
 
-def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, tmp_path):
-    stack = write_stack(cluster, relay={"hot_standby": True}, lium={"ready_timeout_seconds": 20},
-                        worker={"env": {"MOCK_MAX_STEPS": "200", "MOCK_STEP_SECONDS": "0.05"}})
+def hot_standby_stack(cluster: Cluster, hub, steps: str, **groups: dict) -> str:
+    """A stack keeping a hot standby; standbys go without the volume, so the run syncs to the Hub."""
+    hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return write_stack(cluster, relay={"hot_standby": True}, run={"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5},
+                       worker={"env": {"MOCK_MAX_STEPS": steps, "MOCK_STEP_SECONDS": "0.05", **hub_env}}, **groups)
+
+
+def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, hub, tmp_path):
+    stack = hot_standby_stack(cluster, hub, "200", lium={"ready_timeout_seconds": 20})
     supervisor, events = supervise(cluster, stack, FAKE_LIUM_BOOT_SECONDS="5")  # every pod takes 5 s to boot
     standby_log = cluster.tmp / "lium" / "pods" / "relay-r1-2" / "home" / "relay" / "worker.log"
     wait_for("relay-r1-1 to train and relay-r1-2 to stand by", lambda: cluster.healthy()
@@ -988,16 +995,17 @@ def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cl
     wait_for("the standby to take the run", lambda: cluster.run("r1").get("holder") == "relay-r1-2", 20)
     assert time.monotonic() - preempted < 7  # about the lease TTL (3 s); a new pod needs a 5 s boot more
     assert supervisor.wait(90) == 0
-    for words in ("one hot standby", "pod relay-r1-1 is gone", "creating pod relay-r1-3",
+    for words in ("one hot standby", "creating pod relay-r1-1 (template tmpl-relay, volume id:vol-relay)",
+                  "creating pod relay-r1-2 (template tmpl-relay, no volume)", "pod relay-r1-1 is gone",
+                  "creating pod relay-r1-3 (template tmpl-relay, volume id:vol-relay)",
                   "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "pod relay-r1-3 removed"):
         assert words in events.read_text(), events.read_text()
     assert final_model(cluster, steps=200) == reference_model(tmp_path, 200)
     assert pod_names(cluster) == []
 
 
-def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_goes_on(cluster):
-    stack = write_stack(cluster, relay={"hot_standby": True},
-                        worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
+def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_goes_on(cluster, hub):
+    stack = hot_standby_stack(cluster, hub, "1000")
     supervisor, events = supervise(cluster, stack)
     pod_home = cluster.tmp / "lium" / "pods"
     wait_for("relay-r1-2 to stand by", lambda: cluster.healthy() and cluster.run("r1").get("standbys"), 40)
@@ -1010,6 +1018,15 @@ def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_
     assert pod_names(cluster) == ["relay-r1-1", "relay-r1-3"] and supervisor.poll() is None
     run = cluster.run("r1")
     assert run["holder"] == "relay-r1-1" and len(run["leases"]) == 1  # training never stopped
+
+
+def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end(cluster):
+    stack = write_stack(cluster, lium={"volume": ""})  # no volume, no Hub: the checkpoint is on the pod's disk
+    supervisor, events = supervise(cluster, stack)
+    assert supervisor.wait(60) == 0
+    assert "WARNING: neither lium.volume nor run.hf_repo is set" in events.read_text()
+    assert "pod relay-r1-1 kept: checkpoint 40 is only on its own disk" in events.read_text()
+    assert pod_names(cluster) == ["relay-r1-1"]
 
 
 def test_ctrl_c_stops_supervising_says_so_and_leaves_the_pods_running(cluster):
@@ -1069,6 +1086,7 @@ def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluste
     ({"commander": {"port": "eighty"}}, "commander: field 'port'"),
     ({"run": {"mode": "ppo"}}, "run: field 'mode'"),
     ({"relay": {"max_pods": 0}}, "relay: field 'max_pods'"),
+    ({"relay": {"hot_standby": True}}, "relay: field 'hot_standby' needs run.hf_repo"),
     ({"pods": {}}, "unknown group 'pods'"),
     ({"run": {"worker_id": "me"}}, "run: field 'worker_id' is set by launch-stack"),
 ])
@@ -1087,7 +1105,7 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1", "would run: lium up --name relay-r1-1 "
-                  "--template_id tmpl-relay -y --json", "would run: lium scp relay-r1-1 <generated relay.env, mode 0600>",
+                  "--template_id tmpl-relay --volume id:vol-relay -y --json", "would run: lium scp relay-r1-1 <generated relay.env, mode 0600>",
                   "nohup setsid"):
         assert words in out, out
     assert secret not in out + result.stderr

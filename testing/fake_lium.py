@@ -136,6 +136,9 @@ def main() -> int:
                    "ready_at": time.time() + float(os.environ.get("FAKE_LIUM_BOOT_SECONDS", "0"))}
             failing = int(os.environ.get("FAKE_LIUM_UP_FAIL", "0"))
             data["log"].append(["up", name])
+            holder = next((p["name"] for p in data["pods"].values() if args.volume and p["volume"] == args.volume), None)
+            if holder:  # a volume attaches to one pod at a time
+                fail("API_ERROR", f"volume {args.volume} is attached to pod {holder}", 3, "remove that pod first")
             if failing and os.environ.get("FAKE_LIUM_UP_LEAVES_POD") != "1":
                 fail("API_ERROR", "executor unavailable: no H200 free on this node", failing)
             data["pods"][pod["id"]] = pod
