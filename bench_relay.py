@@ -11,6 +11,7 @@ restore; worker + watchdog under 1% of a core and under 40 MB while a trainer ru
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import http.server
 import json
@@ -312,7 +313,13 @@ PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": be
 
 
 def main(argv: list[str]) -> int:
-    chosen = argv or list(PARTS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="*", metavar="PART",
+                        help=f"which figures to measure: {', '.join(PARTS)} (default: all)")
+    chosen = parser.parse_args(argv).parts or list(PARTS)
+    for name in chosen:
+        if name not in PARTS:
+            parser.error(f"unknown part {name!r} (choose from {', '.join(PARTS)})")
     rows = []
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         for name in chosen:
