@@ -39,8 +39,8 @@ import random
 import re
 import secrets
 import select
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -2218,7 +2218,6 @@ class Worker:
         self.trainer: TrainerProcess | None = None
         self.previous_token = ""
         self.resume_iteration: int | None = None
-        self.restored_from = "L1"
         self.restarts = 0
         self.crash_reason = ""
         self.exit_code = 0
@@ -2363,8 +2362,9 @@ class Worker:
         self.exit_code = 0
         return "EXITED"
 
-    def restore(self) -> int | None:
-        """Put the newest trustworthy checkpoint in place; its iteration, or None (cold start).
+    def restore(self) -> tuple[int | None, str]:
+        """Put the newest trustworthy checkpoint in place: its iteration (None: a cold start)
+        and where it came from, in words.
 
         Order: the newest sealed checkpoint in L1 that verifies, when it is at least as new as
         the commander's record; else the commander-recorded Hub revision; else whatever L1
@@ -2384,18 +2384,18 @@ class Worker:
                 local = manifest
                 break
             if self.aborting():
-                return None
+                return None, "a cold start"
             self.say(f"checkpoint {iteration} in L1 is damaged; removing it and trying an older one")
             self.ckpt.remove(iteration)
         hub_record = record.get("hub")
         newest_here = local.iteration if local is not None else -1
-        self.restored_from = "L1"
+        source = "L1"
         if self.hub is not None and hub_record and newest_here < recorded and hub_record["iteration"] > newest_here:
             if self.hub.dry_run:
                 self.say("hf_dry_run: not fetching the Hub's newer checkpoint")
             else:
                 local = self.download_from_hub(hub_record)
-                self.restored_from = f"the Hub at {hub_record['revision'][:12]}"
+                source = f"the Hub at {hub_record['revision'][:12]}"
         if local is not None and local.iteration < recorded:
             self.say(f"WARNING: the newest checkpoint here is {local.iteration}, the commander recorded {recorded}; "
                      "resuming from the older one")
@@ -2404,7 +2404,7 @@ class Worker:
             self.ckpt.point_tracker_at(iteration)
         except OSError as exc:
             raise RestoreFailed(f"cannot prepare {self.ckpt.path}: {exc.strerror or exc}") from None
-        return iteration
+        return iteration, "a cold start" if iteration is None else f"checkpoint {iteration} in {source}"
 
     def download_from_hub(self, record: dict) -> Manifest:
         assert self.hub is not None
@@ -2428,7 +2428,7 @@ class Worker:
         assert self.lease is not None and self.keeper is not None
         self.keeper.phase = "RESTORING"
         try:
-            self.resume_iteration = self.restore()
+            self.resume_iteration, where = self.restore()
         except RestoreFailed as exc:
             # This pod cannot reach the recorded checkpoint; training from anything older
             # would throw progress away.  Give the run back and try again later.
@@ -2441,8 +2441,6 @@ class Worker:
             return "LOST"
         if self.stop_requested.is_set():
             return "STOPPING"
-        where = ("a cold start" if self.resume_iteration is None
-                 else f"checkpoint {self.resume_iteration} in {self.restored_from}")
         self.progress.step = self.resume_iteration or 0
         restored = self.ckpt.load_manifest(self.resume_iteration) if self.resume_iteration is not None else None
         self.report(status="RESTORED", msg=f"{self.cfg.worker_id} resumes from {where} (epoch {self.lease.epoch})",
