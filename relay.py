@@ -977,11 +977,14 @@ class Commander:
         step = body.int("step")
         loss = body.number("loss")
         lines = body.lines("log_lines")
+        checkpoint = self._checkpoint_from(body.obj("latest_ckpt"))
         run = self._holder_run(run_id, token, worker_id)
         with self.durable_change(run_id):
             # The trainer's last lines and step ride on the release, so a finished run's
-            # log ends with its final line instead of losing what came after the last renewal.
+            # log ends with its final line instead of losing what came after the last renewal;
+            # so does a sealed checkpoint whose report went unanswered.
             self._record_progress(run, step, loss, "", lines)
+            self._record_checkpoint(run, checkpoint)
             lease = run.current_lease()
             progressed = lease is not None and run.step > lease.start_step
             run.end_lease(status.lower() + (f": {reason}" if reason else ""), utc_now())
@@ -1012,13 +1015,10 @@ class Commander:
         hub = self._hub_from(body.obj("hf"))
         sync_error = body.str("sync_error", required=False, max_len=1000) if "sync_error" in body.data else None
         run = self._holder_run(run_id, token)
-        latest = (run.latest_checkpoint or {}).get("iteration", -1)
         with self.durable_change(run_id):
             self._record_progress(run, step, body.number("loss"), phase, [])
             run.updated_at = utc_now()
-            if checkpoint is not None and checkpoint["iteration"] > latest:
-                run.latest_checkpoint = dict(checkpoint, epoch=run.epoch, worker_id=run.holder, at=utc_now())
-                run.add_event(f"checkpoint {checkpoint['iteration']} sealed by {run.holder} (epoch {run.epoch})")
+            self._record_checkpoint(run, checkpoint)
             if hub is not None and hub["iteration"] >= (run.hub or {}).get("iteration", -1):
                 run.hub = dict(hub, epoch=run.epoch, at=utc_now())
                 run.add_event(f"checkpoint {hub['iteration']} on the Hub: {hub['repo']}@{hub['revision'][:12]}")
@@ -1029,6 +1029,13 @@ class Commander:
             if msg:
                 run.add_event(msg)
         return {"ok": True, "epoch": run.epoch}
+
+    @staticmethod
+    def _record_checkpoint(run: RunRecord, checkpoint: dict | None) -> None:
+        """The holder's sealed checkpoint becomes the run's latest, if it is newer."""
+        if checkpoint is not None and checkpoint["iteration"] > (run.latest_checkpoint or {}).get("iteration", -1):
+            run.latest_checkpoint = dict(checkpoint, epoch=run.epoch, worker_id=run.holder, at=utc_now())
+            run.add_event(f"checkpoint {checkpoint['iteration']} sealed by {run.holder} (epoch {run.epoch})")
 
     @staticmethod
     def _checkpoint_from(obj: Body | None) -> dict | None:
@@ -2218,6 +2225,7 @@ class Worker:
         self.trainer: TrainerProcess | None = None
         self.previous_token = ""
         self.resume_iteration: int | None = None
+        self.unreported: Manifest | None = None  # sealed under this lease, not yet acknowledged
         self.restarts = 0
         self.crash_reason = ""
         self.exit_code = 0
@@ -2240,21 +2248,27 @@ class Worker:
         self.wake.set()
 
     def _post(self, path: str, payload: dict) -> Reply | None:
+        # Under a lease, an answer after its deadline is worthless (the lease can no longer be
+        # trusted), so a commander that accepts the connection and hangs never holds up a
+        # stop or a hand-back for longer than the lease has left.
+        timeout = max(0.5, self.keeper.deadline - boottime()) if self.keeper is not None else None
         try:
-            return self.client.post(path, payload)
+            return self.client.post(path, payload, timeout=timeout)
         except CommanderUnreachable as exc:
             self.say(str(exc))
             return None
 
-    def report(self, **fields: Any) -> None:
-        """Report progress or a checkpoint; a 409 means the lease is gone (fenced)."""
+    def report(self, **fields: Any) -> bool:
+        """Report progress or a checkpoint; True once acknowledged.  A 409 means the lease is
+        gone (fenced)."""
         if self.lease is None:
-            return
+            return False
         payload = {"run_id": self.cfg.run_id, "lease_token": self.lease.token, "step": self.progress.step,
                    "loss": self.progress.loss, **fields}
         reply = self._post("/api/job/report", payload)
         if reply is not None and reply.status == 409 and self.keeper is not None:
             self.keeper.lose(f"the commander refused a report: {reply.body.get('error', '')}")
+        return reply is not None and reply.status == 200
 
     def lease_lost(self) -> bool:
         return self.keeper is not None and self.keeper.lost.is_set()
@@ -2278,10 +2292,15 @@ class Worker:
             self.report(msg=f"{self.cfg.worker_id}: cannot seal a checkpoint: {exc.strerror or exc}")
             return None
         if manifest is None:
+            if self.unreported is not None and self.report(latest_ckpt=self.unreported.summary()):
+                self.unreported = None
             return None
         self.progress.step = max(self.progress.step, manifest.iteration)
         self.say(f"sealed checkpoint {manifest.iteration} ({len(manifest.files)} files, {manifest.total_bytes} bytes)")
-        self.report(latest_ckpt=manifest.summary(), status="TRAINING")
+        # A report the commander never answered is sent again at the next scan and rides on
+        # the release: otherwise the run's record would lag (and a completed run would name
+        # an older final checkpoint).
+        self.unreported = None if self.report(latest_ckpt=manifest.summary(), status="TRAINING") else manifest
         removed = self.ckpt.prune(self.cfg.keep_last_checkpoints, self.sync.protected() if self.sync else set())
         if removed:
             self.say(f"pruned checkpoints {', '.join(map(str, removed))}")
@@ -2592,6 +2611,8 @@ class Worker:
         payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
                    "status": status, "reason": reason, "step": self.progress.step, "loss": self.progress.loss,
                    "log_lines": self.progress.take_lines()}
+        if self.unreported is not None:
+            payload["latest_ckpt"] = self.unreported.summary()
         while not self.keeper.lost.is_set() and boottime() < self.keeper.deadline:
             reply = self._post("/api/lease/release", payload)
             if reply is not None:
@@ -2603,6 +2624,7 @@ class Worker:
         return False
 
     def drop_lease(self) -> None:
+        self.unreported = None
         if self.sync is not None:
             self.sync.stop()
         if self.keeper is not None:

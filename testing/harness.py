@@ -92,6 +92,11 @@ class Cluster:
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def print_logs(self, last_lines: int = 60) -> None:
+        for name in dict.fromkeys(getattr(proc, "name", "") for proc in self.procs if hasattr(proc, "name")):
+            lines = self.log(name).splitlines()[-last_lines:]
+            print(f"----- {name}.log (last {len(lines)} lines) -----", *lines, sep="\n")
+
     def close(self) -> None:
         for _ in range(50):
             pids = relay.processes_with_env(f"RELAY_TEST_MARK={self.mark}")
