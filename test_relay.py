@@ -94,14 +94,17 @@ MID_RUN = {"MOCK_STEP_SECONDS": "0.1"}
 
 def test_a_killed_worker_loses_its_trainer_and_a_standby_resumes_from_the_last_checkpoint(cluster, reference):
     cluster.start_commander(lease=2)
-    worker_a = cluster.start_worker("a", env=MID_RUN)
-    wait_for("a to hold the run", lambda: cluster.run("r1").get("holder") == "a")
-    worker_b = cluster.start_worker("b")
-    wait_for("a sealed checkpoint 10", lambda: checkpoint_at_least(cluster, 10))
-    assert cluster.trainer_pids(worker_id="a"), cluster.log("a")
-    os.kill(worker_a.pid, signal.SIGKILL)
-    wait_for("a's trainer to die within the lease TTL", lambda: not cluster.trainer_pids(worker_id="a"), timeout=2)
-    run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    with TrainerOverlapMonitor(cluster) as monitor:
+        worker_a = cluster.start_worker("a", env=MID_RUN)
+        wait_for("a to hold the run", lambda: cluster.run("r1").get("holder") == "a")
+        worker_b = cluster.start_worker("b")
+        wait_for("a sealed checkpoint 10", lambda: checkpoint_at_least(cluster, 10))
+        assert cluster.trainer_pids(worker_id="a"), cluster.log("a")
+        os.kill(worker_a.pid, signal.SIGKILL)
+        wait_for("a's trainer to die with its worker", lambda: not cluster.trainer_pids(worker_id="a"), timeout=10)
+        run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
+    assert monitor.last_seen["1"] < run["leases"][1]["started_at"]
     assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
     resumes = resumed_from(run, "b")
     assert resumes and "cold start" not in resumes[0], resumes
@@ -132,7 +135,7 @@ def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_any
 
 
 def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(cluster, reference):
-    cluster.start_commander(lease=6)
+    cluster.start_commander(lease=10)  # waiting for the lease to expire would take 10 s or more
     worker_a = cluster.start_worker("a", env=MID_RUN)
     wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
     cluster.start_worker("b")
@@ -142,7 +145,7 @@ def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(c
     worker_a.send_signal(signal.SIGTERM)
     wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
     takeover = time.monotonic() - stopped
-    assert takeover < 3.0, f"takeover took {takeover:.1f}s with a 6 s lease"
+    assert takeover < 5.0, f"takeover took {takeover:.1f}s with a 10 s lease"
     assert worker_a.wait(30) == 0
     run = wait_for("the run to complete", lambda: completed(cluster), 30)
     assert run["leases"][0]["why"].startswith("preempted")
@@ -156,7 +159,7 @@ def test_a_commander_killed_and_restarted_mid_run_keeps_the_run_going_and_never_
     os.killpg(cluster.commander.pid, signal.SIGKILL)
     cluster.commander.wait()
     # Down for longer than the lease: the worker must stop its trainer, then come back.
-    wait_for("the worker to stop its trainer without a commander", lambda: not cluster.trainer_pids(), timeout=5)
+    wait_for("the worker to stop its trainer without a commander", lambda: not cluster.trainer_pids(), timeout=10)
     cluster.start_commander(lease=3)
     run = wait_for("the run to complete", lambda: completed(cluster), 40)
     epochs = [lease["epoch"] for lease in run["leases"]]
@@ -204,7 +207,7 @@ def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
     assert worker.wait(30) == 1
     assert "trainer stalled" in cluster.log("a")
     assert cluster.run("r1")["status"] == "FAILED"
-    wait_for("no trainer process left, the setsid child included", lambda: not cluster.trainer_pids(), 5)
+    wait_for("no trainer process left, the setsid child included", lambda: not cluster.trainer_pids(), 10)
 
 
 def test_a_late_worker_for_a_completed_run_goes_home_with_exit_0(cluster):
@@ -958,7 +961,7 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     run = wait_for("the run to complete", lambda: completed(cluster), 40)
     assert run["leases"][0]["worker_id"] == "relay-r1-1"
     # The worker logs the completion once the commander acknowledged it: poll, do not race.
-    wait_for("the worker log to report the completion", lambda: "COMPLETED" in (home / "relay" / "worker.log").read_text(), 10)
+    wait_for("the worker log to report the completion", lambda: "COMPLETED" in (home / "relay" / "worker.log").read_text(), 20)
 
 
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
