@@ -1646,7 +1646,7 @@ class HubSync:
     """
 
     def __init__(self, store: HubStore, ckpt: CheckpointDir, cfg: RunConfig,
-                 report: Callable[..., None], still_ours: Callable[[], bool]) -> None:
+                 report: Callable[..., object], still_ours: Callable[[], bool]) -> None:
         self.store, self.ckpt, self.cfg = store, ckpt, cfg
         self.report, self.still_ours = report, still_ours
         self.epoch = 0
@@ -2251,7 +2251,8 @@ class Worker:
         # Under a lease, an answer after its deadline is worthless (the lease can no longer be
         # trusted), so a commander that accepts the connection and hangs never holds up a
         # stop or a hand-back for longer than the lease has left.
-        timeout = max(0.5, self.keeper.deadline - boottime()) if self.keeper is not None else None
+        keeper = self.keeper  # read once: the Hub-sync thread reports too, and drop_lease clears it
+        timeout = max(0.5, keeper.deadline - boottime()) if keeper is not None else None
         try:
             return self.client.post(path, payload, timeout=timeout)
         except CommanderUnreachable as exc:
@@ -2269,6 +2270,12 @@ class Worker:
         if reply is not None and reply.status == 409 and self.keeper is not None:
             self.keeper.lose(f"the commander refused a report: {reply.body.get('error', '')}")
         return reply is not None and reply.status == 200
+
+    def report_checkpoint(self, manifest: Manifest, **fields: Any) -> None:
+        """Report a sealed checkpoint.  One the commander never acknowledged is sent again at
+        the next scan and rides on the release: otherwise the run's record would lag behind
+        the disk (and a completed run would name an older final checkpoint)."""
+        self.unreported = None if self.report(latest_ckpt=manifest.summary(), **fields) else manifest
 
     def lease_lost(self) -> bool:
         return self.keeper is not None and self.keeper.lost.is_set()
@@ -2292,15 +2299,12 @@ class Worker:
             self.report(msg=f"{self.cfg.worker_id}: cannot seal a checkpoint: {exc.strerror or exc}")
             return None
         if manifest is None:
-            if self.unreported is not None and self.report(latest_ckpt=self.unreported.summary()):
-                self.unreported = None
+            if self.unreported is not None:
+                self.report_checkpoint(self.unreported)
             return None
         self.progress.step = max(self.progress.step, manifest.iteration)
         self.say(f"sealed checkpoint {manifest.iteration} ({len(manifest.files)} files, {manifest.total_bytes} bytes)")
-        # A report the commander never answered is sent again at the next scan and rides on
-        # the release: otherwise the run's record would lag (and a completed run would name
-        # an older final checkpoint).
-        self.unreported = None if self.report(latest_ckpt=manifest.summary(), status="TRAINING") else manifest
+        self.report_checkpoint(manifest, status="TRAINING")
         removed = self.ckpt.prune(self.cfg.keep_last_checkpoints, self.sync.protected() if self.sync else set())
         if removed:
             self.say(f"pruned checkpoints {', '.join(map(str, removed))}")
@@ -2462,8 +2466,11 @@ class Worker:
             return "STOPPING"
         self.progress.step = self.resume_iteration or 0
         restored = self.ckpt.load_manifest(self.resume_iteration) if self.resume_iteration is not None else None
-        self.report(status="RESTORED", msg=f"{self.cfg.worker_id} resumes from {where} (epoch {self.lease.epoch})",
-                    **({"latest_ckpt": restored.summary()} if restored else {}))
+        resumes = f"{self.cfg.worker_id} resumes from {where} (epoch {self.lease.epoch})"
+        if restored is not None:
+            self.report_checkpoint(restored, status="RESTORED", msg=resumes)
+        else:
+            self.report(status="RESTORED", msg=resumes)
         self.say(f"resuming from {where}")
         if self.sync is not None and not self.sync.running():
             hub = (self.lease.checkpoint or {}).get("hub") or {}

@@ -93,7 +93,7 @@ class Cluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def print_logs(self, last_lines: int = 60) -> None:
-        for name in dict.fromkeys(getattr(proc, "name", "") for proc in self.procs if hasattr(proc, "name")):
+        for name in dict.fromkeys(proc.name for proc in self.procs if hasattr(proc, "name")):
             lines = self.log(name).splitlines()[-last_lines:]
             print(f"----- {name}.log (last {len(lines)} lines) -----", *lines, sep="\n")
 
