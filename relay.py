@@ -367,12 +367,18 @@ class LiumGroup:
     """stack.yaml `lium`: how pods are rented (`lium up`)."""
 
     template_id: str
-    executor: str = ""
-    pod_name: str = ""  # default relay-{run_id}; "-N" is added per attempt so each pod is unique
-    volume: str = ""  # 'id:HUID' or 'new:name=NAME'
-    ttl: str = ""  # e.g. 6h
+    # What to rent: a node (`lium ls` NODE_ID, UUID or HUID) OR a GPU type with a count, the
+    # cheapest node that has them.  `lium up --gpu H200` alone rents ONE GPU: gpu_count 8 is a whole node.
+    node: str = ""
+    executor: str = ""  # the old name of `node`
     gpu: str = ""
+    gpu_count: int = 1
+    pod_name: str = ""  # default relay-{run_id}; "-N" is added per attempt so each pod is unique
+    volume: str = ""  # 'id:HUID' of a Lium volume (`lium volumes list`)
+    ttl: str = ""  # e.g. 45m, 6h, 2d: it ends every pod, the one holding the lease too
     yes: bool = True
+    up_timeout_seconds: float = 1800.0  # `lium up --timeout`: rent + boot + image pull
+    rent_lookup_seconds: float = 120.0  # after a rent with no answer: how long to look for its pod
     ready_timeout_seconds: float = 900.0
     poll_interval_seconds: float = 10.0
 
@@ -403,6 +409,7 @@ class RelayGroup:
     # pod boot and a restore, at the price of a second GPU bill.  Off by default.
     hot_standby: bool = False
     state_path: str = ".relay-launch/stack_state.json"
+    budget_usd: float = 0.0  # GPU spend of the whole run, in USD; 0: no limit
 
 
 @dataclass
@@ -463,10 +470,42 @@ def load_stack_config(path: str) -> StackConfig:
     if relay.hot_standby and not run.hf_repo:
         raise UserError(f"{path}: relay: field 'hot_standby' needs run.hf_repo: a Lium volume attaches to one pod "
                         "at a time, so a standby resumes from the Hub")
-    for name in ("ready_timeout_seconds", "poll_interval_seconds"):
+    for name in ("ready_timeout_seconds", "poll_interval_seconds", "rent_lookup_seconds"):
         if getattr(lium, name) <= 0:
             raise UserError(f"{path}: lium: field '{name}' must be a positive number of seconds")
+    validate_lium_group(lium, f"{path}: lium")
+    if relay.budget_usd < 0:
+        raise UserError(f"{path}: relay: field 'budget_usd' must be 0 (no limit) or more")
     return StackConfig(path, commander, lium, run, worker, relay)
+
+
+LIUM_TTL = re.compile(r"^\d+(\.\d+)?(m|h|d)$")  # what `lium up --ttl` accepts
+
+
+def validate_lium_group(lium: LiumGroup, where: str) -> None:
+    """Refuse what `lium up` would refuse (or do wrongly) before any pod is rented."""
+    if lium.node and lium.executor and lium.node != lium.executor:
+        raise UserError(f"{where}: fields 'node' and 'executor' (its old name) name different nodes; keep 'node'")
+    lium.node = lium.node or lium.executor
+    if not lium.node and not lium.gpu:
+        raise UserError(f"{where}: set field 'node' (a NODE_ID from `lium ls`) or field 'gpu' (a GPU type such as "
+                        "H200, with 'gpu_count')")
+    if lium.node and lium.gpu:
+        raise UserError(f"{where}: fields 'node' and 'gpu' exclude each other: a node is rented as it is, "
+                        "'gpu' with 'gpu_count' picks the cheapest node that has them")
+    if lium.gpu_count < 1:
+        raise UserError(f"{where}: field 'gpu_count' must be at least 1")
+    if lium.ttl and not LIUM_TTL.match(lium.ttl):
+        raise UserError(f"{where}: field 'ttl' must be a number and m, h or d (45m, 6h, 2d), not {lium.ttl!r}")
+    if lium.up_timeout_seconds < 1:
+        raise UserError(f"{where}: field 'up_timeout_seconds' must be at least 1")
+    if lium.volume.startswith("new:"):
+        raise UserError(f"{where}: field 'volume': 'new:' would create a new, empty volume for every pod, so a "
+                        "replacement would not see the checkpoints; create one with `lium volumes new NAME`, then "
+                        "set volume: id:HUID with the HUID `lium volumes list` shows")
+    if lium.volume and not re.fullmatch(r"id:\S+", lium.volume):
+        raise UserError(f"{where}: field 'volume' must be id:HUID (the HUID `lium volumes list` shows), "
+                        f"not {lium.volume!r}")
 
 
 ###############################################################################
@@ -2665,15 +2704,43 @@ def run_worker(config_path: str) -> int:
 # left billing by a failed `up`, or by a crash of launch-stack itself, can always be found
 # and removed, and a restarted supervisor adopts its pods instead of renting new ones.
 
-POD_DEAD_STATUSES = ("failed", "stopped", "terminated", "error", "exited")
+# Lium's pod statuses (upper case in `lium ps`).  A dead or dying pod is removed and replaced at
+# once: it cannot work, and some still bill (REBOOT_FAILED).  Any other status is logged and
+# counts as live only for no_lease_grace_seconds.
+POD_LIVE_STATUSES = ("PENDING", "STARTING", "RUNNING", "REBOOT_PENDING")
+POD_DEAD_STATUSES = ("FAILED", "STOPPED", "ERROR", "TERMINATED", "DELETED", "REMOVED", "CANCELLED", "CREATION_FAILED",
+                     "BROKEN", "REBOOT_FAILED", "DELETING")
+# `lium up` error codes after which a pod may exist although no id came back.
+RENT_UNANSWERED = ("rent_outcome_unknown", "api_timeout")
 
 
 class LiumError(Exception):
-    """`lium` failed; the message is its own (from the JSON error envelope when there is one)."""
+    """`lium` failed; the message is its own (from the JSON error envelope when there is one),
+    `code` and `data` the envelope's (`data.pod_id` names a pod a failed `up` left billing)."""
+
+    def __init__(self, message: str, code: str = "", data: dict | None = None) -> None:
+        super().__init__(message)
+        self.code, self.data = code, data or {}
+
+
+class BudgetReached(Exception):
+    """relay.budget_usd allows no new pod."""
+
+
+@dataclass
+class Execution:
+    """One `lium exec --json` result: the remote command's own exit code and output, or why
+    it could not run (`error`: SSH trouble, pod gone)."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    error: str = ""
 
 
 class Lium:
-    """The `lium` command, or with dry_run a printout of each command it would run."""
+    """The `lium` command, or with dry_run a printout of each command it would run.  Pods are
+    always named by their id: names are not unique in an account."""
 
     def __init__(self, dry_run: bool) -> None:
         self.dry_run = dry_run
@@ -2684,7 +2751,7 @@ class Lium:
         if self.dry_run:
             print(f"would run: {shlex.join(['lium', *args])}", flush=True)
             return subprocess.CompletedProcess(args, 0, "", "")
-        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json")
+        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json", LIUM_SELF_UPDATE_DISABLE="1")
         try:
             return subprocess.run(["lium", *args], capture_output=True, text=True, timeout=timeout, env=env,
                                   stdin=subprocess.DEVNULL)
@@ -2692,47 +2759,88 @@ class Lium:
             return subprocess.CompletedProcess(args, 124, "", f"lium {args[0]} did not answer within {timeout:.0f} s")
 
     @staticmethod
-    def error_text(result: subprocess.CompletedProcess) -> str:
+    def envelope(result: subprocess.CompletedProcess) -> dict:
+        """The JSON error envelope on the last stderr line ({} when there is none)."""
         lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
-        with contextlib.suppress(ValueError, IndexError, AttributeError, TypeError):
-            error = json.loads(lines[-1])["error"]
+        with contextlib.suppress(ValueError, IndexError):
+            document = json.loads(lines[-1])
+            if isinstance(document, dict) and isinstance(document.get("error"), dict):
+                return document
+        return {}
+
+    @classmethod
+    def error_text(cls, result: subprocess.CompletedProcess) -> str:
+        error = cls.envelope(result).get("error")
+        if error:
             hint = f" ({error['hint']})" if error.get("hint") else ""
             return f"{error.get('message', 'error')}{hint} [exit {result.returncode}]"
+        lines = [line for line in (result.stderr or result.stdout or "").strip().splitlines() if line.strip()]
         return f"{lines[-1] if lines else 'no message'} [exit {result.returncode}]"
 
     def check(self, result: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
         if result.returncode != 0:
-            raise LiumError(f"lium {what} failed: {self.error_text(result)}")
+            document = self.envelope(result)
+            data = document.get("data")
+            raise LiumError(f"lium {what} failed: {self.error_text(result)}", str(document.get("error", {}).get("code", "")),
+                            data if isinstance(data, dict) else None)
         return result
 
-    def up(self, group: LiumGroup, name: str, volume: str) -> None:
-        args = ["up", *([group.executor] if group.executor else []), "--name", name, "--template_id", group.template_id]
-        for flag, value in (("--volume", volume), ("--ttl", group.ttl), ("--gpu", group.gpu)):
+    def up(self, group: LiumGroup, name: str, volume: str, budget_usd: float | None) -> dict:
+        """Rent a pod and wait until it is RUNNING; its `lium ps` row (id, huid, price ...)."""
+        # `up` needs a node or a filter; --gpu alone rents one GPU, -c the rest of a node.
+        what = [group.node] if group.node else ["--gpu", group.gpu, "-c", str(group.gpu_count)]
+        args = ["up", *what, "--name", name, "--template_id", group.template_id,
+                "--timeout", str(math.ceil(group.up_timeout_seconds))]
+        for flag, value in (("--volume", volume), ("--ttl", group.ttl),
+                            ("--budget", f"{budget_usd:.2f}" if budget_usd is not None else "")):
             if value:
                 args += [flag, value]
         # --json: without it (or --no-ssh) `up` opens an interactive SSH session when ready.
-        self.check(self.run(*args, *(["-y"] if group.yes else []), "--json", timeout=1800), "up")
-
-    def pods(self) -> dict[str, dict]:
+        result = self.check(self.run(*args, *(["-y"] if group.yes else []), "--json",
+                                     timeout=group.up_timeout_seconds + 120), "up")
         if self.dry_run:
             return {}
+        try:
+            pod = json.loads(result.stdout)["pod"]
+            pod["id"]  # noqa: B018 (the one field everything after relies on)
+        except (ValueError, KeyError, TypeError):
+            raise LiumError(f"lium up printed no pod: {result.stdout[:200]!r}") from None
+        return pod
+
+    def pods(self) -> list[dict]:
+        """`lium ps`: every pod of the account, ours or not."""
+        if self.dry_run:
+            return []
         result = self.check(self.run("ps", "--format", "json", timeout=120), "ps")
         try:
             rows = json.loads(result.stdout or "[]")
         except ValueError:
             raise LiumError(f"lium ps printed something that is not JSON: {result.stdout[:200]!r}") from None
-        return {row.get("name") or row.get("huid"): row for row in rows if isinstance(row, dict)}
+        return [row for row in rows if isinstance(row, dict) and row.get("id")] if isinstance(rows, list) else []
 
-    def exec(self, pod: str, command: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        return self.run("exec", pod, command, timeout=timeout)
+    def exec(self, pod: str, command: str, timeout: float = 300.0) -> Execution:
+        # --json: plain `exec` prints its own lines ("Executing on ...") among the command's output.
+        result = self.run("exec", pod, "--json", command, timeout=timeout)
+        if self.dry_run:
+            return Execution(0)
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            ran = json.loads(result.stdout)["results"][0]
+            return Execution(int(ran["exit_code"]), str(ran.get("stdout") or ""), str(ran.get("stderr") or ""),
+                             str(ran.get("error") or ""))
+        return Execution(result.returncode or 1, error=self.error_text(result))
 
     def scp(self, pod: str, local: str, remote: str) -> None:
         self.check(self.run("scp", pod, local, remote, timeout=1800), f"scp to {pod}")
 
-    def remove(self, pod: str) -> None:
-        result = self.run("rm", pod, "-y", timeout=300)
-        if result.returncode not in (0, 5):  # 5: the pod is already gone
-            raise LiumError(f"lium rm {pod} failed: {self.error_text(result)}")
+    def remove(self, pod: str) -> float | None:
+        """Remove a pod; what it spent by Lium's estimate (None when it was already gone)."""
+        result = self.run("rm", pod, "-y", "--format", "json", timeout=300)
+        if result.returncode == 5:  # no such pod: already gone
+            return None
+        self.check(result, f"rm {pod}")
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            return float(json.loads(result.stdout)["removed"][0]["spent_usd"])
+        return None
 
 
 @dataclass
@@ -2741,6 +2849,21 @@ class PodRecord:
     created_at: float
     state: str = "creating"  # creating -> active -> removed
     has_volume: bool = False  # lium.volume is attached to it (one pod at a time)
+    id: str = ""  # Lium's pod id, from `up --json`: every lium call names the pod by it
+    huid: str = ""
+    price_per_hour: float = 0.0
+    spent_usd: float = 0.0  # as `lium ps` last showed it; final from `lium rm`
+    # Pods of this name that existed before our `up`: never ours, whatever their name says.
+    foreign_ids: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.huid or self.id})" if self.id else self.name
+
+    @property
+    def ref(self) -> str:
+        """How lium calls name the pod: its id (a dry run has none yet)."""
+        return self.id or f"<id of {self.name}>"
 
 
 class StackState:
@@ -2771,6 +2894,10 @@ class StackState:
     def live(self) -> list[PodRecord]:
         return [pod for pod in self.pods if pod.state != "removed"]
 
+    def spent_usd(self) -> float:
+        """The run's GPU spend so far, every pod it rented together (Lium's estimate)."""
+        return round(sum(pod.spent_usd for pod in self.pods), 2)
+
 
 class Stack:
     """One stack.yaml: its commander, its pods and their workers."""
@@ -2782,6 +2909,7 @@ class Stack:
         self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10)
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
+        self.unknown_status_since: dict[str, float] = {}  # pod id -> when its unknown status was first seen
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
@@ -2864,49 +2992,120 @@ class Stack:
 
     # -- pods ------------------------------------------------------------------------------
 
-    def create_pod(self) -> str:
+    def budget_left(self) -> float | None:
+        """USD relay.budget_usd still allows; None without a budget."""
+        budget = self.cfg.relay.budget_usd
+        return round(budget - self.state.spent_usd(), 2) if budget else None
+
+    def spend_line(self) -> str:
+        budget = self.cfg.relay.budget_usd
+        return f"GPU spend ${self.state.spent_usd():.2f}" + (f" of a ${budget:.2f} budget" if budget else "")
+
+    def create_pod(self) -> PodRecord:
         """Rent a pod and wait until it answers; a pod that fails on the way is removed."""
+        budget = self.budget_left()
+        if budget is not None and budget < 0.01:
+            raise BudgetReached(f"the run's {self.spend_line()} has reached relay.budget_usd: no new pod")
         self.state.attempts += 1
         name = f"{self.cfg.lium.pod_name or 'relay-' + self.cfg.run.run_id}-{self.state.attempts}"
         # A volume attaches to one pod at a time: a standby beside its holder goes without
         # (and resumes from the Hub); a replacement for the pod that had it takes it over.
         volume = self.cfg.lium.volume if not any(p.has_volume for p in self.state.live()) else ""
-        record = PodRecord(name, utc_now(), has_volume=bool(volume))
+        record = PodRecord(name, utc_now(), has_volume=bool(volume),
+                           foreign_ids=[row["id"] for row in self.lium.pods() if row.get("name") == name])
         self.state.pods.append(record)
-        self.state.save()  # before `up`: whatever happens next, this name can be cleaned up
+        self.state.save()  # before `up`: whatever happens next, this pod can be found and removed
         self.say(f"creating pod {name} (template {self.cfg.lium.template_id}"
-                 f"{f', volume {volume}' if volume else ', no volume' if self.cfg.lium.volume else ''})")
+                 f"{f', volume {volume}' if volume else ', no volume' if self.cfg.lium.volume else ''}"
+                 f"{f', budget ${budget:.2f}' if budget is not None else ''})")
         try:
-            self.lium.up(self.cfg.lium, name, volume)
-            self.wait_ready(name)
+            self.note_pod(record, self.lium.up(self.cfg.lium, name, volume, budget))
+        except LiumError as exc:
+            if "--budget" in str(exc) and exc.code == "invalid_arguments":
+                record.state = "removed"  # refused before renting
+                self.state.save()
+                raise BudgetReached(f"the {budget:.2f} USD left of relay.budget_usd buys less than Lium's shortest "
+                                    f"rental ({exc}); {self.spend_line()}") from None
+            if not self.adopt_unanswered_rent(record, exc):
+                raise
+        self.state.save()
+        try:
+            self.wait_ready(record)
         except LiumError:
             self.remove_pod(record, "it failed to start")
             raise
         record.state = "active"
         self.state.save()
-        self.say(f"pod {name} is ready")
-        return name
+        self.say(f"pod {record.label} is ready (${record.price_per_hour:.2f}/h)")
+        return record
 
-    def wait_ready(self, name: str) -> None:
+    def adopt_unanswered_rent(self, record: PodRecord, exc: LiumError) -> bool:
+        """After a failed `up`: remove the pod it left billing, or find the pod of a rent that
+        got no answer.  True when such a pod was found and is ours to use."""
+        if exc.data.get("pod_id"):  # rented, then failed (pod_not_ready ...): it bills until removed
+            record.id = str(exc.data["pod_id"])
+            self.state.save()
+            self.remove_pod(record, f"`lium up` failed after renting it ({exc.code or 'error'})")
+            return False
+        if exc.code not in RENT_UNANSWERED:
+            record.state = "removed"  # nothing was rented
+            self.state.save()
+            return False
+        lookup = self.cfg.lium.rent_lookup_seconds
+        self.say(f"{exc}; looking for pod {record.name} in `lium ps` for {lookup:g} s before renting again")
+        give_up = time.monotonic() + lookup
+        while True:
+            row = next((row for row in self.lium.pods() if row.get("name") == record.name
+                        and row["id"] not in record.foreign_ids), None)
+            if row is not None:
+                self.note_pod(record, row)
+                self.say(f"the rent went through after all: pod {record.label} is ours, using it")
+                return True
+            if time.monotonic() > give_up:
+                record.state = "removed"
+                self.state.save()
+                self.say(f"no pod {record.name} appeared in {lookup:g} s: the rent did not happen")
+                return False
+            time.sleep(self.cfg.lium.poll_interval_seconds)
+
+    def note_pod(self, record: PodRecord, row: dict) -> None:
+        """What `lium up`/`lium ps` says of our pod: its id first, then its price and spend."""
+        if self.dry_run:
+            return
+        record.id = str(row["id"])
+        record.huid = str(row.get("huid") or record.huid)
+        for name in ("price_per_hour", "spent_usd"):
+            if isinstance(row.get(name), (int, float)):
+                setattr(record, name, float(row[name]))
+
+    def wait_ready(self, record: PodRecord) -> None:
         if self.dry_run:
             return
         give_up = time.monotonic() + self.cfg.lium.ready_timeout_seconds
         while True:
-            if self.lium.exec(name, "true", timeout=60).returncode == 0:
+            ran = self.lium.exec(record.ref, "true", timeout=60)
+            if ran.exit_code == 0:
                 return
             if time.monotonic() > give_up:
-                raise LiumError(f"pod {name} did not answer `lium exec` within {self.cfg.lium.ready_timeout_seconds:g} s")
+                raise LiumError(f"pod {record.label} did not answer `lium exec` within "
+                                f"{self.cfg.lium.ready_timeout_seconds:g} s: {ran.error or ran.stderr.strip()}")
             time.sleep(self.cfg.lium.poll_interval_seconds)
 
     def remove_pod(self, record: PodRecord, why: str) -> None:
-        try:
-            self.lium.remove(record.name)
-        except LiumError as exc:
-            self.say(f"WARNING: could not remove pod {record.name} ({exc}); remove it by hand: lium rm {record.name} -y")
+        if not record.id:  # never rented
+            record.state = "removed"
+            self.state.save()
             return
+        try:
+            spent = self.lium.remove(record.ref)
+        except LiumError as exc:
+            self.say(f"WARNING: could not remove pod {record.label} ({exc}); remove it by hand: lium rm {record.id} -y")
+            return
+        if spent is not None:
+            record.spent_usd = max(record.spent_usd, spent)
         record.state = "removed"
         self.state.save()
-        self.say(f"pod {record.name} removed: {why}")
+        self.say(f"pod {record.label} removed: {why} (it cost ${record.spent_usd:.2f}; {self.spend_line()})")
 
     # -- the worker on a pod ---------------------------------------------------------------
 
@@ -2936,54 +3135,55 @@ class Stack:
             atomic_write(path, data, durable=False)
             self.lium.scp(pod, path, remote)
 
-    def deploy_worker(self, pod: str) -> dict:
+    def deploy_worker(self, record: PodRecord) -> dict:
         """Upload relay.py (unless the pod has the same), the run config and secrets; start the worker."""
         worker = self.cfg.worker
+        pod = record.ref
         q = shlex.quote
         env_path = os.path.join(os.path.dirname(worker.remote_config_path), "relay.env")
         folders = {os.path.dirname(p) or "." for p in (worker.remote_config_path, worker.remote_log_path,
                                                        worker.remote_pid_path)} | {worker.remote_workdir}
-        self.check_exec(pod, f"mkdir -p {' '.join(q(f) for f in sorted(folders))}")
         code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh"]
         local_hashes = {name: sha256_file(os.path.join(HERE, name)) for name in code_files}
         in_image = [os.path.join(worker.image_relay_dir, f) for f in code_files]
         remote_code = [os.path.join(worker.remote_workdir, f) for f in code_files]
-        have = self.lium.exec(pod, f"sha256sum {' '.join(q(p) for p in in_image + remote_code)} 2>/dev/null",
-                              timeout=120).stdout
+        # One exec makes the folders and hashes what is there (each `lium exec` is a second or two).
+        have = self.check_exec(record, f"mkdir -p {' '.join(q(f) for f in sorted(folders))} && "
+                                       f"{{ sha256sum {' '.join(q(p) for p in in_image + remote_code)} 2>/dev/null; true; }}")
         remote_hashes = {path.strip(): digest for digest, path in
-                         (line.split(None, 1) for line in (have or "").splitlines() if " " in line)}
+                         (line.split(None, 1) for line in have.stdout.splitlines() if " " in line)}
         if all(remote_hashes.get(p) == local_hashes[f] for p, f in zip(in_image, code_files, strict=True)):
-            self.say(f"the image on {pod} has this relay.py ({worker.image_relay_dir}): nothing to upload")
+            self.say(f"the image on {record.label} has this relay.py ({worker.image_relay_dir}): nothing to upload")
             remote_code = in_image
         for name, remote in zip(code_files, remote_code, strict=True):
             if remote_hashes.get(remote) != local_hashes[name]:
                 self.upload(pod, name, remote, local=os.path.join(HERE, name))
-        self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(pod))
+        self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(record.name))
         self.upload(pod, "relay.env", env_path, self.pod_secrets())
-        self.check_exec(pod, f"chmod 600 {q(worker.remote_config_path)} {q(env_path)}")
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
                                      f"{q(worker.remote_config_path)}")
         # Only the worker goes to the background, with every descriptor redirected: `lium exec`
-        # (an SSH session) returns at once, and $! is the worker's own pid.
-        start = (f"{{ set -a && . {q(env_path)} && set +a; }} || exit 1; nohup setsid {command} "
-                 f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}")
-        self.check_exec(pod, start)
-        self.worker_started[pod] = time.monotonic()
+        # (an SSH session) returns at once, and $! is the worker's own pid, printed for us.
+        start = (f"chmod 600 {q(worker.remote_config_path)} {q(env_path)} && "
+                 f"{{ set -a && . {q(env_path)} && set +a; }} || exit 1; nohup setsid {command} "
+                 f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}; echo $!")
+        started = self.check_exec(record, start)
+        self.worker_started[record.name] = time.monotonic()
         pid, running = None, False
-        give_up = time.monotonic() + 15
-        while not self.dry_run:
-            probe = self.lium.exec(pod, f"kill -0 $(cat {q(worker.remote_pid_path)}) && cat {q(worker.remote_pid_path)}",
-                                   timeout=60)
-            if probe.returncode == 0 and probe.stdout.strip().isdigit():
-                pid, running = int(probe.stdout.strip()), True
-                break
-            if time.monotonic() > give_up:
-                break
-            time.sleep(1)
+        if not self.dry_run and started.stdout.strip().isdigit():
+            pid = int(started.stdout.strip())
+            give_up = time.monotonic() + 15
+            while True:  # alive a moment later: it did not die at once on a bad config
+                time.sleep(1)
+                probe = self.lium.exec(pod, f"kill -0 {pid}", timeout=60)
+                running = probe.exit_code == 0
+                if running or not probe.error or time.monotonic() > give_up:
+                    break
         if running:
-            self.say(f"worker started on {pod} (pid {pid}, log {worker.remote_log_path})")
+            self.say(f"worker started on {record.label} (pid {pid}, log {worker.remote_log_path})")
         elif not self.dry_run:
-            self.say(f"WARNING: the worker on {pod} is not running; see `lium exec {pod} 'tail {worker.remote_log_path}'`")
+            self.say(f"WARNING: the worker on {record.label} is not running; see "
+                     f"`lium exec {record.id} 'tail {worker.remote_log_path}'`")
         return self.worker_summary(pid, running)
 
     def worker_summary(self, pid: int | None, running: bool | None) -> dict:
@@ -2991,41 +3191,73 @@ class Stack:
         return {"pid": pid, "running": running, "remote_log_path": worker.remote_log_path,
                 "remote_pid_path": worker.remote_pid_path, "remote_config_path": worker.remote_config_path}
 
-    def check_exec(self, pod: str, command: str) -> None:
-        self.lium.check(self.lium.exec(pod, command), f"exec on {pod}")
+    def check_exec(self, record: PodRecord, command: str) -> Execution:
+        ran = self.lium.exec(record.ref, command)
+        if ran.exit_code != 0:
+            raise LiumError(f"lium exec on {record.label} failed (exit {ran.exit_code}): "
+                            f"{ran.error or ran.stderr.strip()[-300:] or 'no message'}")
+        return ran
 
     # -- launch, supervise, down -----------------------------------------------------------
 
     def live_pods(self) -> list[PodRecord]:
-        """Pods of this stack that Lium still shows running; the others are marked removed."""
+        """Pods of this stack that Lium still shows live, found by id; the others are removed
+        (dead or dying ones with `lium rm`: some still bill) or marked removed (gone)."""
         if self.dry_run:
             return self.state.live()
-        shown = self.lium.pods()
+        shown = {row["id"]: row for row in self.lium.pods()}
         alive = []
+        now = time.monotonic()
         for record in self.state.live():
-            row = shown.get(record.name)
+            if not record.id:  # launch-stack stopped during its `up`: the pod may exist all the same
+                row = next((row for row in shown.values() if row.get("name") == record.name
+                            and row["id"] not in record.foreign_ids), None)
+                if row is None:
+                    if utc_now() - record.created_at > self.cfg.lium.up_timeout_seconds + self.cfg.lium.rent_lookup_seconds:
+                        record.state = "removed"
+                        self.state.save()
+                    continue
+                self.note_pod(record, row)
+            row = shown.get(record.id)
             if row is None:
                 record.state = "removed"
                 self.state.save()
-                self.say(f"pod {record.name} is gone (preempted, expired or removed)")
-            elif str(row.get("status", "")).lower() in POD_DEAD_STATUSES:
-                self.remove_pod(record, f"Lium reports it {row.get('status')}")
-            else:
+                self.say(f"pod {record.label} is gone (preempted, expired or removed); {self.spend_line()}")
+                continue
+            self.note_pod(record, row)
+            status = str(row.get("status") or "").upper()
+            if status in POD_DEAD_STATUSES:
+                self.remove_pod(record, f"Lium reports it {status}")
+            elif status in POD_LIVE_STATUSES:
+                self.unknown_status_since.pop(record.id, None)
                 alive.append(record)
+            else:
+                since = self.unknown_status_since.setdefault(record.id, now)
+                grace = self.cfg.relay.no_lease_grace_seconds
+                if since == now:
+                    self.say(f"pod {record.label} has status {status or '(none)'}, unknown to relay.py: counted as "
+                             f"live for {grace:g} s, then removed")
+                if now - since > grace:
+                    self.remove_pod(record, f"its status {status or '(none)'} lasted {grace:g} s")
+                else:
+                    alive.append(record)
+        self.state.save()
         return alive
 
     def launch(self) -> dict:
         commander = self.ensure_commander()
         alive = self.live_pods()
         if alive:
-            self.say(f"pod {alive[-1].name} of this stack is already running: not renting another")
-            pod = alive[-1].name
+            self.say(f"pod {alive[-1].label} of this stack is already running: not renting another")
+            record = alive[-1]
             worker = self.worker_summary(None, None)  # adopted: its worker was started earlier
         else:
-            pod = self.create_pod()
-            worker = self.deploy_worker(pod)
-        return {"commander": commander, "pod": {"name": pod, "template_id": self.cfg.lium.template_id},
-                "worker": worker}
+            record = self.create_pod()
+            worker = self.deploy_worker(record)
+        return {"commander": commander, "pod": {"name": record.name, "id": record.id or None,
+                                                "huid": record.huid or None, "template_id": self.cfg.lium.template_id,
+                                                "price_per_hour": record.price_per_hour},
+                "worker": worker, "spent_usd": self.state.spent_usd()}
 
     def run_record(self) -> dict | None:
         """The run as the commander sees it ({} before its first lease); None when unreachable."""
@@ -3049,6 +3281,7 @@ class Stack:
             self.say("WARNING: neither lium.volume nor run.hf_repo is set: a replacement pod cannot see this pod's "
                      "checkpoints and starts the run over from step 0")
         reported_epoch = 0
+        budget_said = False
         waiting_since = time.monotonic()
         try:
             while True:
@@ -3068,17 +3301,26 @@ class Stack:
                     alive = []
                 for record in self.silent_pods(run, alive):
                     self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: it "
-                                            f"exited or cannot reach {self.cfg.run.commander_url} (see `lium exec {record.name} "
+                                            f"exited or cannot reach {self.cfg.run.commander_url} (see `lium exec {record.id} "
                                             f"'tail {self.cfg.worker.remote_log_path}'`)")
                     alive.remove(record)
                 if not alive and self.state.attempts >= relay.max_pods:
-                    self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
+                    self.say(f"max_pods ({relay.max_pods}) reached and no pod is left ({self.spend_line()}): giving up on run "
                              f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
                              f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
                     return 1
                 if len(alive) < pods_wanted and self.state.attempts < relay.max_pods:
                     try:
                         self.deploy_worker(self.create_pod())
+                    except BudgetReached as exc:
+                        if not alive:
+                            self.say(f"stopped by the budget: {exc}; run {self.cfg.run.run_id} is left at step "
+                                     f"{run.get('step', 0)} with no pod; raise relay.budget_usd and run "
+                                     f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
+                            return 1
+                        if not budget_said:
+                            self.say(f"{exc}: the pods left go on, no standby or replacement is rented")
+                            budget_said = True
                     except LiumError as exc:
                         self.say(f"{exc}; trying again in {poll:g} s")
                     if not alive:  # the new pod gets a whole grace to take the lease
@@ -3086,7 +3328,8 @@ class Stack:
                 time.sleep(poll)
         except KeyboardInterrupt:
             names = ", ".join(p.name for p in self.state.live()) or "none"
-            self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them)")
+            self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them); "
+                     f"{self.spend_line()} so far")
             return 130
 
     def silence_seconds(self) -> float:
@@ -3135,6 +3378,7 @@ class Stack:
                              f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
                     continue
                 self.remove_pod(record, f"the run is {status}")
+        self.say(f"run {self.cfg.run.run_id} {status}: {self.spend_line()} on {len(self.state.pods)} pod(s)")
         return 0 if status == "COMPLETED" else 1
 
     def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
@@ -3151,7 +3395,7 @@ class Stack:
         for record in self.state.live():
             self.remove_pod(record, "relay.py down")
             removed.append(record.name)
-        return {"removed_pods": removed, "commander_stopped": self.stop_commander()}
+        return {"removed_pods": removed, "commander_stopped": self.stop_commander(), "spent_usd": self.state.spent_usd()}
 
 
 def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
@@ -3160,7 +3404,7 @@ def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
         summary = stack.launch()
         print(json.dumps(summary, indent=2), flush=True)
         return stack.supervise() if supervise and not dry_run else 0
-    except LiumError as exc:
+    except (LiumError, BudgetReached) as exc:
         stack.say(str(exc))
         return 1
 

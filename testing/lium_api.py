@@ -1,0 +1,398 @@
+"""A local stand-in of the Lium REST API for tests, driven by the REAL `lium` CLI (lium.io 0.32.0).
+
+Built from the CLI's own source (site-packages/lium: sdk/client.py `Lium.ps/_rent/wait_ready/down/
+get_executor/get_template/_ensure_ssh_keys_registered`, cli/up/command.py, cli/rm/command.py,
+cli/commands/exec.py) and ../shared/notes/lium.md: the endpoints it calls, the shapes it parses, the
+statuses it knows (PENDING, STARTING, RUNNING, BROKEN ...).  The CLI reaches it through
+LIUM_BASE_URL; any X-API-KEY is accepted.
+
+A pod is a sandbox on this machine reached over REAL SSH: one Debian sshd per pod on a loopback
+port (its own config: `UsePAM no`, `StrictModes no`, the keys the rent sent authorized), whose
+ForceCommand puts every session (shell and SFTP alike) in a private mount namespace
+(`unshare --mount`) where the pod's own folders are bind-mounted over /root, /workspace and /tmp,
+and its volume over /mnt.  Bind mounts in a mount namespace need root, which the tests run as;
+they were chosen over rewriting paths because the CLI, the worker and the shell then see exactly
+the paths a real pod has, with nothing to translate.  Host paths the pod's "image" must show
+inside /root (the Python install lives under /root/.pyenv here) are bound back in.
+
+Every process a pod runs carries LIUM_TEST_POD_ID=<id> (and the test's RELAY_TEST_MARK) in its
+environment, so a preemption or a removal kills all of them, and the test's teardown too.
+
+    api = LiumApi(folder, mark).start(); env LIUM_BASE_URL=api.url ...; api.stop()
+
+Controls for tests: `price_per_gpu`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
+`rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
+`add_foreign_pod(name)` (a pod rented by someone else through the same account).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+TEMPLATE_ID = "6f1c3b8e-2a45-4c1e-9a57-0d3e5b7c9f11"
+EXECUTOR_ID = "3d7e9a10-5b2c-4f8e-8c41-7a6b2e9d0c55"  # one 8×H200 node
+SANDBOX_DIRS = ("/root", "/workspace", "/tmp")
+
+
+def utc_iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, timezone.utc).isoformat()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Pod:
+    id: str
+    name: str
+    volume_id: str | None
+    keys: list[str]
+    gpu_count: int
+    price: float  # $/h of the whole rental
+    folder: Path
+    created: float = field(default_factory=time.time)
+    ready_at: float = 0.0
+    visible_at: float = 0.0  # a rent whose answer was lost: listed only from then on
+    status: str = "PENDING"
+    port: int = 0
+    sshd: subprocess.Popen | None = None
+    removal_scheduled_at: str | None = None
+
+    def row(self, api: LiumApi) -> dict:
+        """A row of GET /pods, as Lium.ps() parses it."""
+        return {"id": self.id, "pod_name": self.name, "status": self.status, "created_at": utc_iso(self.created),
+                "updated_at": utc_iso(time.time()), "price": self.price, "gpu_count": self.gpu_count,
+                "ssh_connect_cmd": f"ssh {api.user}@127.0.0.1 -p {self.port}" if self.status == "RUNNING" else None,
+                "ports_mapping": {"22": self.port} if self.port else {}, "template": api.template(),
+                "executor": api.executor(), "removal_scheduled_at": self.removal_scheduled_at}
+
+
+class LiumApi(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, folder: Path, mark: str = "", image_paths: tuple[str, ...] = ()) -> None:
+        super().__init__(("127.0.0.1", 0), LiumHandler)
+        self.folder = folder
+        self.mark = mark
+        # host folders under /root the pod's image must show (the Python the worker runs)
+        self.image_paths = image_paths or tuple(p for p in {sys.prefix, sys.base_prefix} if p.startswith("/root/"))
+        self.user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
+        self.price_per_gpu = 2.5
+        self.boot_seconds = 0.0
+        self.rent_outcome_unknown = False
+        self.hide_seconds = 8.0  # how long a rent with a lost answer stays unlisted
+        self.pods: dict[str, Pod] = {}
+        self.ssh_keys: list[dict] = []
+        self.volumes = [{"id": "8a4c2e6f-1b3d-4f5a-9c7e-2d4f6a8b0c1e", "name": "relay-checkpoints"}]
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.RLock()
+        self.host_key = folder / "ssh_host_ed25519_key"
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key)], check=True)
+        self._thread: threading.Thread | None = None
+        self._booter: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def volume_huid(self, index: int = 0) -> str:
+        from lium.sdk.utils import generate_huid  # the CLI's own HUIDs: `--volume id:HUID` is matched with them
+
+        return generate_huid(self.volumes[index]["id"])
+
+    def start(self) -> LiumApi:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+        self._booter = threading.Thread(target=self._boot_pods, daemon=True)
+        self._booter.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.shutdown()
+        self.server_close()
+        for pod in list(self.pods.values()):
+            self._kill(pod)
+
+    # -- what the API answers -------------------------------------------------------------
+
+    def executor(self) -> dict:
+        return {"id": EXECUTOR_ID, "machine_name": "NVIDIA H200", "price_per_gpu": self.price_per_gpu, "gpu_count": 8,
+                "available_gpu_count": 8, "location": {"country": "US"}, "executor_ip_address": "127.0.0.1",
+                "status": "available", "specs": {"gpu": {"count": 8, "details": [{"name": "NVIDIA H200"}] * 8}}}
+
+    def template(self) -> dict:
+        return {"id": TEMPLATE_ID, "name": "relay-trainer", "docker_image": "relay-trainer", "docker_image_tag": "test",
+                "category": "general", "status": "VERIFY_SUCCESS", "supports_volume_encryption": False,
+                "volumes": ["/mnt"]}
+
+    def listed(self) -> list[dict]:
+        now = time.time()
+        with self.lock:
+            return [pod.row(self) for pod in self.pods.values() if pod.visible_at <= now]
+
+    def rent(self, body: dict) -> dict:
+        gpu_count = int(body.get("gpu_count") or 8)
+        volume = body.get("volume_id")
+        with self.lock:
+            holder = next((p for p in self.pods.values() if volume and p.volume_id == volume), None)
+            if holder:  # a volume attaches to one pod at a time
+                raise ApiError(409, f"volume {volume} is attached to pod {holder.name}")
+            pod_id = str(uuid.uuid4())
+            pod = Pod(pod_id, body.get("pod_name") or "pod", volume, list(body.get("user_public_key") or []),
+                      gpu_count, round(self.price_per_gpu * gpu_count, 4), self.folder / "pods" / pod_id)
+            pod.ready_at = pod.created + self.boot_seconds
+            lost = self.rent_outcome_unknown
+            if lost:
+                self.rent_outcome_unknown = False
+                pod.visible_at = pod.created + self.hide_seconds
+            self.pods[pod_id] = pod
+        return {} if lost else {"id": pod_id, "pod_name": pod.name, "status": "PENDING"}
+
+    def add_foreign_pod(self, name: str) -> Pod:
+        """A pod of the same account rented by someone else (another script, the web UI)."""
+        self.rent({"pod_name": name, "gpu_count": 1})
+        return next(p for p in self.pods.values() if p.name == name)
+
+    def find(self, ref: str) -> Pod | None:
+        return next((p for p in self.pods.values() if ref in (p.id, p.name)), None)
+
+    # -- the pod's life -------------------------------------------------------------------
+
+    def _boot_pods(self) -> None:
+        while not self._stopping.wait(0.1):
+            for pod in list(self.pods.values()):
+                if pod.status in ("PENDING", "STARTING") and time.time() >= pod.visible_at:
+                    if time.time() < pod.ready_at:
+                        pod.status = "STARTING"
+                    else:
+                        self._start_sshd(pod)
+                        pod.status = "RUNNING"
+
+    def _start_sshd(self, pod: Pod) -> None:
+        for sub in ("root", "workspace", "tmp"):
+            (pod.folder / sub).mkdir(parents=True, exist_ok=True)
+        (pod.folder / "tmp").chmod(0o1777)
+        volume = self.folder / "volumes" / (pod.volume_id or f"none-{pod.id}")
+        volume.mkdir(parents=True, exist_ok=True)
+        (pod.folder / "authorized_keys").write_text("".join(k.strip() + "\n" for k in pod.keys + [k["public_key"] for k in self.ssh_keys]))
+        mounts = []
+        for path in self.image_paths:
+            inside = pod.folder / "root" / os.path.relpath(path, "/root")
+            inside.mkdir(parents=True, exist_ok=True)
+            mounts.append(f"mount --bind {shlex.quote(path)} {shlex.quote(str(inside))}")
+        # The volume first: its folder, like the pod's, lies under the host's /tmp, hidden once /tmp is.
+        mounts.append(f"mount --bind {shlex.quote(str(volume))} /mnt")
+        for target in SANDBOX_DIRS:
+            os.makedirs(target, exist_ok=True)  # /workspace: an empty mount point on the host
+            mounts.append(f"mount --rbind {shlex.quote(str(pod.folder / target.strip('/')))} {target}")
+        # sftp-server is named by its path in SSH_ORIGINAL_COMMAND (sshd hands a subsystem to the
+        # ForceCommand that way); everything else is a shell command, run by bash as on a pod.
+        inner = (" && ".join(mounts) + ' && cd /root && export HOME=/root && '
+                 'exec /bin/bash -c "${SSH_ORIGINAL_COMMAND:-exec /bin/bash -l}"')
+        enter = pod.folder / "enter"
+        enter.write_text(f"#!/bin/bash\nexport LIUM_TEST_POD_ID={pod.id} RELAY_TEST_MARK={shlex.quote(self.mark)}\n"
+                         f"exec unshare --mount --propagation private -- /bin/bash -c {shlex.quote(inner)}\n")
+        enter.chmod(0o755)
+        pod.port = free_port()
+        config = pod.folder / "sshd_config"
+        config.write_text(f"Port {pod.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
+                          f"PidFile {pod.folder / 'sshd.pid'}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+                          "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+                          f"AuthorizedKeysFile {pod.folder / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                          f"ForceCommand {enter}\nSubsystem sftp {SFTP_SERVER}\nLogLevel ERROR\n"
+                          "MaxStartups 100\nMaxSessions 100\n")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder (Debian's unit makes it)
+        log = open(pod.folder / "sshd.log", "ab")  # noqa: SIM115 (sshd's own stderr, kept with the pod)
+        pod.sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
+                                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RELAY_TEST_MARK": self.mark,
+                                         "LIUM_TEST_POD_ID": pod.id},
+                                    start_new_session=True)
+        give_up = time.time() + 10
+        while time.time() < give_up:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", pod.port), timeout=1):
+                return
+            time.sleep(0.05)
+
+    def _kill(self, pod: Pod) -> None:
+        """Everything the pod ran, as when its host vanishes: its sshd and the sessions it forked
+        (sshd rewrites its own environment, so they are found as its descendants), and whatever
+        left them (`nohup setsid`), found by the mark in its environment."""
+        needle = f"LIUM_TEST_POD_ID={pod.id}".encode()
+        for _ in range(100):
+            parents: dict[int, int] = {}
+            found = set()
+            for name in os.listdir("/proc"):
+                if not name.isdigit() or int(name) == os.getpid():
+                    continue
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{name}/stat", "rb") as handle:
+                        stat = handle.read()
+                    if stat[stat.rindex(b")") + 2:][:1] == b"Z":
+                        continue
+                    parents[int(name)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+                    with open(f"/proc/{name}/environ", "rb") as handle:
+                        if needle in handle.read().split(b"\0"):
+                            found.add(int(name))
+            if pod.sshd is not None and pod.sshd.poll() is None:
+                found.add(pod.sshd.pid)
+            grown = True
+            while grown:
+                more = {pid for pid, parent in parents.items() if parent in found} - found
+                grown = bool(more)
+                found |= more
+            if not found:
+                break
+            for pid in found:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if pod.sshd is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    pod.sshd.wait(1)
+            time.sleep(0.02)
+
+    def preempt(self, ref: str, remove: bool = False) -> None:
+        """The host vanished: the pod's processes die; it stays listed as BROKEN or is gone."""
+        with self.lock:
+            pod = self.find(ref)
+            assert pod is not None, ref
+            self._kill(pod)
+            if remove:
+                del self.pods[pod.id]
+            else:
+                pod.status = "BROKEN"
+
+    def remove(self, pod_id: str) -> None:
+        with self.lock:
+            pod = self.pods.pop(pod_id)
+        self._kill(pod)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LiumHandler(http.server.BaseHTTPRequestHandler):
+    server: LiumApi
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def reply(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def do_GET(self) -> None:
+        self.route("GET")
+
+    def do_POST(self) -> None:
+        self.route("POST")
+
+    def do_DELETE(self) -> None:
+        self.route("DELETE")
+
+    def route(self, method: str) -> None:
+        api = self.server
+        path = urllib.parse.urlsplit(self.path).path.rstrip("/")
+        body = self.body() if method in ("POST", "DELETE") else {}
+        api.requests.append((method, path))
+        if not self.headers.get("X-API-KEY"):
+            self.reply(401, {"detail": "Not authenticated"})
+            return
+        parts = path.strip("/").split("/")
+        try:
+            answer = self.answer(method, parts, body)
+        except ApiError as exc:
+            self.reply(exc.status, {"detail": str(exc)})
+            return
+        if answer is None:
+            self.reply(404, {"detail": f"no route {method} {path}"})
+        else:
+            self.reply(200, answer)
+
+    def answer(self, method: str, parts: list[str], body: dict) -> object:
+        api = self.server
+        if method == "GET":
+            if parts == ["users", "me"]:
+                return {"id": "user-1", "email": "relay@example.com", "stripe_customer_id": "cus_test", "balance": 1000.0}
+            if parts == ["version"]:
+                return {"version": "test", "features": []}  # no rent_by_spec: --gpu picks from GET /executors
+            if parts == ["executors"]:
+                return [api.executor()]
+            if parts == ["executors", "deployment-estimate"]:
+                return {}
+            if parts == ["templates"]:
+                return [api.template()]
+            if parts == ["templates", TEMPLATE_ID]:
+                return api.template()
+            if parts == ["volumes"]:
+                return api.volumes
+            if parts == ["ssh-keys"]:
+                return api.ssh_keys
+            if parts == ["pods"]:
+                return api.listed()
+            if len(parts) == 3 and parts[0] == "pods" and parts[2] == "events":
+                return []
+            if parts == ["machines"]:
+                return [{"name": "NVIDIA H200"}]
+            return None
+        if method == "POST":
+            if parts == ["ssh-keys"]:
+                key = {"id": str(uuid.uuid4()), "name": body.get("name", ""), "public_key": body.get("public_key", "")}
+                api.ssh_keys.append(key)
+                return key
+            if len(parts) == 3 and parts[0] == "executors" and parts[2] == "rent":
+                if parts[1] != EXECUTOR_ID:
+                    raise ApiError(404, f"executor {parts[1]} not found")
+                return api.rent(body)
+            if len(parts) == 3 and parts[0] == "pods" and parts[2] == "schedule-removal":
+                pod = api.pods.get(parts[1])
+                if pod is None:
+                    raise ApiError(404, "pod not found")
+                pod.removal_scheduled_at = body.get("removal_scheduled_at") or body.get("termination_time") or "scheduled"
+                return {"success": True}
+            return None
+        if method == "DELETE" and len(parts) == 2 and parts[0] == "pods":
+            if parts[1] not in api.pods:
+                raise ApiError(404, "pod not found")
+            api.remove(parts[1])
+            return {"success": True, "message": "pod removed"}
+        return None
