@@ -31,6 +31,7 @@ import hmac
 import html
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import math
@@ -45,6 +46,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -2910,6 +2912,7 @@ class Stack:
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
         self.unknown_status_since: dict[str, float] = {}  # pod id -> when its unknown status was first seen
+        self.listing: list[dict] | None = None  # the `lium ps` rows of this poll, not yet used by a rent
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
@@ -3011,8 +3014,10 @@ class Stack:
         # A volume attaches to one pod at a time: a standby beside its holder goes without
         # (and resumes from the Hub); a replacement for the pod that had it takes it over.
         volume = self.cfg.lium.volume if not any(p.has_volume for p in self.state.live()) else ""
+        listing = self.listing if self.listing is not None else self.lium.pods()
+        self.listing = None  # the listing of this poll serves one rent
         record = PodRecord(name, utc_now(), has_volume=bool(volume),
-                           foreign_ids=[row["id"] for row in self.lium.pods() if row.get("name") == name])
+                           foreign_ids=[row["id"] for row in listing if row.get("name") == name])
         self.state.pods.append(record)
         self.state.save()  # before `up`: whatever happens next, this pod can be found and removed
         self.say(f"creating pod {name} (template {self.cfg.lium.template_id}"
@@ -3028,15 +3033,9 @@ class Stack:
                                     f"rental ({exc}); {self.spend_line()}") from None
             if not self.adopt_unanswered_rent(record, exc):
                 raise
-        self.state.save()
-        try:
-            self.wait_ready(record)
-        except LiumError:
-            self.remove_pod(record, "it failed to start")
-            raise
         record.state = "active"
         self.state.save()
-        self.say(f"pod {record.label} is ready (${record.price_per_hour:.2f}/h)")
+        self.say(f"pod {record.label} is rented (${record.price_per_hour:.2f}/h)")
         return record
 
     def adopt_unanswered_rent(self, record: PodRecord, exc: LiumError) -> bool:
@@ -3078,17 +3077,18 @@ class Stack:
             if isinstance(row.get(name), (int, float)):
                 setattr(record, name, float(row[name]))
 
-    def wait_ready(self, record: PodRecord) -> None:
-        if self.dry_run:
-            return
+    def first_exec(self, record: PodRecord, command: str) -> Execution:
+        """The first command on a new pod, repeated until its SSH answers (RUNNING can come
+        before sshd); a pod that never answers is removed."""
         give_up = time.monotonic() + self.cfg.lium.ready_timeout_seconds
         while True:
-            ran = self.lium.exec(record.ref, "true", timeout=60)
-            if ran.exit_code == 0:
-                return
+            ran = self.lium.exec(record.ref, command, timeout=120)
+            if not ran.error:
+                return ran
             if time.monotonic() > give_up:
+                self.remove_pod(record, "it never answered over SSH")
                 raise LiumError(f"pod {record.label} did not answer `lium exec` within "
-                                f"{self.cfg.lium.ready_timeout_seconds:g} s: {ran.error or ran.stderr.strip()}")
+                                f"{self.cfg.lium.ready_timeout_seconds:g} s: {ran.error}")
             time.sleep(self.cfg.lium.poll_interval_seconds)
 
     def remove_pod(self, record: PodRecord, why: str) -> None:
@@ -3122,23 +3122,28 @@ class Stack:
             values["HF_TOKEN"] = os.environ["HF_TOKEN"]
         return "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(values.items())).encode()
 
-    def upload(self, pod: str, name: str, remote: str, data: bytes | None = None, local: str = "") -> None:
-        """Copy a file to the pod, always through a 0600 local file (secrets never on a command line)."""
+    def upload(self, record: PodRecord, files: dict[str, tuple[bytes, int]]) -> str:
+        """Copy files (remote path -> content, mode) to the pod in ONE `lium scp` (each is an SSH
+        connection, seconds on a real pod): a tar through a 0600 local file, since the secrets
+        ride in it (never on a command line).  The remote path of the tar, to unpack and delete."""
+        remote = f".relay-upload-{record.name}.tar"
         if self.dry_run:
-            print(f"would run: lium scp {pod} {local or '<generated ' + name + ', mode 0600>'} {remote}", flush=True)
-            return
-        if data is None:
-            self.lium.scp(pod, local, remote)
-            return
+            print(f"would run: lium scp {record.ref} <generated tar of {', '.join(files)}, mode 0600> {remote}", flush=True)
+            return remote
         with tempfile.TemporaryDirectory(prefix="relay-upload-") as folder:
-            path = os.path.join(folder, name)
-            atomic_write(path, data, durable=False)
-            self.lium.scp(pod, path, remote)
+            path = os.path.join(folder, "upload.tar")
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle, \
+                    tarfile.open(fileobj=handle, mode="w") as tar:
+                for name, (data, mode) in files.items():
+                    member = tarfile.TarInfo(name)
+                    member.size, member.mode, member.mtime = len(data), mode, int(time.time())
+                    tar.addfile(member, io.BytesIO(data))
+            self.lium.scp(record.ref, path, remote)
+        return remote
 
     def deploy_worker(self, record: PodRecord) -> dict:
         """Upload relay.py (unless the pod has the same), the run config and secrets; start the worker."""
         worker = self.cfg.worker
-        pod = record.ref
         q = shlex.quote
         env_path = os.path.join(os.path.dirname(worker.remote_config_path), "relay.env")
         folders = {os.path.dirname(p) or "." for p in (worker.remote_config_path, worker.remote_log_path,
@@ -3148,41 +3153,40 @@ class Stack:
         in_image = [os.path.join(worker.image_relay_dir, f) for f in code_files]
         remote_code = [os.path.join(worker.remote_workdir, f) for f in code_files]
         # One exec makes the folders and hashes what is there (each `lium exec` is a second or two).
-        have = self.check_exec(record, f"mkdir -p {' '.join(q(f) for f in sorted(folders))} && "
+        have = self.first_exec(record, f"mkdir -p {' '.join(q(f) for f in sorted(folders))} && "
                                        f"{{ sha256sum {' '.join(q(p) for p in in_image + remote_code)} 2>/dev/null; true; }}")
+        if have.exit_code != 0:
+            raise LiumError(f"lium exec on {record.label} failed (exit {have.exit_code}): {have.stderr.strip()[-300:]}")
         remote_hashes = {path.strip(): digest for digest, path in
                          (line.split(None, 1) for line in have.stdout.splitlines() if " " in line)}
         if all(remote_hashes.get(p) == local_hashes[f] for p, f in zip(in_image, code_files, strict=True)):
             self.say(f"the image on {record.label} has this relay.py ({worker.image_relay_dir}): nothing to upload")
             remote_code = in_image
+        files = {}
         for name, remote in zip(code_files, remote_code, strict=True):
             if remote_hashes.get(remote) != local_hashes[name]:
-                self.upload(pod, name, remote, local=os.path.join(HERE, name))
-        self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(record.name))
-        self.upload(pod, "relay.env", env_path, self.pod_secrets())
+                with open(os.path.join(HERE, name), "rb") as handle:
+                    files[remote] = (handle.read(), 0o755)
+        files[worker.remote_config_path] = (self.pod_run_config(record.name), 0o600)
+        files[env_path] = (self.pod_secrets(), 0o600)
+        bundle = self.upload(record, files)
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
                                      f"{q(worker.remote_config_path)}")
         # Only the worker goes to the background, with every descriptor redirected: `lium exec`
-        # (an SSH session) returns at once, and $! is the worker's own pid, printed for us.
-        start = (f"chmod 600 {q(worker.remote_config_path)} {q(env_path)} && "
-                 f"{{ set -a && . {q(env_path)} && set +a; }} || exit 1; nohup setsid {command} "
-                 f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}; echo $!")
-        started = self.check_exec(record, start)
+        # (an SSH session) returns at once, and $! is the worker's own pid, printed only when it
+        # is still alive a second later (a bad config kills it at once).
+        start = (f"tar -xPf {q(bundle)} && rm -f {q(bundle)} && chmod 600 {q(worker.remote_config_path)} {q(env_path)} "
+                 f"&& {{ set -a && . {q(env_path)} && set +a; }} || exit 1; nohup setsid {command} "
+                 f">> {q(worker.remote_log_path)} 2>&1 < /dev/null & echo $! > {q(worker.remote_pid_path)}; "
+                 f"sleep 1; kill -0 $! && echo $!")
+        started = self.lium.exec(record.ref, start)
         self.worker_started[record.name] = time.monotonic()
-        pid, running = None, False
-        if not self.dry_run and started.stdout.strip().isdigit():
-            pid = int(started.stdout.strip())
-            give_up = time.monotonic() + 15
-            while True:  # alive a moment later: it did not die at once on a bad config
-                time.sleep(1)
-                probe = self.lium.exec(pod, f"kill -0 {pid}", timeout=60)
-                running = probe.exit_code == 0
-                if running or not probe.error or time.monotonic() > give_up:
-                    break
+        running = started.exit_code == 0 and started.stdout.strip().isdigit()
+        pid = int(started.stdout.strip()) if running else None
         if running:
             self.say(f"worker started on {record.label} (pid {pid}, log {worker.remote_log_path})")
         elif not self.dry_run:
-            self.say(f"WARNING: the worker on {record.label} is not running; see "
+            self.say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'}); see "
                      f"`lium exec {record.id} 'tail {worker.remote_log_path}'`")
         return self.worker_summary(pid, running)
 
@@ -3191,13 +3195,6 @@ class Stack:
         return {"pid": pid, "running": running, "remote_log_path": worker.remote_log_path,
                 "remote_pid_path": worker.remote_pid_path, "remote_config_path": worker.remote_config_path}
 
-    def check_exec(self, record: PodRecord, command: str) -> Execution:
-        ran = self.lium.exec(record.ref, command)
-        if ran.exit_code != 0:
-            raise LiumError(f"lium exec on {record.label} failed (exit {ran.exit_code}): "
-                            f"{ran.error or ran.stderr.strip()[-300:] or 'no message'}")
-        return ran
-
     # -- launch, supervise, down -----------------------------------------------------------
 
     def live_pods(self) -> list[PodRecord]:
@@ -3205,7 +3202,8 @@ class Stack:
         (dead or dying ones with `lium rm`: some still bill) or marked removed (gone)."""
         if self.dry_run:
             return self.state.live()
-        shown = {row["id"]: row for row in self.lium.pods()}
+        self.listing = self.lium.pods()
+        shown = {row["id"]: row for row in self.listing}
         alive = []
         now = time.monotonic()
         for record in self.state.live():

@@ -889,12 +889,26 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
         assert os.path.getsize(shot) > 10_000
 
 
-# --------------------------------------------------------------------------- launch-stack on Lium (a fake lium)
+# --------------------------------------------------------------------------- launch-stack on Lium (the real lium CLI)
+#
+# The real `lium` (lium.io 0.32.0, pip-installed) against testing/lium_api.py, a local Lium API whose
+# pods are sandboxes reached over real SSH.
 
 
+@pytest.fixture
+def lium(cluster):
+    from testing.lium_api import LiumApi
 
-def write_stack(cluster: Cluster, **groups: dict) -> str:
+    api = LiumApi(cluster.tmp / "lium-api", cluster.mark).start()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+def write_stack(cluster: Cluster, api, **groups: dict) -> str:
     from testing.harness import free_port
+    from testing.lium_api import EXECUTOR_ID, TEMPLATE_ID
 
     cluster.port = cluster.port or free_port()
     launch = cluster.tmp / "launch"
@@ -902,9 +916,9 @@ def write_stack(cluster: Cluster, **groups: dict) -> str:
         "commander": {"host": "127.0.0.1", "port": cluster.port, "lease_seconds": 3, "wait_seconds": 20,
                       "state_path": str(launch / "commander_state.json"), "log_path": str(launch / "commander.log"),
                       "pid_path": str(launch / "commander.pid")},
-        "lium": {"template_id": "tmpl-relay", "volume": "id:vol-relay", "ready_timeout_seconds": 5,
-                 "poll_interval_seconds": 0.5},
-        "run": {"run_id": "r1", "mode": "sft", "l1_root": str(cluster.tmp / "volume"), "stop_grace_seconds": 2},
+        "lium": {"template_id": TEMPLATE_ID, "node": EXECUTOR_ID, "volume": f"id:{api.volume_huid()}",
+                 "ready_timeout_seconds": 20, "poll_interval_seconds": 0.5, "up_timeout_seconds": 60},
+        "run": {"run_id": "r1", "mode": "sft", "l1_root": "/mnt/relay", "stop_grace_seconds": 2},  # /mnt: the volume
         "worker": {"remote_python_bin": sys.executable, "env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1"}},
         "relay": {"max_pods": 3, "no_lease_grace_seconds": 30, "state_path": str(launch / "stack_state.json")},
     }
@@ -916,52 +930,62 @@ def write_stack(cluster: Cluster, **groups: dict) -> str:
     return str(path)
 
 
-def lium_env(cluster: Cluster, **extra: str) -> dict[str, str]:
-    return cluster.env(PATH=f"{FAKE_CLIS}:{os.environ['PATH']}", FAKE_LIUM_HOME=str(cluster.tmp / "lium"),
-                       FAKE_LIUM_PYTHON=sys.executable, **extra)
+def lium_env(cluster: Cluster, api, **extra: str) -> dict[str, str]:
+    """The real CLI's environment: its own HOME (config, keys, known_hosts), the local API, a key pair."""
+    home = cluster.tmp / "lium-home"
+    key = home / ".ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    env = cluster.env(HOME=str(home), LIUM_BASE_URL=api.url, LIUM_API_KEY="test-key", LIUM_SSH_KEY_PATH=str(key),
+                      LIUM_NONINTERACTIVE="1", LIUM_SELF_UPDATE_DISABLE="1", **extra)
+    assert not shutil.which("lium", path=env["PATH"]).startswith(FAKE_CLIS)  # the pip-installed CLI
+    return env
 
 
-def lium_state(cluster: Cluster) -> dict:
-    path = cluster.tmp / "lium" / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {"pods": {}, "log": []}
+def stack_pods(api) -> list[str]:
+    return sorted(pod.name for pod in api.pods.values())
 
 
-def pod_names(cluster: Cluster) -> list[str]:
-    return sorted(pod["name"] for pod in lium_state(cluster)["pods"].values())
+def volume_model(api, steps: int) -> bytes:
+    return (api.volume_folder() / "relay" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(steps) / "model.json").read_bytes()
 
 
-def launch_stack(cluster: Cluster, stack: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch_stack(cluster: Cluster, api, stack: str, *flags: str, **env: str) -> subprocess.CompletedProcess:
     empty = cluster.tmp / "empty"
     empty.mkdir(exist_ok=True)
     return subprocess.run([sys.executable, RELAY, "launch-stack", stack, *flags], capture_output=True, text=True,
-                          timeout=120, cwd=empty, env=env or lium_env(cluster))
+                          timeout=180, cwd=empty, env=lium_env(cluster, api, **env))
 
 
-def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster):
+def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster, lium):
     secret = "stack-secret-" + uuid.uuid4().hex
-    stack = write_stack(cluster)
+    stack = write_stack(cluster, lium)
     cluster.secret = secret
-    result = launch_stack(cluster, stack, env=lium_env(cluster, RELAY_SHARED_SECRET=secret))
+    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["commander"]["url"] == cluster.url and isinstance(summary["commander"]["pid"], int)
     assert summary["commander"]["state_path"].endswith("commander_state.json")
-    assert summary["pod"] == {"name": "relay-r1-1", "template_id": "tmpl-relay"}
+    pod = lium.ours("relay-r1-1")
+    assert summary["pod"]["name"] == "relay-r1-1" and summary["pod"]["id"] == pod.id and summary["pod"]["price_per_hour"] == 20
     assert summary["worker"]["running"] is True and isinstance(summary["worker"]["pid"], int)
     assert summary["worker"]["remote_log_path"] == "relay/worker.log"
-    home = cluster.tmp / "lium" / "pods" / "relay-r1-1" / "home"
+    home = lium.home("relay-r1-1")
     assert (home / "relay" / "relay.py").read_bytes() == open(RELAY, "rb").read()
     run_yaml, relay_env = home / "relay" / "run.yaml", home / "relay" / "relay.env"
     assert stat.S_IMODE(run_yaml.stat().st_mode) == 0o600 and stat.S_IMODE(relay_env.stat().st_mode) == 0o600
     config = json.loads(run_yaml.read_text())
     assert (config["worker_id"], config["commander_url"], config["relay_shared_secret"]) == ("relay-r1-1", cluster.url, "")
     assert secret in relay_env.read_text()
+    assert int((home / "relay" / "worker.pid").read_text()) == summary["worker"]["pid"]
     for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):
         assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
     run = wait_for("the run to complete", lambda: completed(cluster), 40)
     assert run["leases"][0]["worker_id"] == "relay-r1-1"
     # The worker logs the completion once the commander acknowledged it: poll, do not race.
     wait_for("the worker log to report the completion", lambda: "COMPLETED" in (home / "relay" / "worker.log").read_text(), 20)
+    assert (lium.volume_folder() / "relay" / "runs" / "r1").is_dir()  # checkpoints on the volume, at /mnt
 
 
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):

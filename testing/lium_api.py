@@ -122,6 +122,19 @@ class LiumApi(http.server.ThreadingHTTPServer):
 
         return generate_huid(self.volumes[index]["id"])
 
+    def volume_folder(self, index: int = 0) -> Path:
+        """What a pod with this volume sees at /mnt."""
+        return self.folder / "volumes" / self.volumes[index]["id"]
+
+    def ours(self, name: str, foreign: tuple[str, ...] = ()) -> Pod | None:
+        """The listed pod of that name, other than the `foreign` ids."""
+        return next((p for p in self.pods.values() if p.name == name and p.id not in foreign), None)
+
+    def home(self, name: str, foreign: tuple[str, ...] = ()) -> Path:
+        """The pod's /root, as this machine sees it."""
+        pod = self.ours(name, foreign)
+        return pod.folder / "root" if pod else self.folder / "no-such-pod"
+
     def start(self) -> LiumApi:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._thread.start()
