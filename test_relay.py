@@ -988,142 +988,172 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert (lium.volume_folder() / "relay" / "runs" / "r1").is_dir()  # checkpoints on the volume, at /mnt
 
 
-def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
-    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
-    supervisor, events = supervise(cluster, stack)
-    wait_for("the first pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 40)
-    subprocess.run(["lium", "preempt", "relay-r1-1"], env=lium_env(cluster), check=True, capture_output=True)
-    assert supervisor.wait(90) == 0
-    for words in ("pod relay-r1-1 is gone", "creating pod relay-r1-2", "lease handed off from relay-r1-1 to relay-r1-2",
-                  "run r1 COMPLETED", "pod relay-r1-2 removed"):
-        assert words in events.read_text(), events.read_text()
-    run = cluster.run("r1")
-    resume = resumed_from(run, "relay-r1-2")[0]
+@pytest.mark.parametrize("removed", [False, True], ids=["listed-as-BROKEN", "removed-by-lium"])
+def test_supervise_replaces_a_preempted_pod_at_once_resumes_and_leaves_no_pod_but_a_foreign_one(cluster, lium, tmp_path,
+                                                                                                removed):
+    foreign = lium.add_foreign_pod("relay-r1-1")  # someone else's pod of the very name our first pod gets
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}},
+                        relay={"no_lease_grace_seconds": 300})  # replaced at once, not after the grace
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the first pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
+    lium.preempt(lium.ours("relay-r1-1", (foreign.id,)).id, remove=removed)
+    wait_for("a replacement pod", lambda: "creating pod relay-r1-2" in events.read_text(), 25)  # a few polls, not 300 s
+    assert supervisor.wait(120) == 0, events.read_text()
+    text = events.read_text()
+    gone = "is gone (preempted, expired or removed)" if removed else "removed: Lium reports it BROKEN"
+    for words in (gone, "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "relay-r1-2 (",
+                  "removed: the run is COMPLETED", "run r1 COMPLETED: GPU spend $"):
+        assert words in text, text
+    resume = resumed_from(cluster.run("r1"), "relay-r1-2")[0]
     assert int(resume.split("checkpoint ")[1].split()[0]) >= 10, resume
-    assert final_model(cluster, steps=60) == reference_model(tmp_path, 60)
-    assert pod_names(cluster) == []
+    assert volume_model(lium, 60) == reference_model(tmp_path, 60)
+    assert list(lium.pods) == [foreign.id] and foreign.status == "RUNNING"  # untouched, still running
+    state = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())
+    assert foreign.id not in [pod["id"] for pod in state["pods"]] and all(p["state"] == "removed" for p in state["pods"])
 
 
-def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subprocess.Popen, Path]:
+def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path]:
     """`launch-stack --supervise` in the background, from an empty folder; its event log's path."""
     empty = cluster.tmp / "empty"
     empty.mkdir(exist_ok=True)
     events = cluster.tmp / f"supervisor-{len(cluster.procs)}.log"
     with open(events, "w") as log:
         proc = subprocess.Popen([sys.executable, RELAY, "launch-stack", stack, "--supervise"], cwd=empty,
-                                env=lium_env(cluster, **lium_knobs), stdout=subprocess.DEVNULL, stderr=log,
-                                start_new_session=True)
+                                env=lium_env(cluster, api), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     cluster.procs.append(proc)
     return proc, events
 
 
-def hot_standby_stack(cluster: Cluster, hub, steps: str, **groups: dict) -> str:
+def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) -> str:
     """A stack keeping a hot standby; standbys go without the volume, so the run syncs to the Hub."""
     hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return write_stack(cluster, relay={"hot_standby": True}, run={"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5},
+    return write_stack(cluster, api, relay={"hot_standby": True}, run={"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5},
                        worker={"env": {"MOCK_MAX_STEPS": steps, "MOCK_STEP_SECONDS": "0.05", **hub_env}}, **groups)
 
 
-def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, hub, tmp_path):
-    stack = hot_standby_stack(cluster, hub, "200", lium={"ready_timeout_seconds": 20})
-    supervisor, events = supervise(cluster, stack, FAKE_LIUM_BOOT_SECONDS="5")  # every pod takes 5 s to boot
-    standby_log = cluster.tmp / "lium" / "pods" / "relay-r1-2" / "home" / "relay" / "worker.log"
-    wait_for("relay-r1-1 to train and relay-r1-2 to stand by", lambda: cluster.healthy()
-             and checkpoint_at_least(cluster, 5) and standby_log.exists() and "standing by" in standby_log.read_text(), 40)
+def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, lium, hub, tmp_path):
+    lium.boot_seconds = 5  # every pod takes 5 s to boot
+    stack = hot_standby_stack(cluster, lium, hub, "300")
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("relay-r1-1 to train and relay-r1-2 to stand by", lambda: cluster.healthy() and checkpoint_at_least(cluster, 5)
+             and "standing by" in (lium.home("relay-r1-2") / "relay" / "worker.log").read_text(errors="replace")
+             if (lium.home("relay-r1-2") / "relay" / "worker.log").exists() else False, 90)
     assert cluster.run("r1")["holder"] == "relay-r1-1"
     preempted = time.monotonic()
-    subprocess.run(["lium", "preempt", "relay-r1-1"], env=lium_env(cluster), check=True, capture_output=True)
+    lium.preempt("relay-r1-1", remove=True)
     wait_for("the standby to take the run", lambda: cluster.run("r1").get("holder") == "relay-r1-2", 20)
     assert time.monotonic() - preempted < 7  # about the lease TTL (3 s); a new pod needs a 5 s boot more
-    assert supervisor.wait(90) == 0
-    for words in ("one hot standby", "creating pod relay-r1-1 (template tmpl-relay, volume id:vol-relay)",
-                  "creating pod relay-r1-2 (template tmpl-relay, no volume)", "pod relay-r1-1 is gone",
-                  "creating pod relay-r1-3 (template tmpl-relay, volume id:vol-relay)",
-                  "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "pod relay-r1-3 removed"):
+    assert supervisor.wait(150) == 0, events.read_text()
+    for words in ("one hot standby", f"creating pod relay-r1-1 (template {relay_template()}, volume id:",
+                  f"creating pod relay-r1-2 (template {relay_template()}, no volume)", "pod relay-r1-1 (",
+                  "is gone", f"creating pod relay-r1-3 (template {relay_template()}, volume id:",
+                  "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "removed: the run is COMPLETED"):
         assert words in events.read_text(), events.read_text()
-    assert final_model(cluster, steps=200) == reference_model(tmp_path, 200)
-    assert pod_names(cluster) == []
+    finisher = lium.mnt(lium.ours("relay-r1-2"))  # the standby had no volume: its own disk at /mnt
+    final = finisher / "relay" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(300) / "model.json"
+    assert final.read_bytes() == reference_model(tmp_path, 300)
+    assert stack_pods(lium) == []
 
 
-def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_goes_on(cluster, hub):
-    stack = hot_standby_stack(cluster, hub, "1000")
-    supervisor, events = supervise(cluster, stack)
-    pod_home = cluster.tmp / "lium" / "pods"
-    wait_for("relay-r1-2 to stand by", lambda: cluster.healthy() and cluster.run("r1").get("standbys"), 40)
+def relay_template() -> str:
+    from testing.lium_api import TEMPLATE_ID
+
+    return TEMPLATE_ID
+
+
+def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_goes_on(cluster, lium, hub):
+    stack = hot_standby_stack(cluster, lium, hub, "3000")
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("relay-r1-2 to stand by", lambda: cluster.healthy() and cluster.run("r1").get("standbys"), 90)
     assert cluster.run("r1")["standbys"][0]["worker_id"] == "relay-r1-2"
-    os.kill(int((pod_home / "relay-r1-2" / "home" / "relay" / "worker.pid").read_text()), signal.SIGKILL)
+    os.kill(int((lium.home("relay-r1-2") / "relay" / "worker.pid").read_text()), signal.SIGKILL)
     wait_for("the silent standby pod to be replaced", lambda: "creating pod relay-r1-3" in events.read_text(), 60)
-    assert "pod relay-r1-2 removed: its worker has not asked for the lease" in events.read_text()
+    assert "removed: its worker has not asked for the lease" in events.read_text()
     wait_for("the new standby to stand by", lambda: any(s["worker_id"] == "relay-r1-3" and s["seen_sec_ago"] < 5
-                                                        for s in cluster.run("r1")["standbys"]), 30)
-    assert pod_names(cluster) == ["relay-r1-1", "relay-r1-3"] and supervisor.poll() is None
+                                                        for s in cluster.run("r1")["standbys"]), 60)
+    assert stack_pods(lium) == ["relay-r1-1", "relay-r1-3"] and supervisor.poll() is None
     run = cluster.run("r1")
     assert run["holder"] == "relay-r1-1" and len(run["leases"]) == 1  # training never stopped
 
 
-def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end(cluster):
-    stack = write_stack(cluster, lium={"volume": ""})  # no volume, no Hub: the checkpoint is on the pod's disk
-    supervisor, events = supervise(cluster, stack)
-    assert supervisor.wait(60) == 0
+def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end(cluster, lium):
+    stack = write_stack(cluster, lium, lium={"volume": ""})  # no volume, no Hub: the checkpoint is on the pod's disk
+    supervisor, events = supervise(cluster, lium, stack)
+    assert supervisor.wait(90) == 0, events.read_text()
     assert "WARNING: neither lium.volume nor run.hf_repo is set" in events.read_text()
     assert "pod relay-r1-1 kept: checkpoint 40 is only on its own disk" in events.read_text()
-    assert pod_names(cluster) == ["relay-r1-1"]
+    assert stack_pods(lium) == ["relay-r1-1"]
 
 
-def test_ctrl_c_stops_supervising_says_so_and_leaves_the_pods_running(cluster):
-    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
-    supervisor, events = supervise(cluster, stack)
-    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
-    supervisor.send_signal(signal.SIGINT)
-    assert supervisor.wait(15) == 130
+def test_ctrl_c_leaves_the_pods_running_and_a_restarted_supervisor_adopts_them_instead_of_renting(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "150", "MOCK_STEP_SECONDS": "0.1"}})
+    first, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 90)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(30) == 130
     assert "stopped supervising; pods left as they are: relay-r1-1" in events.read_text()
-    assert pod_names(cluster) == ["relay-r1-1"] and cluster.trainer_pids()
+    assert stack_pods(lium) == ["relay-r1-1"] and cluster.trainer_pids()
     assert cluster.run("r1")["holder"] == "relay-r1-1"
-
-
-@pytest.mark.parametrize("knobs, words", [
-    ({"FAKE_LIUM_UP_FAIL": "3", "FAKE_LIUM_UP_LEAVES_POD": "1"}, "lium up failed: pod relay-r1-1 was rented"),
-    ({"FAKE_LIUM_UP_FAIL": "3"}, "lium up failed: executor unavailable"),
-    ({"FAKE_LIUM_NEVER_READY": "1"}, "did not answer `lium exec` within 2 s"),
-])
-def test_a_failed_or_never_ready_pod_gives_a_clear_error_and_is_not_left_billing(cluster, knobs, words):
-    stack = write_stack(cluster, lium={"ready_timeout_seconds": 2})
-    result = launch_stack(cluster, stack, env=lium_env(cluster, **knobs))
-    assert result.returncode == 1
-    assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
-    assert pod_names(cluster) == []
-
-
-def test_relay_py_is_not_uploaded_when_the_pods_image_already_has_the_same_version(cluster):
-    image = cluster.tmp / "image-opt-relay"  # the image's /opt/relay (fake pods see the host's files)
-    image.mkdir()
-    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh"):
-        shutil.copy(os.path.join(os.path.dirname(RELAY), name), image / name)
-    stack = write_stack(cluster, worker={"image_relay_dir": str(image),
-                                         "env": {"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.05"}})
-    result = launch_stack(cluster, stack)
-    assert result.returncode == 0, result.stderr
-    assert "nothing to upload" in result.stderr
-    home = cluster.tmp / "lium" / "pods" / "relay-r1-1" / "home"
-    assert not (home / "relay" / "relay.py").exists()
-    wait_for("the run to complete", lambda: completed(cluster), 30)
-
-
-def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluster):
-    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
-    first, _ = supervise(cluster, stack)
-    wait_for("the worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 40)
-    first.kill()
-    first.wait()
-    second, events = supervise(cluster, stack)
-    assert second.wait(90) == 0
+    second, events = supervise(cluster, lium, stack)
+    assert second.wait(120) == 0, events.read_text()
     assert "already running: not renting another" in events.read_text()
-    assert [entry for entry in lium_state(cluster)["log"] if entry[0] == "up"] == [["up", "relay-r1-1"]]
-    assert completed(cluster) and pod_names(cluster) == []
+    assert [path for method, path in lium.requests if path.endswith("/rent")] == [f"/executors/{lium.executor()['id']}/rent"]
+    assert completed(cluster) and stack_pods(lium) == []
+
+
+def test_an_up_that_times_out_or_is_refused_leaves_no_pod_billing(cluster, lium):
+    lium.boot_seconds = 60  # the image pulls for a minute; `up --timeout 2` gives up first
+    stack = write_stack(cluster, lium, lium={"up_timeout_seconds": 2})
+    result = launch_stack(cluster, lium, stack)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "still starting after" in result.stderr and "removed: `lium up` failed after renting it (pod_not_ready)" in result.stderr
+    assert stack_pods(lium) == []
+    lium.boot_seconds = 0
+    holder = lium.rent({"pod_name": "someone-else", "volume_id": lium.volumes[0]["id"]})  # the volume is taken
+    result = launch_stack(cluster, lium, write_stack(cluster, lium))
+    assert result.returncode == 1 and "lium up failed" in result.stderr and "is attached to pod someone-else" in result.stderr
+    assert list(lium.pods) == [holder["id"]]
+
+
+def test_a_rent_whose_answer_was_lost_is_found_in_lium_ps_and_used_instead_of_renting_again(cluster, lium):
+    lium.rent_outcome_unknown = True  # the rent answers without a pod id; its pod is listed 8 s later
+    stack = write_stack(cluster, lium, lium={"rent_lookup_seconds": 30})
+    result = launch_stack(cluster, lium, stack)
+    assert result.returncode == 0, result.stderr
+    assert "looking for pod relay-r1-1 in `lium ps`" in result.stderr
+    assert "the rent went through after all" in result.stderr, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["worker"]["running"] is True and summary["pod"]["id"] == lium.ours("relay-r1-1").id
+    assert stack_pods(lium) == ["relay-r1-1"]
+    assert len([path for method, path in lium.requests if path.endswith("/rent")]) == 1
+    wait_for("the run to complete", lambda: completed(cluster), 60)
+
+
+def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, lium):
+    lium.price_per_gpu = 450.0  # 8 GPUs: $3600/h, a dollar a second
+    stack = write_stack(cluster, lium, relay={"budget_usd": 303, "no_lease_grace_seconds": 300},
+                        worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 90)
+    assert "budget $303.00" in events.read_text()  # `lium up --budget 303.00`: Lium ends the pod at that spend too
+    lium.preempt("relay-r1-1")  # BROKEN; what is left ($303 less its spend) buys less than Lium's 5 min minimum
+    assert supervisor.wait(60) == 1, events.read_text()
+    text = events.read_text()
+    assert "stopped by the budget" in text and "of a $303.00 budget" in text, text
+    assert stack_pods(lium) == []
+    spent = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["pods"][0]["spent_usd"]
+    assert spent > 3
 
 
 @pytest.mark.parametrize("groups, words", [
     ({"lium": {"template_id": ""}}, "'template_id'"),
+    ({"lium": {"node": ""}}, "lium: set field 'node'"),
+    ({"lium": {"gpu": "H200"}}, "lium: fields 'node' and 'gpu' exclude each other"),
+    ({"lium": {"node": "", "gpu": "H200", "gpu_count": 0}}, "lium: field 'gpu_count' must be at least 1"),
+    ({"lium": {"ttl": "6 hours"}}, "lium: field 'ttl' must be a number and m, h or d"),
+    ({"lium": {"volume": "new:name=ckpt"}}, "create one with `lium volumes new NAME`, then set volume: id:HUID"),
+    ({"lium": {"up_timeout_seconds": 0}}, "lium: field 'up_timeout_seconds'"),
+    ({"relay": {"budget_usd": -1}}, "relay: field 'budget_usd'"),
     ({"commander": {"port": "eighty"}}, "commander: field 'port'"),
     ({"run": {"mode": "ppo"}}, "run: field 'mode'"),
     ({"relay": {"max_pods": 0}}, "relay: field 'max_pods'"),
@@ -1131,37 +1161,47 @@ def test_a_restarted_supervisor_adopts_its_pod_instead_of_renting_another(cluste
     ({"pods": {}}, "unknown group 'pods'"),
     ({"run": {"worker_id": "me"}}, "run: field 'worker_id' is set by launch-stack"),
 ])
-def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(cluster, groups, words):
-    stack = write_stack(cluster, **groups)
-    result = launch_stack(cluster, stack)
+def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(cluster, lium, groups, words):
+    stack = write_stack(cluster, lium, **groups)
+    result = launch_stack(cluster, lium, stack)
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert lium_state(cluster)["log"] == [] and not cluster.healthy()
+    assert lium.requests == [] and not cluster.healthy()
 
 
-def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster):
+def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster, lium):
     secret = "dry-secret-" + uuid.uuid4().hex
-    stack = write_stack(cluster)
-    result = launch_stack(cluster, stack, "--dry-run", env=lium_env(cluster, RELAY_SHARED_SECRET=secret))
+    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8, "ttl": "6h"},
+                        relay={"budget_usd": 500})
+    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1", "would run: lium up --name relay-r1-1 "
-                  "--template_id tmpl-relay --volume id:vol-relay -y --json", "would run: lium scp relay-r1-1 <generated relay.env, mode 0600>",
+    for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1",
+                  f"would run: lium up --gpu H200 -c 8 --name relay-r1-1 --template_id {relay_template()} --timeout 60 "
+                  f"--volume id:{lium.volume_huid()} --ttl 6h --budget 500.00 -y --json",
+                  "would run: lium scp <id of relay-r1-1> <generated tar of relay/relay.py, relay/launch_sft.sh, "
+                  "relay/launch_rl.sh, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
                   "nohup setsid"):
         assert words in out, out
     assert secret not in out + result.stderr
-    assert lium_state(cluster)["log"] == [] and not cluster.healthy()
+    assert lium.requests == [] and not cluster.healthy()
 
 
-def test_down_removes_the_stacks_pods_and_stops_its_commander(cluster):
-    stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "1000", "MOCK_STEP_SECONDS": "0.1"}})
-    assert launch_stack(cluster, stack).returncode == 0
-    wait_for("a trainer on the pod", lambda: cluster.trainer_pids(), 20)
-    result = subprocess.run([sys.executable, RELAY, "down", stack], capture_output=True, text=True, timeout=60,
-                            cwd=cluster.tmp / "empty", env=lium_env(cluster))
+def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pods_and_the_commander(cluster, lium):
+    image = os.path.dirname(RELAY)  # the pod sees this folder of the host as its image's relay folder
+    stack = write_stack(cluster, lium, worker={"image_relay_dir": image,
+                                               "env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    result = launch_stack(cluster, lium, stack)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"removed_pods": ["relay-r1-1"], "commander_stopped": True}
-    assert pod_names(cluster) == [] and not cluster.healthy()
+    assert "nothing to upload" in result.stderr
+    assert not (lium.home("relay-r1-1") / "relay" / "relay.py").exists()
+    wait_for("a trainer on the pod", lambda: cluster.trainer_pids(), 30)
+    result = subprocess.run([sys.executable, RELAY, "down", stack], capture_output=True, text=True, timeout=120,
+                            cwd=cluster.tmp / "empty", env=lium_env(cluster, lium))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["removed_pods"], summary["commander_stopped"]) == (["relay-r1-1"], True) and summary["spent_usd"] > 0
+    assert stack_pods(lium) == [] and not cluster.healthy()
     wait_for("the pod's processes to be gone", lambda: not cluster.trainer_pids(), 10)
 
 

@@ -102,6 +102,7 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.rent_outcome_unknown = False
         self.hide_seconds = 8.0  # how long a rent with a lost answer stays unlisted
         self.pods: dict[str, Pod] = {}
+        self.removed: list[Pod] = []  # their folders stay, for tests to look at
         self.ssh_keys: list[dict] = []
         self.volumes = [{"id": "8a4c2e6f-1b3d-4f5a-9c7e-2d4f6a8b0c1e", "name": "relay-checkpoints"}]
         self.requests: list[tuple[str, str]] = []
@@ -127,13 +128,17 @@ class LiumApi(http.server.ThreadingHTTPServer):
         return self.folder / "volumes" / self.volumes[index]["id"]
 
     def ours(self, name: str, foreign: tuple[str, ...] = ()) -> Pod | None:
-        """The listed pod of that name, other than the `foreign` ids."""
-        return next((p for p in self.pods.values() if p.name == name and p.id not in foreign), None)
+        """The pod of that name (listed, else removed), other than the `foreign` ids."""
+        return next((p for p in [*self.pods.values(), *self.removed] if p.name == name and p.id not in foreign), None)
 
     def home(self, name: str, foreign: tuple[str, ...] = ()) -> Path:
         """The pod's /root, as this machine sees it."""
         pod = self.ours(name, foreign)
         return pod.folder / "root" if pod else self.folder / "no-such-pod"
+
+    def mnt(self, pod: Pod) -> Path:
+        """What the pod sees at /mnt: its volume, or its own disk when it has none."""
+        return self.folder / "volumes" / (pod.volume_id or f"none-{pod.id}")
 
     def start(self) -> LiumApi:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -208,7 +213,7 @@ class LiumApi(http.server.ThreadingHTTPServer):
         for sub in ("root", "workspace", "tmp"):
             (pod.folder / sub).mkdir(parents=True, exist_ok=True)
         (pod.folder / "tmp").chmod(0o1777)
-        volume = self.folder / "volumes" / (pod.volume_id or f"none-{pod.id}")
+        volume = self.mnt(pod)
         volume.mkdir(parents=True, exist_ok=True)
         (pod.folder / "authorized_keys").write_text("".join(k.strip() + "\n" for k in pod.keys + [k["public_key"] for k in self.ssh_keys]))
         mounts = []
@@ -293,13 +298,14 @@ class LiumApi(http.server.ThreadingHTTPServer):
             assert pod is not None, ref
             self._kill(pod)
             if remove:
-                del self.pods[pod.id]
+                self.removed.append(self.pods.pop(pod.id))
             else:
                 pod.status = "BROKEN"
 
     def remove(self, pod_id: str) -> None:
         with self.lock:
             pod = self.pods.pop(pod_id)
+            self.removed.append(pod)
         self._kill(pod)
 
 
