@@ -3325,10 +3325,13 @@ class Stack:
                         waiting_since = time.monotonic()
                 time.sleep(poll)
         except KeyboardInterrupt:
-            names = ", ".join(p.name for p in self.state.live()) or "none"
-            self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them); "
-                     f"{self.spend_line()} so far")
-            return 130
+            return self.interrupted()
+
+    def interrupted(self) -> int:
+        names = ", ".join(p.name for p in self.state.live()) or "none"
+        self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them); "
+                 f"{self.spend_line()} so far")
+        return 130
 
     def silence_seconds(self) -> float:
         """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
@@ -3405,6 +3408,8 @@ def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
     except (LiumError, BudgetReached) as exc:
         stack.say(str(exc))
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while a pod is being rented or set up
+        return stack.interrupted()
 
 
 def run_down(path: str) -> int:

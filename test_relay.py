@@ -1033,11 +1033,15 @@ def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) ->
 
 def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, lium, hub, tmp_path):
     lium.boot_seconds = 5  # every pod takes 5 s to boot
-    stack = hot_standby_stack(cluster, lium, hub, "300")
+    stack = hot_standby_stack(cluster, lium, hub, "1200")  # 60 s: the standby is set up in 20
     supervisor, events = supervise(cluster, lium, stack)
-    wait_for("relay-r1-1 to train and relay-r1-2 to stand by", lambda: cluster.healthy() and checkpoint_at_least(cluster, 5)
-             and "standing by" in (lium.home("relay-r1-2") / "relay" / "worker.log").read_text(errors="replace")
-             if (lium.home("relay-r1-2") / "relay" / "worker.log").exists() else False, 90)
+
+    def standing_by() -> bool:
+        log = lium.home("relay-r1-2") / "relay" / "worker.log"
+        return log.exists() and "standing by" in log.read_text(errors="replace")
+
+    wait_for("relay-r1-1 to train and relay-r1-2 to stand by",
+             lambda: cluster.healthy() and checkpoint_at_least(cluster, 5) and standing_by(), 90)
     assert cluster.run("r1")["holder"] == "relay-r1-1"
     preempted = time.monotonic()
     lium.preempt("relay-r1-1", remove=True)
@@ -1050,8 +1054,8 @@ def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cl
                   "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "removed: the run is COMPLETED"):
         assert words in events.read_text(), events.read_text()
     finisher = lium.mnt(lium.ours("relay-r1-2"))  # the standby had no volume: its own disk at /mnt
-    final = finisher / "relay" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(300) / "model.json"
-    assert final.read_bytes() == reference_model(tmp_path, 300)
+    final = finisher / "relay" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(1200) / "model.json"
+    assert final.read_bytes() == reference_model(tmp_path, 1200)
     assert stack_pods(lium) == []
 
 
@@ -1088,7 +1092,8 @@ def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end
 def test_ctrl_c_leaves_the_pods_running_and_a_restarted_supervisor_adopts_them_instead_of_renting(cluster, lium):
     stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "150", "MOCK_STEP_SECONDS": "0.1"}})
     first, events = supervise(cluster, lium, stack)
-    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 90)
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder")
+             and "supervising run r1" in events.read_text(), 90)
     first.send_signal(signal.SIGINT)
     assert first.wait(30) == 130
     assert "stopped supervising; pods left as they are: relay-r1-1" in events.read_text()
