@@ -707,6 +707,7 @@ class RunRecord:
     losses: list = field(default_factory=list)
     log_tail: list = field(default_factory=list)
     log_total: int = 0  # lines ever received: log_tail holds numbers log_total-len+1 .. log_total
+    gpu_spend: dict | None = None  # what launch-stack last reported: spent_usd, budget_usd, pods, at
 
     def current_lease(self) -> LeaseRecord | None:
         if self.holder and self.leases:
@@ -1078,6 +1079,17 @@ class Commander:
             run.latest_checkpoint = dict(checkpoint, epoch=run.epoch, worker_id=run.holder, at=utc_now())
             run.add_event(f"checkpoint {checkpoint['iteration']} sealed by {run.holder} (epoch {run.epoch})")
 
+    def record_spend(self, body: Body) -> dict:
+        """launch-stack's GPU spend for the run (Lium's estimate), shown by status and the page."""
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        spend = {name: body.number(name) or 0.0 for name in ("spent_usd", "budget_usd")}
+        if min(spend.values()) < 0:
+            raise ApiError(400, "spent_usd and budget_usd must not be negative")
+        run = self._run(run_id)
+        with self.durable_change(run_id):
+            run.gpu_spend = dict(spend, pods=body.int("pods") or 0, at=utc_now())
+        return {"ok": True}
+
     @staticmethod
     def _checkpoint_from(obj: Body | None) -> dict | None:
         if obj is None:
@@ -1132,6 +1144,7 @@ class Commander:
             ("POST", "/api/lease/renew"): self.renew,
             ("POST", "/api/lease/release"): self.release,
             ("POST", "/api/job/report"): self.report,
+            ("POST", "/api/runs/spend"): self.record_spend,
         }
         if (method, path) in routes:
             body = Body(raw)
@@ -3288,6 +3301,7 @@ class Stack:
                     time.sleep(poll)
                     continue
                 reported_epoch = self.report_handoffs(run.get("leases", []), reported_epoch)
+                self.report_spend(run)
                 if run.get("status") in ("COMPLETED", "FAILED"):
                     return self.finish(run["status"], run)
                 if run.get("holder"):
@@ -3332,6 +3346,16 @@ class Stack:
         self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them); "
                  f"{self.spend_line()} so far")
         return 130
+
+    def report_spend(self, run: dict) -> None:
+        """Tell the commander the run's GPU spend when it changed (status and the page show it)."""
+        spend = {"run_id": self.cfg.run.run_id, "spent_usd": self.state.spent_usd(), "budget_usd": self.cfg.relay.budget_usd,
+                 "pods": len(self.state.pods)}
+        last = run.get("gpu_spend") or {}
+        if not run or all(last.get(k) == spend[k] for k in ("spent_usd", "budget_usd", "pods")):
+            return
+        with contextlib.suppress(CommanderUnreachable):
+            self.client.post("/api/runs/spend", spend, timeout=5)
 
     def silence_seconds(self) -> float:
         """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
@@ -3379,6 +3403,7 @@ class Stack:
                              f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
                     continue
                 self.remove_pod(record, f"the run is {status}")
+        self.report_spend(run)
         self.say(f"run {self.cfg.run.run_id} {status}: {self.spend_line()} on {len(self.state.pods)} pod(s)")
         return 0 if status == "COMPLETED" else 1
 
@@ -3455,6 +3480,12 @@ def standbys_text(run: dict) -> str:
     return ", ".join(f"{s['worker_id']} ({age_text(s['seen_sec_ago'])} ago)" for s in run.get("standbys", [])) or "-"
 
 
+def spend_text(spend: dict) -> str:
+    """launch-stack's last report of the run's GPU spend."""
+    budget = f" of a ${spend['budget_usd']:.2f} budget" if spend.get("budget_usd") else ""
+    return f"${spend['spent_usd']:.2f}{budget} on {spend['pods']} pod(s), Lium's estimate"
+
+
 def format_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
@@ -3472,6 +3503,8 @@ def format_run_detail(run: dict) -> str:
         lines.append(f"hub: checkpoint {hub['iteration']} at {hub['repo']}@{hub['revision']}")
     if run.get("sync_error"):
         lines.append(f"hub sync failing: {run['sync_error']}")
+    if run.get("gpu_spend"):
+        lines.append(f"GPU spend: {spend_text(run['gpu_spend'])}")
     if run["status"] == "COMPLETED" and hub:
         lines.append(final_model_text(hub["repo"], hub["revision"]))
     lines.append("recent events:")
@@ -3591,6 +3624,8 @@ def render_run_card(run: dict, now: float) -> str:
     facts.append(("checkpoint", f"{ckpt['iteration']} ({age_text(now - ckpt['at'])} ago)" if ckpt else "-"))
     facts.append(("hub", f"{hub['repo']}@{hub['revision'][:12]} · checkpoint {hub['iteration']} "
                           f"({age_text(now - hub['at'])} ago)" if hub else "-"))
+    if run.get("gpu_spend"):
+        facts.append(("GPU spend", spend_text(run["gpu_spend"])))
     rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in facts)
     if run.get("sync_error"):
         rows += f"<dt>hub sync</dt><dd class='error'>failing: {esc(run['sync_error'])}</dd>"

@@ -1014,6 +1014,12 @@ def test_supervise_replaces_a_preempted_pod_at_once_resumes_and_leaves_no_pod_bu
     assert list(lium.pods) == [foreign.id] and foreign.status == "RUNNING"  # untouched, still running
     state = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())
     assert foreign.id not in [pod["id"] for pod in state["pods"]] and all(p["state"] == "removed" for p in state["pods"])
+    spent = round(sum(pod["spent_usd"] for pod in state["pods"]), 2)
+    assert spent > 0 and f"run r1 COMPLETED: GPU spend ${spent:.2f} on 2 pod(s)" in text
+    detail = subprocess.run([sys.executable, RELAY, "status", "--commander-url", cluster.url, "--run", "r1"],
+                            capture_output=True, text=True, timeout=30, env=cluster.env()).stdout
+    assert f"GPU spend: ${spent:.2f} on 2 pod(s)" in detail, detail
+    assert f"GPU spend</dt><dd>${spent:.2f} on 2 pod(s)" in raw_request(cluster, "GET", "/")[1].decode()
 
 
 def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path]:
