@@ -43,6 +43,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -268,6 +269,7 @@ class RunConfig:
     total_steps: int = 0
     trainer_command: str = ""
     commander_wait_seconds: float = 60.0
+    commander_ca_file: str = ""  # CA that signed an https:// commander's certificate (default: the system's)
     env: dict = field(default_factory=dict)
 
     @property
@@ -341,6 +343,10 @@ def normalize_rollout_pattern(pattern: str, where: str) -> str:
 def load_run_config(path: str) -> RunConfig:
     cfg = build_dataclass(RunConfig, load_yaml_file(path), path)
     cfg = validate_run_config(cfg, path)
+    if cfg.commander_ca_file:  # relative to the run config: launch-stack ships the CA file beside it
+        cfg.commander_ca_file = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.commander_ca_file)
+        if not os.path.isfile(cfg.commander_ca_file):
+            raise UserError(f"{path}: field 'commander_ca_file': no such file {cfg.commander_ca_file}")
     cfg.relay_shared_secret = os.environ.get("RELAY_SHARED_SECRET") or cfg.relay_shared_secret
     return cfg
 
@@ -360,6 +366,9 @@ class CommanderGroup:
     python_bin: str = ""  # default: the Python running launch-stack
     wait_seconds: float = 20.0
     restart_if_running: bool = False
+    tls_cert: str = ""  # with tls_key: the commander serves HTTPS (serve --tls-cert/--tls-key)
+    tls_key: str = ""
+    tls_ca_file: str = ""  # the CA pods and launch-stack verify it with (default: the system's); shipped to pods
 
 
 @dataclass
@@ -416,6 +425,8 @@ class StackConfig:
 
     @property
     def local_url(self) -> str:
+        if self.commander.tls_cert:  # the certificate names the public address, not 127.0.0.1
+            return self.run.commander_url
         host = "127.0.0.1" if self.commander.host in ("0.0.0.0", "::", "") else self.commander.host
         return f"http://{f'[{host}]' if ':' in host else host}:{self.commander.port}"
 
@@ -455,7 +466,15 @@ def load_stack_config(path: str) -> StackConfig:
     if commander.host in ("0.0.0.0", "::") and not commander.public_url:
         raise UserError(f"{path}: commander: field 'public_url' is required when host is {commander.host} "
                         "(the address pods use to reach this machine)")
-    public_url = commander.public_url or f"http://{commander.host}:{commander.port}"
+    if bool(commander.tls_cert) != bool(commander.tls_key):
+        raise UserError(f"{path}: commander: fields 'tls_cert' and 'tls_key' go together")
+    for name in ("tls_cert", "tls_key", "tls_ca_file"):
+        if getattr(commander, name) and not os.path.isfile(getattr(commander, name)):
+            raise UserError(f"{path}: commander: field '{name}': no such file {getattr(commander, name)}")
+    if "commander_ca_file" in run_group:
+        raise UserError(f"{path}: run: field 'commander_ca_file' is set by launch-stack (commander.tls_ca_file)")
+    scheme = "https" if commander.tls_cert else "http"
+    public_url = commander.public_url or f"{scheme}://{commander.host}:{commander.port}"
     run = validate_run_config(build_dataclass(RunConfig, dict(run_group, commander_url=public_url, worker_id="pod"),
                                               f"{path}: run"), f"{path}: run")
     if relay.max_pods < 1:
@@ -521,31 +540,40 @@ class NonceCache:
             return True
 
 
-def verify_request(secret: str, headers: Any, method: str, path: str, body: bytes, nonces: NonceCache) -> str:
-    """'' when the request is authentic and fresh, else why not (for the 401 body)."""
+def verify_request(keys: dict[str, str], headers: Any, method: str, path: str, body: bytes,
+                   nonces: NonceCache) -> tuple[str, str]:
+    """Which role's secret (a key of `keys`) signed the request, if it is authentic and fresh;
+    else ('', why not) for the 401 body."""
     timestamp = headers.get("X-Relay-Timestamp", "")
     nonce = headers.get("X-Relay-Nonce", "")
     signature = headers.get("X-Relay-Signature", "")
     if not (timestamp and nonce and signature):
-        return "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature"
+        return "", "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature"
     if not re.fullmatch(r"[0-9a-fA-F]{16,128}", nonce):
-        return "X-Relay-Nonce must be 16 to 128 hex characters"
+        return "", "X-Relay-Nonce must be 16 to 128 hex characters"
     try:
         skew = abs(utc_now() - int(timestamp))
     except ValueError:
-        return "X-Relay-Timestamp must be unix seconds"
+        return "", "X-Relay-Timestamp must be unix seconds"
     if skew > AUTH_MAX_SKEW_SECONDS:
-        return f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock (limit {AUTH_MAX_SKEW_SECONDS})"
-    expected = request_signature(secret, timestamp, nonce, method, path, body)
-    if not hmac.compare_digest(expected, signature.lower()):
-        return "bad signature"
+        return "", f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock (limit {AUTH_MAX_SKEW_SECONDS})"
+    role = next((role for role, secret in keys.items() if secret and hmac.compare_digest(
+        request_signature(secret, timestamp, nonce, method, path, body), signature.lower())), "")
+    if not role:
+        return "", "bad signature"
     if not nonces.first_use(nonce, utc_now()):
-        return "nonce already used (replayed request)"
-    return ""
+        return "", "nonce already used (replayed request)"
+    return role, ""
 
 
 class CommanderUnreachable(Exception):
     """No HTTP answer: connection refused, timeout, DNS.  The message names the URL."""
+
+
+class CommanderNotTrusted(CommanderUnreachable):
+    """An https:// commander whose certificate does not verify.  Callers that start talking
+    to a commander turn it into a UserError (exit 2): retrying cannot fix a certificate, and
+    falling back to plain HTTP would hand the run to whoever answered."""
 
 
 @dataclass
@@ -554,13 +582,35 @@ class Reply:
     body: dict
 
 
-class CommanderClient:
-    """A tiny JSON client for the commander API that signs every request when a secret is set."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # The commander never redirects: a 3xx comes back as an answer, so nothing (an https://
+    # URL sent to http://, a request sent elsewhere) happens behind the caller's back.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
-    def __init__(self, base_url: str, secret: str = "", timeout: float = 10.0) -> None:
+
+def tls_client_context(ca_file: str = "") -> ssl.SSLContext:
+    """Verify the commander's certificate and host name against `ca_file` or the system's CAs."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"CA file {ca_file}: cannot load it: {getattr(exc, 'strerror', None) or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class CommanderClient:
+    """A tiny JSON client for the commander API that signs every request when a secret is set.
+
+    An https:// URL is verified against `ca_file` (else the system's CAs), never downgraded.
+    """
+
+    def __init__(self, base_url: str, secret: str = "", timeout: float = 10.0, ca_file: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.timeout = timeout
+        context = tls_client_context(ca_file) if self.base_url.startswith("https://") else None
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirects)
 
     def request(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> Reply:
         body = b"" if payload is None else json.dumps(payload).encode()
@@ -570,12 +620,16 @@ class CommanderClient:
         req = urllib.request.Request(self.base_url + path, data=body if method != "GET" else None,
                                      method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
                 return Reply(resp.status, _json_or_error(resp.read()))
         except urllib.error.HTTPError as exc:
             return Reply(exc.code, _json_or_error(exc.read()))
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError) and not isinstance(reason, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                raise CommanderNotTrusted(f"the commander at {self.base_url} failed the TLS check: "
+                                          f"{getattr(reason, 'verify_message', '') or reason.reason or reason} "
+                                          "(commander_ca_file / --ca-file names the CA that signed its certificate)") from None
             raise CommanderUnreachable(f"cannot reach the commander at {self.base_url}: {reason}") from None
 
     def post(self, path: str, payload: dict, timeout: float | None = None) -> Reply:
@@ -622,6 +676,42 @@ def standby_poll_seconds(lease_seconds: float) -> float:
     return min(5.0, max(0.2, lease_seconds / 10))
 
 
+METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless it says otherwise
+    "relay_run_status": ("gauge", "1 for the run's status (PENDING, RUNNING, PREEMPTED, FAILED, COMPLETED), 0 for the others."),
+    "relay_run_step": ("gauge", "Last training step reported."),
+    "relay_run_epoch": ("gauge", "Lease epoch (grants so far)."),
+    "relay_run_handoffs": ("gauge", "Leases that went to a different worker than the one before."),
+    "relay_run_trainer_restarts": ("gauge", "Trainer restarts after a crash or stall, over all leases."),
+    "relay_run_sync_error": ("gauge", "1 while the holder reports a failing Hub sync."),
+    "relay_run_seconds_without_holder": ("gauge", "Seconds since the run last had a holder; 0 while held or finished."),
+    "relay_run_lease_expires_in_seconds": ("gauge", "Seconds until the holder's lease expires (held runs only)."),
+    "relay_run_seconds_since_renewal": ("gauge", "Seconds since the holder last renewed (held runs only)."),
+    "relay_run_seconds_since_checkpoint": ("gauge", "Seconds since the last sealed checkpoint (or the run's creation)."),
+    "relay_run_seconds_since_hub_revision": ("gauge", "Seconds since the last Hub revision was recorded."),
+    "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
+}
+API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
+                 "/api/lease/release", "/api/job/report")
+
+
+def endpoint_label(path: str) -> str:
+    """A request path as a metric label from a fixed set (run ids folded), so that no client
+    can grow the counters without bound."""
+    if path in API_ENDPOINTS:
+        return path
+    if path.startswith("/api/runs/"):
+        return "/api/runs/{run_id}/logs" if path.endswith("/logs") else "/api/runs/{run_id}"
+    return "other"
+
+
+@dataclass
+class Document:
+    """A non-JSON answer: the page, /metrics."""
+
+    text: str
+    content_type: str
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -666,6 +756,7 @@ class RunRecord:
     losses: list = field(default_factory=list)
     log_tail: list = field(default_factory=list)
     log_total: int = 0  # lines ever received: log_tail holds numbers log_total-len+1 .. log_total
+    trainer_restarts: int = 0  # over all leases: reports with status RESTARTING
 
     def current_lease(self) -> LeaseRecord | None:
         if self.holder and self.leases:
@@ -812,6 +903,9 @@ class Commander:
         # Who asked for each run lately while another held it (run -> worker -> clock()), in
         # memory only: launch-stack tells a standing-by worker from a dead one by it.
         self.standbys: dict[str, dict[str, float]] = {}
+        # Answers by endpoint and status, for /metrics; counted on the handlers' threads.
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.requests_lock = threading.Lock()
         now = self.clock()
         self.started = now
         for run in self.runs.values():
@@ -1018,6 +1112,8 @@ class Commander:
         with self.durable_change(run_id):
             self._record_progress(run, step, body.number("loss"), phase, [])
             run.updated_at = utc_now()
+            if phase == "RESTARTING":
+                run.trainer_restarts += 1
             self._record_checkpoint(run, checkpoint)
             if hub is not None and hub["iteration"] >= (run.hub or {}).get("iteration", -1):
                 run.hub = dict(hub, epoch=run.epoch, at=utc_now())
@@ -1085,7 +1181,51 @@ class Commander:
         return {"run_id": run.run_id, "status": run.status, "holder": run.holder, "lines": lines,
                 "next": run.log_total, "dropped": max(0, first - 1 - after)}
 
-    def dispatch(self, method: str, path: str, raw: bytes, query: dict[str, list[str]]) -> tuple[int, dict | str]:
+    def count_request(self, path: str, status: int) -> None:
+        with self.requests_lock:
+            self.requests[(endpoint_label(path), status)] += 1
+
+    def metrics_view(self) -> str:
+        """Every run's health in the Prometheus text format (README, 'Metrics')."""
+        now, wall = self.clock(), utc_now()
+        series: dict[str, list[tuple[str, float]]] = {name: [] for name in METRICS}
+        for run_id, run in sorted(self.runs.items()):
+            label = f'run_id="{run_id}"'  # RUN_ID_RE admits no character that needs escaping
+            for status in RUN_STATUSES:
+                series["relay_run_status"].append((f'{label},status="{status}"', float(run.status == status)))
+            series["relay_run_step"].append((label, run.step))
+            series["relay_run_epoch"].append((label, run.epoch))
+            series["relay_run_handoffs"].append((label, sum(
+                1 for before, after in zip(run.leases, run.leases[1:], strict=False) if before["worker_id"] != after["worker_id"])))
+            series["relay_run_trainer_restarts"].append((label, run.trainer_restarts))
+            series["relay_run_sync_error"].append((label, float(bool(run.sync_error))))
+            series["relay_run_seconds_without_holder"].append((label, self.seconds_without_holder(run, wall)))
+            if run.holder:
+                expires_in = self.expires.get(run_id, now) - now
+                series["relay_run_lease_expires_in_seconds"].append((label, expires_in))
+                series["relay_run_seconds_since_renewal"].append((label, self.lease_seconds - expires_in))
+            last_checkpoint = run.latest_checkpoint["at"] if run.latest_checkpoint else run.created_at
+            series["relay_run_seconds_since_checkpoint"].append((label, wall - last_checkpoint))
+            if run.hub:
+                series["relay_run_seconds_since_hub_revision"].append((label, wall - run.hub["at"]))
+        with self.requests_lock:
+            series["relay_commander_requests_total"] = [(f'endpoint="{endpoint}",status="{status}"', count)
+                                                        for (endpoint, status), count in sorted(self.requests.items())]
+        lines = []
+        for name, (kind, text) in METRICS.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{{{labels}}} {value:.3f}" if isinstance(value, float) else f"{name}{{{labels}}} {value}"
+                      for labels, value in series[name]]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def seconds_without_holder(run: RunRecord, wall: float) -> float:
+        """0 while held or finished; else since the last lease ended (or the run was created)."""
+        if run.holder or run.status in ("COMPLETED", "FAILED"):
+            return 0.0
+        return wall - (run.leases[-1]["ended_at"] if run.leases else run.created_at)
+
+    def dispatch(self, method: str, path: str, raw: bytes, query: dict[str, list[str]]) -> tuple[int, dict | str | Document]:
         routes: dict[tuple[str, str], Callable[[Body], dict]] = {
             ("POST", "/api/lease/acquire"): self.acquire,
             ("POST", "/api/lease/renew"): self.renew,
@@ -1110,22 +1250,72 @@ class Commander:
         if method == "GET" and path == "/":
             with self.lock:
                 return 200, render_status_page(self.runs_view())
-        if any(p == path for _, p in routes) or path in ("/api/runs", "/", "/api/health"):
+        if method == "GET" and path == "/metrics":
+            with self.lock:
+                return 200, Document(self.metrics_view(), "text/plain; version=0.0.4; charset=utf-8")
+        if any(p == path for _, p in routes) or path in ("/api/runs", "/", "/api/health", "/metrics"):
             raise ApiError(405, f"{method} is not allowed on {path}")
         raise ApiError(404, f"no such endpoint: {path}")
+
+
+# Roles.  The shared secret may do everything; the viewer secret (RELAY_VIEWER_SECRET) may
+# only read: the page, /metrics and GET /api/runs… (the logs among them).  Whoever can only
+# watch can then never change a run.
+ROLE_SHARED, ROLE_VIEWER = "shared", "viewer"
+BASIC_AUTH_PATHS = ("/", "/metrics")  # what a browser or Prometheus opens with a password
+TLS_HANDSHAKE_SECONDS = 10.0
+
+
+def viewer_may(method: str, path: str) -> bool:
+    return method == "GET" and (path in BASIC_AUTH_PATHS or path == "/api/runs" or path.startswith("/api/runs/"))
+
+
+def tls_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The server side of TLS: the stdlib's modern defaults (forward-secret ciphers, no
+    compression), TLS 1.2 at least."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except OSError as exc:
+        raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: {exc.strerror or exc}") from None
+    except ssl.SSLError as exc:
+        raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: not a PEM certificate and its key "
+                        f"({exc.reason or exc})") from None
+    return context
 
 
 class CommanderHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], commander: Commander, secret: str) -> None:
+    def __init__(self, address: tuple[str, int], commander: Commander, secret: str, viewer_secret: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, CommanderHandler)
         self.commander = commander
         self.secret = secret
+        self.viewer_secret = viewer_secret
         self.nonces = NonceCache()
+        self.tls = tls
+        if tls is not None:
+            # The handshake happens on the request's own thread (finish_request), so a client
+            # that connects and says nothing never holds up accepting the others.
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        # Basic auth sends the password readable by anyone on the path: the shared secret
+        # goes that way only inside TLS or on this machine.
+        self.shared_secret_over_basic = tls is not None or is_loopback(address[0])
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            try:
+                request.settimeout(TLS_HANDSHAKE_SECONDS)
+                request.do_handshake()
+                request.settimeout(None)
+            except (ssl.SSLError, OSError):
+                return  # a failed handshake (plain HTTP, an untrusting client) has nobody to answer
+        super().finish_request(request, client_address)
 
 
 class CommanderHandler(http.server.BaseHTTPRequestHandler):
@@ -1177,21 +1367,37 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(size)
 
     def _authenticate(self, method: str, body: bytes, path: str) -> None:
-        secret = self.server.secret
-        if not secret or path == "/api/health":
+        server = self.server
+        if not server.secret or path == "/api/health":
             return
         auth = self.headers.get("Authorization", "")
-        if path == "/" and auth.startswith("Basic ") and not self.headers.get("X-Relay-Signature"):
-            try:
-                _, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                password = ""
-            if hmac.compare_digest(password.encode(), secret.encode()):
-                return
+        if path in BASIC_AUTH_PATHS and auth.startswith("Basic ") and not self.headers.get("X-Relay-Signature"):
+            role = self._basic_auth_role(auth)
+        else:
+            role, problem = verify_request({ROLE_SHARED: server.secret, ROLE_VIEWER: server.viewer_secret},
+                                           self.headers, method, self.path, body, server.nonces)
+            if problem:
+                raise ApiError(401, problem)
+        if role == ROLE_VIEWER and not viewer_may(method, path):
+            raise ApiError(401, "the viewer secret may only read (the page, /metrics, GET /api/runs); "
+                                "changing a run takes the shared secret")
+
+    def _basic_auth_role(self, auth: str) -> str:
+        try:
+            _, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            password = ""
+        server = self.server
+        if server.viewer_secret and hmac.compare_digest(password.encode(), server.viewer_secret.encode()):
+            return ROLE_VIEWER
+        if not hmac.compare_digest(password.encode(), server.secret.encode()):
             raise ApiError(401, "wrong password")
-        problem = verify_request(secret, self.headers, method, self.path, body, self.server.nonces)
-        if problem:
-            raise ApiError(401, problem)
+        if not server.shared_secret_over_basic:
+            raise ApiError(401, "the shared secret is refused here: this commander serves plain HTTP on a public "
+                                "address, where a password crosses the network readable by anyone, and this one "
+                                "can change every run. Open the page with RELAY_VIEWER_SECRET, or serve with "
+                                "--tls-cert/--tls-key (README, 'TLS and roles')")
+        return ROLE_SHARED
 
     def _handle(self, method: str) -> None:
         path = urllib.parse.urlsplit(self.path).path
@@ -1208,10 +1414,13 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:  # a bug must not take the commander down or leak a trace
             log("commander", f"internal error on {method} {path}: {type(exc).__name__}: {exc}")
             status, payload = 500, {"error": "internal error"}
+        self.server.commander.count_request(path, status)
         self._send(status, payload, path)
 
-    def _send(self, status: int, payload: dict | str, path: str) -> None:
-        if isinstance(payload, str):
+    def _send(self, status: int, payload: dict | str | Document, path: str) -> None:
+        if isinstance(payload, Document):
+            data, ctype = payload.text.encode(), payload.content_type
+        elif isinstance(payload, str):
             data, ctype = payload.encode(), "text/html; charset=utf-8"
         else:
             data, ctype = json.dumps(payload).encode(), "application/json"
@@ -1224,7 +1433,7 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             # Everything is inline and escaped; this stops anything else from loading or running.
             self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
                                                         "script-src 'unsafe-inline'; connect-src 'self'")
-        if status == 401 and path == "/":
+        if status == 401 and path in BASIC_AUTH_PATHS:
             self.send_header("WWW-Authenticate", 'Basic realm="relay-trainer", charset="UTF-8"')
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -1243,7 +1452,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: float, insecure: bool,
-          max_failed_leases: int) -> int:
+          max_failed_leases: int, viewer_secret: str = "", tls_cert: str = "", tls_key: str = "") -> int:
     if lease_seconds < 2:
         raise UserError("--lease-seconds must be at least 2")
     if max_failed_leases < 1:
@@ -1251,11 +1460,20 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     if not secret and not is_loopback(host) and not insecure:
         raise UserError(f"refusing to listen on {host} without a shared secret: set RELAY_SHARED_SECRET "
                         "(or pass --insecure if this network is private)")
+    if viewer_secret and (not secret or viewer_secret == secret):
+        raise UserError("RELAY_VIEWER_SECRET needs a different RELAY_SHARED_SECRET beside it "
+                        "(without a shared secret everything is open anyway)")
+    if bool(tls_cert) != bool(tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    tls = tls_server_context(tls_cert, tls_key) if tls_cert else None
     commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases)
     try:
-        server = CommanderHTTPServer((host, port), commander, secret)
+        server = CommanderHTTPServer((host, port), commander, secret, viewer_secret, tls)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if secret and not server.shared_secret_over_basic:
+        log("commander", f"plain HTTP on {host}: the page and /metrics take only the viewer secret "
+                         "(serve with --tls-cert/--tls-key to open them with the shared secret)")
     set_process_name("relay-commander")
     stopping = threading.Event()
 
@@ -1267,8 +1485,9 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"relay commander {VERSION} listening on http://{shown}:{bound_port} "
-          f"(state {commander.store.path}, lease {lease_seconds:g} s, auth {'on' if secret else 'off'})", flush=True)
+    print(f"relay commander {VERSION} listening on {'https' if tls else 'http'}://{shown}:{bound_port} "
+          f"(state {commander.store.path}, lease {lease_seconds:g} s, auth {'on' if secret else 'off'}, "
+          f"viewer secret {'on' if viewer_secret else 'off'})", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -2213,7 +2432,7 @@ class Worker:
     def __init__(self, cfg: RunConfig, watchdog: Watchdog, hub: HubStore | None = None) -> None:
         self.cfg = cfg
         self.watchdog = watchdog
-        self.client = CommanderClient(cfg.commander_url, cfg.relay_shared_secret)
+        self.client = CommanderClient(cfg.commander_url, cfg.relay_shared_secret, ca_file=cfg.commander_ca_file)
         self.ckpt = CheckpointDir(cfg.run_dir, cfg.require_dataset_state)
         self.hub = hub
         self.sync = HubSync(hub, self.ckpt, cfg, self.report, self.lease_held) if hub is not None else None
@@ -2319,6 +2538,8 @@ class Worker:
                 if reply.status == 200:
                     return
                 problem = f"{self.cfg.commander_url}/api/health answered {reply.status}"
+            except CommanderNotTrusted as exc:
+                raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:
                 problem = str(exc)
             if boottime() >= give_up or self.stop_requested.is_set():
@@ -2348,6 +2569,8 @@ class Worker:
                 payload["previous_lease_token"] = self.previous_token
             try:
                 reply = self.client.post("/api/lease/acquire", payload)
+            except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
+                raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:
                 if not complained:
                     self.say(f"{exc}; retrying")
@@ -2666,6 +2889,7 @@ def run_worker(config_path: str) -> int:
 # and removed, and a restarted supervisor adopts its pods instead of renting new ones.
 
 POD_DEAD_STATUSES = ("failed", "stopped", "terminated", "error", "exited")
+COMMANDER_CA_FILENAME = "commander_ca.pem"  # stack.yaml commander.tls_ca_file, on the pod beside run.yaml
 
 
 class LiumError(Exception):
@@ -2779,7 +3003,7 @@ class Stack:
         self.cfg, self.dry_run = cfg, dry_run
         self.lium = Lium(dry_run)
         self.state = StackState(cfg.relay.state_path, cfg.run.run_id, persist=not dry_run)
-        self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10)
+        self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10, ca_file=cfg.commander.tls_ca_file)
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
 
@@ -2791,6 +3015,8 @@ class Stack:
     def commander_healthy(self) -> bool:
         try:
             return self.client.get("/api/health", timeout=3).status == 200
+        except CommanderNotTrusted as exc:
+            raise UserError(f"{exc} (commander.tls_ca_file in {self.cfg.path})") from None
         except CommanderUnreachable:
             return False
 
@@ -2822,6 +3048,8 @@ class Stack:
         group = self.cfg.commander
         argv = [group.python_bin or sys.executable, os.path.join(HERE, "relay.py"), "serve", "--host", group.host,
                 "--port", str(group.port), "--state-path", group.state_path, "--lease-seconds", f"{group.lease_seconds:g}"]
+        if group.tls_cert:
+            argv += ["--tls-cert", group.tls_cert, "--tls-key", group.tls_key]
         if self.dry_run:
             secret = "RELAY_SHARED_SECRET=*** " if self.cfg.secret else ""
             print(f"would run: {secret}{shlex.join(argv)} >> {group.log_path} 2>&1 &", flush=True)
@@ -2913,6 +3141,8 @@ class Stack:
     def pod_run_config(self, pod: str) -> bytes:
         run = dataclasses.asdict(self.cfg.run)
         run.update(worker_id=pod, relay_shared_secret="")  # the secret travels in relay.env only
+        if self.cfg.commander.tls_ca_file:  # uploaded beside the run config (deploy_worker)
+            run["commander_ca_file"] = COMMANDER_CA_FILENAME
         return json.dumps(run, indent=1).encode()
 
     def pod_secrets(self) -> bytes:
@@ -2959,6 +3189,9 @@ class Stack:
             if remote_hashes.get(remote) != local_hashes[name]:
                 self.upload(pod, name, remote, local=os.path.join(HERE, name))
         self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(pod))
+        if self.cfg.commander.tls_ca_file:
+            self.upload(pod, COMMANDER_CA_FILENAME, os.path.join(os.path.dirname(worker.remote_config_path),
+                                                                 COMMANDER_CA_FILENAME), local=self.cfg.commander.tls_ca_file)
         self.upload(pod, "relay.env", env_path, self.pod_secrets())
         self.check_exec(pod, f"chmod 600 {q(worker.remote_config_path)} {q(env_path)}")
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
@@ -3376,7 +3609,11 @@ def render_status_page(view: dict) -> str:
 
 
 def client_from_args(args: argparse.Namespace) -> CommanderClient:
-    return CommanderClient(args.commander_url, os.environ.get("RELAY_SHARED_SECRET", ""), timeout=10)
+    # Reading needs no more than the viewer secret: when it is set, it is the one used.
+    secret = os.environ.get("RELAY_VIEWER_SECRET") or os.environ.get("RELAY_SHARED_SECRET", "")
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        raise UserError(f"--ca-file {args.ca_file}: no such file")
+    return CommanderClient(args.commander_url, secret, timeout=10, ca_file=args.ca_file)
 
 
 def fetch_json(client: CommanderClient, path: str) -> dict:
@@ -3664,7 +3901,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log("commander", "warning: --shared-secret is visible in `ps`; prefer the RELAY_SHARED_SECRET variable")
         secret = args.shared_secret
     return serve(args.host, args.port, args.state_path, secret, args.lease_seconds, args.insecure,
-                 args.max_failed_leases)
+                 args.max_failed_leases, os.environ.get("RELAY_VIEWER_SECRET", ""), args.tls_cert, args.tls_key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3681,6 +3918,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failed-leases", type=int, default=3,
                    help="consecutive leases ending FAILED without progress before the run is FAILED (default 3)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="the certificate's PEM private key")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="relay one run on this machine (run.yaml)")
@@ -3692,12 +3931,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="", help="one run in detail: its lease timeline and events")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_status)
 
     p = sub.add_parser("logs", help="the trainer output the commander holds for a run (no SSH needed)")
     p.add_argument("run_id", metavar="RUN")
     p.add_argument("--commander-url", default="http://127.0.0.1:8080")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_logs)
 
     p = sub.add_parser("launch-stack", help="start the commander and a Lium pod with a worker (stack.yaml)")

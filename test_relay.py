@@ -311,6 +311,98 @@ def test_requests_without_a_valid_fresh_signature_get_401(cluster):
     assert secret not in cluster.log("commander")
 
 
+def self_signed_certificate(folder: Path, name: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, made with the README's own openssl command."""
+    cert, key = str(folder / f"{name}.crt"), str(folder / f"{name}.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "30", "-keyout", key, "-out", cert, "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def https_request(cluster: Cluster, method: str, path: str, headers: dict | None = None):
+    import ssl
+
+    context = ssl.create_default_context(cafile=cluster.ca_file)
+    conn = http.client.HTTPSConnection("127.0.0.1", cluster.port, timeout=5, context=context)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_workers_relay_a_run_through_a_tls_commander_and_a_wrong_ca_stops_a_worker_with_exit_2(cluster, tmp_path):
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    impostor, _ = self_signed_certificate(tmp_path, "impostor")
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.ca_file = cert
+    # On every address, but reached over loopback only: TLS lets the shared secret open the page.
+    cluster.start_commander(lease=3, secret=secret, extra=("--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key),
+                            env={"RELAY_VIEWER_SECRET": viewer})
+    assert cluster.url.startswith("https://")
+    wrong = cluster.start_worker("wrong", commander_ca_file=impostor)
+    assert wrong.wait(20) == 2
+    lines = cluster.log("wrong").strip().splitlines()
+    assert len(lines) == 1 and "failed the TLS check" in lines[0] and "Traceback" not in lines[0], lines
+    worker_a = cluster.start_worker("a", env=MID_RUN, commander_ca_file=cert)
+    wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(30) == 0
+    worker_b = cluster.start_worker("b", commander_ca_file=cert)
+    run = wait_for("the relayed run to complete", lambda: completed(cluster), 30)
+    assert worker_b.wait(30) == 0
+    assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
+    assert https_request(cluster, "GET", "/", basic_auth(secret))[0] == 200
+    env = cluster.env(RELAY_VIEWER_SECRET=viewer)
+    status = subprocess.run([sys.executable, RELAY, "status", "--commander-url", cluster.url, "--ca-file", cert],
+                            capture_output=True, text=True, timeout=20, env=env)
+    assert status.returncode == 0 and status.stdout.splitlines()[1].split()[:2] == ["r1", "COMPLETED"], status.stderr
+    untrusted = subprocess.run([sys.executable, RELAY, "logs", "r1", "--commander-url", cluster.url,
+                                "--ca-file", impostor], capture_output=True, text=True, timeout=20, env=env)
+    assert untrusted.returncode == 2 and "failed the TLS check" in untrusted.stderr and not untrusted.stdout
+
+
+def test_the_viewer_secret_opens_the_page_metrics_runs_and_logs_and_gets_401_on_every_post(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret, env={"RELAY_VIEWER_SECRET": viewer})
+    token = cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+    state_before = open(cluster.state_path, "rb").read()
+    for path in ("/", "/metrics"):
+        assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200, path
+    reader = cluster.client(secret=viewer)
+    for path in ("/api/runs", "/api/runs/r1", "/api/runs/r1/logs?after=0"):
+        assert reader.get(path).status == 200, path
+    held = {"run_id": "r1", "worker_id": "w1", "lease_token": token}
+    writes = {"/api/lease/acquire": {"run_id": "r2", "worker_id": "w2", "mode": "sft"},
+              "/api/lease/renew": dict(held, step=5), "/api/job/report": dict(held, step=5, msg="viewer was here"),
+              "/api/lease/release": dict(held, status="COMPLETED")}
+    for path, payload in writes.items():
+        answer = reader.post(path, payload)
+        assert answer.status == 401 and "only read" in answer.body["error"], (path, answer)
+    assert open(cluster.state_path, "rb").read() == state_before
+    assert cluster.run("r1")["holder"] == "w1" and len(cluster.runs()["runs"]) == 1
+    env = cluster.env(RELAY_VIEWER_SECRET=viewer)
+    for command in (["status", "--run", "r1"], ["logs", "r1"]):
+        result = subprocess.run([sys.executable, RELAY, *command, "--commander-url", cluster.url], capture_output=True,
+                                text=True, timeout=20, env=env)
+        assert result.returncode == 0, result.stderr
+
+
+def test_the_shared_secret_is_refused_for_basic_auth_on_a_public_address_without_tls(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    # Bound to every address, reached over loopback only.
+    cluster.start_commander(lease=30, secret=secret, extra=("--host", "0.0.0.0"), env={"RELAY_VIEWER_SECRET": viewer})
+    for path in ("/", "/metrics"):
+        status, body, headers = raw_request(cluster, "GET", path, headers=basic_auth(secret))
+        assert status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
+        assert headers.get("WWW-Authenticate", "").startswith("Basic")
+        assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200
+    assert cluster.client().get("/api/runs").status == 200  # signed requests never send the secret itself
+    assert "plain HTTP on 0.0.0.0" in cluster.log("commander")
+
+
 def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
     cluster.start_commander(lease=30)
     client = cluster.client()
