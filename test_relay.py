@@ -920,6 +920,42 @@ def test_the_commander_keeps_a_bounded_window_of_trainer_output(cluster):
     assert len(run["losses"]) == 100
 
 
+def test_metrics_give_prometheus_each_runs_health_and_the_request_counts(cluster):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret)
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+    client.post("/api/lease/acquire", {"run_id": "idle", "worker_id": "w3", "mode": "sft"})
+    held = {"run_id": "r1", "lease_token": token}
+    assert client.post("/api/job/report", dict(held, step=7, status="RESTARTING", sync_error="503 from the Hub",
+                                               latest_ckpt={"iteration": 5, "manifest_sha256": "a" * 64},
+                                               hf={"repo": "tester/x", "revision": "b" * 40, "iteration": 5,
+                                                   "manifest_sha256": "a" * 64})).status == 200
+    assert client.post("/api/lease/release", dict(held, worker_id="w1", status="PREEMPTED", step=7)).status == 200
+    assert client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w2", "mode": "sft"}).body["epoch"] == 2
+    status, body, headers = raw_request(cluster, "GET", "/metrics", headers=basic_auth(secret))
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name: str, run_id: str = "r1", **labels: str) -> float:
+        return samples[(name, tuple(sorted(dict(labels, run_id=run_id).items())))]
+
+    assert value("relay_run_status", status="RUNNING") == 1 and value("relay_run_status", status="PREEMPTED") == 0
+    assert (value("relay_run_step"), value("relay_run_epoch"), value("relay_run_handoffs")) == (7, 2, 1)
+    assert (value("relay_run_trainer_restarts"), value("relay_run_sync_error")) == (1, 1)
+    assert 0 < value("relay_run_lease_expires_in_seconds") <= 30 and 0 <= value("relay_run_seconds_since_renewal") < 30
+    assert 0 <= value("relay_run_seconds_since_checkpoint") < 60 and 0 <= value("relay_run_seconds_since_hub_revision") < 60
+    assert value("relay_run_seconds_without_holder") == 0 and value("relay_run_handoffs", "idle") == 0
+    acquires = samples[("relay_commander_requests_total", (("endpoint", "/api/lease/acquire"), ("status", "200")))]
+    assert acquires == 3
+    assert raw_request(cluster, "GET", "/metrics")[0] == 401
+
+
 def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
     """A run handed from worker a (stopped with SIGTERM) to worker b, completed."""
     worker_a = cluster.start_worker("a" if run_id == "r1" else f"a-{run_id}", run_id,
@@ -1054,6 +1090,20 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert run["leases"][0]["worker_id"] == "relay-r1-1"
     # The worker logs the completion once the commander acknowledged it: poll, do not race.
     wait_for("the worker log to report the completion", lambda: "COMPLETED" in (home / "relay" / "worker.log").read_text(), 20)
+
+
+def test_launch_stack_serves_tls_and_ships_the_ca_file_so_the_pods_worker_verifies_the_commander(cluster, tmp_path):
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    stack = write_stack(cluster, commander={"tls_cert": cert, "tls_key": key, "tls_ca_file": cert},
+                        worker={"env": {"MOCK_MAX_STEPS": "10"}})
+    cluster.url, cluster.ca_file = cluster.url.replace("http://", "https://"), cert
+    result = launch_stack(cluster, stack)
+    assert result.returncode == 0, result.stderr
+    home = cluster.tmp / "lium" / "pods" / "relay-r1-1" / "home"
+    config = json.loads((home / "relay" / "run.yaml").read_text())
+    assert (config["commander_url"], config["commander_ca_file"]) == (cluster.url, "commander_ca.pem")
+    assert (home / "relay" / "commander_ca.pem").read_bytes() == open(cert, "rb").read()
+    wait_for("the run to complete over TLS", lambda: completed(cluster), 40)
 
 
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
