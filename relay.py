@@ -369,6 +369,7 @@ class CommanderGroup:
     tls_cert: str = ""  # with tls_key: the commander serves HTTPS (serve --tls-cert/--tls-key)
     tls_key: str = ""
     tls_ca_file: str = ""  # the CA pods and launch-stack verify it with (default: the system's); shipped to pods
+    notify_url: str = ""  # RELAY_NOTIFY_URL wins; reaches the commander through its environment
 
 
 @dataclass
@@ -434,6 +435,10 @@ class StackConfig:
     def secret(self) -> str:
         return os.environ.get("RELAY_SHARED_SECRET") or self.commander.shared_secret
 
+    @property
+    def notify_url(self) -> str:
+        return os.environ.get("RELAY_NOTIFY_URL") or self.commander.notify_url
+
 
 STACK_GROUPS = ("commander", "lium", "run", "worker", "relay")
 
@@ -473,6 +478,7 @@ def load_stack_config(path: str) -> StackConfig:
             raise UserError(f"{path}: commander: field '{name}': no such file {getattr(commander, name)}")
     if "commander_ca_file" in run_group:
         raise UserError(f"{path}: run: field 'commander_ca_file' is set by launch-stack (commander.tls_ca_file)")
+    check_notify_url(commander.notify_url, f"{path}: commander: field 'notify_url'")
     scheme = "https" if commander.tls_cert else "http"
     public_url = commander.public_url or f"{scheme}://{commander.host}:{commander.port}"
     run = validate_run_config(build_dataclass(RunConfig, dict(run_group, commander_url=public_url, worker_id="pod"),
@@ -886,13 +892,104 @@ class StateStore:
         atomic_write(self.path, json.dumps(state, indent=1, sort_keys=True).encode())
 
 
+NOTIFY_QUEUE_SIZE = 200
+NOTIFY_ATTEMPTS = 5
+NOTIFY_TIMEOUT_SECONDS = 10.0
+NOTIFY_NO_HOLDER_SECONDS = 600.0
+
+
+def check_notify_url(url: str, where: str) -> str:
+    # The URL is a secret (whoever has a Slack or Discord webhook URL can post): never echoed.
+    if url and not re.match(r"https?://[^/\s]+", url):
+        raise UserError(f"{where} must be an http:// or https:// URL")
+    return url
+
+
+class Notifier:
+    """Sends one JSON message per event to a webhook (Slack, Discord, ntfy-style: anything
+    that takes a POST), from a bounded queue on its own thread.
+
+    Callers only append to the queue (microseconds, also under the commander's lock), so a
+    slow, hanging or failing receiver never delays a lease answer; when the receiver falls
+    so far behind that the queue is full, the oldest message goes and the log says how many.
+    Each message is tried NOTIFY_ATTEMPTS times with a doubling pause.  The URL is a secret
+    and never appears in a log line.  Disabled (every call a no-op) without a URL.
+    """
+
+    def __init__(self, url: str, source: str) -> None:
+        self.url = url
+        self.source = source  # "commander" or "launch-stack": in each message and log line
+        self._queue: collections.deque[dict] = collections.deque(maxlen=NOTIFY_QUEUE_SIZE)
+        self._changed = threading.Condition()
+        self._sending = False
+        self._dropped = 0
+        if url:
+            threading.Thread(target=self._run, name="notifier", daemon=True).start()
+
+    def notify(self, event: str, text: str, run_id: str = "", **fields: Any) -> None:
+        """Queue one message: `text` and `content` (what Slack and Discord show) and the fields."""
+        if not self.url:
+            return
+        message = {"event": event, "run_id": run_id, "text": text, "content": text, "source": self.source,
+                   "at": iso(utc_now()), **fields}
+        with self._changed:
+            if len(self._queue) == NOTIFY_QUEUE_SIZE:
+                self._dropped += 1
+            self._queue.append(message)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued message was delivered or given up on; False at the timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue and not self._sending, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._queue)
+                message = self._queue.popleft()
+                self._sending, dropped, self._dropped = True, self._dropped, 0
+            if dropped:
+                log(self.source, f"{dropped} notifications dropped: the receiver is too slow")
+            self._deliver(message)
+            with self._changed:
+                self._sending = False
+                self._changed.notify_all()
+
+    def _deliver(self, message: dict) -> None:
+        body = json.dumps(message).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": f"relay-trainer/{VERSION}"})
+        problem = ""
+        for attempt in range(1, NOTIFY_ATTEMPTS + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT_SECONDS) as answer:
+                    answer.read()
+                return
+            except urllib.error.HTTPError as exc:
+                problem = f"the receiver answered {exc.code}"
+                if exc.code < 500 and exc.code != 429:
+                    break  # the receiver refuses this message: asking again changes nothing
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                reason = getattr(exc, "reason", exc)  # never str(exc) of a URLError: no URL in logs
+                problem = f"no answer within {NOTIFY_TIMEOUT_SECONDS:g} s" if isinstance(reason, TimeoutError) else (
+                    f"cannot reach the receiver: {type(reason).__name__} {getattr(reason, 'strerror', '') or ''}".rstrip())
+            if attempt < NOTIFY_ATTEMPTS:
+                time.sleep(min(30.0, 2.0 ** (attempt - 1)))
+        log(self.source, f"notification '{message['event']}' for run '{message['run_id']}' not delivered: {problem}")
+
+
 class Commander:
     """Leases, epochs and run records.  All methods are called under one lock."""
 
     def __init__(self, store: StateStore, lease_seconds: float, max_failed_leases: int = 3,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None,
+                 no_holder_seconds: float = NOTIFY_NO_HOLDER_SECONDS) -> None:
         self.clock = clock  # seconds; tests drive leases through expiry with a virtual clock
         self.store = store
+        self.notifier = notifier or Notifier("", "commander")
+        self.no_holder_seconds = no_holder_seconds
+        self.told_no_holder: set[str] = set()  # runs whose holderless stretch was notified already
         self.lease_seconds = lease_seconds
         self.max_failed_leases = max_failed_leases
         self.lock = threading.Lock()
@@ -1009,6 +1106,7 @@ class Commander:
                 return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
                         "retry_after_sec": self.retry_after(run, now)}
         token = secrets.token_urlsafe(24)
+        previous_holder = run.leases[-1]["worker_id"] if run is not None and run.leases else ""
         with self.durable_change(run_id):
             if run is None:
                 run = self.runs[run_id] = RunRecord(run_id=run_id, mode=mode, created_at=utc_now())
@@ -1024,6 +1122,9 @@ class Commander:
             run.add_event(f"lease epoch {run.epoch} granted to {worker_id}")
             self.expires[run_id] = now + self.lease_seconds
         self.standbys.get(run_id, {}).pop(worker_id, None)
+        self.told_no_holder.discard(run_id)
+        if previous_holder and previous_holder != worker_id:
+            self.notify_handoff(run, previous_holder)
         checkpoint = dict(run.latest_checkpoint) if run.latest_checkpoint else None
         if run.hub:
             checkpoint = dict(checkpoint or {}, hub=dict(run.hub))
@@ -1097,6 +1198,15 @@ class Commander:
                     run.status = "PENDING"
             else:
                 run.status = "PREEMPTED"
+        if run.status == "COMPLETED":
+            hub = run.hub or {}
+            self.notifier.notify("completed", f"relay run {run_id} COMPLETED at step {run.step}" + (
+                f"; final model {hub['repo']}@{hub['revision']}" if hub else ""), run_id, step=run.step,
+                hub_repo=hub.get("repo", ""), hub_revision=hub.get("revision", ""))
+        elif run.status == "FAILED":
+            self.notifier.notify("failed", f"relay run {run_id} FAILED at step {run.step}: {reason or 'no reason given'} "
+                                 f"({run.failed_leases} leases in a row ended FAILED without progress)", run_id,
+                                 step=run.step, reason=reason, worker_id=worker_id)
         return {"ok": True, "status": run.status}
 
     def report(self, body: Body) -> dict:
@@ -1109,6 +1219,7 @@ class Commander:
         hub = self._hub_from(body.obj("hf"))
         sync_error = body.str("sync_error", required=False, max_len=1000) if "sync_error" in body.data else None
         run = self._holder_run(run_id, token)
+        was_failing = bool(run.sync_error)
         with self.durable_change(run_id):
             self._record_progress(run, step, body.number("loss"), phase, [])
             run.updated_at = utc_now()
@@ -1124,7 +1235,36 @@ class Commander:
                 run.sync_error = sync_error
             if msg:
                 run.add_event(msg)
+        if sync_error and not was_failing:
+            self.notifier.notify("sync_error", f"relay run {run_id}: Hub sync failing: {sync_error}", run_id,
+                                 error=sync_error, worker_id=run.holder)
+        elif sync_error == "" and was_failing:
+            self.notifier.notify("sync_recovered", f"relay run {run_id}: Hub sync works again", run_id,
+                                 worker_id=run.holder)
         return {"ok": True, "epoch": run.epoch}
+
+    def notify_handoff(self, run: RunRecord, previous_holder: str) -> None:
+        """The run went to another worker: it resumes from the recorded checkpoint, so the steps
+        the previous holder made after it are done again."""
+        restored = (run.latest_checkpoint or {}).get("iteration")
+        lost = max(0, run.step - (restored or 0))
+        self.notifier.notify("handoff", f"relay run {run.run_id}: handoff from {previous_holder} to {run.holder} at step "
+                             f"{run.step} (epoch {run.epoch}); resumes from "
+                             f"{f'checkpoint {restored}' if restored is not None else 'a cold start'}, {lost} steps lost",
+                             run.run_id, from_worker=previous_holder, to_worker=run.holder, step=run.step,
+                             epoch=run.epoch, restored_checkpoint=restored, steps_lost=lost)
+
+    def notify_runs_without_holder(self) -> None:
+        """Once per holderless stretch longer than no_holder_seconds (the lease reaper calls it)."""
+        with self.lock:
+            wall = utc_now()
+            for run_id, run in self.runs.items():
+                seconds = self.seconds_without_holder(run, wall)
+                if seconds > self.no_holder_seconds and run_id not in self.told_no_holder:
+                    self.told_no_holder.add(run_id)
+                    self.notifier.notify("no_holder", f"relay run {run_id} has had no worker holding it for "
+                                         f"{age_text(seconds)} (status {run.status}, step {run.step})", run_id,
+                                         seconds=round(seconds), step=run.step, status=run.status)
 
     @staticmethod
     def _record_checkpoint(run: RunRecord, checkpoint: dict | None) -> None:
@@ -1452,7 +1592,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: float, insecure: bool,
-          max_failed_leases: int, viewer_secret: str = "", tls_cert: str = "", tls_key: str = "") -> int:
+          max_failed_leases: int, viewer_secret: str = "", tls_cert: str = "", tls_key: str = "",
+          notify_url: str = "", no_holder_seconds: float = NOTIFY_NO_HOLDER_SECONDS) -> int:
     if lease_seconds < 2:
         raise UserError("--lease-seconds must be at least 2")
     if max_failed_leases < 1:
@@ -1466,7 +1607,11 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     if bool(tls_cert) != bool(tls_key):
         raise UserError("--tls-cert and --tls-key go together")
     tls = tls_server_context(tls_cert, tls_key) if tls_cert else None
-    commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases)
+    if no_holder_seconds <= 0:
+        raise UserError("--notify-no-holder-seconds must be a positive number of seconds")
+    notifier = Notifier(check_notify_url(notify_url, "--notify-url / RELAY_NOTIFY_URL"), "commander")
+    commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases, notifier=notifier,
+                          no_holder_seconds=no_holder_seconds)
     try:
         server = CommanderHTTPServer((host, port), commander, secret, viewer_secret, tls)
     except OSError as exc:
@@ -1480,6 +1625,7 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     def reap_expired() -> None:
         while not stopping.wait(0.25):
             commander.expire_due_leases()
+            commander.notify_runs_without_holder()
 
     threading.Thread(target=reap_expired, name="lease-reaper", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
@@ -1487,7 +1633,7 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"relay commander {VERSION} listening on {'https' if tls else 'http'}://{shown}:{bound_port} "
           f"(state {commander.store.path}, lease {lease_seconds:g} s, auth {'on' if secret else 'off'}, "
-          f"viewer secret {'on' if viewer_secret else 'off'})", flush=True)
+          f"viewer secret {'on' if viewer_secret else 'off'}, notifications {'on' if notify_url else 'off'})", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -1495,6 +1641,7 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     finally:
         stopping.set()
         server.server_close()
+        notifier.flush(5.0)  # what happened just before a stop is worth a few seconds
     print("relay commander stopped", flush=True)
     return 0
 
@@ -3006,6 +3153,8 @@ class Stack:
         self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10, ca_file=cfg.commander.tls_ca_file)
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
+        # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
+        self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
@@ -3050,13 +3199,16 @@ class Stack:
                 "--port", str(group.port), "--state-path", group.state_path, "--lease-seconds", f"{group.lease_seconds:g}"]
         if group.tls_cert:
             argv += ["--tls-cert", group.tls_cert, "--tls-key", group.tls_key]
+        # Secrets reach the commander through its environment, never its command line.
+        secrets_env = {name: value for name, value in (("RELAY_SHARED_SECRET", self.cfg.secret),
+                                                        ("RELAY_NOTIFY_URL", self.cfg.notify_url)) if value}
         if self.dry_run:
-            secret = "RELAY_SHARED_SECRET=*** " if self.cfg.secret else ""
-            print(f"would run: {secret}{shlex.join(argv)} >> {group.log_path} 2>&1 &", flush=True)
+            masked = "".join(f"{name}=*** " for name in secrets_env)
+            print(f"would run: {masked}{shlex.join(argv)} >> {group.log_path} 2>&1 &", flush=True)
             return None
         for path in (group.log_path, group.pid_path, group.state_path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        env = dict(os.environ, **({"RELAY_SHARED_SECRET": self.cfg.secret} if self.cfg.secret else {}))
+        env = dict(os.environ, **secrets_env)
         with open(group.log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
@@ -3241,8 +3393,10 @@ class Stack:
                 record.state = "removed"
                 self.state.save()
                 self.say(f"pod {record.name} is gone (preempted, expired or removed)")
+                self.notify("pod_lost", f"pod {record.name} is gone (preempted, expired or removed)", pod=record.name)
             elif str(row.get("status", "")).lower() in POD_DEAD_STATUSES:
                 self.remove_pod(record, f"Lium reports it {row.get('status')}")
+                self.notify("pod_lost", f"pod {record.name} is {row.get('status')}", pod=record.name)
             else:
                 alive.append(record)
         return alive
@@ -3308,10 +3462,17 @@ class Stack:
                     self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
                              f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
                              f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
+                    self.notify("max_pods_reached", f"max_pods ({relay.max_pods}) reached and no pod is left: "
+                                f"supervision of run {self.cfg.run.run_id} stopped at step {run.get('step', 0)}",
+                                max_pods=relay.max_pods, step=run.get("step", 0))
                     return 1
                 if len(alive) < pods_wanted and self.state.attempts < relay.max_pods:
                     try:
-                        self.deploy_worker(self.create_pod())
+                        pod = self.create_pod()
+                        self.deploy_worker(pod)
+                        self.notify("pod_replaced", f"pod {pod} started for run {self.cfg.run.run_id} "
+                                    f"({len(alive) + 1} of {pods_wanted} wanted, attempt {self.state.attempts} of "
+                                    f"{relay.max_pods})", pod=pod, attempt=self.state.attempts)
                     except LiumError as exc:
                         self.say(f"{exc}; trying again in {poll:g} s")
                     if not alive:  # the new pod gets a whole grace to take the lease
@@ -3321,6 +3482,12 @@ class Stack:
             names = ", ".join(p.name for p in self.state.live()) or "none"
             self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them)")
             return 130
+        finally:
+            self.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
+
+    def notify(self, event: str, text: str, **fields: Any) -> None:
+        """The supervisor's own events, to the same receiver as the commander's (notify_url)."""
+        self.notifier.notify(event, f"relay launch-stack: {text}", self.cfg.run.run_id, **fields)
 
     def silence_seconds(self) -> float:
         """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
@@ -3359,15 +3526,19 @@ class Stack:
         hub = run.get("hub") or {}
         self.say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
                  + (f"; final model {hub['repo']}@{hub['revision']}" if hub else ""))
+        live = self.live_pods() if self.cfg.relay.remove_pods_at_end else []
         if self.cfg.relay.remove_pods_at_end:
             keep = self.sole_keeper_of_the_last_checkpoint(run)
-            for record in self.live_pods():
+            for record in live:
                 if record.name == keep:
                     self.say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
                              f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
                              f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
                     continue
                 self.remove_pod(record, f"the run is {status}")
+        removed = [record.name for record in live if record.state == "removed"]
+        self.notify("run_finished", f"run {self.cfg.run.run_id} {status} at step {run.get('step')}; pods removed: "
+                    f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
         return 0 if status == "COMPLETED" else 1
 
     def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
@@ -3900,8 +4071,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.shared_secret:
         log("commander", "warning: --shared-secret is visible in `ps`; prefer the RELAY_SHARED_SECRET variable")
         secret = args.shared_secret
+    notify_url = os.environ.get("RELAY_NOTIFY_URL", "")
+    if args.notify_url:
+        log("commander", "warning: --notify-url is visible in `ps`; prefer the RELAY_NOTIFY_URL variable")
+        notify_url = args.notify_url
     return serve(args.host, args.port, args.state_path, secret, args.lease_seconds, args.insecure,
-                 args.max_failed_leases, os.environ.get("RELAY_VIEWER_SECRET", ""), args.tls_cert, args.tls_key)
+                 args.max_failed_leases, os.environ.get("RELAY_VIEWER_SECRET", ""), args.tls_cert, args.tls_key,
+                 notify_url, args.notify_no_holder_seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3920,6 +4096,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
     p.add_argument("--tls-cert", default="", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
     p.add_argument("--tls-key", default="", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument("--notify-url", default="", help="webhook for events; prefer RELAY_NOTIFY_URL (not visible in ps)")
+    p.add_argument("--notify-no-holder-seconds", type=float, default=NOTIFY_NO_HOLDER_SECONDS,
+                   help="notify when a run has had no holder this long (default 600)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="relay one run on this machine (run.yaml)")

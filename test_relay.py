@@ -956,6 +956,58 @@ def test_metrics_give_prometheus_each_runs_health_and_the_request_counts(cluster
     assert raw_request(cluster, "GET", "/metrics")[0] == 401
 
 
+@pytest.fixture
+def webhook():
+    from testing.webhook_server import WebhookServer
+
+    hook = WebhookServer().start()
+    try:
+        yield hook
+    finally:
+        hook.stop()
+
+
+def test_a_notify_url_hears_of_a_handoff_a_completion_a_sync_error_and_a_run_left_without_holder(cluster, webhook):
+    cluster.start_commander(lease=3, env={"RELAY_NOTIFY_URL": webhook.url}, extra=("--notify-no-holder-seconds", "1"))
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r2", "worker_id": "w9", "mode": "sft"}).body["lease_token"]
+    for error in ("503 from the Hub", "503 again", ""):
+        assert client.post("/api/job/report", {"run_id": "r2", "lease_token": token, "sync_error": error}).status == 200
+    assert client.post("/api/lease/release", {"run_id": "r2", "worker_id": "w9", "lease_token": token,
+                                              "status": "PREEMPTED"}).status == 200
+    relayed_run(cluster)
+    done = wait_for("the completion message", lambda: webhook.events("completed"), 15)
+    assert done[0]["run_id"] == "r1" and done[0]["step"] == 40 and "COMPLETED" in done[0]["text"]
+    handoff = webhook.events("handoff")
+    assert [(m["run_id"], m["from_worker"], m["to_worker"]) for m in handoff] == [("r1", "a", "b")]
+    assert handoff[0]["restored_checkpoint"] >= 10
+    assert handoff[0]["steps_lost"] == handoff[0]["step"] - handoff[0]["restored_checkpoint"]
+    assert [m["error"] for m in webhook.events("sync_error")] == ["503 from the Hub"]  # once per failing stretch
+    assert [m["run_id"] for m in webhook.events("sync_recovered")] == ["r2"]
+    # r2 has had no holder since its release (r1 may have had a second without one during its handoff).
+    wait_for("the no-holder message", lambda: [m for m in webhook.events("no_holder") if m["run_id"] == "r2"], 10)
+    assert all(m["text"] == m["content"] and m["text"] for m in webhook.messages)
+    assert webhook.secret_path not in cluster.log("commander")
+
+
+def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook):
+    webhook.hang = True
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
+    client = cluster.client()
+    held = client.post("/api/lease/acquire", {"run_id": "held", "worker_id": "w0", "mode": "sft"}).body
+    slowest = 0.0
+    for n in range(40):  # each run's completion is a message the receiver never takes
+        started = time.monotonic()
+        token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+        assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w1", "lease_token": token,
+                                                  "status": "COMPLETED"}).status == 200
+        renewal = client.post("/api/lease/renew", {"run_id": "held", "worker_id": "w0", "lease_token": held["lease_token"],
+                                                   "step": n})
+        assert renewal.status == 200
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 1.0, f"an acquire, a release and a renewal took {slowest:.2f}s with a hanging receiver"
+
+
 def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
     """A run handed from worker a (stopped with SIGTERM) to worker b, completed."""
     worker_a = cluster.start_worker("a" if run_id == "r1" else f"a-{run_id}", run_id,
