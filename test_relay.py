@@ -1174,6 +1174,19 @@ def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the
     assert pod_names(cluster) == []
 
 
+def test_a_supervised_stack_notifies_from_the_commander_and_the_supervisor_without_showing_the_url(cluster, webhook):
+    stack = write_stack(cluster, commander={"notify_url": webhook.url}, worker={"env": {"MOCK_MAX_STEPS": "10"}})
+    supervisor, events = supervise(cluster, stack)
+    assert supervisor.wait(60) == 0, events.read_text()
+    wait_for("the commander's completion message", lambda: webhook.events("completed"), 15)
+    finished = webhook.events("run_finished")
+    assert finished[0]["source"] == "launch-stack" and finished[0]["pods_removed"] == ["relay-r1-1"], webhook.messages
+    for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):  # the commander stays up
+        assert webhook.secret_path.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+    logs = events.read_text() + (cluster.tmp / "launch" / "commander.log").read_text()
+    assert "listening" in logs and webhook.secret_path not in logs
+
+
 def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subprocess.Popen, Path]:
     """`launch-stack --supervise` in the background, from an empty folder; its event log's path."""
     empty = cluster.tmp / "empty"
