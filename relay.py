@@ -672,9 +672,18 @@ STATE_FORMAT = "relay-commander-state"
 MAX_EVENTS = 200
 MAX_LEASES_KEPT = 500
 MAX_LOSS_POINTS = 2000
+MAX_LOSS_POINTS_PER_RENEWAL = 100
 MAX_LOG_LINES = 200
 STANDBY_WINDOW_SECONDS = 60.0  # a standby asks at least every 5 s (retry_after_sec)
 MAX_STANDBYS_TRACKED = 16
+
+
+def thin_points(points: list, limit: int) -> list:
+    """Drop every other point (the newest always stays) until at most `limit` remain: a loss
+    curve keeps its whole span in bounded memory, older stretches at a coarser grain."""
+    while len(points) > limit:
+        points = points[::-1][::2][::-1]
+    return points
 
 
 def standby_poll_seconds(lease_seconds: float) -> float:
@@ -840,6 +849,18 @@ class Body:
         nested = Body.__new__(Body)
         nested.data = value
         return nested
+
+    def points(self, name: str, max_points: int = MAX_LOSS_POINTS_PER_RENEWAL) -> list[list] | None:
+        """[[step, loss], ...] with steps rising: the loss of every step the trainer printed."""
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > max_points or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                and 0 <= p[0] <= 10**12 and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
+                and math.isfinite(p[1]) for p in value):
+            raise ApiError(400, f"field '{name}' must be a list of at most {max_points} [step, loss] pairs")
+        return [[p[0], float(p[1])] for p in value]
 
     def lines(self, name: str, max_lines: int = 50, max_len: int = 500) -> list[str]:
         value = self.data.get(name)
@@ -1139,21 +1160,26 @@ class Commander:
         loss = body.number("loss")
         phase = body.str("phase", required=False, max_len=32)
         lines = body.lines("log_lines")
+        losses = body.points("losses")
         run = self._holder_run(run_id, token, worker_id)
         # Renewals stay in memory (they are frequent and the TTL restarts on a commander
         # restart anyway); grants, releases and checkpoint reports go to disk.
         self.expires[run_id] = self.clock() + self.lease_seconds
         run.updated_at = utc_now()
-        self._record_progress(run, step, loss, phase, lines)
+        self._record_progress(run, step, loss, phase, lines, losses)
         return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds}
 
     def _record_progress(self, run: RunRecord, step: int | None, loss: float | None, phase: str,
-                         lines: list[str]) -> None:
+                         lines: list[str], losses: list[list] | None = None) -> None:
         if step is not None and step >= run.step:
             run.step = step
-            if loss is not None and (not run.losses or run.losses[-1][0] != step):
-                run.losses.append([step, loss])
-                del run.losses[:-MAX_LOSS_POINTS]
+            if losses is None and loss is not None:  # a worker that sends no per-step losses: one point
+                losses = [[step, loss]]
+        # Steps redone after a handoff (from the restored checkpoint on) are not drawn twice.
+        for point in losses or []:
+            if not run.losses or point[0] > run.losses[-1][0]:
+                run.losses.append(point)
+        run.losses = thin_points(run.losses, MAX_LOSS_POINTS)
         if loss is not None:
             run.loss = loss
         if phase:
@@ -1172,13 +1198,14 @@ class Commander:
         step = body.int("step")
         loss = body.number("loss")
         lines = body.lines("log_lines")
+        losses = body.points("losses")
         checkpoint = self._checkpoint_from(body.obj("latest_ckpt"))
         run = self._holder_run(run_id, token, worker_id)
         with self.durable_change(run_id):
             # The trainer's last lines and step ride on the release, so a finished run's
             # log ends with its final line instead of losing what came after the last renewal;
             # so does a sealed checkpoint whose report went unanswered.
-            self._record_progress(run, step, loss, "", lines)
+            self._record_progress(run, step, loss, "", lines, losses)
             self._record_checkpoint(run, checkpoint)
             lease = run.current_lease()
             progressed = lease is not None and run.step > lease.start_step
@@ -1221,7 +1248,7 @@ class Commander:
         run = self._holder_run(run_id, token)
         was_failing = bool(run.sync_error)
         with self.durable_change(run_id):
-            self._record_progress(run, step, body.number("loss"), phase, [])
+            self._record_progress(run, step, body.number("loss"), phase, [], losses=[])  # points come with renewals
             run.updated_at = utc_now()
             if phase == "RESTARTING":
                 run.trainer_restarts += 1
@@ -2349,6 +2376,7 @@ class Progress:
         self.loss: float | None = None
         self.last_output = boottime()
         self.unsent_lines: list[str] = []
+        self.unsent_losses: list[list] = []  # [step, loss] of every step printed since the last renewal
         self._lock = threading.Lock()
 
     def observe(self, line: str) -> None:
@@ -2365,14 +2393,27 @@ class Progress:
             if loss:
                 with contextlib.suppress(ValueError):
                     self.loss = float(loss.group(1))
+                    if math.isfinite(self.loss):
+                        self.add_loss_point(int(match.group(1)), self.loss)
         with self._lock:
             self.unsent_lines.append(line[:500])
             del self.unsent_lines[:-20]
+
+    def add_loss_point(self, step: int, loss: float) -> None:
+        with self._lock:
+            self.unsent_losses.append([step, loss])
+            if len(self.unsent_losses) > MAX_LOSS_POINTS_PER_RENEWAL:
+                self.unsent_losses = thin_points(self.unsent_losses, MAX_LOSS_POINTS_PER_RENEWAL // 2)
 
     def take_lines(self) -> list[str]:
         with self._lock:
             lines, self.unsent_lines = self.unsent_lines, []
         return lines
+
+    def take_losses(self) -> list[list]:
+        with self._lock:
+            losses, self.unsent_losses = self.unsent_losses, []
+        return losses
 
 
 class TrainerProcess:
@@ -2542,7 +2583,7 @@ class LeaseKeeper:
             sent = boottime()
             payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
                        "step": self.progress.step, "loss": self.progress.loss, "phase": self.phase,
-                       "log_lines": self.progress.take_lines()}
+                       "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
             try:
                 reply = self.client.post("/api/lease/renew", payload, timeout=max(0.2, min(interval, self.deadline - sent)))
             except CommanderUnreachable as exc:
@@ -2987,7 +3028,7 @@ class Worker:
         self.keeper.stop()
         payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
                    "status": status, "reason": reason, "step": self.progress.step, "loss": self.progress.loss,
-                   "log_lines": self.progress.take_lines()}
+                   "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
         if self.unreported is not None:
             payload["latest_ckpt"] = self.unreported.summary()
         while not self.keeper.lost.is_set() and boottime() < self.keeper.deadline:

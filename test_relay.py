@@ -1040,6 +1040,23 @@ def test_status_json_and_logs_tell_the_story_of_a_relayed_run(cluster):
     assert "last trainer lines:" in detail and "step 40/40" in detail
 
 
+def test_the_loss_curve_has_every_step_the_trainer_printed_across_a_handoff(cluster):
+    cluster.start_commander(lease=3)  # a renewal every second: some 25 steps each
+    run = relayed_run(cluster)
+    printed = {}
+    for line in (cluster.log("a") + cluster.log("b")).splitlines():
+        if line.startswith("[trainer] step ") and " loss " in line:
+            _, _, step, _, loss = line.split()
+            printed.setdefault(int(step.split("/")[0]), float(loss))
+    assert [step for step, _ in run["losses"]] == list(range(1, 41))  # redone steps drawn once
+    assert all(abs(loss - printed[step]) < 1e-6 for step, loss in run["losses"])
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r2", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    too_many = [[n, 1.0] for n in range(relay.MAX_LOSS_POINTS_PER_RENEWAL + 1)]
+    assert client.post("/api/lease/renew", {"run_id": "r2", "worker_id": "w", "lease_token": token, "step": 1,
+                                            "losses": too_many}).status == 400
+
+
 def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_browser(cluster, tmp_path):
     import shutil
 
