@@ -1444,11 +1444,11 @@ def tls_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert_file, key_file)
-    except OSError as exc:
-        raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: {exc.strerror or exc}") from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # before OSError, of which it is a subclass
         raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: not a PEM certificate and its key "
                         f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: {exc.strerror or exc}") from None
     return context
 
 
