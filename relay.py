@@ -1362,8 +1362,9 @@ class Commander:
                 series["relay_run_status"].append((f'{label},status="{status}"', float(run.status == status)))
             series["relay_run_step"].append((label, run.step))
             series["relay_run_epoch"].append((label, run.epoch))
+            holders = [lease["worker_id"] for lease in run.leases]
             series["relay_run_handoffs"].append((label, sum(
-                1 for before, after in zip(run.leases, run.leases[1:], strict=False) if before["worker_id"] != after["worker_id"])))
+                1 for before, after in zip(holders, holders[1:], strict=False) if before != after)))
             series["relay_run_trainer_restarts"].append((label, run.trainer_restarts))
             series["relay_run_sync_error"].append((label, float(bool(run.sync_error))))
             series["relay_run_seconds_without_holder"].append((label, self.seconds_without_holder(run, wall)))
@@ -3511,7 +3512,9 @@ class Stack:
                     try:
                         pod = self.create_pod()
                         self.deploy_worker(pod)
-                        self.notify("pod_replaced", f"pod {pod} started for run {self.cfg.run.run_id} "
+                        replaced = any(record.state == "removed" for record in self.state.pods)
+                        self.notify("pod_replaced" if replaced else "pod_added",
+                                    f"pod {pod} started for run {self.cfg.run.run_id} "
                                     f"({len(alive) + 1} of {pods_wanted} wanted, attempt {self.state.attempts} of "
                                     f"{relay.max_pods})", pod=pod, attempt=self.state.attempts)
                     except LiumError as exc:
