@@ -1550,7 +1550,7 @@ FIELDS = ["run_id", "worker_id", "mode", "lease_token", "step", "status", "reaso
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
        path=st.sampled_from(["/api/lease/acquire", "/api/lease/renew", "/api/lease/release", "/api/job/report",
-                             "/api/runs", "/api/runs/r1", "/api/runs/r1/logs", "/", "/api/health"]) | SAFE_TEXT.map(lambda t: "/" + t),
+                             "/api/runs", "/api/runs/r1", "/api/runs/r1/logs", "/", "/metrics", "/api/health"]) | SAFE_TEXT.map(lambda t: "/" + t),
        body=st.binary(max_size=300) | st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).map(
            lambda d: json.dumps(d).encode()),
        sign=st.booleans(),
