@@ -851,7 +851,7 @@ class Body:
         return nested
 
     def points(self, name: str, max_points: int = MAX_LOSS_POINTS_PER_RENEWAL) -> list[list] | None:
-        """[[step, loss], ...] with steps rising: the loss of every step the trainer printed."""
+        """[[step, loss], ...] in the order printed: the loss of every step the trainer printed."""
         value = self.data.get(name)
         if value is None:
             return None
@@ -921,7 +921,14 @@ NOTIFY_NO_HOLDER_SECONDS = 600.0
 
 def check_notify_url(url: str, where: str) -> str:
     # The URL is a secret (whoever has a Slack or Discord webhook URL can post): never echoed.
-    if url and not re.match(r"https?://[^/\s]+", url):
+    if not url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{where} must be an http:// or https:// URL")
     return url
 
@@ -991,7 +998,7 @@ class Notifier:
                 problem = f"the receiver answered {exc.code}"
                 if exc.code < 500 and exc.code != 429:
                     break  # the receiver refuses this message: asking again changes nothing
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
                 reason = getattr(exc, "reason", exc)  # never str(exc) of a URLError: no URL in logs
                 problem = f"no answer within {NOTIFY_TIMEOUT_SECONDS:g} s" if isinstance(reason, TimeoutError) else (
                     f"cannot reach the receiver: {type(reason).__name__} {getattr(reason, 'strerror', '') or ''}".rstrip())
