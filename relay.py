@@ -3911,7 +3911,8 @@ class Demo:
         self.work = tempfile.mkdtemp(prefix="relay-demo-")
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ, **self.MOCK_ENV)
-        self.env.pop("RELAY_SHARED_SECRET", None)
+        for name in ("RELAY_SHARED_SECRET", "RELAY_VIEWER_SECRET", "RELAY_NOTIFY_URL"):  # a self-contained demo
+            self.env.pop(name, None)
         self.seen_events = 0
         self.client: CommanderClient | None = None
 
