@@ -2394,6 +2394,7 @@ class Progress:
             self.counts_rollouts = True
             self.step = max(self.step, int(rollout.group(1)))
         match = PROGRESS_RE.search(line)
+        point = None
         if match:
             if not self.counts_rollouts:
                 self.step = max(self.step, int(match.group(1)))
@@ -2402,16 +2403,14 @@ class Progress:
                 with contextlib.suppress(ValueError):
                     self.loss = float(loss.group(1))
                     if math.isfinite(self.loss):
-                        self.add_loss_point(int(match.group(1)), self.loss)
+                        point = [int(match.group(1)), self.loss]
         with self._lock:
             self.unsent_lines.append(line[:500])
             del self.unsent_lines[:-20]
-
-    def add_loss_point(self, step: int, loss: float) -> None:
-        with self._lock:
-            self.unsent_losses.append([step, loss])
-            if len(self.unsent_losses) > MAX_LOSS_POINTS_PER_RENEWAL:
-                self.unsent_losses = thin_points(self.unsent_losses, MAX_LOSS_POINTS_PER_RENEWAL // 2)
+            if point is not None:  # bounded per renewal: thinned evenly when the trainer prints more
+                self.unsent_losses.append(point)
+                if len(self.unsent_losses) > MAX_LOSS_POINTS_PER_RENEWAL:
+                    self.unsent_losses = thin_points(self.unsent_losses, MAX_LOSS_POINTS_PER_RENEWAL)
 
     def take_lines(self) -> list[str]:
         with self._lock:
