@@ -2385,6 +2385,8 @@ class Progress:
         self.last_output = boottime()
         self.unsent_lines: list[str] = []
         self.unsent_losses: list[list] = []  # [step, loss] of every step printed since the last renewal
+        self._losses_seen = 0  # since the last renewal; every `_loss_stride`-th is kept
+        self._loss_stride = 1
         self._lock = threading.Lock()
 
     def observe(self, line: str) -> None:
@@ -2407,10 +2409,18 @@ class Progress:
         with self._lock:
             self.unsent_lines.append(line[:500])
             del self.unsent_lines[:-20]
-            if point is not None:  # bounded per renewal: thinned evenly when the trainer prints more
-                self.unsent_losses.append(point)
-                if len(self.unsent_losses) > MAX_LOSS_POINTS_PER_RENEWAL:
-                    self.unsent_losses = thin_points(self.unsent_losses, MAX_LOSS_POINTS_PER_RENEWAL)
+            if point is not None:
+                self._add_loss_point(point)
+
+    def _add_loss_point(self, point: list) -> None:
+        """Bounded per renewal and evenly spaced: when more steps are printed than a renewal
+        carries, every other point goes and from then on only every (doubled) stride-th is kept."""
+        self._losses_seen += 1
+        if self._losses_seen % self._loss_stride == 0:
+            self.unsent_losses.append(point)
+            if len(self.unsent_losses) > MAX_LOSS_POINTS_PER_RENEWAL:
+                self.unsent_losses = self.unsent_losses[1::2]
+                self._loss_stride *= 2
 
     def take_lines(self) -> list[str]:
         with self._lock:
@@ -2420,6 +2430,7 @@ class Progress:
     def take_losses(self) -> list[list]:
         with self._lock:
             losses, self.unsent_losses = self.unsent_losses, []
+            self._losses_seen, self._loss_stride = 0, 1
         return losses
 
 
