@@ -3143,10 +3143,13 @@ def run_worker(config_path: str) -> int:
 # 9. Lium and launch-stack ####################################################
 ###############################################################################
 #
-# launch-stack drives the `lium` command (lium.io).  Every pod it rents gets a name unique
-# to its attempt and is written to a local state file BEFORE `lium up` runs, so that a pod
-# left billing by a failed `up`, or by a crash of launch-stack itself, can always be found
-# and removed, and a restarted supervisor adopts its pods instead of renting new ones.
+# launch-stack drives the `lium` command (lium.io 0.32).  Every pod it rents gets a name unique
+# to its attempt and is written to a local state file BEFORE `lium up` runs, with the ids of the
+# pods that already bear that name (never ours); its own id, from `up --json` or from the error
+# of a failed `up`, is recorded next, and every later lium call names the pod by that id.  So a
+# pod left billing by a failed `up`, or by a crash of launch-stack itself, can always be found
+# and removed, a restarted supervisor adopts its pods instead of renting new ones, and a pod of
+# the same name that someone else rented is never touched.
 
 # Lium's pod statuses (upper case in `lium ps`).  A dead or dying pod is removed and replaced at
 # once: it cannot work, and some still bill (REBOOT_FAILED).  Any other status is logged and
@@ -3457,7 +3460,7 @@ class Stack:
         return f"GPU spend ${self.state.spent_usd():.2f}" + (f" of a ${budget:.2f} budget" if budget else "")
 
     def create_pod(self) -> PodRecord:
-        """Rent a pod and wait until it answers; a pod that fails on the way is removed."""
+        """Rent a pod (`lium up` returns once it is RUNNING); a pod a failed `up` left billing is removed."""
         budget = self.budget_left()
         if budget is not None and budget < 0.01:
             raise BudgetReached(f"the run's {self.spend_line()} has reached relay.budget_usd: no new pod")
