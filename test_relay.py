@@ -1161,7 +1161,7 @@ def launch_stack(cluster: Cluster, api, stack: str, *flags: str, **env: str) -> 
 
 def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster, lium):
     secret = "stack-secret-" + uuid.uuid4().hex
-    stack = write_stack(cluster, lium)
+    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8})  # a whole 8-GPU node
     cluster.secret = secret
     result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret)
     assert result.returncode == 0, result.stderr
@@ -1169,7 +1169,8 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert summary["commander"]["url"] == cluster.url and isinstance(summary["commander"]["pid"], int)
     assert summary["commander"]["state_path"].endswith("commander_state.json")
     pod = lium.ours("relay-r1-1")
-    assert summary["pod"]["name"] == "relay-r1-1" and summary["pod"]["id"] == pod.id and summary["pod"]["price_per_hour"] == 20
+    assert summary["pod"]["name"] == "relay-r1-1" and summary["pod"]["id"] == pod.id and pod.gpu_count == 8
+    assert summary["pod"]["price_per_hour"] == 8 * lium.price_per_gpu
     assert summary["worker"]["running"] is True and isinstance(summary["worker"]["pid"], int)
     assert summary["worker"]["remote_log_path"] == "relay/worker.log"
     home = lium.home("relay-r1-1")

@@ -20,6 +20,7 @@ environment, so a preemption or a removal kills all of them, and the test's tear
 
     api = LiumApi(folder, mark).start(); env LIUM_BASE_URL=api.url ...; api.stop()
 
+A removal scheduled through the API (`up --ttl`, `up --budget`) happens when its time comes.
 Controls for tests: `price_per_gpu`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
 `rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
 `add_foreign_pod(name)` (a pod rented by someone else through the same account).
@@ -200,8 +201,15 @@ class LiumApi(http.server.ThreadingHTTPServer):
     # -- the pod's life -------------------------------------------------------------------
 
     def _boot_pods(self) -> None:
+        """Pods boot (PENDING, STARTING for boot_seconds, RUNNING once their sshd listens), and
+        a pod whose scheduled removal (`--ttl`, `--budget`) has come is removed, as Lium does."""
         while not self._stopping.wait(0.1):
             for pod in list(self.pods.values()):
+                with contextlib.suppress(ValueError, TypeError):
+                    if pod.removal_scheduled_at and datetime.fromisoformat(
+                            pod.removal_scheduled_at.replace("Z", "+00:00")).timestamp() <= time.time():
+                        self.remove(pod.id)
+                        continue
                 if pod.status in ("PENDING", "STARTING") and time.time() >= pod.visible_at:
                     if time.time() < pod.ready_at:
                         pod.status = "STARTING"
@@ -406,7 +414,7 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
                 pod = api.pods.get(parts[1])
                 if pod is None:
                     raise ApiError(404, "pod not found")
-                pod.removal_scheduled_at = body.get("removal_scheduled_at") or body.get("termination_time") or "scheduled"
+                pod.removal_scheduled_at = str(body.get("removal_scheduled_at") or "")
                 return {"success": True}
             return None
         if method == "DELETE" and len(parts) == 2 and parts[0] == "pods":
