@@ -24,6 +24,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -3509,8 +3510,7 @@ class Stack:
         self.say(f"{exc}; looking for pod {record.name} in `lium ps` for {lookup:g} s before renting again")
         give_up = time.monotonic() + lookup
         while True:
-            row = next((row for row in self.lium.pods() if row.get("name") == record.name
-                        and row["id"] not in record.foreign_ids), None)
+            row = next((row for row in self.lium.pods() if self.may_be_ours(record, row)), None)
             if row is not None:
                 self.note_pod(record, row)
                 self.say(f"the rent went through after all: pod {record.label} is ours, using it")
@@ -3521,6 +3521,16 @@ class Stack:
                 self.say(f"no pod {record.name} appeared in {lookup:g} s: the rent did not happen")
                 return False
             time.sleep(self.cfg.lium.poll_interval_seconds)
+
+    @staticmethod
+    def may_be_ours(record: PodRecord, row: dict) -> bool:
+        """A pod of `record`'s rent whose id never came back: its name, created after we wrote the
+        record (a minute's clock skew allowed), and not among the pods that bore the name before."""
+        try:
+            created = datetime.datetime.fromisoformat(str(row.get("created_at")).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return False
+        return row.get("name") == record.name and row["id"] not in record.foreign_ids and created >= record.created_at - 60
 
     def note_pod(self, record: PodRecord, row: dict) -> None:
         """What `lium up`/`lium ps` says of our pod: its id first, then its price and spend."""
@@ -3668,8 +3678,7 @@ class Stack:
         now = time.monotonic()
         for record in self.state.live():
             if not record.id:  # launch-stack stopped during its `up`: the pod may exist all the same
-                row = next((row for row in shown.values() if row.get("name") == record.name
-                            and row["id"] not in record.foreign_ids), None)
+                row = next((row for row in shown.values() if self.may_be_ours(record, row)), None)
                 if row is None:
                     if utc_now() - record.created_at > self.cfg.lium.up_timeout_seconds + self.cfg.lium.rent_lookup_seconds:
                         record.state = "removed"

@@ -1390,6 +1390,7 @@ def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, li
     ({"lium": {"template_id": ""}}, "'template_id'"),
     ({"lium": {"node": ""}}, "lium: set field 'node'"),
     ({"lium": {"gpu": "H200"}}, "lium: fields 'node' and 'gpu' exclude each other"),
+    ({"lium": {"executor": "another-node"}}, "lium: fields 'node' and 'executor' (its old name) name different nodes"),
     ({"lium": {"node": "", "gpu": "H200", "gpu_count": 0}}, "lium: field 'gpu_count' must be at least 1"),
     ({"lium": {"ttl": "6 hours"}}, "lium: field 'ttl' must be a number and m, h or d"),
     ({"lium": {"volume": "new:name=ckpt"}}, "create one with `lium volumes new NAME`, then set volume: id:HUID"),
