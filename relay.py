@@ -1813,6 +1813,7 @@ TRAINER_TAG_ENV = "RELAY_TRAINER_TAG"
 PROGRESS_RE = re.compile(r"\bstep (\d+)(?:/\d+)?\b")
 ROLLOUT_RE = re.compile(r"^rollout (\d+):")
 NO_CHECKPOINT_WARNING_SECONDS = 3600.0
+WATCHDOG_MAX_SLEEP_SECONDS = 1.0
 LOSS_RE = re.compile(r"loss['\"]?\s*[:=]?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
@@ -1882,7 +1883,10 @@ def watchdog_loop(commands: int) -> int:
             clean = kill_trainer_tree(pgid, tag)
             log("watchdog", f"the lease deadline passed: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
             tag, pgid, deadline = "", None, math.inf
-        timeout = min(max(deadline - boottime(), 0.0), 0.1) if tag else None  # idle: sleep until told
+        # Asleep until the deadline or a command (idle: until told).  Capped at a second
+        # because select's clock stops while the machine is suspended and CLOCK_BOOTTIME
+        # does not: a deadline that passed during a suspend is seen within a second of waking.
+        timeout = min(max(deadline - boottime(), 0.0), WATCHDOG_MAX_SLEEP_SECONDS) if tag else None
         ready, _, _ = select.select([commands], [], [], timeout)
         if not ready:
             continue
@@ -2012,8 +2016,10 @@ class Progress:
 class TrainerProcess:
     """The trainer black box: its own session, output passed through line by line."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str,
+                 on_exit: Callable[[], None]) -> None:
         self.tag = env[TRAINER_TAG_ENV]
+        self.on_exit = on_exit  # the worker sleeps until something happens: this is one
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
         self.pgid = self.proc.pid
@@ -2039,6 +2045,7 @@ class TrainerProcess:
         for pump in pumps:
             pump.join(timeout=2)
         self.exited.set()
+        self.on_exit()
 
     def exit_code(self) -> int | None:
         return self.proc.returncode if self.exited.is_set() else None
@@ -2117,8 +2124,8 @@ class Lease:
 def lease_margin(ttl: float) -> float:
     """How long before the commander's expiry the worker stops trusting its lease.
 
-    It covers the watchdog's poll (0.1 s), the time SIGKILL takes to empty the process
-    table, and scheduling delay, with room to spare; 20% of the TTL, at least 0.5 s.
+    It covers the watchdog's wake-up, the time SIGKILL takes to empty the process table,
+    and scheduling delay, with room to spare; 20% of the TTL, at least 0.5 s.
     """
     return max(0.5, 0.2 * ttl)
 
@@ -2485,7 +2492,7 @@ class Worker:
         self.watchdog.arm(tag, self.keeper.deadline)
         env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
         self.progress.last_output = boottime()
-        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd())
+        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.wake.set)
         self.watchdog.watch(self.trainer.pgid)
 
     def end_trainer(self, graceful: bool) -> None:
@@ -2508,7 +2515,10 @@ class Worker:
         warned_no_checkpoint = False
         next_scan = boottime()
         while True:
-            self.wake.wait(0.2)
+            # Asleep until the next scan unless woken: a lost lease, a signal and the
+            # trainer's exit all set `wake`; a dead watchdog is noticed at the next scan
+            # (meanwhile the keeper still kills the trainer at the lease deadline).
+            self.wake.wait(max(0.0, next_scan - boottime()))
             self.wake.clear()
             if self.keeper.lost.is_set():
                 return "LOST"
