@@ -254,6 +254,7 @@ class RunConfig:
     worker_id: str = ""
     hf_repo: str = ""
     hf_dry_run: bool = False
+    hf_prefetch: bool = True
     relay_shared_secret: str = ""
     save_rollout_trajectories: bool = False
     rollout_trajectory_subdir: str = "rollout"
@@ -912,8 +913,9 @@ class Commander:
                     run.end_lease("reacquired", utc_now())
             else:
                 self.note_standby(run_id, worker_id, now)
+                # The recorded Hub revision: what a standby prefetches to take over from its own disk.
                 return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
-                        "retry_after_sec": self.retry_after(run, now)}
+                        "retry_after_sec": self.retry_after(run, now), **({"hub": dict(run.hub)} if run.hub else {})}
         token = secrets.token_urlsafe(24)
         with self.durable_change(run_id):
             if run is None:
@@ -1609,19 +1611,26 @@ class HubStore:
             log("hub", f"the branch moved past {str(parent)[:12]} (another writer committed); re-basing on {head[:12]}")
             return commit(head)
 
+    def fetch_manifest(self, record: dict, folder: str) -> Manifest:
+        """The manifest of the recorded checkpoint (downloaded into `folder`), checked against the record."""
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        iteration, revision = record["iteration"], record["revision"]
+        manifest_path = hf_hub_download(record["repo"], f"{self.prefix}/ckpt/{iteration_dirname(iteration)}/relay_manifest.json",
+                                        revision=revision, local_dir=folder)
+        with open(manifest_path, "rb") as handle:
+            manifest = Manifest.from_bytes(handle.read())
+        if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
+            raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
+        return manifest
+
     def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
         """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified."""
-        from huggingface_hub import hf_hub_download, snapshot_download  # noqa: PLC0415
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
         staging = tempfile.mkdtemp(prefix=".hub-download-", dir=ckpt.path)
         try:
-            manifest_path = hf_hub_download(record["repo"], f"{base}/{iteration_dirname(iteration)}/relay_manifest.json",
-                                            revision=revision, local_dir=staging)
-            with open(manifest_path, "rb") as handle:
-                manifest = Manifest.from_bytes(handle.read())
-            if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
-                raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
+            manifest = self.fetch_manifest(record, staging)
             snapshot_download(record["repo"], revision=revision, local_dir=staging,
                               allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
             for rel in sorted(manifest.files):
@@ -1797,6 +1806,94 @@ def hub_error_text(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
     return f"HTTP {status}: {text}"[:300] if status else text[:300]
+
+
+class HubPrefetch:
+    """A standby's copy of the run's recorded Hub checkpoint, so that a takeover restores from
+    its own disk instead of downloading (a 55 GB checkpoint is minutes of a GPU pod idling).
+
+    Where: a folder of its own beside the checkpoint folder, on the same volume (handing it
+    over is a rename), never the checkpoint folder itself, which may be a volume the holder
+    is writing to.  What: only the newest recorded revision; an older copy is deleted before
+    a newer one is fetched (a takeover would fetch the newer one anyway), and nothing is
+    fetched while the volume has no room for the checkpoint's bytes.  How: one download at
+    a time on its own thread, verified against its manifest (HubStore.download), a failure
+    retried only after RETRY_SECONDS; the standby's requests to the commander never wait
+    for it, and a standby has no other use for its bandwidth.
+    """
+
+    RETRY_SECONDS = 60.0
+
+    def __init__(self, hub: HubStore, cfg: RunConfig, say: Callable[[str], None]) -> None:
+        self.hub, self.say = hub, say
+        self.dir = CheckpointDir(os.path.join(cfg.run_dir, "prefetch", cfg.worker_id), cfg.require_dataset_state)
+        self.retry_at: dict[str, float] = {}  # revision -> boottime() before which it is not tried again
+        self.fetching: dict | None = None
+        self._thread: threading.Thread | None = None
+        self._abandon = threading.Event()
+
+    def holds(self, record: dict) -> Manifest | None:
+        """The prefetched copy of `record`'s checkpoint, if it is here (sealed only once verified)."""
+        manifest = self.dir.load_manifest(record["iteration"])
+        return manifest if manifest is not None and manifest.digest == record["manifest_sha256"] else None
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def offer(self, record: dict, newest_here: int) -> None:
+        """The commander's recorded revision, as a standby hears it: fetch it unless it is
+        already here, no newer than the checkpoint folder's newest, or failed lately."""
+        if (record.get("repo") != self.hub.repo or record["iteration"] <= newest_here or self.busy()
+                or self.holds(record) is not None or boottime() < self.retry_at.get(record["revision"], 0.0)):
+            return
+        self.fetching, self._abandon = record, threading.Event()
+        self._thread = threading.Thread(target=self._fetch, args=(record, self._abandon), name="hub-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self, record: dict, abandon: threading.Event) -> None:
+        iteration, where = record["iteration"], f"{record['repo']}@{record['revision'][:12]}"
+        try:
+            for old in sorted(set(self.dir.sealed_iterations() + self.dir.iterations_on_disk())):
+                self.dir.remove(old)  # only the newest is kept, and its room counts
+            with tempfile.TemporaryDirectory(prefix=".hub-manifest-", dir=self.dir.path) as folder:
+                needed = self.hub.fetch_manifest(record, folder).total_bytes
+            free = shutil.disk_usage(self.dir.path).free
+            if free < needed:
+                self.say(f"not prefetching checkpoint {iteration}: it needs {needed} bytes, {self.dir.path} has {free} free")
+                self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
+                return
+            self.say(f"standing by: prefetching checkpoint {iteration} ({needed} bytes) from {where}")
+            started = boottime()
+            self.hub.download(record, self.dir, abandon.is_set)
+            self.say(f"prefetched checkpoint {iteration} in {boottime() - started:.1f} s")
+        except Exception as exc:  # any Hub, network or disk failure: a takeover downloads as before
+            self.say(f"prefetching checkpoint {iteration} failed ({hub_error_text(exc)}); "
+                     f"trying again in {self.RETRY_SECONDS:.0f} s")
+            self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
+
+    def hand_over(self, record: dict | None, ckpt: CheckpointDir, abort: Callable[[], bool]) -> Manifest | None:
+        """At a takeover: move the prefetched copy of `record` into `ckpt`, sealed (waiting
+        for a prefetch of that very revision to finish: it is the download a restore would
+        start); the checkpoint moved, or None."""
+        if record and self.busy() and self.fetching == record:
+            self.say(f"waiting for the prefetch of checkpoint {record['iteration']} to finish")
+            while self.busy() and not abort():
+                self._thread.join(0.2)
+        self._abandon.set()  # a prefetch of an older revision is of no use any more
+        manifest = self.holds(record) if record and not self.busy() else None
+        newest = ckpt.sealed_iterations()
+        if manifest is None or (newest and newest[-1] >= manifest.iteration):
+            return None
+        # An unsealed folder of this iteration is a dead holder's unfinished save (its trainer
+        # is gone before the commander re-grants): this verified copy replaces it.
+        ckpt.remove(manifest.iteration)
+        for rel in sorted(manifest.files):
+            target = os.path.join(ckpt.path, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(self.dir.path, rel), target)
+        atomic_write(ckpt.manifest_path(manifest.iteration), manifest.to_bytes())
+        self.dir.remove(manifest.iteration)
+        return manifest
 
 
 ###############################################################################
@@ -2224,6 +2321,8 @@ class Worker:
         self.ckpt = CheckpointDir(cfg.run_dir, cfg.require_dataset_state)
         self.hub = hub
         self.sync = HubSync(hub, self.ckpt, cfg, self.report, self.lease_held) if hub is not None else None
+        use_prefetch = hub is not None and cfg.hf_prefetch and not hub.dry_run
+        self.prefetch = HubPrefetch(hub, cfg, self.say) if use_prefetch else None
         self.progress = Progress()
         self.wake = threading.Event()
         self.stop_requested = threading.Event()
@@ -2388,6 +2487,9 @@ class Worker:
             if not complained:
                 self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
                 complained = True
+            if self.prefetch is not None and isinstance(body.get("hub"), dict):
+                sealed = self.ckpt.sealed_iterations()
+                self.prefetch.offer(body["hub"], sealed[-1] if sealed else -1)
             self.stop_requested.wait(float(body.get("retry_after_sec", 1.0)))
         self.exit_code = 0
         return "EXITED"
@@ -2407,6 +2509,8 @@ class Worker:
         # dead (the commander only re-grants after that holder's watchdog deadline), so the
         # files can no longer change.
         self.ckpt.seal_newest(self.lease.epoch, self.cfg.worker_id, False, self.aborting)
+        hub_record = record.get("hub")
+        prefetched = self.prefetch.hand_over(hub_record, self.ckpt, self.aborting) if self.prefetch is not None else None
         local = None
         for iteration in reversed(self.ckpt.sealed_iterations()):
             manifest = self.ckpt.load_manifest(iteration)
@@ -2417,9 +2521,10 @@ class Worker:
                 return None, "a cold start"
             self.say(f"checkpoint {iteration} in L1 is damaged; removing it and trying an older one")
             self.ckpt.remove(iteration)
-        hub_record = record.get("hub")
         newest_here = local.iteration if local is not None else -1
         source = "L1"
+        if prefetched is not None and local is not None and local.iteration == prefetched.iteration:
+            source = f"the Hub at {hub_record['revision'][:12]} (prefetched while standing by)"
         if self.hub is not None and hub_record and newest_here < recorded and hub_record["iteration"] > newest_here:
             if self.hub.dry_run:
                 self.say("hf_dry_run: not fetching the Hub's newer checkpoint")

@@ -541,6 +541,36 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
         assert hub.token not in cluster.log(name)
 
 
+def hub_downloads(hub) -> int:
+    with hub.lock:
+        return sum(1 for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path)
+
+
+def test_a_standby_prefetches_the_recorded_checkpoint_and_takes_over_without_downloading(cluster, hub, reference):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    for pid in cluster.trainer_pids(worker_id="a"):  # a holds the lease, its run stands still: one recorded revision
+        os.kill(pid, signal.SIGSTOP)
+    pod_a = relay.CheckpointDir(str(cluster.tmp / "pod-a" / "runs" / "r1"), True)
+    recorded = wait_for("the trainer's last save on the Hub",
+                        lambda: hub_record(cluster).get("iteration") == pod_a.tracker_iteration() and hub_record(cluster))
+    cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), **on_hub)
+    wait_for("b to prefetch the recorded checkpoint", lambda: "prefetched checkpoint" in cluster.log("b"), 30)
+    assert hub_record(cluster) == recorded and cluster.run("r1")["holder"] == "a"
+    prefetch = cluster.tmp / "pod-b" / "runs" / "r1" / "prefetch" / "b"
+    assert relay.CheckpointDir(str(prefetch), True).sealed_iterations() == [recorded["iteration"]]
+    downloads = hub_downloads(hub)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    run = wait_for("the run to complete", lambda: completed(cluster), 40)
+    assert hub_downloads(hub) == downloads, "b downloaded at its takeover"
+    resume = resumed_from(run, "b")[0]
+    assert f"checkpoint {recorded['iteration']} in the Hub at {recorded['revision'][:12]} (prefetched" in resume, resume
+    assert final_model(cluster, l1="pod-b") == reference
+
+
 def test_the_recorded_revision_holds_its_checkpoint_and_a_stale_commit_on_the_branch_is_never_resumed(
         cluster, hub, reference):
     cluster.hub = hub
