@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | takeover | footprint | hub
+    python bench_relay.py renewals   # one part: renewals | takeover | footprint | hub | standby
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -262,10 +262,11 @@ def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
 CHECKPOINT_MB = 300
 
 
-def serve_hub(port_queue: multiprocessing.Queue, token: str) -> None:
+def serve_hub(port_queue: multiprocessing.Queue, token: str, download_bytes_per_second: float = 0.0) -> None:
     from testing.hub_server import HubServer
 
     server = HubServer(token)
+    server.download_bytes_per_second = download_bytes_per_second
     port_queue.put(server.server_address[1])
     server.serve_forever()
 
@@ -334,9 +335,67 @@ def bench_hub(tmp: Path) -> list[tuple[str, str, str]]:
     ]
 
 
+# --------------------------------------------------------------------------- a ready standby
+
+STANDBY_CHECKPOINT_MB = 300
+POD_DOWNLOAD_MB_PER_S = 50  # a pod's download rate from the Hub (an assumption: plain HTTPS, no Xet)
+BIG_CHECKPOINT_TRAINER = f"""
+import os, time
+ckpt = os.environ["RELAY_CKPT_DIR"]
+if not os.environ["RELAY_RESUME_STEP"]:  # a cold start saves one big checkpoint; a resumed one trains on
+    os.makedirs(os.path.join(ckpt, "iter_0000001"))
+    for n in range(3):
+        with open(os.path.join(ckpt, "iter_0000001", f"shard_{{n}}.distcp"), "wb") as handle:
+            handle.write(os.urandom({STANDBY_CHECKPOINT_MB // 3 << 20}))
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w") as handle:
+        handle.write("1\\n")
+print("step 1", flush=True)
+time.sleep(3600)
+"""
+
+
+def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
+    """Holder's death to the standby's trainer running, a standby without prefetch and then
+    one with it (the second takes over from the first: same checkpoint, same revision)."""
+    token, ttl = "hf_bench_token_0123456789", 4.0
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve_hub, args=(ports, token, POD_DOWNLOAD_MB_PER_S * (1 << 20)), daemon=True)
+    server.start()
+    cluster = Cluster(tmp)
+    cluster.hub = argparse.Namespace(url=f"http://127.0.0.1:{ports.get(timeout=10)}", token=token)
+    (tmp / "trainer.py").write_text(BIG_CHECKPOINT_TRAINER)
+    common = {"hf_repo": "tester/bench-standby", "require_dataset_state": False, "hf_sync_interval_seconds": 1,
+              "trainer_command": f"{sys.executable} {tmp / 'trainer.py'}"}
+    measured = {}
+    try:
+        cluster.start_commander(lease=ttl)
+        holder = cluster.start_worker("a", l1_root=str(tmp / "pod-a"), **common)
+        wait_for("the checkpoint on the Hub", lambda: (cluster.run("r1").get("hub") or {}).get("iteration") == 1, 120)
+        for standby, prefetch in (("b", False), ("c", True)):
+            proc = cluster.start_worker(standby, l1_root=str(tmp / f"pod-{standby}"), hf_prefetch=prefetch, **common)
+            ready = "prefetched checkpoint" if prefetch else "standing by"
+            wait_for(f"{standby}: {ready}", lambda s=standby, r=ready: r in cluster.log(s), 60)
+            killed = time.time()
+            os.kill(holder.pid, signal.SIGKILL)
+            wait_for(f"{standby}'s trainer", lambda s=standby: cluster.trainer_pids(worker_id=s), 120, 0.01)
+            running = time.time() - killed
+            measured[prefetch] = (running, cluster.run("r1")["leases"][-1]["started_at"] - killed)
+            holder = proc
+    finally:
+        cluster.close()
+        server.terminate()
+        server.join()
+    (with_prefetch, granted), (without, granted_without) = measured[True], measured[False]
+    return [(f"standby takeover, {STANDBY_CHECKPOINT_MB} MB checkpoint, Hub at {POD_DOWNLOAD_MB_PER_S} MB/s "
+             f"(TTL {ttl:g} s): holder's death to the standby's trainer running",
+             f"prefetched while standing by: {with_prefetch:.2f} s (lease granted after {granted:.2f} s)",
+             f"without prefetch: {without:.2f} s (lease granted after {granted_without:.2f} s)")]
+
+
 # --------------------------------------------------------------------------- main
 
-PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": bench_footprint, "hub": bench_hub}
+PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": bench_footprint, "hub": bench_hub,
+         "standby": bench_standby}
 
 
 def main(argv: list[str]) -> int:
