@@ -2499,7 +2499,8 @@ class Worker:
         and where it came from, in words.
 
         Order: the newest sealed checkpoint in L1 that verifies, when it is at least as new as
-        the commander's record; else the commander-recorded Hub revision; else whatever L1
+        the commander's record (a copy of the recorded Hub revision prefetched while standing
+        by is moved into L1 first); else the commander-recorded Hub revision; else whatever L1
         has (older than recorded: progress since then was lost with the other pod's volume).
         """
         assert self.lease is not None
