@@ -2888,6 +2888,34 @@ class StackState:
         return [pod for pod in self.pods if pod.state != "removed"]
 
 
+COMMANDER_SILENT_POLLS = 3  # unanswered polls of a commander whose process lives before it is restarted
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot: /proc/PID/stat field 22); None if it is gone.
+    A pid and its start time name one process: the system may give a dead one's pid to another."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class CommanderProcess:
+    """The commander launch-stack started, now or earlier (its pid file), which --supervise
+    starts again when it is gone or stops answering."""
+
+    pid: int
+    started: int | None
+    popen: subprocess.Popen | None = None  # our own child: reaped here, or its zombie would look alive
+
+    def alive(self) -> bool:
+        if self.popen is not None and self.popen.poll() is not None:
+            return False
+        return process_start_ticks(self.pid) == self.started
+
+
 class Stack:
     """One stack.yaml: its commander, its pods and their workers."""
 
@@ -2898,6 +2926,8 @@ class Stack:
         self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10)
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
+        self.commander: CommanderProcess | None = None  # None: not ours to restart (another tool runs it)
+        self.commander_silent_polls = 0
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
@@ -2926,7 +2956,10 @@ class Stack:
         if not self.dry_run and self.commander_healthy():
             if not group.restart_if_running:
                 self.say(f"commander already running at {self.cfg.local_url}: reusing it")
-                return dict(summary, pid=self.commander_pid())
+                pid = self.commander_pid()  # its pid file: an earlier launch-stack started it, so it is ours
+                if pid is not None:
+                    self.commander = CommanderProcess(pid, process_start_ticks(pid))
+                return dict(summary, pid=pid)
             self.say("commander running; restarting it (commander.restart_if_running)")
             self.stop_commander()
         if not self.cfg.secret and not is_loopback(group.host):
@@ -2949,6 +2982,7 @@ class Stack:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         atomic_write(group.pid_path, f"{proc.pid}\n".encode())
+        self.commander = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
         give_up = time.monotonic() + group.wait_seconds
         while not self.commander_healthy():
             if proc.poll() is not None or time.monotonic() > give_up:
@@ -3170,8 +3204,11 @@ class Stack:
             while True:
                 run = self.run_record()
                 if run is None:  # without the commander nothing can be judged: wait, touch nothing
+                    self.revive_commander()
+                    waiting_since = time.monotonic()  # no worker could take the lease meanwhile
                     time.sleep(poll)
                     continue
+                self.commander_silent_polls = 0
                 reported_epoch = self.report_handoffs(run.get("leases", []), reported_epoch)
                 if run.get("status") in ("COMPLETED", "FAILED"):
                     return self.finish(run["status"], run)
@@ -3204,6 +3241,33 @@ class Stack:
             names = ", ".join(p.name for p in self.state.live()) or "none"
             self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them)")
             return 130
+
+    def revive_commander(self) -> None:
+        """Start our commander again, on the same state file (every lease kept, each with a
+        full TTL, as after any restart), when its process is gone, or when it has not
+        answered for COMMANDER_SILENT_POLLS polls and is still the process we started (a
+        hung commander is killed first).  A commander that is not ours is only waited for."""
+        if self.commander is None:
+            return
+        self.commander_silent_polls += 1
+        old = self.commander
+        if old.alive():
+            if self.commander_silent_polls < COMMANDER_SILENT_POLLS:
+                return
+            why = f"has not answered for {self.commander_silent_polls} polls"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, signal.SIGKILL)  # its state file is written atomically: a kill loses nothing
+            if old.popen is not None:
+                old.popen.wait()
+        else:
+            why = "is gone"
+        self.say(f"the commander (pid {old.pid}) {why}: starting it again on {self.cfg.commander.state_path}")
+        try:
+            self.start_commander()
+        except UserError as exc:  # e.g. its port still taken: the next poll tries again
+            self.say(f"{exc}; trying again at the next poll")
+            return
+        self.commander_silent_polls = 0
 
     def silence_seconds(self) -> float:
         """Six missed asks of a standby (at least 10 s, and three of our own polls)."""

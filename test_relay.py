@@ -1023,6 +1023,24 @@ def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subproce
     return proc, events
 
 
+def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_completes_on_its_first_lease(cluster):
+    # A 10 s lease: the worker's deadline (8 s after a renewal) outlasts the restart with room on a loaded machine.
+    stack = write_stack(cluster, commander={"lease_seconds": 10},
+                        worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, stack)
+    wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 40)
+    pid_path = cluster.tmp / "launch" / "commander.pid"
+    killed = int(pid_path.read_text())
+    os.kill(killed, signal.SIGKILL)
+    assert supervisor.wait(90) == 0, events.read_text()
+    assert f"the commander (pid {killed}) is gone: starting it again" in events.read_text(), events.read_text()
+    assert int(pid_path.read_text()) != killed
+    run = cluster.run("r1")
+    assert run["status"] == "COMPLETED" and run["step"] == 60
+    assert [(lease["epoch"], lease["worker_id"]) for lease in run["leases"]] == [(1, "relay-r1-1")]  # no lease lost
+    assert pod_names(cluster) == []
+
+
 def hot_standby_stack(cluster: Cluster, hub, steps: str, **groups: dict) -> str:
     """A stack keeping a hot standby; standbys go without the volume, so the run syncs to the Hub."""
     hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
