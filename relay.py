@@ -1825,8 +1825,9 @@ class HubPrefetch:
     RETRY_SECONDS = 60.0
 
     def __init__(self, hub: HubStore, cfg: RunConfig, say: Callable[[str], None]) -> None:
-        self.hub, self.say = hub, say
-        self.dir = CheckpointDir(os.path.join(cfg.run_dir, "prefetch", cfg.worker_id), cfg.require_dataset_state)
+        self.hub, self.say, self.cfg = hub, say, cfg
+        self.root = os.path.join(cfg.run_dir, "prefetch", cfg.worker_id)  # this worker's alone
+        self.dir = CheckpointDir(self.root, cfg.require_dataset_state)
         self.retry_at: dict[str, float] = {}  # revision -> boottime() before which it is not tried again
         self.fetching: dict | None = None
         self._thread: threading.Thread | None = None
@@ -1853,8 +1854,10 @@ class HubPrefetch:
     def _fetch(self, record: dict, abandon: threading.Event) -> None:
         iteration, where = record["iteration"], f"{record['repo']}@{record['revision'][:12]}"
         try:
-            for old in sorted(set(self.dir.sealed_iterations() + self.dir.iterations_on_disk())):
-                self.dir.remove(old)  # only the newest is kept, and its room counts
+            # Only the newest is kept (so an older copy's room counts), and whatever a killed
+            # download left goes with it.
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.dir = CheckpointDir(self.root, self.cfg.require_dataset_state)
             with tempfile.TemporaryDirectory(prefix=".hub-manifest-", dir=self.dir.path) as folder:
                 needed = self.hub.fetch_manifest(record, folder).total_bytes
             free = shutil.disk_usage(self.dir.path).free
@@ -1875,7 +1878,7 @@ class HubPrefetch:
         """At a takeover: move the prefetched copy of `record` into `ckpt`, sealed (waiting
         for a prefetch of that very revision to finish: it is the download a restore would
         start); the checkpoint moved, or None."""
-        if record and self.busy() and self.fetching == record:
+        if record and self.busy() and self.fetching is not None and self.fetching["revision"] == record["revision"]:
             self.say(f"waiting for the prefetch of checkpoint {record['iteration']} to finish")
             while self.busy() and not abort():
                 self._thread.join(0.2)
