@@ -1890,11 +1890,15 @@ class HubPrefetch:
         # An unsealed folder of this iteration is a dead holder's unfinished save (its trainer
         # is gone before the commander re-grants): this verified copy replaces it.
         ckpt.remove(manifest.iteration)
-        for rel in sorted(manifest.files):
-            target = os.path.join(ckpt.path, rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(os.path.join(self.dir.path, rel), target)
-        atomic_write(ckpt.manifest_path(manifest.iteration), manifest.to_bytes())
+        try:
+            for rel in sorted(manifest.files):
+                target = os.path.join(ckpt.path, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(os.path.join(self.dir.path, rel), target)
+            atomic_write(ckpt.manifest_path(manifest.iteration), manifest.to_bytes())
+        except OSError as exc:  # unsealed, what moved is overwritten by the Hub download the restore starts
+            self.say(f"cannot move the prefetched checkpoint {manifest.iteration} into {ckpt.path}: {exc.strerror or exc}")
+            return None
         self.dir.remove(manifest.iteration)
         return manifest
 
