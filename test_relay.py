@@ -1265,6 +1265,23 @@ def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_comp
     assert pod_names(cluster) == []
 
 
+def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_again_keeping_its_leases(
+        cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commanders it starts are this test's to clean up
+    monkeypatch.setenv("PATH", f"{FAKE_CLIS}:{os.environ['PATH']}")
+    stack = relay.Stack(relay.load_stack_config(write_stack(cluster)))
+    hung = stack.start_commander()
+    assert cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).status == 200
+    os.kill(hung, signal.SIGSTOP)  # alive, same process, answering nothing
+    for _ in range(relay.COMMANDER_SILENT_POLLS):  # what the supervisor does after each unanswered poll
+        stack.revive_commander()
+    wait_for("the hung commander to be gone", lambda: relay.process_start_ticks(hung) is None, 10)
+    assert stack.commander is not None and stack.commander.pid != hung and cluster.healthy()
+    run = cluster.run("r1")
+    assert (run["holder"], run["epoch"]) == ("w1", 1)  # the lease survived the restart
+    assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in capsys.readouterr().err
+
+
 def hot_standby_stack(cluster: Cluster, hub, steps: str, **groups: dict) -> str:
     """A stack keeping a hot standby; standbys go without the volume, so the run syncs to the Hub."""
     hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
