@@ -2287,6 +2287,7 @@ class HubPrefetch:
         manifest = self.holds(record) if record and not self.busy() else None
         newest = ckpt.sealed_iterations()
         if manifest is None or (newest and newest[-1] >= manifest.iteration):
+            self.discard()
             return None
         # An unsealed folder of this iteration is a dead holder's unfinished save (its trainer
         # is gone before the commander re-grants): this verified copy replaces it.
@@ -2300,8 +2301,13 @@ class HubPrefetch:
         except OSError as exc:  # unsealed, what moved is overwritten by the Hub download the restore starts
             self.say(f"cannot move the prefetched checkpoint {manifest.iteration} into {ckpt.path}: {exc.strerror or exc}")
             return None
-        self.dir.remove(manifest.iteration)
+        self.discard()
         return manifest
+
+    def discard(self) -> None:
+        """Free the disk of a copy no takeover will use (a holder's volume needs the room)."""
+        if not self.busy():
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 ###############################################################################
