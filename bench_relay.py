@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 from testing.harness import Cluster, relay, wait_for
@@ -362,7 +363,7 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
     server = multiprocessing.Process(target=serve_hub, args=(ports, token, POD_DOWNLOAD_MB_PER_S * (1 << 20)), daemon=True)
     server.start()
     cluster = Cluster(tmp)
-    cluster.hub = argparse.Namespace(url=f"http://127.0.0.1:{ports.get(timeout=10)}", token=token)
+    cluster.hub = types.SimpleNamespace(url=f"http://127.0.0.1:{ports.get(timeout=10)}", token=token)
     (tmp / "trainer.py").write_text(BIG_CHECKPOINT_TRAINER)
     common = {"hf_repo": "tester/bench-standby", "require_dataset_state": False, "hf_sync_interval_seconds": 1,
               "trainer_command": f"{sys.executable} {tmp / 'trainer.py'}"}
