@@ -1149,7 +1149,7 @@ def write_stack(cluster: Cluster, api, **groups: dict) -> str:
                       "state_path": str(launch / "commander_state.json"), "log_path": str(launch / "commander.log"),
                       "pid_path": str(launch / "commander.pid")},
         "lium": {"template_id": TEMPLATE_ID, "node": EXECUTOR_ID, "volume": f"id:{api.volume_huid()}",
-                 "ready_timeout_seconds": 20, "poll_interval_seconds": 0.5, "up_timeout_seconds": 60},
+                 "ready_timeout_seconds": 20, "poll_interval_seconds": 2, "up_timeout_seconds": 60},
         "run": {"run_id": "r1", "mode": "sft", "l1_root": "/mnt/relay", "stop_grace_seconds": 2},  # /mnt: the volume
         "worker": {"remote_python_bin": sys.executable, "env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1"}},
         "relay": {"max_pods": 3, "no_lease_grace_seconds": 30, "state_path": str(launch / "stack_state.json")},
@@ -1171,7 +1171,8 @@ def lium_env(cluster: Cluster, api, **extra: str) -> dict[str, str]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     env = cluster.env(HOME=str(home), LIUM_BASE_URL=api.url, LIUM_API_KEY="test-key", LIUM_SSH_KEY_PATH=str(key),
                       LIUM_NONINTERACTIVE="1", LIUM_SELF_UPDATE_DISABLE="1", **extra)
-    assert not shutil.which("lium", path=env["PATH"]).startswith(FAKE_CLIS)  # the pip-installed CLI
+    found = shutil.which("lium", path=env["PATH"])
+    assert found and not found.startswith(FAKE_CLIS), found  # the pip-installed CLI, lium.io 0.32.0
     return env
 
 
