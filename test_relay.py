@@ -1408,6 +1408,26 @@ def test_ctrl_c_leaves_the_pods_running_and_a_restarted_supervisor_adopts_them_i
     assert completed(cluster) and stack_pods(lium) == []
 
 
+def test_a_pod_in_a_dying_status_is_removed_at_once_and_one_in_an_unknown_status_after_the_grace(cluster, lium,
+                                                                                                  monkeypatch, capsys):
+    for name, value in lium_env(cluster, lium).items():  # the Stack below runs the real CLI in this process's env
+        monkeypatch.setenv(name, value)
+    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium, relay={"no_lease_grace_seconds": 3})))
+    dying, odd = (lium.rent({"pod_name": name}) for name in ("relay-r1-1", "relay-r1-2"))
+    wait_for("both pods to run", lambda: all(pod.status == "RUNNING" for pod in lium.pods.values()), 20)
+    stack.state.pods = [relay.PodRecord(f"relay-r1-{n}", relay.utc_now(), state="active", id=pod["id"])
+                        for n, pod in ((1, dying), (2, odd))]
+    lium.pods[dying["id"]].status, lium.pods[odd["id"]].status = "REBOOT_FAILED", "MIGRATING"  # REBOOT_FAILED bills
+    assert [record.name for record in stack.live_pods()] == ["relay-r1-2"]
+    assert dying["id"] not in lium.pods and odd["id"] in lium.pods
+    wait_for("the pod of unknown status to be given up", lambda: not stack.live_pods(), 30)
+    assert not lium.pods
+    err = capsys.readouterr().err
+    for words in ("relay-r1-1 (", "removed: Lium reports it REBOOT_FAILED", "has status MIGRATING, unknown to relay.py",
+                  "removed: its status MIGRATING lasted 3 s"):
+        assert words in err, err
+
+
 def test_an_up_that_times_out_or_is_refused_leaves_no_pod_billing(cluster, lium):
     lium.boot_seconds = 60  # the image pulls for a minute; `up --timeout 2` gives up first
     stack = write_stack(cluster, lium, lium={"up_timeout_seconds": 2})
