@@ -3720,9 +3720,11 @@ class Stack:
             time.sleep(self.cfg.lium.poll_interval_seconds)
 
     def remove_pod(self, record: PodRecord, why: str) -> None:
-        if not record.id:  # never rented
+        if not record.id:  # its `up` never said which pod it rented, and `lium ps` shows none of it
             record.state = "removed"
             self.state.save()
+            self.say(f"WARNING: pod {record.name} was being rented when launch-stack stopped and is not in `lium ps`; "
+                     f"if it shows up there later, remove it: lium rm <its id> -y")
             return
         try:
             spent = self.lium.remove(record.ref)
@@ -4093,6 +4095,7 @@ class Stack:
 
     def down(self) -> dict:
         removed = []
+        self.live_pods()  # finds the id of a pod whose `up` was cut short, and the spend of each
         for record in self.state.live():
             self.remove_pod(record, "relay.py down")
             removed.append(record.name)
