@@ -91,12 +91,12 @@ class Pod:
 class LiumApi(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, folder: Path, mark: str = "", image_paths: tuple[str, ...] = ()) -> None:
+    def __init__(self, folder: Path, mark: str = "") -> None:
         super().__init__(("127.0.0.1", 0), LiumHandler)
         self.folder = folder
         self.mark = mark
         # host folders under /root the pod's image must show (the Python the worker runs)
-        self.image_paths = image_paths or tuple(p for p in {sys.prefix, sys.base_prefix} if p.startswith("/root/"))
+        self.image_paths = tuple(p for p in {sys.prefix, sys.base_prefix} if p.startswith("/root/"))
         self.user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         self.price_per_gpu = 2.5
         self.boot_seconds = 0.0
@@ -119,22 +119,22 @@ class LiumApi(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def volume_huid(self, index: int = 0) -> str:
+    def volume_huid(self) -> str:
         from lium.sdk.utils import generate_huid  # the CLI's own HUIDs: `--volume id:HUID` is matched with them
 
-        return generate_huid(self.volumes[index]["id"])
+        return generate_huid(self.volumes[0]["id"])
 
-    def volume_folder(self, index: int = 0) -> Path:
-        """What a pod with this volume sees at /mnt."""
-        return self.folder / "volumes" / self.volumes[index]["id"]
+    def volume_folder(self) -> Path:
+        """What a pod with the volume sees at /mnt."""
+        return self.folder / "volumes" / self.volumes[0]["id"]
 
     def ours(self, name: str, foreign: tuple[str, ...] = ()) -> Pod | None:
         """The pod of that name (listed, else removed), other than the `foreign` ids."""
         return next((p for p in [*self.pods.values(), *self.removed] if p.name == name and p.id not in foreign), None)
 
-    def home(self, name: str, foreign: tuple[str, ...] = ()) -> Path:
+    def home(self, name: str) -> Path:
         """The pod's /root, as this machine sees it."""
-        pod = self.ours(name, foreign)
+        pod = self.ours(name)
         return pod.folder / "root" if pod else self.folder / "no-such-pod"
 
     def mnt(self, pod: Pod) -> Path:
