@@ -254,6 +254,9 @@ class RunConfig:
     worker_id: str = ""
     hf_repo: str = ""
     hf_dry_run: bool = False
+    hf_allow_public: bool = False
+    hf_keep_last_checkpoints: int = 2
+    hf_final_sync_timeout_seconds: float = 1800.0
     relay_shared_secret: str = ""
     save_rollout_trajectories: bool = False
     rollout_trajectory_subdir: str = "rollout"
@@ -303,10 +306,11 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
     for name in ("keep_last_checkpoints",):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be at least 1")
-    for name in ("max_trainer_restarts", "total_steps"):
+    for name in ("max_trainer_restarts", "total_steps", "hf_keep_last_checkpoints"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be 0 or more")
-    for name in ("hf_sync_interval_seconds", "stall_timeout_seconds", "stop_grace_seconds", "commander_wait_seconds"):
+    for name in ("hf_sync_interval_seconds", "hf_final_sync_timeout_seconds", "stall_timeout_seconds",
+                 "stop_grace_seconds", "commander_wait_seconds"):
         if getattr(cfg, name) <= 0:
             raise bad(name, "must be a positive number of seconds")
     for name in ("l1_root", "rollout_trajectory_subdir", "rollout_trajectory_pattern"):
@@ -1577,6 +1581,22 @@ class HubStore:
             self.api.create_repo(self.repo, private=True, exist_ok=True)
         except Exception as exc:  # the client raises many types; all mean "cannot use the Hub"
             raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)} (check HF_TOKEN and the repo name)") from None
+        # A read-only token passes both calls above (create_repo falls back to reading an
+        # existing repo) and would fail at the first upload, hours in: prove write access now.
+        try:
+            self.api.auth_check(self.repo, write=True)
+        except Exception as exc:  # noqa: BLE001  (any answer but yes means no upload will work)
+            raise UserError(f"hf_repo {self.repo}: HF_TOKEN cannot write to this repo ({hub_error_text(exc)}); "
+                            "use a token with write access to it") from None
+        # create_repo(private=True) leaves an existing public repo public: a run would publish
+        # its optimizer state and trajectories.
+        try:
+            public = not self.api.repo_info(self.repo).private
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)}") from None
+        if public and not self.cfg.hf_allow_public:
+            raise UserError(f"hf_repo {self.repo} is a PUBLIC repo: checkpoints uploaded there are published; make it "
+                            "private, or set hf_allow_public: true in run.yaml if that is what you want")
 
     def upload(self, ckpt: CheckpointDir, manifest: Manifest, trajectories: list[str], parent: str | None,
                message: str, still_ours: Callable[[], bool]) -> str:

@@ -624,17 +624,25 @@ def test_rl_rollout_trajectories_arrive_on_the_hub_complete(cluster, hub):
         assert files[f"runs/r1/rollout/{path.name}"] == path.read_bytes()
 
 
-@pytest.mark.parametrize("token, words", [("", "HF_TOKEN is not in the environment"), ("hf_wrong", "HTTP 401")])
-def test_a_missing_or_invalid_hub_token_stops_the_worker_before_any_trainer_runs(cluster, hub, token, words):
+@pytest.mark.parametrize("token, public, words", [
+    ("", False, "HF_TOKEN is not in the environment"),
+    ("hf_wrong", False, "HTTP 401"),
+    ("hf_readonly0123456789", False, f"hf_repo {HUB_REPO}: HF_TOKEN cannot write to this repo (HTTP 403"),
+    ("hf_testtoken0123456789", True, f"hf_repo {HUB_REPO} is a PUBLIC repo"),
+], ids=["no token", "invalid token", "read-only token", "public repo"])
+def test_a_token_that_cannot_write_or_a_public_repo_stops_the_worker_before_any_trainer_runs(
+        cluster, hub, token, public, words):
     cluster.hub = hub
+    hub.create(HUB_REPO, private=not public)
     cluster.start_commander(lease=2)
     config = cluster.write_config("a", hf_repo=HUB_REPO)
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"))
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
     result = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 2 and words in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and (not token or token not in result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and (not token or token not in result.stderr)
     assert cluster.run("r1") == {}  # never even asked for the lease
+    assert not [path for method, path, _ in hub.requests if method in ("POST", "PUT") and "/create" not in path]
 
 
 # --------------------------------------------------------------------------- slime as the trainer
