@@ -598,6 +598,45 @@ def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing
     assert 500 in statuses and statuses[-1] == 200
 
 
+CKPT_BYTES = 20_000  # one checkpoint's LFS file in the quota tests
+
+
+def hub_checkpoints(hub, revision: str = "main") -> list[str]:
+    return sorted({p.split("/")[3] for p in hub.files_at(HUB_REPO, revision) if p.startswith("runs/r1/ckpt/iter_")})
+
+
+def test_a_run_uploading_far_more_than_the_hub_quota_keeps_the_newest_checkpoints_and_never_meets_the_limit(
+        cluster, hub):
+    # Checkpoints of 20 KB through the LFS path, a quota of 4 of them, about 10 uploaded.
+    hub.lfs_threshold, hub.quota_bytes = CKPT_BYTES // 2, 4 * CKPT_BYTES
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    knobs = slime_env(FAKE_NUM_ROLLOUT="40", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(CKPT_BYTES),
+                      FAKE_STEP_SECONDS="0.25")
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    wait_for("checkpoint 21 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 21, 60)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    recorded = hub_record(cluster)
+    # A fresh pod (another L1) restores the recorded revision, and the run completes.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)
+    assert worker_b.wait(60) == 0
+    run = cluster.run("r1")
+    assert resumed_from(run, "b")[0].startswith(
+        f"b resumes from checkpoint {recorded['iteration']} in the Hub at {recorded['revision'][:12]}")
+    uploads = {p for c in hub.repos[HUB_REPO].commits.values() for p in c.files if p.endswith("/common.pt")}
+    assert len(uploads) >= 8 and not [r for r in hub.requests if r[2] == 403]
+    assert hub.repos[HUB_REPO].storage_bytes() <= 3 * CKPT_BYTES + 20_000  # (keep + 1) checkpoints + small files
+    final = run["final_model"]
+    assert final["iteration"] == 39 == run["latest_checkpoint"]["iteration"] and final["revision"] == hub.head(HUB_REPO)
+    assert hub_checkpoints(hub) == sorted(p.split("/")[3] for p in uploads)[-2:]  # the newest 2, the final one too
+    assert "runs/r1/ckpt/iter_0000039/common.pt" in hub.lfs_paths_at(HUB_REPO, final["revision"])
+    pod_b = cluster.tmp / "pod-b" / "runs" / "r1" / "ckpt"
+    assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000039/common.pt"] == (
+        pod_b / "iter_0000039" / "common.pt").read_bytes()
+    assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
+
+
 def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
     cluster.hub = hub
     cluster.start_commander(lease=2)

@@ -91,6 +91,13 @@ class Fault:
     method: str = ""  # only requests of this method ("" any)
 
 
+def git_blob_id(blob: Blob) -> str:
+    """git's id for the file: of its bytes, or of its LFS pointer file."""
+    data = blob.content if blob.content is not None else (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{blob.sha256}\nsize {blob.size}\n".encode())
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class HubServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
@@ -452,11 +459,13 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                     folders.add(base + "/".join(parts[:depth]))
                 if not recursive:
                     continue
-            entry = {"type": "file", "path": path, "size": blob.size, "oid": hashlib.sha1(blob.sha256.encode()).hexdigest()}
+            entry = {"type": "file", "path": path, "size": blob.size, "oid": git_blob_id(blob)}
             if blob.content is None:
                 entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": 134}
             entries.append(entry)
         entries += [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
+        if base and not entries:
+            return self.error(404, f"Entry not found: {prefix}", "EntryNotFound")
         self.reply(200, entries)
         return 200
 
