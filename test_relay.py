@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import re
 import os
 import shutil
 import signal
@@ -581,6 +582,7 @@ def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing
 
     cluster.hub = hub
     hub.inject(Fault("/commit/", status=500, count=2))
+    hub.inject(Fault("/commit/", status=429, count=1, rate_limit_reset=3))  # the Hub's RateLimit: "api";r=0;t=3
     hub.inject(Fault("/preupload/", status=429, count=2, retry_after=1))
     cluster.start_commander(lease=2)
     worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.5,
@@ -595,7 +597,8 @@ def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing
     assert run["sync_error"] == "" and run["hub"]["iteration"] == 80
     assert hub.files_at(HUB_REPO, run["hub"]["revision"])["runs/r1/ckpt/iter_0000080/model.json"] == reference
     statuses = [status for _, path, status in hub.requests if "/commit/" in path]
-    assert 500 in statuses and statuses[-1] == 200
+    assert statuses[:3] == [500, 500, 429] and statuses[-1] == 200
+    assert re.search(r"failed \(3 in a row\): HTTP 429: .*; retrying in 3 s", cluster.log("a")), cluster.log("a")
 
 
 CKPT_BYTES = 20_000  # one checkpoint's LFS file in the quota tests
@@ -635,6 +638,33 @@ def test_a_run_uploading_far_more_than_the_hub_quota_keeps_the_newest_checkpoint
     assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000039/common.pt"] == (
         pod_b / "iter_0000039" / "common.pt").read_bytes()
     assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
+
+
+def test_a_full_hub_costs_a_few_requests_says_why_and_the_run_completes_naming_where_the_final_checkpoint_is(
+        cluster, hub):
+    hub.lfs_threshold, hub.quota_bytes = CKPT_BYTES // 2, 2 * CKPT_BYTES + CKPT_BYTES // 2  # holds 2 checkpoints
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.2, hf_keep_last_checkpoints=0,
+                                  env=slime_env(FAKE_NUM_ROLLOUT="30", FAKE_SAVE_INTERVAL="2",
+                                                FAKE_CKPT_BYTES=str(CKPT_BYTES), FAKE_STEP_SECONDS="0.25"))
+    failing = wait_for("the quota error on the run record", lambda: "storage limit" in cluster.run("r1").get(
+        "sync_error", "") and cluster.run("r1"), 30)
+    assert "HTTP 403: Private repository storage limit reached; a retry cannot fix this, next try in 30 min" in (
+        failing["sync_error"])
+    assert worker.wait(60) == 0
+    run = cluster.run("r1")
+    assert run["status"] == "COMPLETED" and run["step"] == 29 and run["latest_checkpoint"]["iteration"] == 29
+    refused = [r for r in hub.requests if r[2] == 403]
+    assert 1 <= len(refused) <= 2, refused  # the first refusal, then one last try for the final checkpoint
+    on_hub = run["hub"]["iteration"]
+    assert on_hub < 29 and run["final_model"] is None
+    where = (f"the final checkpoint 29 is NOT on the Hub (the Hub has checkpoint {on_hub}): it is on a in "
+             f"{cluster.ckpt_dir()}")
+    assert where in run["leases"][-1]["why"] and where in cluster.log("a")
+    assert "final model:" not in cluster.log("a") and "af commit" not in cluster.log("a")
+    detail = relay.format_run_detail(run)
+    assert "no final model on the Hub" in detail and "af commit" not in detail
 
 
 def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
