@@ -57,6 +57,12 @@ from collections.abc import Callable
 
 VERSION = "0.3.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The relay-trainer image installs relay's own packages (huggingface_hub, PyYAML) in site/ beside
+# relay.py (docker/install_relay.sh), not in the trainer's Python, whose pins they could break.
+# Only this process looks there: the trainer's environment is not changed.
+RELAY_SITE = os.path.join(HERE, "site")
+if os.path.isdir(RELAY_SITE) and RELAY_SITE not in sys.path:
+    sys.path.insert(0, RELAY_SITE)
 
 ###############################################################################
 # 1. Constants, errors, small utilities #######################################
@@ -1550,6 +1556,8 @@ class CheckpointDir:
 # only through HubSync, so a slow Hub never holds up training or lease renewals.
 
 TRAJECTORY_SETTLE_SECONDS = 2.0  # a trajectory file untouched this long is finished (slime writes in place)
+TRAJECTORIES_PER_FOLDER = 1000  # the Hub takes at most 10,000 files per folder
+HUB_STAGING_PREFIX = ".hub-download-"  # + the revision: a download's folder in L1, kept until it completes
 HUB_STUCK_RETRY_SECONDS = 1800.0  # after an error a retry cannot fix (quota, permission): a few requests an hour
 
 
@@ -1627,7 +1635,8 @@ class HubStore:
         base = f"{self.prefix}/ckpt"
         manifest_in_repo = f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json"
         files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
-        files += [(f"{self.prefix}/{os.path.relpath(path, self.cfg.run_dir)}", path) for path in trajectories]
+        files += [(f"{self.prefix}/{trajectory_path_in_repo(os.path.relpath(path, self.cfg.run_dir))}", path)
+                  for path in trajectories]
         extra = [(manifest_in_repo, manifest.to_bytes()), (f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode())]
         if self.dry_run:
             log("hub", f"dry run: would commit {len(files) + len(extra)} files ({manifest.total_bytes} bytes of "
@@ -1756,30 +1765,63 @@ class HubStore:
         return head if blob == git_blob_id(manifest_bytes) else ""
 
     def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
-        """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified."""
+        """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified.
+
+        The staging folder is named after the revision and kept when an attempt fails: the
+        client skips the files already complete there and resumes a partial one, so a new
+        attempt (or a new worker on this volume) does not start from zero.
+        """
         from huggingface_hub import hf_hub_download, snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
-        staging = tempfile.mkdtemp(prefix=".hub-download-", dir=ckpt.path)
-        try:
-            manifest_path = hf_hub_download(record["repo"], f"{base}/{iteration_dirname(iteration)}/relay_manifest.json",
-                                            revision=revision, local_dir=staging)
-            with open(manifest_path, "rb") as handle:
-                manifest = Manifest.from_bytes(handle.read())
-            if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
-                raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
-            snapshot_download(record["repo"], revision=revision, local_dir=staging,
-                              allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
-            for rel in sorted(manifest.files):
-                target = os.path.join(ckpt.path, rel)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(os.path.join(staging, base, rel), target)
-            if not ckpt.verify(manifest, should_abort):
-                raise ValueError(f"checkpoint {iteration} from {revision[:12]} does not match its manifest")
-            atomic_write(ckpt.manifest_path(iteration), manifest.to_bytes())
-            return manifest
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staging = self.staging_dir(ckpt, revision)
+        os.makedirs(staging, exist_ok=True)
+        manifest_path = hf_hub_download(record["repo"], f"{base}/{iteration_dirname(iteration)}/relay_manifest.json",
+                                        revision=revision, local_dir=staging)
+        with open(manifest_path, "rb") as handle:
+            manifest = Manifest.from_bytes(handle.read())
+        if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
+            raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
+        check_free_space(ckpt.path, manifest.total_bytes - folder_bytes(staging),
+                         f"fetching checkpoint {iteration} ({manifest.total_bytes} bytes)", self.cfg)
+        snapshot_download(record["repo"], revision=revision, local_dir=staging,
+                          allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
+        for rel in sorted(manifest.files):
+            target = os.path.join(ckpt.path, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(staging, base, rel), target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not ckpt.verify(manifest, should_abort):
+            raise ValueError(f"checkpoint {iteration} from {revision[:12]} does not match its manifest")
+        atomic_write(ckpt.manifest_path(iteration), manifest.to_bytes())
+        return manifest
+
+    @staticmethod
+    def staging_dir(ckpt: CheckpointDir, revision: str) -> str:
+        return os.path.join(ckpt.path, f"{HUB_STAGING_PREFIX}{revision}")
+
+    @staticmethod
+    def sweep_staging(ckpt: CheckpointDir, keep_revision: str | None) -> None:
+        """Remove the staging folders of downloads that will not be resumed (other revisions)."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(ckpt.path):
+                if name.startswith(HUB_STAGING_PREFIX) and name != f"{HUB_STAGING_PREFIX}{keep_revision}":
+                    log("hub", f"removing the unfinished download {name} (not the recorded revision)")
+                    shutil.rmtree(os.path.join(ckpt.path, name), ignore_errors=True)
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names
+               if os.path.isfile(os.path.join(folder, name)))
+
+
+def check_free_space(path: str, needed: int, what: str, cfg: RunConfig) -> None:
+    """Say plainly what is missing before a download fills the volume halfway."""
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(f"not enough free space in {path} for {what}: needs {needed / 1e9:.2f} GB more, "
+                      f"{free / 1e9:.2f} GB free (the volume must hold (keep_last_checkpoints + 2) x one "
+                      f"checkpoint: {cfg.keep_last_checkpoints + 2} here)")
 
 
 class HubSync:
@@ -1873,7 +1915,7 @@ class HubSync:
     def _upload(self, manifest: Manifest) -> None:
         self.pending = manifest.iteration
         trajectories = self.finished_trajectories()
-        before = {path: os.path.getsize(path) for path in trajectories}
+        before = {path: file_version(path) for path in trajectories}
         message = (f"relay {self.cfg.run_id}: checkpoint {manifest.iteration} "
                    f"(epoch {self.epoch}, worker {self.cfg.worker_id})")
         started = boottime()
@@ -1910,37 +1952,69 @@ class HubSync:
             self._synced_changed.notify_all()
         self.failures, self.pending = 0, None
         self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
-        self.remember_uploaded([p for p in trajectories if os.path.exists(p) and os.path.getsize(p) == before[p]])
+        # A file rewritten during the upload may have gone up half old: it stays "not uploaded".
+        self.remember_uploaded({p: before[p] for p in trajectories if before[p] and file_version(p) == before[p]})
 
     # -- rollout trajectories ------------------------------------------------------------------
 
     def finished_trajectories(self) -> list[str]:
-        """New trajectory files that nobody writes any more (hidden and .tmp files never count)."""
+        """Trajectory files nobody writes any more that the Hub lacks as they are now: new ones
+        and ones rewritten since their upload (after a resume slime writes a rollout's file
+        again under the same name).  Hidden and .tmp files never count."""
         if not (self.cfg.mode == "rl" and self.cfg.save_rollout_trajectories):
             return []
-        done = set(self.uploaded())
+        done = self.uploaded()
         found = []
         for folder, _, names in os.walk(self.cfg.rollout_dir):
             for name in names:
                 path = os.path.join(folder, name)
-                if name.startswith(".") or name.endswith(".tmp") or os.path.relpath(path, self.cfg.run_dir) in done:
+                version = file_version(path)
+                if name.startswith(".") or name.endswith(".tmp") or not version:
                     continue
-                with contextlib.suppress(OSError):
-                    if self.trainer_stopped or utc_now() - os.stat(path).st_mtime >= TRAJECTORY_SETTLE_SECONDS:
-                        found.append(path)
+                if done.get(os.path.relpath(path, self.cfg.run_dir)) == version:
+                    continue
+                if self.trainer_stopped or utc_now() - version[1] / 1e9 >= TRAJECTORY_SETTLE_SECONDS:
+                    found.append(path)
         return sorted(found)
 
-    def uploaded(self) -> list[str]:
+    def uploaded(self) -> dict[str, list[int]]:
+        """Trajectories on the Hub: path in the run folder -> [size, mtime_ns] when uploaded."""
         try:
             with open(self.uploaded_path, encoding="utf-8") as handle:
-                return json.load(handle)
+                done = json.load(handle)
         except (OSError, ValueError):
-            return []
+            return {}
+        return done if isinstance(done, dict) else {}  # an older relay's plain list: upload once more
 
-    def remember_uploaded(self, paths: list[str]) -> None:
-        if paths:
-            names = sorted(set(self.uploaded()) | {os.path.relpath(p, self.cfg.run_dir) for p in paths})
-            atomic_write(self.uploaded_path, json.dumps(names).encode(), durable=False)
+    def remember_uploaded(self, versions: dict[str, list[int]]) -> None:
+        if versions:
+            done = self.uploaded()
+            done.update({os.path.relpath(p, self.cfg.run_dir): v for p, v in versions.items()})
+            atomic_write(self.uploaded_path, json.dumps(done, sort_keys=True).encode(), durable=False)
+
+
+def file_version(path: str) -> list[int]:
+    """[size, mtime_ns] of a file ([] if it is gone): a rewrite changes it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return []
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def trajectory_path_in_repo(rel: str) -> str:
+    """Where a trajectory file (its path in the run folder) goes in the repo: a subfolder per
+    TRAJECTORIES_PER_FOLDER rollout ids (slime names each file after its rollout id), since the
+    Hub rejects every commit once a folder holds 10,000 files.  A name without a number goes to
+    one of 1,000 folders by its hash."""
+    folder, name = os.path.split(rel)
+    numbers = re.findall(r"\d+", name)
+    if numbers:
+        first = int(numbers[-1]) // TRAJECTORIES_PER_FOLDER * TRAJECTORIES_PER_FOLDER
+        bucket = f"{first:08d}-{first + TRAJECTORIES_PER_FOLDER - 1:08d}"
+    else:
+        bucket = f"other-{int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 1000:03d}"
+    return f"{folder}/{bucket}/{name}"
 
 
 def git_blob_id(data: bytes) -> str:
@@ -2592,6 +2666,8 @@ class Worker:
             self.say(f"checkpoint {iteration} in L1 is damaged; removing it and trying an older one")
             self.ckpt.remove(iteration)
         hub_record = record.get("hub")
+        if self.hub is not None:
+            self.hub.sweep_staging(self.ckpt, (hub_record or {}).get("revision"))
         newest_here = local.iteration if local is not None else -1
         source = "L1"
         if self.hub is not None and hub_record and newest_here < recorded and hub_record["iteration"] > newest_here:

@@ -6,11 +6,12 @@ in testing/ start them, mark them, and kill exactly them at the end of each test
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import http.client
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import stat
@@ -690,7 +691,29 @@ def test_rl_rollout_trajectories_arrive_on_the_hub_complete(cluster, hub):
     local = sorted((cluster.tmp / "volume" / "runs" / "r1" / "rollout").iterdir())
     assert [p.name for p in local] == sorted(f"rollout_{k}.pt" for k in range(1, 21))
     for path in local:
-        assert files[f"runs/r1/rollout/{path.name}"] == path.read_bytes()
+        assert files[f"runs/r1/rollout/00000000-00000999/{path.name}"] == path.read_bytes()
+
+
+def test_trajectories_go_to_hub_folders_of_at_most_1000_files_and_a_rewritten_one_is_uploaded_again(tmp_path):
+    cfg = relay.validate_run_config(relay.RunConfig(
+        commander_url="http://127.0.0.1:9", run_id="r1", mode="rl", save_rollout_trajectories=True,
+        l1_root=str(tmp_path)), "test")
+    folders = collections.Counter(relay.trajectory_path_in_repo(f"rollout/rollout_{k}.pt").rsplit("/", 1)[0]
+                                  for k in range(25_000))
+    assert len(folders) == 25 and max(folders.values()) == 1000
+    sync = relay.HubSync(None, relay.CheckpointDir(cfg.run_dir, require_dataset_state=False), cfg,
+                         lambda **_: True, lambda: True)
+    sync.trainer_stopped = True
+    rollout = Path(cfg.rollout_dir)
+    rollout.mkdir(parents=True)
+    for k in range(3):
+        (rollout / f"rollout_{k}.pt").write_text(f"rollout {k}")
+    found = sync.finished_trajectories()
+    assert [Path(p).name for p in found] == ["rollout_0.pt", "rollout_1.pt", "rollout_2.pt"]
+    sync.remember_uploaded({p: relay.file_version(p) for p in found})
+    assert sync.finished_trajectories() == []
+    (rollout / "rollout_1.pt").write_text("rollout 1, written again after a resume")
+    assert [Path(p).name for p in sync.finished_trajectories()] == ["rollout_1.pt"]
 
 
 @pytest.mark.parametrize("token, public, words", [
