@@ -8,5 +8,7 @@
 set -euo pipefail
 python="${PYTHON:-python3}"
 site="${RELAY_DIR:-/opt/relay}/site"
-"$python" -m pip install --quiet --no-cache-dir --disable-pip-version-check --target "$site" \
+# --no-warn-conflicts: pip would compare site/ with the trainer's packages (transformers pins
+# huggingface_hub < 2) as if they shared one path; they never do.
+"$python" -m pip install --quiet --no-cache-dir --disable-pip-version-check --no-warn-conflicts --target "$site" \
   "pyyaml==6.0.3" "huggingface_hub==2.4.0"
