@@ -668,6 +668,35 @@ def test_a_full_hub_costs_a_few_requests_says_why_and_the_run_completes_naming_w
     assert "no final model on the Hub" in detail and "af commit" not in detail
 
 
+def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
+    from testing.hub_server import Fault
+
+    hub.lfs_threshold = CKPT_BYTES // 2
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    knobs = slime_env(FAKE_NUM_ROLLOUT="12", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(CKPT_BYTES),
+                      FAKE_STEP_SECONDS="0.2")
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    wait_for("checkpoint 5 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 5, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    recorded = hub_record(cluster)
+    ckpt_b = cluster.ckpt_dir(l1="pod-b")
+    stale = ckpt_b / f"{relay.HUB_STAGING_PREFIX}{'0' * 40}"  # a download a killed worker left behind
+    stale.mkdir(parents=True)
+    (stale / "part.incomplete").write_bytes(b"x" * 1000)
+    hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)
+    assert worker_b.wait(60) == 0
+    assert "fetching from the Hub failed (attempt 1 of 3)" in cluster.log("b")
+    assert resumed_from(cluster.run("r1"), "b")[0].startswith(f"b resumes from checkpoint {recorded['iteration']} in the Hub")
+    fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
+                                  if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
+    assert fetched["common.pt"] == 2 and fetched["relay_manifest.json"] == 1, fetched  # the failed file only
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
+
+
 def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
     cluster.hub = hub
     cluster.start_commander(lease=2)
@@ -872,7 +901,8 @@ def test_relay_slime_args_are_what_the_readme_promises(cluster):
 
 def test_the_launch_scripts_and_the_image_pass_static_checks():
     root = os.path.dirname(RELAY)
-    scripts = [os.path.join(root, name) for name in ("launch_sft.sh", "launch_rl.sh", "docker/entrypoint.sh")]
+    scripts = [os.path.join(root, name) for name in ("launch_sft.sh", "launch_rl.sh", "docker/entrypoint.sh",
+                                                   "docker/install_relay.sh")]
     shellcheck = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert shellcheck.returncode == 0, shellcheck.stdout
     dockerfile = os.path.join(root, "Dockerfile")
