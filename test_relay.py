@@ -697,6 +697,52 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
 
 
+UPLOAD_TWICE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import relay
+cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
+                                                hf_repo=sys.argv[2], l1_root=sys.argv[3]), "test")
+ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
+os.makedirs(os.path.join(ckpt.path, "iter_0000001"))
+with open(os.path.join(ckpt.path, "iter_0000001", "common.pt"), "wb") as handle:
+    handle.write(os.urandom(int(sys.argv[4])))
+with open(os.path.join(ckpt.path, relay.TRACKER_FILE), "w") as handle:
+    handle.write("1")
+manifest = ckpt.seal(1, 1, "a")
+store = relay.HubStore(cfg)
+store.check()
+outcomes = []
+for attempt in range(2):
+    try:
+        outcomes.append(store.upload(ckpt, manifest, [], None, "checkpoint 1", lambda: True))
+    except Exception as exc:
+        outcomes.append(relay.hub_error_text(exc))
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["commit refused", "commit landed, answer lost"])
+def test_a_commit_retry_sends_no_file_twice_and_a_commit_that_landed_despite_an_error_is_not_repeated(
+        cluster, hub, landed):
+    from testing.hub_server import Fault
+
+    hub.lfs_threshold = CKPT_BYTES // 2
+    hub.inject(Fault("/commit/", status=504, after=landed))
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
+    result = subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
+                             str(CKPT_BYTES)], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    failed, revision = json.loads(result.stdout.splitlines()[-1])
+    assert failed.startswith("HTTP 504") and revision == hub.head(HUB_REPO)
+    assert "runs/r1/ckpt/iter_0000001/common.pt" in hub.lfs_paths_at(HUB_REPO, revision)
+    requests = collections.Counter((method, path.rsplit("/", 2)[-2]) for method, path, _ in hub.requests)
+    assert [method for method, _, _ in hub.requests].count("PUT") == 1  # the checkpoint's bytes went once
+    assert requests["POST", "objects"] == 1  # the retry reused the uploaded file: no second LFS request
+    assert requests["POST", "commit"] == (1 if landed else 2), requests
+    assert ("had landed" in result.stderr + result.stdout) == landed
+
+
 def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
     cluster.hub = hub
     cluster.start_commander(lease=2)

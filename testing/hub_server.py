@@ -89,6 +89,7 @@ class Fault:
     rate_limit_reset: int | None = None  # the `t=` of a RateLimit header: seconds until the window resets
     delay: float = 0.0
     method: str = ""  # only requests of this method ("" any)
+    after: bool = False  # serve the request first, then answer `status` (a commit made whose answer was lost)
 
 
 def git_blob_id(blob: Blob) -> str:
@@ -187,8 +188,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    swallow = False  # the real answer is lost (Fault.after): the fault's answer goes out instead
+
     def reply(self, status: int, payload: object = None, headers: dict[str, str] | None = None,
               raw: bytes | None = None) -> None:
+        if self.swallow:
+            return
         data = raw if raw is not None else json.dumps(payload if payload is not None else {}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -241,6 +246,10 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         try:
             if fault is not None and fault.delay:
                 time.sleep(fault.delay)
+            if fault is not None and fault.after:
+                self.swallow = True
+                self.dispatch(path, query, body, self.role())
+                self.swallow = False
             if fault is not None and fault.status:
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                 if fault.rate_limit_reset is not None:
