@@ -3492,10 +3492,11 @@ def format_run_detail(run: dict) -> str:
     if run.get("sync_error"):
         lines.append(f"hub sync failing: {run['sync_error']}")
     final = run.get("final_model")
+    ended = (run.get("leases") or [{}])[-1].get("why") or ""
     if final:
         lines.append(final_model_text(final["repo"], final["revision"]))
-    elif run["status"] == "COMPLETED" and run.get("leases"):
-        lines.append(f"no final model on the Hub: {run['leases'][-1]['why']}")
+    elif run["status"] == "COMPLETED" and "NOT on the Hub" in ended:  # the worker's words on its release
+        lines.append(f"no final model on the Hub: {ended}")
     lines.append("recent events:")
     lines += [f"  {iso(e['at'])}  {e['msg']}" for e in run.get("events", [])[-15:]]
     if run.get("log_tail"):
