@@ -1726,7 +1726,7 @@ class HubStore:
 
         A deleted folder still counts against the account's quota while history references it;
         permanently deleting its objects frees it.  Safety: only objects first pushed under this
-        run's checkpoint folder go, and only those that no file at the new head and no file of
+        run's checkpoint folder go, and only those that no file at the new head and no file of a
         protected checkpoint (the commander's record, at its revision) references, so every
         revision a pod may restore stays whole; rewrite_history=False keeps every commit SHA
         the commander records.  Failing here loses nothing: the next upload tries again.
