@@ -835,6 +835,17 @@ def test_a_commit_retry_sends_no_file_twice_and_a_commit_that_landed_despite_an_
     assert ("had landed" in result.stderr + result.stdout) == landed
 
 
+def test_a_hub_download_that_cannot_fit_on_the_volume_says_what_is_missing_before_it_starts(tmp_path):
+    cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
+                                                    l1_root=str(tmp_path)), "test")
+    relay.check_free_space(str(tmp_path), 1000, "fetching checkpoint 5 (1000 bytes)", cfg)  # fits: no word
+    with pytest.raises(OSError) as refused:
+        relay.check_free_space(str(tmp_path), 10 ** 18, "fetching checkpoint 5 (1000000000000000000 bytes)", cfg)
+    assert re.fullmatch(rf"not enough free space in {tmp_path} for fetching checkpoint 5 \(1000000000000000000 "
+                        r"bytes\): needs 1000000000.00 GB more, [0-9.]+ GB free \(the volume must hold "
+                        r"\(keep_last_checkpoints \+ 2\) x one checkpoint: 5 here\)", str(refused.value))
+
+
 def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
     cluster.hub = hub
     cluster.start_commander(lease=2)
