@@ -1963,6 +1963,7 @@ class CheckpointDir:
 TRAJECTORY_SETTLE_SECONDS = 2.0  # a trajectory file untouched this long is finished (slime writes in place)
 TRAJECTORIES_PER_FOLDER = 1000  # the Hub takes at most 10,000 files per folder
 HUB_STAGING_PREFIX = ".hub-download-"  # + the revision: a download's folder in L1, kept until it completes
+HUB_THREAD_NICENESS = 10  # the Hub sync thread's nice value: the trainer's CPU work comes first
 HUB_STUCK_RETRY_SECONDS = 1800.0  # after an error a retry cannot fix (quota, permission): a few requests an hour
 
 
@@ -2302,6 +2303,7 @@ class HubSync:
         return True
 
     def _run(self) -> None:
+        yield_cpu_to_the_trainer()
         while not self._stop.is_set():
             self._wake.wait(max(0.0, min(self.next_attempt - boottime(), 60.0)))
             self._wake.clear()
@@ -2396,6 +2398,17 @@ class HubSync:
             done = self.uploaded()
             done.update({os.path.relpath(p, self.cfg.run_dir): v for p, v in versions.items()})
             atomic_write(self.uploaded_path, json.dumps(done, sort_keys=True).encode(), durable=False)
+
+
+def yield_cpu_to_the_trainer() -> None:
+    """Lower the calling thread's CPU priority (nice 10): an upload hashes and sends tens of GB,
+    and the trainer's own CPU work (data loading, the GPU's feeding) must come first.  On Linux
+    a thread's nice value is its own and the threads it starts inherit it (the client's hashing
+    pool, hf_xet's workers), so the worker's other threads, lease renewals among them, keep
+    their priority.  Elsewhere a thread id is no process id: nothing is changed."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HUB_THREAD_NICENESS)
 
 
 def file_version(path: str) -> list[int]:
