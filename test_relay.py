@@ -760,6 +760,23 @@ def test_a_full_hub_costs_a_few_requests_says_why_and_the_run_completes_naming_w
     assert "no final model on the Hub" in detail and "af commit" not in detail
 
 
+def test_a_final_upload_that_outlasts_its_timeout_leaves_no_final_model_named_anywhere(cluster, hub):
+    from testing.hub_server import Fault
+
+    cluster.hub = hub
+    hub.inject(Fault("/commit/", status=0, delay=30, count=5))  # a Hub that never answers a commit
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=3600, hf_final_sync_timeout_seconds=2,
+                                  env={"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.02"})
+    assert worker.wait(40) == 0
+    run = cluster.run("r1")
+    assert run["status"] == "COMPLETED" and run["final_model"] is None and not run["hub"]
+    where = (f"the final checkpoint 20 is NOT on the Hub (the Hub has no checkpoint of this run): it is on a in "
+             f"{cluster.ckpt_dir()}")
+    assert where in run["leases"][-1]["why"] and "final model:" not in cluster.log("a")
+    assert any(where in e["msg"] for e in run["events"] if e["msg"].startswith("run completed at step 20"))
+
+
 def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
     from testing.hub_server import Fault
 
