@@ -2065,6 +2065,8 @@ class HubStore:
             except Exception as exc:
                 if (hub_status(exc) or 500) >= 500:  # no answer, or the Hub's own failure: it may have landed
                     self.unanswered = manifest.digest
+                if hub_error_is_permanent(exc):  # perhaps an uploaded object is gone: upload afresh next time
+                    self.reusable = {}
                 raise
             self.unanswered, self.reusable = "", {}
             return oid
