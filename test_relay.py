@@ -826,7 +826,8 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     stale.mkdir(parents=True)
     (stale / "part.incomplete").write_bytes(b"x" * 1000)
     hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
-    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)
+    # No prefetch while standing by: this is about the restore's own download.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, hf_prefetch=False, **on_hub)
     assert worker_b.wait(60) == 0
     assert "fetching from the Hub failed (attempt 1 of 3)" in cluster.log("b")
     assert resumed_from(cluster.run("r1"), "b")[0].startswith(f"b resumes from checkpoint {recorded['iteration']} in the Hub")
