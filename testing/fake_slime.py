@@ -10,7 +10,8 @@ as slime does (notes/slime.md):
   - prints `rollout N: {...}` and `step N: {... 'train/loss': X}` lines;
   - FAKE_SETSID_CHILD=1: starts a child in a new session (as Ray does) that keeps writing
     a heartbeat file and would outlive a plain process-group kill;
-  - FAKE_EXIT_EARLY_AT=N: exits 0 after rollout N, like `ray job submit` for a STOPPED job.
+  - FAKE_EXIT_EARLY_AT=N: exits 0 after rollout N, like `ray job submit` for a STOPPED job;
+  - FAKE_CKPT_BYTES=N: each checkpoint's common.pt is N bytes (random, as weights are).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     state_delay = float(os.environ.get("FAKE_STATE_DELAY", "0"))
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.1"))
     exit_early_at = int(os.environ.get("FAKE_EXIT_EARLY_AT", "-1"))
+    ckpt_bytes = int(os.environ.get("FAKE_CKPT_BYTES", "0"))
     tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
     text = open(tracker).read().strip() if os.path.exists(tracker) else ""
     start = int(text) + 1 if text.isdigit() else 0  # "release": a converted base checkpoint, rollout 0 next
@@ -52,8 +54,9 @@ def main() -> int:
         if (rollout + 1) % interval == 0 or rollout == num_rollout - 1:
             folder = os.path.join(save, f"iter_{rollout:07d}")
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "common.pt"), "w") as handle:
-                handle.write(f"weights after rollout {rollout}\n")
+            with open(os.path.join(folder, "common.pt"), "wb") as handle:
+                label = f"weights after rollout {rollout}\n".encode()
+                handle.write(label + os.urandom(max(0, ckpt_bytes - len(label))))
             with open(tracker + ".tmp", "w") as handle:
                 handle.write(str(rollout))
             os.replace(tracker + ".tmp", tracker)
