@@ -3996,7 +3996,7 @@ class Stack:
         give_up = time.monotonic() + self.cfg.lium.ready_timeout_seconds
         while True:
             ran = self.lium.exec(record.ref, command, timeout=120)
-            if not ran.error:
+            if not ran.error and ran.exit_code != 255:  # 255: ssh's own failure, not the command's
                 return ran
             if time.monotonic() > give_up:
                 self.remove_pod(record, "it never answered over SSH")

@@ -1633,7 +1633,7 @@ def test_a_pod_in_a_dying_status_is_removed_at_once_and_one_in_an_unknown_status
         assert words in err, err
 
 
-def test_an_up_that_times_out_or_is_refused_leaves_no_pod_billing(cluster, lium):
+def test_an_up_that_times_out_is_refused_or_rents_a_pod_without_ssh_leaves_no_pod_billing(cluster, lium):
     lium.boot_seconds = 60  # the image pulls for a minute; `up --timeout 2` gives up first
     stack = write_stack(cluster, lium, lium={"up_timeout_seconds": 2})
     result = launch_stack(cluster, lium, stack)
@@ -1645,6 +1645,11 @@ def test_an_up_that_times_out_or_is_refused_leaves_no_pod_billing(cluster, lium)
     result = launch_stack(cluster, lium, write_stack(cluster, lium))
     assert result.returncode == 1 and "lium up failed" in result.stderr and "is attached to pod someone-else" in result.stderr
     assert list(lium.pods) == [holder["id"]]
+    lium.remove(holder["id"])
+    lium.sshd_never_starts = True
+    result = launch_stack(cluster, lium, write_stack(cluster, lium, lium={"ready_timeout_seconds": 1}))
+    assert result.returncode == 1 and "did not answer `lium exec` within 1 s" in result.stderr, result.stderr
+    assert "removed: it never answered over SSH" in result.stderr and not lium.pods
 
 
 def test_a_rent_whose_answer_was_lost_is_found_in_lium_ps_and_used_instead_of_renting_again(cluster, lium):

@@ -23,6 +23,7 @@ environment, so a preemption or a removal kills all of them, and the test's tear
 A removal scheduled through the API (`up --ttl`, `up --budget`) happens when its time comes.
 Controls for tests: `price_per_gpu`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
 `rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
+`sshd_never_starts` (RUNNING pods whose SSH never answers),
 `add_foreign_pod(name)` (a pod rented by someone else through the same account).
 """
 
@@ -101,6 +102,7 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.price_per_gpu = 2.5
         self.boot_seconds = 0.0
         self.rent_outcome_unknown = False
+        self.sshd_never_starts = False  # pods go RUNNING but nothing answers on their SSH port
         self.hide_seconds = 8.0  # how long a rent with a lost answer stays unlisted
         self.pods: dict[str, Pod] = {}
         self.removed: list[Pod] = []  # their folders stay, for tests to look at
@@ -214,7 +216,10 @@ class LiumApi(http.server.ThreadingHTTPServer):
                     if time.time() < pod.ready_at:
                         pod.status = "STARTING"
                     else:
-                        self._start_sshd(pod)
+                        if self.sshd_never_starts:
+                            pod.port = free_port()
+                        else:
+                            self._start_sshd(pod)
                         pod.status = "RUNNING"
 
     def _start_sshd(self, pod: Pod) -> None:
