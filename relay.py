@@ -1381,10 +1381,13 @@ class CheckpointDir:
         return sorted(files)
 
     def is_complete(self, iteration: int, tracker: int | None, writer_alive: bool = True) -> bool:
-        """Megatron and slime: the tracker has reached it, and its data position is saved.
+        """Megatron and slime: the tracker has reached it, and its data position is saved,
+        whichever of the two was written first.
 
-        slime writes the dataset-state file after the tracker and not atomically: while the
-        trainer lives, the file must also be SEAL_SETTLE_SECONDS old before it counts.
+        slime writes the dataset-state file after the tracker, except with --async-save
+        (the tracker of N is written only when the next save starts, so the state file comes
+        first), and not atomically: while the trainer lives, the file must also be
+        SEAL_SETTLE_SECONDS old before it counts.
         """
         if tracker is None or iteration > tracker:
             return False
@@ -1392,7 +1395,8 @@ class CheckpointDir:
             return True
         state = os.path.join(self.path, dataset_state_relpath(iteration))
         try:
-            return not writer_alive or utc_now() - os.stat(state).st_mtime >= SEAL_SETTLE_SECONDS
+            written = os.stat(state).st_mtime
+            return not writer_alive or utc_now() - written >= SEAL_SETTLE_SECONDS
         except OSError:
             if iteration == tracker and iteration not in self._warned_missing_state:
                 self._warned_missing_state.add(iteration)
@@ -1810,10 +1814,17 @@ def hub_error_text(exc: BaseException) -> str:
 # none is left.
 
 TRAINER_TAG_ENV = "RELAY_TRAINER_TAG"
-PROGRESS_RE = re.compile(r"\bstep (\d+)(?:/\d+)?\b")
-ROLLOUT_RE = re.compile(r"^rollout (\d+):")
+# slime's real lines carry prefixes (logging's `[time] train_metric_utils.py:135 - `, Ray's
+# `(MegatronTrainRayActor pid=N) `), so every pattern is searched anywhere in a line.
+# `rollout N: {` gives the iteration (= rollout id); slime's `step K: {` is a train step
+# (K = rollout id x steps per rollout + step in rollout): it gives the loss, never the step.
+# The lookbehinds keep `critic-step K:` (a PPO critic's value loss) and `train/rollout` out.
+ROLLOUT_RE = re.compile(r"(?<![\w/-])rollout (\d+): \{")
+STEP_RE = re.compile(r"(?<![\w/-])step (\d+)(: \{|(?:/\d+)?\b)")
+LOSS_RE = re.compile(r"(?:'train/loss':|(?<![\w/'\"-])loss\b['\"]?\s*[:=]?)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+# slime waits for its placement group forever and says so every 30 s (slime/ray/placement_group.py).
+PLACEMENT_WAIT_RE = re.compile(r"Waiting for placement group of (\d+) GPUs.*?(\d+(?:\.\d+)?) GPUs registered")
 NO_CHECKPOINT_WARNING_SECONDS = 3600.0
-LOSS_RE = re.compile(r"loss['\"]?\s*[:=]?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 def processes_with_env(entry: str) -> list[int]:
@@ -1970,35 +1981,46 @@ class Watchdog:
 
 
 class Progress:
-    """What the trainer said lately: step, loss, last output time, the last lines (bounded).
+    """What the trainer said lately: step, loss, when it last advanced, the last lines (bounded).
 
     The step reported is the checkpoint iteration where the trainer says it: slime's
-    `rollout N:` lines (iteration = rollout id); otherwise `step N` (the mock's
-    `step N/M loss X`).  Loss comes from either (slime: `step N: {... 'train/loss': X}`).
+    `rollout N: {` lines (iteration = rollout id); otherwise `step N` (the mock's
+    `step N/M loss X`).  Loss: slime's `'train/loss': X` in `step K: {...}`, or `loss X`.
+    Output alone is not progress: slime waiting for GPUs logs every 30 s while nothing trains.
     """
 
     def __init__(self) -> None:
         self.step = 0
         self.counts_rollouts = False
         self.loss: float | None = None
-        self.last_output = boottime()
+        self.last_advance = boottime()  # a new step or rollout (the worker adds new checkpoints)
+        self.placement_wait = ""  # slime's last "waiting for a placement group" line, until a rollout
         self.unsent_lines: list[str] = []
         self._lock = threading.Lock()
 
+    def advance_to(self, step: int) -> None:
+        if step > self.step:
+            self.step = step
+            self.last_advance = boottime()
+
     def observe(self, line: str) -> None:
-        self.last_output = boottime()
-        rollout = ROLLOUT_RE.match(line)
+        rollout = ROLLOUT_RE.search(line)
         if rollout:
             self.counts_rollouts = True
-            self.step = max(self.step, int(rollout.group(1)))
-        match = PROGRESS_RE.search(line)
+            self.placement_wait = ""
+            self.advance_to(int(rollout.group(1)))
+        match = STEP_RE.search(line)
         if match:
-            if not self.counts_rollouts:
-                self.step = max(self.step, int(match.group(1)))
-            loss = LOSS_RE.search(line[match.end():])
+            if not self.counts_rollouts and not match.group(2).startswith(":"):
+                self.advance_to(int(match.group(1)))
+            loss = LOSS_RE.search(line, match.end())
             if loss:
                 with contextlib.suppress(ValueError):
                     self.loss = float(loss.group(1))
+        waiting = PLACEMENT_WAIT_RE.search(line)
+        if waiting:
+            self.placement_wait = (f"waiting for a placement group of {waiting.group(1)} GPUs, "
+                                   f"{float(waiting.group(2)):g} registered with Ray")
         with self._lock:
             self.unsent_lines.append(line[:500])
             del self.unsent_lines[:-20]
@@ -2087,7 +2109,17 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
         "RELAY_PYTHON": sys.executable,
         TRAINER_TAG_ENV: tag,
     })
+    # One Weights & Biases run per relayed run: every restart, on any pod, resumes the same
+    # run instead of starting a new one (W&B reads these when slime calls wandb.init without
+    # an id).  A user's own choice, from the worker's environment or `env`, wins.
+    env.setdefault("WANDB_RUN_ID", wandb_run_id(cfg.run_id))
+    env.setdefault("WANDB_RESUME", "allow")
     return env
+
+
+def wandb_run_id(run_id: str) -> str:
+    """A stable W&B run id for a relay run: lowercase hex only, valid whatever run_id holds."""
+    return "relay-" + hashlib.sha256(run_id.encode()).hexdigest()[:16]
 
 
 ###############################################################################
@@ -2484,7 +2516,8 @@ class Worker:
         # of file still finds the trainer by its tag.
         self.watchdog.arm(tag, self.keeper.deadline)
         env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
-        self.progress.last_output = boottime()
+        self.progress.last_advance = boottime()
+        self.progress.placement_wait = ""
         self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd())
         self.watchdog.watch(self.trainer.pgid)
 
@@ -2529,17 +2562,20 @@ class Worker:
             if boottime() >= next_scan:
                 next_scan = boottime() + self.SCAN_SECONDS
                 if self.seal_and_report() is not None:
-                    last_progress = boottime()
+                    last_progress = self.progress.last_advance = boottime()
             if not warned_no_checkpoint and last_progress == started and boottime() - started > NO_CHECKPOINT_WARNING_SECONDS:
                 warned_no_checkpoint = True
                 self.say(f"WARNING: the trainer has run {NO_CHECKPOINT_WARNING_SECONDS / 3600:.0f} h without a checkpoint; "
                          "slime saves nothing without --save-interval (see README, 'slime')")
                 self.report(msg=f"{self.cfg.worker_id}: no checkpoint after {NO_CHECKPOINT_WARNING_SECONDS:.0f} s")
-            quiet = boottime() - max(last_progress, self.progress.last_output)
+            # Judged by progress, not output: slime stuck in placement logs every 30 s forever.
+            quiet = boottime() - self.progress.last_advance
             if quiet > self.cfg.stall_timeout_seconds:
-                self.say(f"trainer stalled: no output and no checkpoint for {quiet:.0f} s")
+                waiting = self.progress.placement_wait
+                self.say(f"trainer stalled: no new step and no checkpoint for {quiet:.0f} s"
+                         + (f" ({waiting})" if waiting else ""))
                 self.end_trainer(graceful=False)
-                self.crash_reason = f"stalled for {quiet:.0f} s"
+                self.crash_reason = f"stalled for {quiet:.0f} s" + (f": {waiting}" if waiting else "")
                 return "CRASHED"
 
     def state_crashed(self) -> str:
@@ -2578,9 +2614,12 @@ class Worker:
     def state_finishing(self) -> str:
         sealed = self.seal_and_report(abort=self.lease_lost)
         newest = sealed or self.ckpt.newest_sealed()
-        last = newest.iteration if newest else self.progress.step
-        if self.cfg.total_steps and last < self.cfg.total_steps - 1:
-            self.crash_reason = (f"trainer exited 0 at iteration {last}, before total_steps {self.cfg.total_steps} "
+        # Completion is judged by the sealed checkpoint alone: what the trainer printed (slime's
+        # train-step numbers run ahead of its iterations) proves nothing about what was saved.
+        last = newest.iteration if newest else None
+        if self.cfg.total_steps and (last is None or last < self.cfg.total_steps - 1):
+            self.crash_reason = (f"trainer exited 0 with its last sealed checkpoint at iteration "
+                                 f"{'none' if last is None else last}, before total_steps {self.cfg.total_steps} "
                                  "(a stopped job also exits 0)")
             return "CRASHED"
         if self.sync is not None and newest is not None:

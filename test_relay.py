@@ -672,6 +672,53 @@ def test_a_slime_checkpoint_is_sealed_and_uploaded_only_after_its_dataset_state_
     assert run["hub"]["iteration"] == 8 and run["step"] == 8  # slime's rollout ids, 0-based
 
 
+def test_slimes_real_prefixed_lines_give_the_rollout_id_as_step_and_the_policy_loss():
+    progress = relay.Progress()
+    actor = "(MegatronTrainRayActor pid=4242) [2026-08-21 10:00:00]"
+    for rollout in (6, 7):
+        progress.observe(f"{actor} train_metric_utils.py:135 - rollout {rollout}: {{'rollout/raw_reward': 0.5}}")
+        for step in range(rollout * 4, rollout * 4 + 4):  # several train steps per rollout
+            progress.observe(f"{actor} model.py:918 - step {step}: {{'train/kl_loss': 9.0, 'train/loss': 0.25, "
+                             f"'train/step': {step}}}")
+            progress.observe(f"{actor} model.py:918 - critic-step {step}: {{'train/critic-value_loss': 7.0}}")
+    assert (progress.step, progress.loss) == (7, 0.25)
+    mock = relay.Progress()
+    mock.observe("step 12/40 loss 0.031250")
+    assert (mock.step, mock.loss) == (12, 0.03125)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_slime_checkpoint_is_complete_once_its_tracker_and_dataset_state_both_exist_in_either_order(tmp_path,
+                                                                                                    async_save):
+    ckpt = relay.CheckpointDir(str(tmp_path), require_dataset_state=True)
+    (Path(ckpt.path) / relay.iteration_dirname(5)).mkdir()
+    (Path(ckpt.path) / relay.iteration_dirname(5) / "common.pt").write_text("weights")
+    tracker = Path(ckpt.path) / relay.TRACKER_FILE
+    state = Path(ckpt.path) / relay.dataset_state_relpath(5)
+    state.parent.mkdir()
+    first, second = ((state, "data position"), (tracker, "5")) if async_save else ((tracker, "5"), (state, "data"))
+    first[0].write_text(first[1])  # --async-save: the state file of 5 exists before tracker 5
+    assert ckpt.seal_newest(1, "a", writer_alive=False) is None
+    second[0].write_text(second[1])
+    old = time.time() - 2 * relay.SEAL_SETTLE_SECONDS
+    os.utime(state, (old, old))
+    manifest = ckpt.seal_newest(1, "a", writer_alive=True)
+    assert manifest is not None and relay.dataset_state_relpath(5) in manifest.files
+
+
+def test_every_restart_of_a_run_logs_to_one_wandb_run_unless_the_user_chose_one(cluster):
+    cluster.url = "http://127.0.0.1:9"  # never contacted
+    cfg = relay.load_run_config(str(cluster.write_config("a")))
+    first = relay.trainer_environment(cfg, 1, None, "/ckpt", "tag1")
+    again = relay.trainer_environment(cfg, 7, 5, "/ckpt", "tag2")
+    assert first["WANDB_RUN_ID"] == again["WANDB_RUN_ID"] and first["WANDB_RESUME"] == "allow"
+    other = relay.load_run_config(str(cluster.write_config("a", run_id="r2")))
+    assert relay.trainer_environment(other, 1, None, "/ckpt", "t")["WANDB_RUN_ID"] != first["WANDB_RUN_ID"]
+    mine = relay.load_run_config(str(cluster.write_config("a", env={"WANDB_RUN_ID": "mine", "WANDB_RESUME": "must"})))
+    chosen = relay.trainer_environment(mine, 1, None, "/ckpt", "t")
+    assert (chosen["WANDB_RUN_ID"], chosen["WANDB_RESUME"]) == ("mine", "must")
+
+
 def test_a_converted_base_checkpoint_is_loaded_first_and_never_pruned_or_counted_as_progress(cluster):
     ckpt = cluster.ckpt_dir()
     (ckpt / "release").mkdir(parents=True)
