@@ -2117,6 +2117,41 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
     return env
 
 
+def gpus_on_this_pod() -> int | None:
+    """How many GPUs `nvidia-smi -L` lists; None when it cannot say (no driver, no tool)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    count = sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+    return count if listing.returncode == 0 and count else None
+
+
+def gpus_slime_asks_for(command: str) -> int | None:
+    """`--actor-num-gpus-per-node` of a slime command (slime's default, 8, when a command that
+    runs slime's train.py or train_async.py leaves it out); None when not a number we can read."""
+    given = re.search(r"--actor-num-gpus-per-node[= ]+(\S+)", command)
+    if given:
+        return int(given.group(1)) if given.group(1).isdigit() else None
+    return 8 if re.search(r"\btrain(?:_async)?\.py\b", command) else None
+
+
+def gpu_shortfall(cfg: RunConfig) -> str:
+    """One line when the pod has fewer GPUs than slime will wait for, else "".
+
+    slime's placement group waits forever for GPUs that are not there (logging every 30 s),
+    so saying it at start saves the user a stall timeout's worth of billing to find out.
+    """
+    command = cfg.trainer_command or cfg.env.get(f"SLIME_{cfg.mode.upper()}_CMD",
+                                                  os.environ.get(f"SLIME_{cfg.mode.upper()}_CMD", ""))
+    wanted = gpus_slime_asks_for(command)
+    have = gpus_on_this_pod() if wanted else None
+    if wanted is None or have is None or have >= wanted:
+        return ""
+    return (f"this pod has {have} GPUs but slime asks for {wanted} (--actor-num-gpus-per-node): its placement "
+            f"group will wait forever and the stall timeout will end the trainer; set --actor-num-gpus-per-node {have}")
+
+
 def wandb_run_id(run_id: str) -> str:
     """A stable W&B run id for a relay run: lowercase hex only, valid whatever run_id holds."""
     return "relay-" + hashlib.sha256(run_id.encode()).hexdigest()[:16]
@@ -2260,6 +2295,7 @@ class Worker:
         self.unreported: Manifest | None = None  # sealed under this lease, not yet acknowledged
         self.restarts = 0
         self.crash_reason = ""
+        self.gpus_checked = False  # once per worker: the pod's GPUs do not change
         self.exit_code = 0
 
     # -- plumbing --------------------------------------------------------------------------
@@ -2518,6 +2554,12 @@ class Worker:
         env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
         self.progress.last_advance = boottime()
         self.progress.placement_wait = ""
+        if not self.gpus_checked:
+            self.gpus_checked = True
+            shortfall = gpu_shortfall(self.cfg)
+            if shortfall:
+                self.say(f"WARNING: {shortfall}")
+                self.report(msg=f"{self.cfg.worker_id}: {shortfall}")
         self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd())
         self.watchdog.watch(self.trainer.pgid)
 

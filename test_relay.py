@@ -736,6 +736,20 @@ def test_a_converted_base_checkpoint_is_loaded_first_and_never_pruned_or_counted
     assert relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations() == [8]
 
 
+def test_a_pod_with_fewer_gpus_than_slime_waits_for_is_named_at_start_and_ends_as_a_stall(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    worker = cluster.start_worker("a", stall_timeout_seconds=2, max_trainer_restarts=0, env={
+        "SLIME_SFT_CMD": f"{FAKE_SLIME} --actor-num-nodes 1 --actor-num-gpus-per-node 8", "FAKE_PLACEMENT_WAIT": "1",
+        "FAKE_GPU_COUNT": "2", "PATH": f"{FAKE_CLIS}:{os.environ['PATH']}"})
+    assert worker.wait(30) == 1  # its output every 0.2 s did not hold the lease
+    log = cluster.log("a")
+    assert log.count("this pod has 2 GPUs but slime asks for 8") == 1
+    run = cluster.run("r1")
+    assert run["status"] == "FAILED"
+    assert "waiting for a placement group of 8 GPUs, 2 registered with Ray" in run["leases"][-1]["why"]
+    assert any("this pod has 2 GPUs" in event["msg"] for event in run["events"])
+
+
 @pytest.mark.parametrize("how", ["sigterm", "lease lost"])
 def test_stopping_a_slime_trainer_leaves_no_process_behind_even_in_a_new_session(cluster, how):
     cluster.start_commander(lease=2)
