@@ -9,19 +9,23 @@ if [[ -z "${SLIME_SFT_CMD:-}" ]]; then
   exec "${RELAY_PYTHON:-python3}" "$here/relay.py" mock-trainer
 fi
 
-# slime's training runs outside this process group (Ray starts the driver in a new session),
-# so a stop also runs slime's own stop steps.  The worker then kills every process that
-# inherited this trainer's RELAY_TRAINER_TAG, the Ray daemons and SGLang servers included.
+# The command starts its own Ray cluster as slime's scripts do (README, "slime"): its job API
+# on 127.0.0.1:$RELAY_RAY_DASHBOARD_PORT, its job submitted as $RELAY_RAY_JOB_ID.
+export RELAY_RAY_DASHBOARD_PORT="${RELAY_RAY_DASHBOARD_PORT:-8265}"
+export RELAY_RAY_JOB_ID="relay-${RELAY_RUN_ID:-run}-${RELAY_LEASE_EPOCH:-0}-$$"
+
+# On SIGTERM the worker signals this script alone and waits: slime's own stop steps run
+# first, against this trainer's cluster while it is still whole, each with a timeout (a
+# dying cluster makes the ray CLI hang).  slime saves nothing on a stop, so the job is not
+# waited for.  The worker then ends what is left (the submit client, SGLang servers).
 stop_slime() {
   trap - TERM INT
   if command -v ray >/dev/null 2>&1; then
-    ray job list 2>/dev/null | grep -o "raysubmit_[A-Za-z0-9]*" | sort -u | while read -r job; do
-      timeout 10 ray job stop "$job" >/dev/null 2>&1 || true
-    done
-    timeout 20 ray stop --force >/dev/null 2>&1 || true
+    timeout 5 ray job stop --no-wait --address "http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT" \
+      "$RELAY_RAY_JOB_ID" >/dev/null 2>&1 || true
+    timeout 10 ray stop --force >/dev/null 2>&1 || true
   fi
   kill -TERM "$trainer" 2>/dev/null || true
-  wait "$trainer" 2>/dev/null || true
   exit 143
 }
 trap stop_slime TERM INT

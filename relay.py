@@ -1807,11 +1807,29 @@ def hub_error_text(exc: BaseException) -> str:
 # 7. Trainer process and watchdog #############################################
 ###############################################################################
 #
-# Finding everything a trainer started: a process group misses what slime's Ray starts in a
-# new session, so every trainer gets a random RELAY_TRAINER_TAG in its environment, which
-# every descendant inherits (new sessions and Ray daemons included) and /proc/PID/environ
-# shows.  Stopping = signal the trainer's group, then every process carrying the tag, until
-# none is left.
+# Finding everything a trainer started, whatever it did to its session, name or environment.
+# A process group misses what Ray starts in a new session; an environment tag misses what
+# renames itself with setproctitle (Ray's dashboard and agents, SGLang's servers), because
+# that overwrites what /proc/PID/environ shows.  So a trainer is found as a process TREE:
+#
+#   - the worker is a child subreaper (prctl PR_SET_CHILD_SUBREAPER): a descendant whose
+#     parent exits (setsid + double fork, `ray start` leaving its daemons) is reparented to
+#     the worker, not to init, so while the worker lives every process the trainer started
+#     is a descendant of the worker (its watchdog's subtree aside);
+#   - where a cgroup v2 can be made, the trainer joins its own cgroup before its first
+#     exec, and every descendant is born inside it: `cgroup.kill` ends them all atomically,
+#     forks in flight included, for whoever holds the path (worker or watchdog);
+#   - after the worker's death its children are reparented away (to init or an outer
+#     subreaper), so the watchdog keeps its own record: while armed it notes every second
+#     the pids (with start times, against reuse) below the worker; on the worker's death it
+#     kills those still alive and everything below them, plus the cgroup, the trainer's
+#     group and every process still carrying the RELAY_TRAINER_TAG.  What only this record
+#     could miss: a process started in the last second before the worker died, whose parent
+#     also exited in that second, that renamed itself, on a pod without a cgroup.
+#
+# Killing: first SIGSTOP every member and look again until no new one appears (a stopped
+# process cannot fork or exit, so no child escapes to init between looking and killing), then
+# SIGKILL them all.
 
 TRAINER_TAG_ENV = "RELAY_TRAINER_TAG"
 # slime's real lines carry prefixes (logging's `[time] train_metric_utils.py:135 - `, Ray's
@@ -1847,30 +1865,187 @@ def processes_tagged(tag: str) -> list[int]:
     return processes_with_env(f"{TRAINER_TAG_ENV}={tag}")
 
 
-def signal_trainer_tree(pgid: int | None, tag: str, sig: int) -> int:
-    """Send `sig` to the trainer's group and to every tagged process that left it; how many
-    tagged processes were found.
+PR_SET_CHILD_SUBREAPER = 36
+TREE_RECORD_SECONDS = 1.0  # how often the watchdog notes the pids below the worker
+LEFTOVER_TERM_SECONDS = 1.0  # after the launcher ended: SIGTERM to what is left, this long, then SIGKILL
 
-    Each process gets the signal once: a launch script's TERM trap resets itself to the
-    default before it runs its stop steps, so a second SIGTERM would kill it halfway.
-    """
-    if pgid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-    tagged = processes_tagged(tag)
-    for pid in tagged:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) != pgid:
+
+def become_child_subreaper() -> None:
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+@dataclass
+class ProcInfo:
+    ppid: int
+    pgid: int
+    started: int  # clock ticks after boot: with the pid, names one process even after pid reuse
+    zombie: bool
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process in /proc (our pid namespace) with its parent, group and start time."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # the name in parentheses may hold spaces
+        table[int(name)] = ProcInfo(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] == b"Z")
+    return table
+
+
+def descendants(table: dict[int, ProcInfo], roots: set[int]) -> set[int]:
+    """Every pid below `roots` in `table` (roots excluded)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, info in table.items():
+        children[info.ppid].append(pid)
+    found: set[int] = set()
+    pending = list(roots)
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found and child not in roots:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def cgroup2_home() -> str | None:
+    """This process's own cgroup v2 folder, when the unified hierarchy is mounted here."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            path = next((line[3:].strip() for line in handle if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as handle:
+            mounts = [line.split() for line in handle]
+    except OSError:
+        return None
+    for fields in mounts:
+        if path is not None and fields[fields.index("-") + 1] == "cgroup2":
+            return os.path.join(fields[4], path.lstrip("/"))
+    return None
+
+
+def make_trainer_cgroup(tag: str) -> str:
+    """A fresh cgroup for one trainer, or "" where none can be made (read-only /sys/fs/cgroup
+    in most containers, cgroup v1 only, kernels before 5.14 without cgroup.kill)."""
+    home = cgroup2_home()
+    if home is None:
+        return ""
+    path = os.path.join(home, f"relay-trainer-{tag}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return ""
+    if not os.path.exists(os.path.join(path, "cgroup.kill")):
+        remove_cgroup(path)
+        return ""
+    return path
+
+
+def cgroup_pids(path: str) -> set[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as handle:
+            return {int(word) for word in handle.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def remove_cgroup(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # refused while a process is inside: then it stays until the next stop
+
+
+@dataclass
+class TrainerTree:
+    """Every process one trainer started (see the section comment for how each is found)."""
+
+    tag: str
+    owner: int  # the worker, a child subreaper: the trainer's processes are below it
+    exclude: set[int]  # the owner's children that are not the trainer's (its watchdog)
+    pgid: int | None = None
+    cgroup: str = ""
+    recorded: dict[int, int] = field(default_factory=dict)  # pid -> start time, as last seen
+
+    def members(self, thorough: bool = True) -> set[int]:
+        """Live processes of the trainer; `thorough` adds the environment-tag scan (slower)."""
+        table = process_table()
+        me = os.getpid()
+        found = cgroup_pids(self.cgroup) if self.cgroup else set()
+        roots = {pid for pid, started in self.recorded.items() if pid in table and table[pid].started == started}
+        if self.owner in table and not table[self.owner].zombie:
+            found |= descendants(table, {self.owner}) - descendants(table, self.exclude) - self.exclude
+        found |= roots | descendants(table, roots)
+        if self.pgid:
+            found |= {pid for pid, info in table.items() if info.pgid == self.pgid}
+        if thorough:
+            found |= set(processes_tagged(self.tag))
+        found |= descendants(table, found)
+        return {pid for pid in found if pid != me and pid in table and not table[pid].zombie}
+
+    def record(self) -> None:
+        """Note the members and their start times (the watchdog, for after the owner's death)."""
+        table = process_table()
+        self.recorded = {pid: table[pid].started for pid in self.members(thorough=False) if pid in table}
+
+    def signal_all(self, sig: int) -> int:
+        """Send `sig` to every member once; how many there were."""
+        members = self.members()
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-    return len(tagged)
+        return len(members)
+
+    def kill(self, within: float = 5.0) -> bool:
+        """SIGKILL every member, none escaping by fork or reparenting; True once none is left."""
+        give_up = boottime() + within
+        if self.cgroup:
+            with contextlib.suppress(OSError), open(os.path.join(self.cgroup, "cgroup.kill"), "w") as handle:
+                handle.write("1")
+        stopped: set[int] = set()
+        while boottime() < give_up:
+            fresh = self.members() - stopped
+            if not fresh:
+                break
+            for pid in fresh:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped |= fresh
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        while (left := self.members()) and boottime() < give_up:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)  # killed processes need a moment to leave the process table
+        if self.cgroup:
+            while cgroup_pids(self.cgroup) and boottime() < give_up:
+                time.sleep(0.02)  # killed, still leaving the cgroup
+            remove_cgroup(self.cgroup)
+        return not left
 
 
-def kill_trainer_tree(pgid: int | None, tag: str, within: float = 5.0) -> bool:
-    """SIGKILL the whole trainer tree and wait until no tagged process is left."""
-    give_up = boottime() + within
-    while signal_trainer_tree(pgid, tag, signal.SIGKILL) and boottime() < give_up:
-        time.sleep(0.02)  # killed processes need a moment to leave the process table
-    return not processes_tagged(tag)
+def reap_adopted_orphans(keep: set[int]) -> None:
+    """Reap the exited processes a child subreaper inherits (the trainer's, whose parents
+    exited first), so they do not pile up as zombies over a long run.  `keep`: children
+    whose exit status someone else waits for (the launcher's Popen, the watchdog)."""
+    children: set[int] = set()
+    with contextlib.suppress(OSError):  # our children, from the few threads we have: cheap
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as handle:
+                children |= {int(word) for word in handle.read().split()}
+    for pid in children - keep:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                zombie = handle.read().rsplit(b") ", 1)[1][:1] == b"Z"
+        except (OSError, IndexError):
+            continue
+        if zombie:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def watchdog_loop(commands: int) -> int:
@@ -1878,29 +2053,35 @@ def watchdog_loop(commands: int) -> int:
 
     One watchdog serves a worker for its whole life.  The worker feeds it through a pipe
     whose write end only the worker holds: `arm TAG DEADLINE` (a trainer is about to start),
-    `pgid N` (its process group), `deadline T` (CLOCK_BOOTTIME seconds, after each renewal),
-    `disarm` (the trainer is stopped).  End of file means the worker is gone, even while it
-    is an unreaped zombie, and an unrenewed lease cannot be trusted: kill at once.  A stopped
-    (SIGSTOP) worker keeps the pipe open but stops sending deadlines, so the deadline fires.
+    `pgid N` (its process group), `cgroup PATH` (its cgroup, when one was made), `deadline T`
+    (CLOCK_BOOTTIME seconds, after each renewal), `disarm` (the trainer is stopped).  End of
+    file means the worker is gone, even while it is an unreaped zombie, and an unrenewed
+    lease cannot be trusted: kill at once.  A stopped (SIGSTOP) worker keeps the pipe open
+    but stops sending deadlines, so the deadline fires.
     """
     set_process_name("relay-watchdog")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only the worker (or its death) ends the watch
-    tag, pgid, deadline = "", None, math.inf
+    worker = os.getppid()  # forked or spawned by the worker
+    tree: TrainerTree | None = None
+    deadline, next_record = math.inf, 0.0
     pending = b""
     while True:
-        if tag and boottime() >= deadline:
-            clean = kill_trainer_tree(pgid, tag)
+        if tree is not None and boottime() >= deadline:
+            clean = tree.kill()
             log("watchdog", f"the lease deadline passed: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
-            tag, pgid, deadline = "", None, math.inf
-        timeout = min(max(deadline - boottime(), 0.0), 0.1) if tag else None  # idle: sleep until told
+            tree, deadline = None, math.inf
+        if tree is not None and boottime() >= next_record:
+            tree.record()
+            next_record = boottime() + TREE_RECORD_SECONDS
+        timeout = min(max(deadline - boottime(), 0.0), 0.1) if tree is not None else None  # idle: sleep until told
         ready, _, _ = select.select([commands], [], [], timeout)
         if not ready:
             continue
         chunk = os.read(commands, 4096)
         if not chunk:
-            if tag:
-                clean = kill_trainer_tree(pgid, tag)
+            if tree is not None:
+                clean = tree.kill()
                 log("watchdog", f"the worker died: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
             return 0
         pending += chunk
@@ -1908,13 +2089,16 @@ def watchdog_loop(commands: int) -> int:
             line, pending = pending.split(b"\n", 1)
             words = line.decode(errors="replace").split()
             if words[:1] == ["arm"] and len(words) == 3:
-                tag, pgid, deadline = words[1], None, float(words[2])
-            elif words[:1] == ["pgid"] and len(words) == 2 and tag:
-                pgid = int(words[1])
-            elif words[:1] == ["deadline"] and len(words) == 2 and tag:
+                tree = TrainerTree(words[1], worker, {os.getpid()})
+                deadline, next_record = float(words[2]), 0.0
+            elif words[:1] == ["pgid"] and len(words) == 2 and tree is not None:
+                tree.pgid = int(words[1])
+            elif words[:1] == ["cgroup"] and len(words) >= 2 and tree is not None:
+                tree.cgroup = line.decode(errors="replace").split(" ", 1)[1]
+            elif words[:1] == ["deadline"] and len(words) == 2 and tree is not None:
                 deadline = float(words[1])
             elif words[:1] == ["disarm"]:
-                tag, pgid, deadline = "", None, math.inf
+                tree, deadline = None, math.inf
 
 
 class Watchdog:
@@ -1964,8 +2148,10 @@ class Watchdog:
     def arm(self, tag: str, deadline: float) -> None:
         self._send(f"arm {tag} {deadline:.3f}")
 
-    def watch(self, pgid: int) -> None:
+    def watch(self, pgid: int, cgroup: str) -> None:
         self._send(f"pgid {pgid}")
+        if cgroup:
+            self._send(f"cgroup {cgroup}")
 
     def extend(self, deadline: float) -> None:
         self._send(f"deadline {deadline:.3f}")
@@ -2032,13 +2218,21 @@ class Progress:
 
 
 class TrainerProcess:
-    """The trainer black box: its own session, output passed through line by line."""
+    """The trainer black box: its own session (and cgroup, where one can be made), output
+    passed through line by line."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str) -> None:
-        self.tag = env[TRAINER_TAG_ENV]
+    # Joins the cgroup before exec, so the launcher's first child is already born inside it.
+    JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" 2>/dev/null; exec "$@"'
+
+    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int) -> None:
+        tag = env[TRAINER_TAG_ENV]
+        cgroup = make_trainer_cgroup(tag)
+        if cgroup:
+            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, *argv]
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
-        self.pgid = self.proc.pid
+        self.tree = TrainerTree(tag, os.getpid(), {watchdog_pid}, pgid=self.proc.pid, cgroup=cgroup)
+        self.launcher_exited = threading.Event()
         self.exited = threading.Event()
         pumps = [threading.Thread(target=self._pump, args=(pipe, out, progress), daemon=True)
                  for pipe, out in ((self.proc.stdout, sys.stdout), (self.proc.stderr, sys.stderr))]
@@ -2058,6 +2252,7 @@ class TrainerProcess:
 
     def _wait(self, pumps: list[threading.Thread]) -> None:
         self.proc.wait()
+        self.launcher_exited.set()
         for pump in pumps:
             pump.join(timeout=2)
         self.exited.set()
@@ -2067,14 +2262,25 @@ class TrainerProcess:
 
     def kill(self) -> None:
         """SIGKILL everything the trainer started, now (the lease is gone)."""
-        kill_trainer_tree(self.pgid, self.tag)
+        self.tree.kill()
 
     def stop(self, grace: float) -> None:
-        """SIGTERM, up to `grace` seconds to finish, then SIGKILL; nothing tagged is left."""
-        signal_trainer_tree(self.pgid, self.tag, signal.SIGTERM)
+        """Stop within `grace` seconds: the launcher first, alone, then whatever is left.
+
+        The launcher's TERM trap runs slime's own stop steps (`ray job stop`, `ray stop
+        --force`, with timeouts) against a Ray cluster that nobody else is signalling yet: a
+        cluster whose daemons are dying at the same moment makes those steps hang, and Ray's
+        daemons outlive a SIGTERM of their own by 6-15 s.  Then SIGTERM to what is left (the
+        `ray job submit` client, SGLang servers), LEFTOVER_TERM_SECONDS, SIGKILL; nothing is left.
+        """
         give_up = boottime() + grace
-        while boottime() < give_up and (not self.exited.is_set() or processes_tagged(self.tag)):
-            self.exited.wait(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGTERM)  # once: a second TERM would cut its trap short
+        self.launcher_exited.wait(grace)
+        if self.tree.signal_all(signal.SIGTERM):
+            leftovers_until = min(give_up, boottime() + LEFTOVER_TERM_SECONDS)
+            while boottime() < leftovers_until and self.tree.members(thorough=False):
+                time.sleep(0.05)
         self.kill()
         self.exited.wait(5)
 
@@ -2560,8 +2766,8 @@ class Worker:
             if shortfall:
                 self.say(f"WARNING: {shortfall}")
                 self.report(msg=f"{self.cfg.worker_id}: {shortfall}")
-        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd())
-        self.watchdog.watch(self.trainer.pgid)
+        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.watchdog.pid)
+        self.watchdog.watch(self.trainer.tree.pgid or 0, self.trainer.tree.cgroup)
 
     def end_trainer(self, graceful: bool) -> None:
         """Stop the trainer tree (if still running) and disarm its watchdog."""
@@ -2571,6 +2777,7 @@ class Worker:
             else:
                 self.trainer.kill()
             self.trainer.exited.wait(5)
+            reap_adopted_orphans({self.trainer.proc.pid, self.watchdog.pid})
         self.watchdog.disarm()
         self.trainer = None
 
@@ -2603,6 +2810,7 @@ class Worker:
                 return "RESTORING"
             if boottime() >= next_scan:
                 next_scan = boottime() + self.SCAN_SECONDS
+                reap_adopted_orphans({self.trainer.proc.pid, self.watchdog.pid})
                 if self.seal_and_report() is not None:
                     last_progress = self.progress.last_advance = boottime()
             if not warned_no_checkpoint and last_progress == started and boottime() - started > NO_CHECKPOINT_WARNING_SECONDS:
@@ -2730,6 +2938,7 @@ def run_worker(config_path: str) -> int:
     except OSError as exc:
         raise UserError(f"l1_root {cfg.l1_root}: cannot create the run folder: {exc.strerror}") from None
     set_process_name("relay-worker")
+    become_child_subreaper()  # see section 7: the trainer's processes stay below the worker
     watchdog = Watchdog.fork()  # first: no thread may exist yet (see Watchdog)
     hub = HubStore(cfg) if cfg.hf_repo else None
     if hub is not None:
