@@ -1930,8 +1930,9 @@ def cgroup2_home() -> str | None:
 
 def make_trainer_cgroup(tag: str) -> str:
     """A fresh cgroup for one trainer, or "" where none can be made (read-only /sys/fs/cgroup
-    in most containers, cgroup v1 only, kernels before 5.14 without cgroup.kill)."""
-    home = cgroup2_home()
+    in most containers, cgroup v1 only, kernels before 5.14 without cgroup.kill), or when
+    RELAY_TRAINER_CGROUP=off (a host whose own cgroup manager must not see foreign folders)."""
+    home = None if os.environ.get("RELAY_TRAINER_CGROUP") == "off" else cgroup2_home()
     if home is None:
         return ""
     path = os.path.join(home, f"relay-trainer-{tag}")

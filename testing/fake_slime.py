@@ -14,8 +14,9 @@ as slime does (notes/slime.md):
   - a converted base checkpoint (tracker `release`) starts at rollout 1, as slime does;
   - FAKE_ASYNC_SAVE=1: --async-save's order, the dataset-state file of N before tracker N;
   - FAKE_PLACEMENT_WAIT=1: waits for GPUs forever, saying so as slime does (every 0.2 s here);
-  - FAKE_SETSID_CHILD=1: starts a child in a new session (as Ray does) that keeps writing
-    a heartbeat file and would outlive a plain process-group kill;
+  - FAKE_SETSID_CHILD=1: starts a child in a new session, double-forked (its parent exits),
+    that renames itself with setproctitle (hiding its environment) and keeps writing a
+    heartbeat file named after its pid: it would outlive a process-group kill and a tag scan;
   - FAKE_EXIT_EARLY_AT=N: exits 0 after rollout N, like `ray job submit` for a STOPPED job.
 """
 
@@ -28,6 +29,14 @@ import sys
 import time
 
 ACTOR = f"(MegatronTrainRayActor pid={os.getpid()}) "
+RENAMED_CHILD = """
+import os, sys, time, setproctitle
+setproctitle.setproctitle("sglang::scheduler_TP0")  # hides this process's environment
+while True:
+    with open(os.path.join(sys.argv[1], f"heartbeat-{os.getpid()}"), "w") as beat:
+        beat.write(str(time.time()))
+    time.sleep(0.1)
+"""
 
 
 def log(where: str, message: str) -> None:
@@ -55,9 +64,8 @@ def main() -> int:
     if text == "release":
         print(f"fake slime: loading the base checkpoint {os.path.join(save, 'release')}", flush=True)
     print(f"fake slime: starting at rollout {start} of {num_rollout}", flush=True)
-    if os.environ.get("FAKE_SETSID_CHILD") == "1":
-        heartbeat = os.path.join(save, "..", f"heartbeat-{os.getpid()}")
-        subprocess.Popen(["setsid", "bash", "-c", f"while true; do date +%s.%N > {shlex.quote(heartbeat)}; sleep 0.1; done"])
+    if os.environ.get("FAKE_SETSID_CHILD") == "1":  # setsid + double fork + setproctitle, as Ray and SGLang do
+        subprocess.run(["setsid", "--fork", sys.executable, "-c", RENAMED_CHILD, os.path.join(save, "..")], check=True)
     while os.environ.get("FAKE_PLACEMENT_WAIT") == "1":
         time.sleep(0.2)
         log("placement_group.py:64", "Waiting for placement group of 8 GPUs (elapsed 30s): "
