@@ -2274,15 +2274,20 @@ class TrainerProcess:
         daemons outlive a SIGTERM of their own by 6-15 s.  Then SIGTERM to what is left (the
         `ray job submit` client, SGLang servers), LEFTOVER_TERM_SECONDS, SIGKILL; nothing is left.
         """
-        give_up = boottime() + grace
+        began = boottime()
+        give_up = began + grace
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGTERM)  # once: a second TERM would cut its trap short
         self.launcher_exited.wait(grace)
-        if self.tree.signal_all(signal.SIGTERM):
+        launcher_seconds = boottime() - began
+        left = self.tree.signal_all(signal.SIGTERM)
+        if left:
             leftovers_until = min(give_up, boottime() + LEFTOVER_TERM_SECONDS)
             while boottime() < leftovers_until and self.tree.members(thorough=False):
                 time.sleep(0.05)
         self.kill()
+        log("trainer", f"stopped in {boottime() - began:.1f} s: the launcher's stop steps took {launcher_seconds:.1f} s, "
+                       f"then {left} processes were left to end")
         self.exited.wait(5)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -25,7 +26,7 @@ import pytest
 
 from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, reference_model, relay, wait_for
 
-FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # stand-ins for `lium` and `ray`
+FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # stand-ins for `lium` and `nvidia-smi`
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -763,10 +764,8 @@ def process_alive(pid: int) -> bool:
 @pytest.mark.parametrize("how, cgroup", [("sigterm", "on"), ("lease lost", "off"), ("worker killed", "off")])
 def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new_session(cluster, how, cgroup):
     cluster.start_commander(lease=2)
-    ray_calls = cluster.tmp / "ray-calls.log"
     worker = cluster.start_worker("a", stop_grace_seconds=2, env=slime_env(
-        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2", RELAY_TRAINER_CGROUP=cgroup,
-        PATH=f"{FAKE_CLIS}:{os.environ['PATH']}", FAKE_RAY_LOG=str(ray_calls)))
+        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2", RELAY_TRAINER_CGROUP=cgroup))
     heartbeats = cluster.tmp / "volume" / "runs" / "r1"
     beat = wait_for("the renamed child to beat", lambda: list(heartbeats.glob("heartbeat-*")), 20)[0]
     child = int(beat.name.split("-")[1])
@@ -787,8 +786,91 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)  # the harness finds test processes by environment: not this one
-    if how == "sigterm":  # a graceful stop also ran slime's own stop steps first
-        assert ray_calls.read_text().splitlines() == ["stop --force"]
+
+
+# --------------------------------------------------------------------------- slime on a real Ray cluster
+
+RAY_SLIME = os.path.join(os.path.dirname(RELAY), "testing", "fake_slime_ray.py")
+
+
+def ray_slime_command(tmp: Path, ray_dir: str) -> tuple[str, dict[str, str]]:
+    """The README's SFT command with the stand-in for train.py, on loopback and private ports
+    (other tests' Ray clusters may run on this machine): `ray start --head`, `ray job submit`."""
+    from testing.harness import free_port
+
+    dashboard = free_port()
+    ports = " ".join(f"--{name} {free_port()}" for name in (
+        "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"))
+    workers = ",".join(str(free_port()) for _ in range(12))
+    runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
+                                           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    command = (
+        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus 0 --disable-usage-stats "
+        f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
+        f"--temp-dir {ray_dir} && "
+        f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
+        f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
+        f"--actor-num-gpus-per-node 1 --ref-load {tmp / 'base_torch_dist'} --num-rollout 12 --save-interval 2 "
+        f"--async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 $RELAY_SLIME_ARGS")
+    return command, {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard)}
+
+
+def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:
+    from testing.fake_slime_ray import base_weights, next_weights
+
+    weights = base_weights(ref_load)
+    for rollout in range(num_rollout):
+        weights = next_weights(weights, rollout)
+    return weights
+
+
+@pytest.mark.timeout(420)  # two Ray clusters start, 30-60 s each on a loaded 2-core machine
+def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and_a_relayed_run_ends_exactly(cluster):
+    if shutil.which("ray") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
+        pytest.skip("needs Ray's CLI (requirements-test.txt) and a private PID namespace (unshare)")
+    (cluster.tmp / "base_torch_dist").mkdir()
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]  # short: Ray's socket paths
+    try:
+        cluster.start_commander(lease=5)
+        settings = {"total_steps": 12, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
+        a = cluster.start_worker_in_pid_namespace("a", env=ray_slime_command(cluster.tmp, ray_dirs[0])[1], **settings)
+        wait_for("worker a to seal a checkpoint", lambda: checkpoint_at_least(cluster, 1), 240)
+        running = a.processes()
+        assert any(cmd.startswith("sglang::scheduler") for cmd in running.values()), running
+        assert any(cmd.startswith("ray::MegatronTrainRayActor") for cmd in running.values()), running
+        stopped = time.monotonic()
+        os.kill(a.worker, signal.SIGTERM)
+        wait_for("worker a to exit and leave nothing in its namespace",
+                 lambda: a.exit_code() is not None and not a.processes(), 40)
+        stop_seconds = time.monotonic() - stopped
+        print(f"SIGTERM stop with real Ray: {stop_seconds:.1f} s")
+        assert a.exit_code() == 0 and stop_seconds < settings["stop_grace_seconds"]
+        log = re.sub(r"\x1b\[[0-9;]*m", "", cluster.log("a"))  # Ray colours its prefixes
+        rollouts = [int(n) for n in re.findall(r"\(MegatronTrainRayActor pid=\d+\) \[[^]]+\] "
+                                                r"train_metric_utils\.py:135 - rollout (\d+): \{", log)]
+        assert rollouts and re.search(r"\] model\.py:918 - step 12: \{", log)  # 4 train steps per rollout
+        run = cluster.run("r1")
+        assert run["status"] == "PREEMPTED" and run["step"] == max(rollouts)  # the rollout id, not the train step
+        assert f"WANDB_RUN_ID={relay.wandb_run_id('r1')}" in log
+        assert re.search(r"launch script: Ray job relay-r1-1-\d+ is STOPPED", log)  # slime's stop step, first
+
+        b = cluster.start_worker_in_pid_namespace("b", env=ray_slime_command(cluster.tmp, ray_dirs[1])[1], **settings)
+        wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
+        assert b.exit_code() == 0 and not b.processes()
+        run = cluster.run("r1")
+        assert run["status"] == "COMPLETED" and run["latest_checkpoint"]["iteration"] == 11
+        assert resumed_from(run, "b")[0].startswith("b resumes from checkpoint ")
+        ckpt = cluster.ckpt_dir()
+        final = (ckpt / relay.iteration_dirname(11) / "common.pt").read_text()
+        assert final == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 12)
+        both = log + re.sub(r"\x1b\[[0-9;]*m", "", cluster.log("b"))
+        for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():  # --async-save's order
+            assert both.index(f"wrote dataset state {iteration} ") < both.index(
+                f"successfully saved checkpoint from iteration {iteration} ")
+    finally:
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):

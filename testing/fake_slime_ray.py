@@ -35,7 +35,8 @@ import time
 
 import ray
 
-LOG_FORMAT = "[%(asctime)s] %(filename)s:%(lineno)d - %(message)s"  # slime's configure_logger
+# slime's configure_logger prints `%(filename)s:%(lineno)d`; the stand-in names slime's files.
+LOG_FORMAT = "[%(asctime)s] %(where)s - %(message)s"
 TRACKER = "latest_checkpointed_iteration.txt"
 SGLANG_CHILD = """
 import sys, time, setproctitle
@@ -47,6 +48,10 @@ while True:
 """
 
 logger = logging.getLogger(__name__)
+
+
+def log(where: str, message: str) -> None:
+    logger.info(message, extra={"where": where})
 
 
 def next_weights(weights: str, rollout: int) -> str:
@@ -66,11 +71,12 @@ class MegatronTrainRayActor:
         self.engine = subprocess.Popen([sys.executable, "-c", SGLANG_CHILD, heartbeat])
 
     def train(self, rollout: int, weights: str) -> str:
-        logger.info(f"rollout {rollout}: {{'rollout/raw_reward': {0.1 * rollout:.3f}, 'rollout/step': {rollout}}}")
+        log("train_metric_utils.py:135",
+            f"rollout {rollout}: {{'rollout/raw_reward': {0.1 * rollout:.3f}, 'rollout/step': {rollout}}}")
         for step in range(rollout * self.steps, (rollout + 1) * self.steps):
             time.sleep(self.step_seconds)
-            logger.info(f"step {step}: {{'train/loss': {1.0 / (rollout + 1):.4f}, 'train/grad_norm': 1.0, "
-                        f"'train/step': {step}}}")
+            log("model.py:918", f"step {step}: {{'train/loss': {1.0 / (rollout + 1):.4f}, 'train/grad_norm': 1.0, "
+                                f"'train/step': {step}}}")
         return next_weights(weights, rollout)
 
     def save(self, rollout: int, weights: str, write_tracker: bool) -> None:
@@ -85,7 +91,7 @@ class MegatronTrainRayActor:
         with open(os.path.join(self.save_dir, TRACKER + ".tmp"), "w") as handle:
             handle.write(str(rollout))
         os.replace(os.path.join(self.save_dir, TRACKER + ".tmp"), os.path.join(self.save_dir, TRACKER))
-        logger.info(f"successfully saved checkpoint from iteration {rollout} to {self.save_dir}")
+        log("checkpointing.py:541", f"successfully saved checkpoint from iteration {rollout} to {self.save_dir}")
 
 
 def start_point(args: argparse.Namespace) -> tuple[int, str]:
@@ -116,7 +122,7 @@ def main() -> int:
     parser.add_argument("--fake-step-seconds", type=float, default=0.05)
     args, _ = parser.parse_known_args()  # model, optimizer, Ray placement arguments: not simulated
     start, weights = start_point(args)
-    logger.info(f"starting at rollout {start} of {args.num_rollout} (WANDB_RUN_ID={os.environ.get('WANDB_RUN_ID')})")
+    log("train.py:21", f"starting at rollout {start} of {args.num_rollout} (WANDB_RUN_ID={os.environ.get('WANDB_RUN_ID')})")
     ray.init()
     steps = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
     actor = MegatronTrainRayActor.remote(args.save, steps, args.fake_step_seconds)
@@ -131,7 +137,7 @@ def main() -> int:
             os.makedirs(os.path.join(args.save, "rollout"), exist_ok=True)
             with open(os.path.join(args.save, "rollout", f"global_dataset_state_dict_{rollout}.pt"), "w") as handle:
                 handle.write(f"consumed {rollout + 1} rollouts")
-            logger.info(f"wrote dataset state {rollout} at {time.time():.3f}")
+            log("data_source.py:118", f"wrote dataset state {rollout} at {time.time():.3f}")
     if pending is not None:
         ray.get(actor.finalize.remote(pending))
     return 0

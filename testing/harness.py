@@ -162,6 +162,24 @@ class Cluster:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
         return self.spawn(worker_id, ["worker", str(config)], worker_env)
 
+    def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
+                                      **fields: Any) -> "PidNamespace":
+        """A worker alone in a private PID namespace: there `ray stop --force` (which kills every
+        Ray process it sees) and the stop's leftovers concern this worker's processes only.
+        The namespace's first process stays after the worker exits, so what the worker left
+        behind stays visible; killing it (the fixture does, by its group) ends them all."""
+        config = self.write_config(worker_id, run_id, **fields)
+        exit_file = self.tmp / f"{worker_id}.exit"
+        script = f'"$@"; echo $? > {exit_file}; exec sleep 3600'
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script, "ns",
+                                 sys.executable, RELAY, "worker", str(config)],
+                                stdout=open(self.tmp / f"{worker_id}.log", "ab"),  # noqa: SIM115 (as spawn)
+                                stderr=subprocess.STDOUT, env=self.env(**(env or {})), start_new_session=True,
+                                cwd=self.tmp)
+        proc.name = worker_id  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return PidNamespace(proc, exit_file)
+
     def trainer_pids(self, run_id: str = "r1", worker_id: str | None = None) -> dict[int, dict[str, str]]:
         """Live trainer processes of a run (this test's only), with their environments."""
         found = {}
@@ -173,6 +191,35 @@ class Cluster:
 
     def ckpt_dir(self, run_id: str = "r1", l1: str = "volume") -> Path:
         return self.tmp / l1 / "runs" / run_id / "ckpt"
+
+
+class PidNamespace:
+    """A worker started by `unshare --pid --fork` and what runs in its namespace (host pids)."""
+
+    def __init__(self, unshare: subprocess.Popen, exit_file: Path) -> None:
+        self.unshare, self.exit_file = unshare, exit_file
+        self.init = wait_for("the namespace's first process", self._child_of_unshare, 15)
+        self.ns = os.readlink(f"/proc/{self.init}/ns/pid")
+        self.worker = wait_for("the worker in the namespace", lambda: self._child_of(self.init), 15)
+
+    def _child_of(self, parent: int) -> int | None:
+        return next((pid for pid, info in relay.process_table().items() if info.ppid == parent), None)
+
+    def _child_of_unshare(self) -> int | None:
+        return self._child_of(self.unshare.pid)
+
+    def processes(self) -> dict[int, str]:
+        """Live processes of the namespace but its first, with their command lines."""
+        found = {}
+        for pid, info in relay.process_table().items():
+            with contextlib.suppress(OSError):
+                if pid != self.init and not info.zombie and os.readlink(f"/proc/{pid}/ns/pid") == self.ns:
+                    found[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        return found
+
+    def exit_code(self) -> int | None:
+        text = self.exit_file.read_text().strip() if self.exit_file.exists() else ""
+        return int(text) if text else None
 
 
 class TrainerOverlapMonitor:
