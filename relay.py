@@ -1820,12 +1820,13 @@ def hub_error_text(exc: BaseException) -> str:
 #     exec, and every descendant is born inside it: `cgroup.kill` ends them all atomically,
 #     forks in flight included, for whoever holds the path (worker or watchdog);
 #   - after the worker's death its children are reparented away (to init or an outer
-#     subreaper), so the watchdog keeps its own record: while armed it notes every second
-#     the pids (with start times, against reuse) below the worker; on the worker's death it
-#     kills those still alive and everything below them, plus the cgroup, the trainer's
-#     group and every process still carrying the RELAY_TRAINER_TAG.  What only this record
-#     could miss: a process started in the last second before the worker died, whose parent
-#     also exited in that second, that renamed itself, on a pod without a cgroup.
+#     subreaper), so the watchdog keeps its own record: while armed (and without a cgroup)
+#     it notes every TREE_RECORD_SECONDS the pids (with start times, against reuse) below
+#     the worker; on the worker's death it kills those still alive and everything below
+#     them, plus the cgroup, the trainer's group and every process still carrying the
+#     RELAY_TRAINER_TAG.  What only this record
+#     could miss: a process started in the last TREE_RECORD_SECONDS before the worker died,
+#     whose parent also exited in that time, that renamed itself, on a pod without a cgroup.
 #
 # Killing: first SIGSTOP every member and look again until no new one appears (a stopped
 # process cannot fork or exit, so no child escapes to init between looking and killing), then
@@ -1866,7 +1867,7 @@ def processes_tagged(tag: str) -> list[int]:
 
 
 PR_SET_CHILD_SUBREAPER = 36
-TREE_RECORD_SECONDS = 1.0  # how often the watchdog notes the pids below the worker
+TREE_RECORD_SECONDS = 2.0  # how often the watchdog notes the pids below the worker (~4 ms of CPU each)
 LEFTOVER_TERM_SECONDS = 1.0  # after the launcher ended: SIGTERM to what is left, this long, then SIGKILL
 
 
@@ -1970,9 +1971,9 @@ class TrainerTree:
     cgroup: str = ""
     recorded: dict[int, int] = field(default_factory=dict)  # pid -> start time, as last seen
 
-    def members(self, thorough: bool = True) -> set[int]:
+    def members(self, thorough: bool = True, table: dict[int, ProcInfo] | None = None) -> set[int]:
         """Live processes of the trainer; `thorough` adds the environment-tag scan (slower)."""
-        table = process_table()
+        table = process_table() if table is None else table
         me = os.getpid()
         found = cgroup_pids(self.cgroup) if self.cgroup else set()
         roots = {pid for pid, started in self.recorded.items() if pid in table and table[pid].started == started}
@@ -1987,9 +1988,11 @@ class TrainerTree:
         return {pid for pid in found if pid != me and pid in table and not table[pid].zombie}
 
     def record(self) -> None:
-        """Note the members and their start times (the watchdog, for after the owner's death)."""
-        table = process_table()
-        self.recorded = {pid: table[pid].started for pid in self.members(thorough=False) if pid in table}
+        """Note the members and their start times (the watchdog, for after the owner's death).
+        Not needed with a cgroup: cgroup.kill finds them all."""
+        if not self.cgroup:
+            table = process_table()
+            self.recorded = {pid: table[pid].started for pid in self.members(False, table)}
 
     def signal_all(self, sig: int) -> int:
         """Send `sig` to every member once; how many there were."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, reference_model, relay, wait_for
+from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, ray_slime_env, reference_model, relay, wait_for
 
 FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # stand-ins for `lium` and `nvidia-smi`
 
@@ -773,7 +773,8 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
         assert child not in cluster.trainer_pids(), "setproctitle hides the child's environment"
         ppid = int(open(f"/proc/{child}/stat").read().rsplit(") ", 1)[1].split()[1])
         assert ppid == worker.pid, "its parent exited: it is the worker's (a child subreaper), not init's"
-        wait_for("five rollouts (the watchdog has recorded the tree)", lambda: cluster.run("r1").get("step", 0) >= 5, 20)
+        wait_for("15 rollouts, 3 s: the watchdog has recorded the tree since the child started",
+                 lambda: cluster.run("r1").get("step", 0) >= 15, 20)
         stopped = time.monotonic()
         worker.send_signal({"sigterm": signal.SIGTERM, "lease lost": signal.SIGSTOP, "worker killed": signal.SIGKILL}[how])
         try:
@@ -789,32 +790,6 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
 
 
 # --------------------------------------------------------------------------- slime on a real Ray cluster
-
-RAY_SLIME = os.path.join(os.path.dirname(RELAY), "testing", "fake_slime_ray.py")
-
-
-def ray_slime_command(tmp: Path, ray_dir: str) -> tuple[str, dict[str, str]]:
-    """The README's SFT command with the stand-in for train.py, on loopback and private ports
-    (other tests' Ray clusters may run on this machine): `ray start --head`, `ray job submit`."""
-    from testing.harness import free_port
-
-    dashboard = free_port()
-    ports = " ".join(f"--{name} {free_port()}" for name in (
-        "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"))
-    workers = ",".join(str(free_port()) for _ in range(12))
-    runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
-                                           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
-    command = (
-        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus 0 --disable-usage-stats "
-        f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
-        f"--temp-dir {ray_dir} && "
-        f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
-        f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
-        f"--actor-num-gpus-per-node 1 --ref-load {tmp / 'base_torch_dist'} --num-rollout 12 --save-interval 2 "
-        f"--async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 $RELAY_SLIME_ARGS")
-    return command, {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard)}
-
 
 def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:
     from testing.fake_slime_ray import base_weights, next_weights
@@ -834,7 +809,7 @@ def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and
     try:
         cluster.start_commander(lease=5)
         settings = {"total_steps": 12, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
-        a = cluster.start_worker_in_pid_namespace("a", env=ray_slime_command(cluster.tmp, ray_dirs[0])[1], **settings)
+        a = cluster.start_worker_in_pid_namespace("a", env=ray_slime_env(cluster.tmp, ray_dirs[0]), **settings)
         wait_for("worker a to seal a checkpoint", lambda: checkpoint_at_least(cluster, 1), 240)
         running = a.processes()
         assert any(cmd.startswith("sglang::scheduler") for cmd in running.values()), running
@@ -855,7 +830,7 @@ def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and
         assert f"WANDB_RUN_ID={relay.wandb_run_id('r1')}" in log
         assert re.search(r"launch script: Ray job relay-r1-1-\d+ is STOPPED", log)  # slime's stop step, first
 
-        b = cluster.start_worker_in_pid_namespace("b", env=ray_slime_command(cluster.tmp, ray_dirs[1])[1], **settings)
+        b = cluster.start_worker_in_pid_namespace("b", env=ray_slime_env(cluster.tmp, ray_dirs[1]), **settings)
         wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
         assert b.exit_code() == 0 and not b.processes()
         run = cluster.run("r1")

@@ -57,6 +57,32 @@ def environ_of(pid: int) -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
+RAY_SLIME = str(ROOT / "testing" / "fake_slime_ray.py")
+
+
+def ray_slime_env(tmp: Path, ray_dir: str) -> dict[str, str]:
+    """The README's SFT command with the stand-in for slime's train.py, on loopback and private
+    ports (other tests' Ray clusters may run on this machine): `ray start --head` with its temp
+    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`.  `tmp/base_torch_dist`
+    is its --ref-load."""
+    dashboard = free_port()
+    ports = " ".join(f"--{name} {free_port()}" for name in (
+        "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"))
+    workers = ",".join(str(free_port()) for _ in range(12))
+    runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
+                                           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    command = (
+        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus 0 --disable-usage-stats "
+        f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
+        f"--temp-dir {ray_dir} && "
+        f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
+        f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
+        f"--actor-num-gpus-per-node 1 --ref-load {tmp / 'base_torch_dist'} --num-rollout 12 --save-interval 2 "
+        f"--async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 $RELAY_SLIME_ARGS")
+    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard)}
+
+
 class Cluster:
     """A commander and workers for one test, all marked for cleanup."""
 
