@@ -902,6 +902,37 @@ def test_relay_slime_args_are_what_the_readme_promises(cluster):
     assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in readme
 
 
+def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
+    import yaml
+
+    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
+    section = readme.split("\n## slime\n", 1)[1].split("\n## ", 1)[0]
+    configs = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    commands = {config["mode"]: config["env"][f"SLIME_{config['mode'].upper()}_CMD"] for config in configs}
+    assert set(commands) == {"sft", "rl"}
+    for mode, command in commands.items():
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, f"{mode}: not valid bash"
+        for needed in ("source scripts/models/", '"${MODEL_ARGS[@]}"', "ray start --head",
+                       "--dashboard-port $RELAY_RAY_DASHBOARD_PORT", "ray job submit",
+                       "--address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT", "--submission-id $RELAY_RAY_JOB_ID",
+                       "--runtime-env-json", '"CUDA_DEVICE_MAX_CONNECTIONS": "1"', "--ref-load ",
+                       "--actor-num-gpus-per-node ", "--global-batch-size ", "--save-interval ", "$RELAY_SLIME_ARGS"):
+            assert needed in command, f"{mode} command lacks {needed}"
+        runtime_env = re.search(r"--runtime-env-json '([^']*)'", command).group(1)
+        assert json.loads(runtime_env)["env_vars"]["PYTHONPATH"]
+        assert "pkill" not in command  # slime's scripts' broad kills have no place under a worker
+    assert "--colocate" in commands["rl"] or "--rollout-num-gpus " in commands["rl"]
+    for flag in ("train_async.py", "--loss-type sft_loss", "--calculate-per-token-loss",
+                 "--disable-compute-advantages-and-returns", "--debug-train-only"):
+        assert flag in commands["sft"]
+    for script in ("launch_sft.sh", "launch_rl.sh"):  # they give the commands the two variables they use
+        text = open(os.path.join(os.path.dirname(RELAY), script)).read()
+        assert "export RELAY_RAY_DASHBOARD_PORT=" in text and "export RELAY_RAY_JOB_ID=" in text
+    dockerfile = open(os.path.join(os.path.dirname(RELAY), "Dockerfile")).read()
+    tag = re.search(r"^ARG SLIME_IMAGE=slimerl/slime:nightly-dev-(\d{8})", dockerfile, re.M)
+    assert tag and tag.group(1) >= "20260804", "slime images before 2026-08-04 restart at rollout 0"
+
+
 def test_the_launch_scripts_and_the_image_pass_static_checks():
     root = os.path.dirname(RELAY)
     scripts = [os.path.join(root, name) for name in ("launch_sft.sh", "launch_rl.sh", "docker/entrypoint.sh")]
