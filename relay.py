@@ -43,6 +43,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -268,6 +269,7 @@ class RunConfig:
     total_steps: int = 0
     trainer_command: str = ""
     commander_wait_seconds: float = 60.0
+    commander_ca_file: str = ""  # CA that signed an https:// commander's certificate (default: the system's)
     env: dict = field(default_factory=dict)
 
     @property
@@ -341,6 +343,10 @@ def normalize_rollout_pattern(pattern: str, where: str) -> str:
 def load_run_config(path: str) -> RunConfig:
     cfg = build_dataclass(RunConfig, load_yaml_file(path), path)
     cfg = validate_run_config(cfg, path)
+    if cfg.commander_ca_file:  # relative to the run config: launch-stack ships the CA file beside it
+        cfg.commander_ca_file = os.path.join(os.path.dirname(os.path.abspath(path)), cfg.commander_ca_file)
+        if not os.path.isfile(cfg.commander_ca_file):
+            raise UserError(f"{path}: field 'commander_ca_file': no such file {cfg.commander_ca_file}")
     cfg.relay_shared_secret = os.environ.get("RELAY_SHARED_SECRET") or cfg.relay_shared_secret
     return cfg
 
@@ -360,6 +366,10 @@ class CommanderGroup:
     python_bin: str = ""  # default: the Python running launch-stack
     wait_seconds: float = 20.0
     restart_if_running: bool = False
+    tls_cert: str = ""  # with tls_key: the commander serves HTTPS (serve --tls-cert/--tls-key)
+    tls_key: str = ""
+    tls_ca_file: str = ""  # the CA pods and launch-stack verify it with (default: the system's); shipped to pods
+    notify_url: str = ""  # RELAY_NOTIFY_URL wins; reaches the commander through its environment
 
 
 @dataclass
@@ -416,12 +426,18 @@ class StackConfig:
 
     @property
     def local_url(self) -> str:
+        if self.commander.tls_cert:  # the certificate names the public address, not 127.0.0.1
+            return self.run.commander_url
         host = "127.0.0.1" if self.commander.host in ("0.0.0.0", "::", "") else self.commander.host
         return f"http://{f'[{host}]' if ':' in host else host}:{self.commander.port}"
 
     @property
     def secret(self) -> str:
         return os.environ.get("RELAY_SHARED_SECRET") or self.commander.shared_secret
+
+    @property
+    def notify_url(self) -> str:
+        return os.environ.get("RELAY_NOTIFY_URL") or self.commander.notify_url
 
 
 STACK_GROUPS = ("commander", "lium", "run", "worker", "relay")
@@ -455,7 +471,16 @@ def load_stack_config(path: str) -> StackConfig:
     if commander.host in ("0.0.0.0", "::") and not commander.public_url:
         raise UserError(f"{path}: commander: field 'public_url' is required when host is {commander.host} "
                         "(the address pods use to reach this machine)")
-    public_url = commander.public_url or f"http://{commander.host}:{commander.port}"
+    if bool(commander.tls_cert) != bool(commander.tls_key):
+        raise UserError(f"{path}: commander: fields 'tls_cert' and 'tls_key' go together")
+    for name in ("tls_cert", "tls_key", "tls_ca_file"):
+        if getattr(commander, name) and not os.path.isfile(getattr(commander, name)):
+            raise UserError(f"{path}: commander: field '{name}': no such file {getattr(commander, name)}")
+    if "commander_ca_file" in run_group:
+        raise UserError(f"{path}: run: field 'commander_ca_file' is set by launch-stack (commander.tls_ca_file)")
+    check_notify_url(commander.notify_url, f"{path}: commander: field 'notify_url'")
+    scheme = "https" if commander.tls_cert else "http"
+    public_url = commander.public_url or f"{scheme}://{commander.host}:{commander.port}"
     run = validate_run_config(build_dataclass(RunConfig, dict(run_group, commander_url=public_url, worker_id="pod"),
                                               f"{path}: run"), f"{path}: run")
     if relay.max_pods < 1:
@@ -521,31 +546,40 @@ class NonceCache:
             return True
 
 
-def verify_request(secret: str, headers: Any, method: str, path: str, body: bytes, nonces: NonceCache) -> str:
-    """'' when the request is authentic and fresh, else why not (for the 401 body)."""
+def verify_request(keys: dict[str, str], headers: Any, method: str, path: str, body: bytes,
+                   nonces: NonceCache) -> tuple[str, str]:
+    """Which role's secret (a key of `keys`) signed the request, if it is authentic and fresh;
+    else ('', why not) for the 401 body."""
     timestamp = headers.get("X-Relay-Timestamp", "")
     nonce = headers.get("X-Relay-Nonce", "")
     signature = headers.get("X-Relay-Signature", "")
     if not (timestamp and nonce and signature):
-        return "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature"
+        return "", "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature"
     if not re.fullmatch(r"[0-9a-fA-F]{16,128}", nonce):
-        return "X-Relay-Nonce must be 16 to 128 hex characters"
+        return "", "X-Relay-Nonce must be 16 to 128 hex characters"
     try:
         skew = abs(utc_now() - int(timestamp))
     except ValueError:
-        return "X-Relay-Timestamp must be unix seconds"
+        return "", "X-Relay-Timestamp must be unix seconds"
     if skew > AUTH_MAX_SKEW_SECONDS:
-        return f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock (limit {AUTH_MAX_SKEW_SECONDS})"
-    expected = request_signature(secret, timestamp, nonce, method, path, body)
-    if not hmac.compare_digest(expected, signature.lower()):
-        return "bad signature"
+        return "", f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock (limit {AUTH_MAX_SKEW_SECONDS})"
+    role = next((role for role, secret in keys.items() if secret and hmac.compare_digest(
+        request_signature(secret, timestamp, nonce, method, path, body), signature.lower())), "")
+    if not role:
+        return "", "bad signature"
     if not nonces.first_use(nonce, utc_now()):
-        return "nonce already used (replayed request)"
-    return ""
+        return "", "nonce already used (replayed request)"
+    return role, ""
 
 
 class CommanderUnreachable(Exception):
     """No HTTP answer: connection refused, timeout, DNS.  The message names the URL."""
+
+
+class CommanderNotTrusted(CommanderUnreachable):
+    """An https:// commander whose certificate does not verify.  Callers that start talking
+    to a commander turn it into a UserError (exit 2): retrying cannot fix a certificate, and
+    falling back to plain HTTP would hand the run to whoever answered."""
 
 
 @dataclass
@@ -554,13 +588,35 @@ class Reply:
     body: dict
 
 
-class CommanderClient:
-    """A tiny JSON client for the commander API that signs every request when a secret is set."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # The commander never redirects: a 3xx comes back as an answer, so nothing (an https://
+    # URL sent to http://, a request sent elsewhere) happens behind the caller's back.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
-    def __init__(self, base_url: str, secret: str = "", timeout: float = 10.0) -> None:
+
+def tls_client_context(ca_file: str = "") -> ssl.SSLContext:
+    """Verify the commander's certificate and host name against `ca_file` or the system's CAs."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"CA file {ca_file}: cannot load it: {getattr(exc, 'strerror', None) or exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class CommanderClient:
+    """A tiny JSON client for the commander API that signs every request when a secret is set.
+
+    An https:// URL is verified against `ca_file` (else the system's CAs), never downgraded.
+    """
+
+    def __init__(self, base_url: str, secret: str = "", timeout: float = 10.0, ca_file: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.timeout = timeout
+        context = tls_client_context(ca_file) if self.base_url.startswith("https://") else None
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirects)
 
     def request(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> Reply:
         body = b"" if payload is None else json.dumps(payload).encode()
@@ -570,12 +626,16 @@ class CommanderClient:
         req = urllib.request.Request(self.base_url + path, data=body if method != "GET" else None,
                                      method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
                 return Reply(resp.status, _json_or_error(resp.read()))
         except urllib.error.HTTPError as exc:
             return Reply(exc.code, _json_or_error(exc.read()))
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError) and not isinstance(reason, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                raise CommanderNotTrusted(f"the commander at {self.base_url} failed the TLS check: "
+                                          f"{getattr(reason, 'verify_message', '') or reason.reason or reason} "
+                                          "(commander_ca_file / --ca-file names the CA that signed its certificate)") from None
             raise CommanderUnreachable(f"cannot reach the commander at {self.base_url}: {reason}") from None
 
     def post(self, path: str, payload: dict, timeout: float | None = None) -> Reply:
@@ -612,14 +672,59 @@ STATE_FORMAT = "relay-commander-state"
 MAX_EVENTS = 200
 MAX_LEASES_KEPT = 500
 MAX_LOSS_POINTS = 2000
+MAX_LOSS_POINTS_PER_RENEWAL = 100
 MAX_LOG_LINES = 200
 STANDBY_WINDOW_SECONDS = 60.0  # a standby asks at least every 5 s (retry_after_sec)
 MAX_STANDBYS_TRACKED = 16
 
 
+def thin_points(points: list, limit: int) -> list:
+    """Drop every other point (the newest always stays) until at most `limit` remain: a loss
+    curve keeps its whole span in bounded memory, older stretches at a coarser grain."""
+    while len(points) > limit:
+        points = points[::-1][::2][::-1]
+    return points
+
+
 def standby_poll_seconds(lease_seconds: float) -> float:
     """How often a standby asks for a held run (at most; sooner when the lease is about to end)."""
     return min(5.0, max(0.2, lease_seconds / 10))
+
+
+METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless it says otherwise
+    "relay_run_status": ("gauge", "1 for the run's status (PENDING, RUNNING, PREEMPTED, FAILED, COMPLETED), 0 for the others."),
+    "relay_run_step": ("gauge", "Last training step reported."),
+    "relay_run_epoch": ("gauge", "Lease epoch (grants so far)."),
+    "relay_run_handoffs": ("gauge", "Leases that went to a different worker than the one before."),
+    "relay_run_trainer_restarts": ("gauge", "Trainer restarts after a crash or stall, over all leases."),
+    "relay_run_sync_error": ("gauge", "1 while the holder reports a failing Hub sync."),
+    "relay_run_seconds_without_holder": ("gauge", "Seconds since the run last had a holder; 0 while held or finished."),
+    "relay_run_lease_expires_in_seconds": ("gauge", "Seconds until the holder's lease expires (held runs only)."),
+    "relay_run_seconds_since_renewal": ("gauge", "Seconds since the holder last renewed (held runs only)."),
+    "relay_run_seconds_since_checkpoint": ("gauge", "Seconds since the last sealed checkpoint (or the run's creation)."),
+    "relay_run_seconds_since_hub_revision": ("gauge", "Seconds since the last Hub revision was recorded."),
+    "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
+}
+API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
+                 "/api/lease/release", "/api/job/report")
+
+
+def endpoint_label(path: str) -> str:
+    """A request path as a metric label from a fixed set (run ids folded), so that no client
+    can grow the counters without bound."""
+    if path in API_ENDPOINTS:
+        return path
+    if path.startswith("/api/runs/"):
+        return "/api/runs/{run_id}/logs" if path.endswith("/logs") else "/api/runs/{run_id}"
+    return "other"
+
+
+@dataclass
+class Document:
+    """A non-JSON answer: the page, /metrics."""
+
+    text: str
+    content_type: str
 
 
 class ApiError(Exception):
@@ -666,6 +771,7 @@ class RunRecord:
     losses: list = field(default_factory=list)
     log_tail: list = field(default_factory=list)
     log_total: int = 0  # lines ever received: log_tail holds numbers log_total-len+1 .. log_total
+    trainer_restarts: int = 0  # over all leases: reports with status RESTARTING
 
     def current_lease(self) -> LeaseRecord | None:
         if self.holder and self.leases:
@@ -744,6 +850,18 @@ class Body:
         nested.data = value
         return nested
 
+    def points(self, name: str, max_points: int = MAX_LOSS_POINTS_PER_RENEWAL) -> list[list] | None:
+        """[[step, loss], ...] in the order printed: the loss of every step the trainer printed."""
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > max_points or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                and 0 <= p[0] <= 10**12 and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
+                and math.isfinite(p[1]) for p in value):
+            raise ApiError(400, f"field '{name}' must be a list of at most {max_points} [step, loss] pairs")
+        return [[p[0], float(p[1])] for p in value]
+
     def lines(self, name: str, max_lines: int = 50, max_len: int = 500) -> list[str]:
         value = self.data.get(name)
         if value is None:
@@ -795,13 +913,111 @@ class StateStore:
         atomic_write(self.path, json.dumps(state, indent=1, sort_keys=True).encode())
 
 
+NOTIFY_QUEUE_SIZE = 200
+NOTIFY_ATTEMPTS = 5
+NOTIFY_TIMEOUT_SECONDS = 10.0
+NOTIFY_NO_HOLDER_SECONDS = 600.0
+
+
+def check_notify_url(url: str, where: str) -> str:
+    # The URL is a secret (whoever has a Slack or Discord webhook URL can post): never echoed.
+    if not url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"{where} must be an http:// or https:// URL")
+    return url
+
+
+class Notifier:
+    """Sends one JSON message per event to a webhook (Slack, Discord, ntfy-style: anything
+    that takes a POST), from a bounded queue on its own thread.
+
+    Callers only append to the queue (microseconds, also under the commander's lock), so a
+    slow, hanging or failing receiver never delays a lease answer; when the receiver falls
+    so far behind that the queue is full, the oldest message goes and the log says how many.
+    Each message is tried NOTIFY_ATTEMPTS times with a doubling pause.  The URL is a secret
+    and never appears in a log line.  Disabled (every call a no-op) without a URL.
+    """
+
+    def __init__(self, url: str, source: str) -> None:
+        self.url = url
+        self.source = source  # "commander" or "launch-stack": in each message and log line
+        self._queue: collections.deque[dict] = collections.deque(maxlen=NOTIFY_QUEUE_SIZE)
+        self._changed = threading.Condition()
+        self._sending = False
+        self._dropped = 0
+        if url:
+            threading.Thread(target=self._run, name="notifier", daemon=True).start()
+
+    def notify(self, event: str, text: str, run_id: str = "", **fields: Any) -> None:
+        """Queue one message: `text` and `content` (what Slack and Discord show) and the fields."""
+        if not self.url:
+            return
+        message = {"event": event, "run_id": run_id, "text": text, "content": text, "source": self.source,
+                   "at": iso(utc_now()), **fields}
+        with self._changed:
+            if len(self._queue) == NOTIFY_QUEUE_SIZE:
+                self._dropped += 1
+            self._queue.append(message)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued message was delivered or given up on; False at the timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue and not self._sending, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._queue)
+                message = self._queue.popleft()
+                self._sending, dropped, self._dropped = True, self._dropped, 0
+            if dropped:
+                log(self.source, f"{dropped} notifications dropped: the receiver is too slow")
+            self._deliver(message)
+            with self._changed:
+                self._sending = False
+                self._changed.notify_all()
+
+    def _deliver(self, message: dict) -> None:
+        body = json.dumps(message).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "User-Agent": f"relay-trainer/{VERSION}"})
+        problem = ""
+        for attempt in range(1, NOTIFY_ATTEMPTS + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT_SECONDS) as answer:
+                    answer.read()
+                return
+            except urllib.error.HTTPError as exc:
+                problem = f"the receiver answered {exc.code}"
+                if exc.code < 500 and exc.code != 429:
+                    break  # the receiver refuses this message: asking again changes nothing
+            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+                reason = getattr(exc, "reason", exc)  # never str(exc) of a URLError: no URL in logs
+                problem = f"no answer within {NOTIFY_TIMEOUT_SECONDS:g} s" if isinstance(reason, TimeoutError) else (
+                    f"cannot reach the receiver: {type(reason).__name__} {getattr(reason, 'strerror', '') or ''}".rstrip())
+            if attempt < NOTIFY_ATTEMPTS:
+                time.sleep(min(30.0, 2.0 ** (attempt - 1)))
+        log(self.source, f"notification '{message['event']}' for run '{message['run_id']}' not delivered: {problem}")
+
+
 class Commander:
     """Leases, epochs and run records.  All methods are called under one lock."""
 
     def __init__(self, store: StateStore, lease_seconds: float, max_failed_leases: int = 3,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None,
+                 no_holder_seconds: float = NOTIFY_NO_HOLDER_SECONDS) -> None:
         self.clock = clock  # seconds; tests drive leases through expiry with a virtual clock
         self.store = store
+        self.notifier = notifier or Notifier("", "commander")
+        self.no_holder_seconds = no_holder_seconds
+        self.told_no_holder: set[str] = set()  # runs whose holderless stretch was notified already
         self.lease_seconds = lease_seconds
         self.max_failed_leases = max_failed_leases
         self.lock = threading.Lock()
@@ -812,6 +1028,9 @@ class Commander:
         # Who asked for each run lately while another held it (run -> worker -> clock()), in
         # memory only: launch-stack tells a standing-by worker from a dead one by it.
         self.standbys: dict[str, dict[str, float]] = {}
+        # Answers by endpoint and status, for /metrics; counted on the handlers' threads.
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.requests_lock = threading.Lock()
         now = self.clock()
         self.started = now
         for run in self.runs.values():
@@ -915,6 +1134,7 @@ class Commander:
                 return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
                         "retry_after_sec": self.retry_after(run, now)}
         token = secrets.token_urlsafe(24)
+        previous_holder = run.leases[-1]["worker_id"] if run is not None and run.leases else ""
         with self.durable_change(run_id):
             if run is None:
                 run = self.runs[run_id] = RunRecord(run_id=run_id, mode=mode, created_at=utc_now())
@@ -930,6 +1150,9 @@ class Commander:
             run.add_event(f"lease epoch {run.epoch} granted to {worker_id}")
             self.expires[run_id] = now + self.lease_seconds
         self.standbys.get(run_id, {}).pop(worker_id, None)
+        self.told_no_holder.discard(run_id)
+        if previous_holder and previous_holder != worker_id:
+            self.notify_handoff(run, previous_holder)
         checkpoint = dict(run.latest_checkpoint) if run.latest_checkpoint else None
         if run.hub:
             checkpoint = dict(checkpoint or {}, hub=dict(run.hub))
@@ -944,21 +1167,26 @@ class Commander:
         loss = body.number("loss")
         phase = body.str("phase", required=False, max_len=32)
         lines = body.lines("log_lines")
+        losses = body.points("losses")
         run = self._holder_run(run_id, token, worker_id)
         # Renewals stay in memory (they are frequent and the TTL restarts on a commander
         # restart anyway); grants, releases and checkpoint reports go to disk.
         self.expires[run_id] = self.clock() + self.lease_seconds
         run.updated_at = utc_now()
-        self._record_progress(run, step, loss, phase, lines)
+        self._record_progress(run, step, loss, phase, lines, losses)
         return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds}
 
     def _record_progress(self, run: RunRecord, step: int | None, loss: float | None, phase: str,
-                         lines: list[str]) -> None:
+                         lines: list[str], losses: list[list] | None = None) -> None:
         if step is not None and step >= run.step:
             run.step = step
-            if loss is not None and (not run.losses or run.losses[-1][0] != step):
-                run.losses.append([step, loss])
-                del run.losses[:-MAX_LOSS_POINTS]
+            if losses is None and loss is not None:  # a worker that sends no per-step losses: one point
+                losses = [[step, loss]]
+        # Steps redone after a handoff (from the restored checkpoint on) are not drawn twice.
+        for point in losses or []:
+            if not run.losses or point[0] > run.losses[-1][0]:
+                run.losses.append(point)
+        run.losses = thin_points(run.losses, MAX_LOSS_POINTS)
         if loss is not None:
             run.loss = loss
         if phase:
@@ -977,13 +1205,14 @@ class Commander:
         step = body.int("step")
         loss = body.number("loss")
         lines = body.lines("log_lines")
+        losses = body.points("losses")
         checkpoint = self._checkpoint_from(body.obj("latest_ckpt"))
         run = self._holder_run(run_id, token, worker_id)
         with self.durable_change(run_id):
             # The trainer's last lines and step ride on the release, so a finished run's
             # log ends with its final line instead of losing what came after the last renewal;
             # so does a sealed checkpoint whose report went unanswered.
-            self._record_progress(run, step, loss, "", lines)
+            self._record_progress(run, step, loss, "", lines, losses)
             self._record_checkpoint(run, checkpoint)
             lease = run.current_lease()
             progressed = lease is not None and run.step > lease.start_step
@@ -1003,6 +1232,15 @@ class Commander:
                     run.status = "PENDING"
             else:
                 run.status = "PREEMPTED"
+        if run.status == "COMPLETED":
+            hub = run.hub or {}
+            self.notifier.notify("completed", f"relay run {run_id} COMPLETED at step {run.step}" + (
+                f"; final model {hub['repo']}@{hub['revision']}" if hub else ""), run_id, step=run.step,
+                hub_repo=hub.get("repo", ""), hub_revision=hub.get("revision", ""))
+        elif run.status == "FAILED":
+            self.notifier.notify("failed", f"relay run {run_id} FAILED at step {run.step}: {reason or 'no reason given'} "
+                                 f"({run.failed_leases} leases in a row ended FAILED without progress)", run_id,
+                                 step=run.step, reason=reason, worker_id=worker_id)
         return {"ok": True, "status": run.status}
 
     def report(self, body: Body) -> dict:
@@ -1015,9 +1253,12 @@ class Commander:
         hub = self._hub_from(body.obj("hf"))
         sync_error = body.str("sync_error", required=False, max_len=1000) if "sync_error" in body.data else None
         run = self._holder_run(run_id, token)
+        was_failing = bool(run.sync_error)
         with self.durable_change(run_id):
-            self._record_progress(run, step, body.number("loss"), phase, [])
+            self._record_progress(run, step, body.number("loss"), phase, [], losses=[])  # points come with renewals
             run.updated_at = utc_now()
+            if phase == "RESTARTING":
+                run.trainer_restarts += 1
             self._record_checkpoint(run, checkpoint)
             if hub is not None and hub["iteration"] >= (run.hub or {}).get("iteration", -1):
                 run.hub = dict(hub, epoch=run.epoch, at=utc_now())
@@ -1028,7 +1269,36 @@ class Commander:
                 run.sync_error = sync_error
             if msg:
                 run.add_event(msg)
+        if sync_error and not was_failing:
+            self.notifier.notify("sync_error", f"relay run {run_id}: Hub sync failing: {sync_error}", run_id,
+                                 error=sync_error, worker_id=run.holder)
+        elif sync_error == "" and was_failing:
+            self.notifier.notify("sync_recovered", f"relay run {run_id}: Hub sync works again", run_id,
+                                 worker_id=run.holder)
         return {"ok": True, "epoch": run.epoch}
+
+    def notify_handoff(self, run: RunRecord, previous_holder: str) -> None:
+        """The run went to another worker: it resumes from the recorded checkpoint, so the steps
+        the previous holder made after it are done again."""
+        restored = (run.latest_checkpoint or {}).get("iteration")
+        lost = max(0, run.step - (restored or 0))
+        self.notifier.notify("handoff", f"relay run {run.run_id}: handoff from {previous_holder} to {run.holder} at step "
+                             f"{run.step} (epoch {run.epoch}); resumes from "
+                             f"{f'checkpoint {restored}' if restored is not None else 'a cold start'}, {lost} steps lost",
+                             run.run_id, from_worker=previous_holder, to_worker=run.holder, step=run.step,
+                             epoch=run.epoch, restored_checkpoint=restored, steps_lost=lost)
+
+    def notify_runs_without_holder(self) -> None:
+        """Once per holderless stretch longer than no_holder_seconds (the lease reaper calls it)."""
+        with self.lock:
+            wall = utc_now()
+            for run_id, run in self.runs.items():
+                seconds = self.seconds_without_holder(run, wall)
+                if seconds > self.no_holder_seconds and run_id not in self.told_no_holder:
+                    self.told_no_holder.add(run_id)
+                    self.notifier.notify("no_holder", f"relay run {run_id} has had no worker holding it for "
+                                         f"{age_text(seconds)} (status {run.status}, step {run.step})", run_id,
+                                         seconds=round(seconds), step=run.step, status=run.status)
 
     @staticmethod
     def _record_checkpoint(run: RunRecord, checkpoint: dict | None) -> None:
@@ -1085,7 +1355,52 @@ class Commander:
         return {"run_id": run.run_id, "status": run.status, "holder": run.holder, "lines": lines,
                 "next": run.log_total, "dropped": max(0, first - 1 - after)}
 
-    def dispatch(self, method: str, path: str, raw: bytes, query: dict[str, list[str]]) -> tuple[int, dict | str]:
+    def count_request(self, path: str, status: int) -> None:
+        with self.requests_lock:
+            self.requests[(endpoint_label(path), status)] += 1
+
+    def metrics_view(self) -> str:
+        """Every run's health in the Prometheus text format (README, 'Metrics')."""
+        now, wall = self.clock(), utc_now()
+        series: dict[str, list[tuple[str, float]]] = {name: [] for name in METRICS}
+        for run_id, run in sorted(self.runs.items()):
+            label = f'run_id="{run_id}"'  # RUN_ID_RE admits no character that needs escaping
+            for status in RUN_STATUSES:
+                series["relay_run_status"].append((f'{label},status="{status}"', float(run.status == status)))
+            series["relay_run_step"].append((label, run.step))
+            series["relay_run_epoch"].append((label, run.epoch))
+            holders = [lease["worker_id"] for lease in run.leases]
+            series["relay_run_handoffs"].append((label, sum(
+                1 for before, after in zip(holders, holders[1:], strict=False) if before != after)))
+            series["relay_run_trainer_restarts"].append((label, run.trainer_restarts))
+            series["relay_run_sync_error"].append((label, float(bool(run.sync_error))))
+            series["relay_run_seconds_without_holder"].append((label, self.seconds_without_holder(run, wall)))
+            if run.holder:
+                expires_in = self.expires.get(run_id, now) - now
+                series["relay_run_lease_expires_in_seconds"].append((label, expires_in))
+                series["relay_run_seconds_since_renewal"].append((label, self.lease_seconds - expires_in))
+            last_checkpoint = run.latest_checkpoint["at"] if run.latest_checkpoint else run.created_at
+            series["relay_run_seconds_since_checkpoint"].append((label, wall - last_checkpoint))
+            if run.hub:
+                series["relay_run_seconds_since_hub_revision"].append((label, wall - run.hub["at"]))
+        with self.requests_lock:
+            series["relay_commander_requests_total"] = [(f'endpoint="{endpoint}",status="{status}"', count)
+                                                        for (endpoint, status), count in sorted(self.requests.items())]
+        lines = []
+        for name, (kind, text) in METRICS.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{{{labels}}} {value:.3f}" if isinstance(value, float) else f"{name}{{{labels}}} {value}"
+                      for labels, value in series[name]]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def seconds_without_holder(run: RunRecord, wall: float) -> float:
+        """0 while held or finished; else since the last lease ended (or the run was created)."""
+        if run.holder or run.status in ("COMPLETED", "FAILED"):
+            return 0.0
+        return wall - (run.leases[-1]["ended_at"] if run.leases else run.created_at)
+
+    def dispatch(self, method: str, path: str, raw: bytes, query: dict[str, list[str]]) -> tuple[int, dict | str | Document]:
         routes: dict[tuple[str, str], Callable[[Body], dict]] = {
             ("POST", "/api/lease/acquire"): self.acquire,
             ("POST", "/api/lease/renew"): self.renew,
@@ -1110,22 +1425,72 @@ class Commander:
         if method == "GET" and path == "/":
             with self.lock:
                 return 200, render_status_page(self.runs_view())
-        if any(p == path for _, p in routes) or path in ("/api/runs", "/", "/api/health"):
+        if method == "GET" and path == "/metrics":
+            with self.lock:
+                return 200, Document(self.metrics_view(), "text/plain; version=0.0.4; charset=utf-8")
+        if any(p == path for _, p in routes) or path in ("/api/runs", "/", "/api/health", "/metrics"):
             raise ApiError(405, f"{method} is not allowed on {path}")
         raise ApiError(404, f"no such endpoint: {path}")
+
+
+# Roles.  The shared secret may do everything; the viewer secret (RELAY_VIEWER_SECRET) may
+# only read: the page, /metrics and GET /api/runs… (the logs among them).  Whoever can only
+# watch can then never change a run.
+ROLE_SHARED, ROLE_VIEWER = "shared", "viewer"
+BASIC_AUTH_PATHS = ("/", "/metrics")  # what a browser or Prometheus opens with a password
+TLS_HANDSHAKE_SECONDS = 10.0
+
+
+def viewer_may(method: str, path: str) -> bool:
+    return method == "GET" and (path in BASIC_AUTH_PATHS or path == "/api/runs" or path.startswith("/api/runs/"))
+
+
+def tls_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The server side of TLS: the stdlib's modern defaults (forward-secret ciphers, no
+    compression), TLS 1.2 at least."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:  # before OSError, of which it is a subclass
+        raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: not a PEM certificate and its key "
+                        f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise UserError(f"--tls-cert {cert_file} / --tls-key {key_file}: {exc.strerror or exc}") from None
+    return context
 
 
 class CommanderHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], commander: Commander, secret: str) -> None:
+    def __init__(self, address: tuple[str, int], commander: Commander, secret: str, viewer_secret: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, CommanderHandler)
         self.commander = commander
         self.secret = secret
+        self.viewer_secret = viewer_secret
         self.nonces = NonceCache()
+        self.tls = tls
+        if tls is not None:
+            # The handshake happens on the request's own thread (finish_request), so a client
+            # that connects and says nothing never holds up accepting the others.
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        # Basic auth sends the password readable by anyone on the path: the shared secret
+        # goes that way only inside TLS or on this machine.
+        self.shared_secret_over_basic = tls is not None or is_loopback(address[0])
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            try:
+                request.settimeout(TLS_HANDSHAKE_SECONDS)
+                request.do_handshake()
+                request.settimeout(None)
+            except (ssl.SSLError, OSError):
+                return  # a failed handshake (plain HTTP, an untrusting client) has nobody to answer
+        super().finish_request(request, client_address)
 
 
 class CommanderHandler(http.server.BaseHTTPRequestHandler):
@@ -1177,21 +1542,37 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(size)
 
     def _authenticate(self, method: str, body: bytes, path: str) -> None:
-        secret = self.server.secret
-        if not secret or path == "/api/health":
+        server = self.server
+        if not server.secret or path == "/api/health":
             return
         auth = self.headers.get("Authorization", "")
-        if path == "/" and auth.startswith("Basic ") and not self.headers.get("X-Relay-Signature"):
-            try:
-                _, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                password = ""
-            if hmac.compare_digest(password.encode(), secret.encode()):
-                return
+        if path in BASIC_AUTH_PATHS and auth.startswith("Basic ") and not self.headers.get("X-Relay-Signature"):
+            role = self._basic_auth_role(auth)
+        else:
+            role, problem = verify_request({ROLE_SHARED: server.secret, ROLE_VIEWER: server.viewer_secret},
+                                           self.headers, method, self.path, body, server.nonces)
+            if problem:
+                raise ApiError(401, problem)
+        if role == ROLE_VIEWER and not viewer_may(method, path):
+            raise ApiError(401, "the viewer secret may only read (the page, /metrics, GET /api/runs); "
+                                "changing a run takes the shared secret")
+
+    def _basic_auth_role(self, auth: str) -> str:
+        try:
+            _, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            password = ""
+        server = self.server
+        if server.viewer_secret and hmac.compare_digest(password.encode(), server.viewer_secret.encode()):
+            return ROLE_VIEWER
+        if not hmac.compare_digest(password.encode(), server.secret.encode()):
             raise ApiError(401, "wrong password")
-        problem = verify_request(secret, self.headers, method, self.path, body, self.server.nonces)
-        if problem:
-            raise ApiError(401, problem)
+        if not server.shared_secret_over_basic:
+            raise ApiError(401, "the shared secret is refused here: this commander serves plain HTTP on a public "
+                                "address, where a password crosses the network readable by anyone, and this one "
+                                "can change every run. Open the page with RELAY_VIEWER_SECRET, or serve with "
+                                "--tls-cert/--tls-key (README, 'TLS and roles')")
+        return ROLE_SHARED
 
     def _handle(self, method: str) -> None:
         path = urllib.parse.urlsplit(self.path).path
@@ -1208,10 +1589,13 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:  # a bug must not take the commander down or leak a trace
             log("commander", f"internal error on {method} {path}: {type(exc).__name__}: {exc}")
             status, payload = 500, {"error": "internal error"}
+        self.server.commander.count_request(path, status)
         self._send(status, payload, path)
 
-    def _send(self, status: int, payload: dict | str, path: str) -> None:
-        if isinstance(payload, str):
+    def _send(self, status: int, payload: dict | str | Document, path: str) -> None:
+        if isinstance(payload, Document):
+            data, ctype = payload.text.encode(), payload.content_type
+        elif isinstance(payload, str):
             data, ctype = payload.encode(), "text/html; charset=utf-8"
         else:
             data, ctype = json.dumps(payload).encode(), "application/json"
@@ -1224,7 +1608,7 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             # Everything is inline and escaped; this stops anything else from loading or running.
             self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
                                                         "script-src 'unsafe-inline'; connect-src 'self'")
-        if status == 401 and path == "/":
+        if status == 401 and path in BASIC_AUTH_PATHS:
             self.send_header("WWW-Authenticate", 'Basic realm="relay-trainer", charset="UTF-8"')
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -1243,7 +1627,8 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: float, insecure: bool,
-          max_failed_leases: int) -> int:
+          max_failed_leases: int, viewer_secret: str = "", tls_cert: str = "", tls_key: str = "",
+          notify_url: str = "", no_holder_seconds: float = NOTIFY_NO_HOLDER_SECONDS) -> int:
     if lease_seconds < 2:
         raise UserError("--lease-seconds must be at least 2")
     if max_failed_leases < 1:
@@ -1251,24 +1636,39 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     if not secret and not is_loopback(host) and not insecure:
         raise UserError(f"refusing to listen on {host} without a shared secret: set RELAY_SHARED_SECRET "
                         "(or pass --insecure if this network is private)")
-    commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases)
+    if viewer_secret and (not secret or viewer_secret == secret):
+        raise UserError("RELAY_VIEWER_SECRET needs a different RELAY_SHARED_SECRET beside it "
+                        "(without a shared secret everything is open anyway)")
+    if bool(tls_cert) != bool(tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    tls = tls_server_context(tls_cert, tls_key) if tls_cert else None
+    if no_holder_seconds <= 0:
+        raise UserError("--notify-no-holder-seconds must be a positive number of seconds")
+    notifier = Notifier(check_notify_url(notify_url, "--notify-url / RELAY_NOTIFY_URL"), "commander")
+    commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases, notifier=notifier,
+                          no_holder_seconds=no_holder_seconds)
     try:
-        server = CommanderHTTPServer((host, port), commander, secret)
+        server = CommanderHTTPServer((host, port), commander, secret, viewer_secret, tls)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if secret and not server.shared_secret_over_basic:
+        log("commander", f"plain HTTP on {host}: the page and /metrics take only the viewer secret "
+                         "(serve with --tls-cert/--tls-key to open them with the shared secret)")
     set_process_name("relay-commander")
     stopping = threading.Event()
 
     def reap_expired() -> None:
         while not stopping.wait(0.25):
             commander.expire_due_leases()
+            commander.notify_runs_without_holder()
 
     threading.Thread(target=reap_expired, name="lease-reaper", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"relay commander {VERSION} listening on http://{shown}:{bound_port} "
-          f"(state {commander.store.path}, lease {lease_seconds:g} s, auth {'on' if secret else 'off'})", flush=True)
+    print(f"relay commander {VERSION} listening on {'https' if tls else 'http'}://{shown}:{bound_port} "
+          f"(state {commander.store.path}, lease {lease_seconds:g} s, auth {'on' if secret else 'off'}, "
+          f"viewer secret {'on' if viewer_secret else 'off'}, notifications {'on' if notify_url else 'off'})", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -1276,6 +1676,7 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     finally:
         stopping.set()
         server.server_close()
+        notifier.flush(5.0)  # what happened just before a stop is worth a few seconds
     print("relay commander stopped", flush=True)
     return 0
 
@@ -2186,6 +2587,9 @@ class Progress:
         self.last_advance = boottime()  # a new step or rollout (the worker adds new checkpoints)
         self.placement_wait = ""  # slime's last "waiting for a placement group" line, until a rollout
         self.unsent_lines: list[str] = []
+        self.unsent_losses: list[list] = []  # [step, loss] of every step printed since the last renewal
+        self._losses_seen = 0  # since the last renewal; every `_loss_stride`-th is kept
+        self._loss_stride = 1
         self._lock = threading.Lock()
 
     def advance_to(self, step: int) -> None:
@@ -2200,6 +2604,7 @@ class Progress:
             self.placement_wait = ""
             self.advance_to(int(rollout.group(1)))
         match = STEP_RE.search(line)
+        point = None  # the loss curve's x is the train step (slime: several per rollout)
         if match:
             if not self.counts_rollouts and not match.group(2).startswith(":"):
                 self.advance_to(int(match.group(1)))
@@ -2207,6 +2612,8 @@ class Progress:
             if loss:
                 with contextlib.suppress(ValueError):
                     self.loss = float(loss.group(1))
+                    if math.isfinite(self.loss):
+                        point = [int(match.group(1)), self.loss]
         waiting = PLACEMENT_WAIT_RE.search(line)
         if waiting:
             self.placement_wait = (f"waiting for a placement group of {waiting.group(1)} GPUs, "
@@ -2214,11 +2621,29 @@ class Progress:
         with self._lock:
             self.unsent_lines.append(line[:500])
             del self.unsent_lines[:-20]
+            if point is not None:
+                self._add_loss_point(point)
+
+    def _add_loss_point(self, point: list) -> None:
+        """Bounded per renewal and evenly spaced: when more steps are printed than a renewal
+        carries, every other point goes and from then on only every (doubled) stride-th is kept."""
+        self._losses_seen += 1
+        if self._losses_seen % self._loss_stride == 0:
+            self.unsent_losses.append(point)
+            if len(self.unsent_losses) > MAX_LOSS_POINTS_PER_RENEWAL:
+                self.unsent_losses = self.unsent_losses[1::2]
+                self._loss_stride *= 2
 
     def take_lines(self) -> list[str]:
         with self._lock:
             lines, self.unsent_lines = self.unsent_lines, []
         return lines
+
+    def take_losses(self) -> list[list]:
+        with self._lock:
+            losses, self.unsent_losses = self.unsent_losses, []
+            self._losses_seen, self._loss_stride = 0, 1
+        return losses
 
 
 class TrainerProcess:
@@ -2458,7 +2883,7 @@ class LeaseKeeper:
             sent = boottime()
             payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
                        "step": self.progress.step, "loss": self.progress.loss, "phase": self.phase,
-                       "log_lines": self.progress.take_lines()}
+                       "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
             try:
                 reply = self.client.post("/api/lease/renew", payload, timeout=max(0.2, min(interval, self.deadline - sent)))
             except CommanderUnreachable as exc:
@@ -2495,7 +2920,7 @@ class Worker:
     def __init__(self, cfg: RunConfig, watchdog: Watchdog, hub: HubStore | None = None) -> None:
         self.cfg = cfg
         self.watchdog = watchdog
-        self.client = CommanderClient(cfg.commander_url, cfg.relay_shared_secret)
+        self.client = CommanderClient(cfg.commander_url, cfg.relay_shared_secret, ca_file=cfg.commander_ca_file)
         self.ckpt = CheckpointDir(cfg.run_dir, cfg.require_dataset_state)
         self.hub = hub
         self.sync = HubSync(hub, self.ckpt, cfg, self.report, self.lease_held) if hub is not None else None
@@ -2602,6 +3027,8 @@ class Worker:
                 if reply.status == 200:
                     return
                 problem = f"{self.cfg.commander_url}/api/health answered {reply.status}"
+            except CommanderNotTrusted as exc:
+                raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:
                 problem = str(exc)
             if boottime() >= give_up or self.stop_requested.is_set():
@@ -2631,6 +3058,8 @@ class Worker:
                 payload["previous_lease_token"] = self.previous_token
             try:
                 reply = self.client.post("/api/lease/acquire", payload)
+            except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
+                raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:
                 if not complained:
                     self.say(f"{exc}; retrying")
@@ -2915,7 +3344,7 @@ class Worker:
         self.keeper.stop()
         payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
                    "status": status, "reason": reason, "step": self.progress.step, "loss": self.progress.loss,
-                   "log_lines": self.progress.take_lines()}
+                   "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
         if self.unreported is not None:
             payload["latest_ckpt"] = self.unreported.summary()
         while not self.keeper.lost.is_set() and boottime() < self.keeper.deadline:
@@ -2965,6 +3394,7 @@ def run_worker(config_path: str) -> int:
 # and removed, and a restarted supervisor adopts its pods instead of renting new ones.
 
 POD_DEAD_STATUSES = ("failed", "stopped", "terminated", "error", "exited")
+COMMANDER_CA_FILENAME = "commander_ca.pem"  # stack.yaml commander.tls_ca_file, on the pod beside run.yaml
 
 
 class LiumError(Exception):
@@ -3078,9 +3508,11 @@ class Stack:
         self.cfg, self.dry_run = cfg, dry_run
         self.lium = Lium(dry_run)
         self.state = StackState(cfg.relay.state_path, cfg.run.run_id, persist=not dry_run)
-        self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10)
+        self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10, ca_file=cfg.commander.tls_ca_file)
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
+        # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
+        self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
@@ -3090,6 +3522,8 @@ class Stack:
     def commander_healthy(self) -> bool:
         try:
             return self.client.get("/api/health", timeout=3).status == 200
+        except CommanderNotTrusted as exc:
+            raise UserError(f"{exc} (commander.tls_ca_file in {self.cfg.path})") from None
         except CommanderUnreachable:
             return False
 
@@ -3121,13 +3555,18 @@ class Stack:
         group = self.cfg.commander
         argv = [group.python_bin or sys.executable, os.path.join(HERE, "relay.py"), "serve", "--host", group.host,
                 "--port", str(group.port), "--state-path", group.state_path, "--lease-seconds", f"{group.lease_seconds:g}"]
+        if group.tls_cert:
+            argv += ["--tls-cert", group.tls_cert, "--tls-key", group.tls_key]
+        # Secrets reach the commander through its environment, never its command line.
+        secrets_env = {name: value for name, value in (("RELAY_SHARED_SECRET", self.cfg.secret),
+                                                        ("RELAY_NOTIFY_URL", self.cfg.notify_url)) if value}
         if self.dry_run:
-            secret = "RELAY_SHARED_SECRET=*** " if self.cfg.secret else ""
-            print(f"would run: {secret}{shlex.join(argv)} >> {group.log_path} 2>&1 &", flush=True)
+            masked = "".join(f"{name}=*** " for name in secrets_env)
+            print(f"would run: {masked}{shlex.join(argv)} >> {group.log_path} 2>&1 &", flush=True)
             return None
         for path in (group.log_path, group.pid_path, group.state_path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        env = dict(os.environ, **({"RELAY_SHARED_SECRET": self.cfg.secret} if self.cfg.secret else {}))
+        env = dict(os.environ, **secrets_env)
         with open(group.log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
@@ -3212,6 +3651,8 @@ class Stack:
     def pod_run_config(self, pod: str) -> bytes:
         run = dataclasses.asdict(self.cfg.run)
         run.update(worker_id=pod, relay_shared_secret="")  # the secret travels in relay.env only
+        if self.cfg.commander.tls_ca_file:  # uploaded beside the run config (deploy_worker)
+            run["commander_ca_file"] = COMMANDER_CA_FILENAME
         return json.dumps(run, indent=1).encode()
 
     def pod_secrets(self) -> bytes:
@@ -3258,6 +3699,9 @@ class Stack:
             if remote_hashes.get(remote) != local_hashes[name]:
                 self.upload(pod, name, remote, local=os.path.join(HERE, name))
         self.upload(pod, "run.yaml", worker.remote_config_path, self.pod_run_config(pod))
+        if self.cfg.commander.tls_ca_file:
+            self.upload(pod, COMMANDER_CA_FILENAME, os.path.join(os.path.dirname(worker.remote_config_path),
+                                                                 COMMANDER_CA_FILENAME), local=self.cfg.commander.tls_ca_file)
         self.upload(pod, "relay.env", env_path, self.pod_secrets())
         self.check_exec(pod, f"chmod 600 {q(worker.remote_config_path)} {q(env_path)}")
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
@@ -3307,8 +3751,10 @@ class Stack:
                 record.state = "removed"
                 self.state.save()
                 self.say(f"pod {record.name} is gone (preempted, expired or removed)")
+                self.notify("pod_lost", f"pod {record.name} is gone (preempted, expired or removed)", pod=record.name)
             elif str(row.get("status", "")).lower() in POD_DEAD_STATUSES:
                 self.remove_pod(record, f"Lium reports it {row.get('status')}")
+                self.notify("pod_lost", f"pod {record.name} is {row.get('status')}", pod=record.name)
             else:
                 alive.append(record)
         return alive
@@ -3374,10 +3820,19 @@ class Stack:
                     self.say(f"max_pods ({relay.max_pods}) reached and no pod is left: giving up on run "
                              f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
                              f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
+                    self.notify("max_pods_reached", f"max_pods ({relay.max_pods}) reached and no pod is left: "
+                                f"supervision of run {self.cfg.run.run_id} stopped at step {run.get('step', 0)}",
+                                max_pods=relay.max_pods, step=run.get("step", 0))
                     return 1
                 if len(alive) < pods_wanted and self.state.attempts < relay.max_pods:
                     try:
-                        self.deploy_worker(self.create_pod())
+                        pod = self.create_pod()
+                        self.deploy_worker(pod)
+                        replaced = any(record.state == "removed" for record in self.state.pods)
+                        self.notify("pod_replaced" if replaced else "pod_added",
+                                    f"pod {pod} started for run {self.cfg.run.run_id} "
+                                    f"({len(alive) + 1} of {pods_wanted} wanted, attempt {self.state.attempts} of "
+                                    f"{relay.max_pods})", pod=pod, attempt=self.state.attempts)
                     except LiumError as exc:
                         self.say(f"{exc}; trying again in {poll:g} s")
                     if not alive:  # the new pod gets a whole grace to take the lease
@@ -3387,6 +3842,12 @@ class Stack:
             names = ", ".join(p.name for p in self.state.live()) or "none"
             self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them)")
             return 130
+        finally:
+            self.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
+
+    def notify(self, event: str, text: str, **fields: Any) -> None:
+        """The supervisor's own events, to the same receiver as the commander's (notify_url)."""
+        self.notifier.notify(event, f"relay launch-stack: {text}", self.cfg.run.run_id, **fields)
 
     def silence_seconds(self) -> float:
         """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
@@ -3425,15 +3886,19 @@ class Stack:
         hub = run.get("hub") or {}
         self.say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
                  + (f"; final model {hub['repo']}@{hub['revision']}" if hub else ""))
+        live = self.live_pods() if self.cfg.relay.remove_pods_at_end else []
         if self.cfg.relay.remove_pods_at_end:
             keep = self.sole_keeper_of_the_last_checkpoint(run)
-            for record in self.live_pods():
+            for record in live:
                 if record.name == keep:
                     self.say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
                              f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
                              f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
                     continue
                 self.remove_pod(record, f"the run is {status}")
+        removed = [record.name for record in live if record.state == "removed"]
+        self.notify("run_finished", f"run {self.cfg.run.run_id} {status} at step {run.get('step')}; pods removed: "
+                    f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
         return 0 if status == "COMPLETED" else 1
 
     def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
@@ -3675,7 +4140,11 @@ def render_status_page(view: dict) -> str:
 
 
 def client_from_args(args: argparse.Namespace) -> CommanderClient:
-    return CommanderClient(args.commander_url, os.environ.get("RELAY_SHARED_SECRET", ""), timeout=10)
+    # Reading needs no more than the viewer secret: when it is set, it is the one used.
+    secret = os.environ.get("RELAY_VIEWER_SECRET") or os.environ.get("RELAY_SHARED_SECRET", "")
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        raise UserError(f"--ca-file {args.ca_file}: no such file")
+    return CommanderClient(args.commander_url, secret, timeout=10, ca_file=args.ca_file)
 
 
 def fetch_json(client: CommanderClient, path: str) -> dict:
@@ -3751,7 +4220,8 @@ class Demo:
         self.work = tempfile.mkdtemp(prefix="relay-demo-")
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ, **self.MOCK_ENV)
-        self.env.pop("RELAY_SHARED_SECRET", None)
+        for name in ("RELAY_SHARED_SECRET", "RELAY_VIEWER_SECRET", "RELAY_NOTIFY_URL"):  # a self-contained demo
+            self.env.pop(name, None)
         self.seen_events = 0
         self.client: CommanderClient | None = None
 
@@ -3962,8 +4432,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.shared_secret:
         log("commander", "warning: --shared-secret is visible in `ps`; prefer the RELAY_SHARED_SECRET variable")
         secret = args.shared_secret
+    notify_url = os.environ.get("RELAY_NOTIFY_URL", "")
+    if args.notify_url:
+        log("commander", "warning: --notify-url is visible in `ps`; prefer the RELAY_NOTIFY_URL variable")
+        notify_url = args.notify_url
     return serve(args.host, args.port, args.state_path, secret, args.lease_seconds, args.insecure,
-                 args.max_failed_leases)
+                 args.max_failed_leases, os.environ.get("RELAY_VIEWER_SECRET", ""), args.tls_cert, args.tls_key,
+                 notify_url, args.notify_no_holder_seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3980,6 +4455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failed-leases", type=int, default=3,
                    help="consecutive leases ending FAILED without progress before the run is FAILED (default 3)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument("--notify-url", default="", help="webhook for events; prefer RELAY_NOTIFY_URL (not visible in ps)")
+    p.add_argument("--notify-no-holder-seconds", type=float, default=NOTIFY_NO_HOLDER_SECONDS,
+                   help="notify when a run has had no holder this long (default 600)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="relay one run on this machine (run.yaml)")
@@ -3991,12 +4471,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="", help="one run in detail: its lease timeline and events")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_status)
 
     p = sub.add_parser("logs", help="the trainer output the commander holds for a run (no SSH needed)")
     p.add_argument("run_id", metavar="RUN")
     p.add_argument("--commander-url", default="http://127.0.0.1:8080")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_logs)
 
     p = sub.add_parser("launch-stack", help="start the commander and a Lium pod with a worker (stack.yaml)")

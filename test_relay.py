@@ -313,6 +313,98 @@ def test_requests_without_a_valid_fresh_signature_get_401(cluster):
     assert secret not in cluster.log("commander")
 
 
+def self_signed_certificate(folder: Path, name: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, made with the README's own openssl command."""
+    cert, key = str(folder / f"{name}.crt"), str(folder / f"{name}.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "30", "-keyout", key, "-out", cert, "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+def https_request(cluster: Cluster, method: str, path: str, headers: dict | None = None):
+    import ssl
+
+    context = ssl.create_default_context(cafile=cluster.ca_file)
+    conn = http.client.HTTPSConnection("127.0.0.1", cluster.port, timeout=5, context=context)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_workers_relay_a_run_through_a_tls_commander_and_a_wrong_ca_stops_a_worker_with_exit_2(cluster, tmp_path):
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    impostor, _ = self_signed_certificate(tmp_path, "impostor")
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.ca_file = cert
+    # On every address, but reached over loopback only: TLS lets the shared secret open the page.
+    cluster.start_commander(lease=3, secret=secret, extra=("--host", "0.0.0.0", "--tls-cert", cert, "--tls-key", key),
+                            env={"RELAY_VIEWER_SECRET": viewer})
+    assert cluster.url.startswith("https://")
+    wrong = cluster.start_worker("wrong", commander_ca_file=impostor)
+    assert wrong.wait(20) == 2
+    lines = cluster.log("wrong").strip().splitlines()
+    assert len(lines) == 1 and "failed the TLS check" in lines[0] and "Traceback" not in lines[0], lines
+    worker_a = cluster.start_worker("a", env=MID_RUN, commander_ca_file=cert)
+    wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+    worker_a.send_signal(signal.SIGTERM)
+    assert worker_a.wait(30) == 0
+    worker_b = cluster.start_worker("b", commander_ca_file=cert)
+    run = wait_for("the relayed run to complete", lambda: completed(cluster), 30)
+    assert worker_b.wait(30) == 0
+    assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
+    assert https_request(cluster, "GET", "/", basic_auth(secret))[0] == 200
+    env = cluster.env(RELAY_VIEWER_SECRET=viewer)
+    status = subprocess.run([sys.executable, RELAY, "status", "--commander-url", cluster.url, "--ca-file", cert],
+                            capture_output=True, text=True, timeout=20, env=env)
+    assert status.returncode == 0 and status.stdout.splitlines()[1].split()[:2] == ["r1", "COMPLETED"], status.stderr
+    untrusted = subprocess.run([sys.executable, RELAY, "logs", "r1", "--commander-url", cluster.url,
+                                "--ca-file", impostor], capture_output=True, text=True, timeout=20, env=env)
+    assert untrusted.returncode == 2 and "failed the TLS check" in untrusted.stderr and not untrusted.stdout
+
+
+def test_the_viewer_secret_opens_the_page_metrics_runs_and_logs_and_gets_401_on_every_post(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret, env={"RELAY_VIEWER_SECRET": viewer})
+    token = cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+    state_before = open(cluster.state_path, "rb").read()
+    for path in ("/", "/metrics"):
+        assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200, path
+    reader = cluster.client(secret=viewer)
+    for path in ("/api/runs", "/api/runs/r1", "/api/runs/r1/logs?after=0"):
+        assert reader.get(path).status == 200, path
+    held = {"run_id": "r1", "worker_id": "w1", "lease_token": token}
+    writes = {"/api/lease/acquire": {"run_id": "r2", "worker_id": "w2", "mode": "sft"},
+              "/api/lease/renew": dict(held, step=5), "/api/job/report": dict(held, step=5, msg="viewer was here"),
+              "/api/lease/release": dict(held, status="COMPLETED")}
+    for path, payload in writes.items():
+        answer = reader.post(path, payload)
+        assert answer.status == 401 and "only read" in answer.body["error"], (path, answer)
+    assert open(cluster.state_path, "rb").read() == state_before
+    assert cluster.run("r1")["holder"] == "w1" and len(cluster.runs()["runs"]) == 1
+    env = cluster.env(RELAY_VIEWER_SECRET=viewer)
+    for command in (["status", "--run", "r1"], ["logs", "r1"]):
+        result = subprocess.run([sys.executable, RELAY, *command, "--commander-url", cluster.url], capture_output=True,
+                                text=True, timeout=20, env=env)
+        assert result.returncode == 0, result.stderr
+
+
+def test_the_shared_secret_is_refused_for_basic_auth_on_a_public_address_without_tls(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    # Bound to every address, reached over loopback only.
+    cluster.start_commander(lease=30, secret=secret, extra=("--host", "0.0.0.0"), env={"RELAY_VIEWER_SECRET": viewer})
+    for path in ("/", "/metrics"):
+        status, body, headers = raw_request(cluster, "GET", path, headers=basic_auth(secret))
+        assert status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
+        assert headers.get("WWW-Authenticate", "").startswith("Basic")
+        assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200
+    assert cluster.client().get("/api/runs").status == 200  # signed requests never send the secret itself
+    assert "plain HTTP on 0.0.0.0" in cluster.log("commander")
+
+
 def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
     cluster.start_commander(lease=30)
     client = cluster.client()
@@ -993,6 +1085,94 @@ def test_the_commander_keeps_a_bounded_window_of_trainer_output(cluster):
     assert len(run["losses"]) == 100
 
 
+def test_metrics_give_prometheus_each_runs_health_and_the_request_counts(cluster):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret)
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+    client.post("/api/lease/acquire", {"run_id": "idle", "worker_id": "w3", "mode": "sft"})
+    held = {"run_id": "r1", "lease_token": token}
+    assert client.post("/api/job/report", dict(held, step=7, status="RESTARTING", sync_error="503 from the Hub",
+                                               latest_ckpt={"iteration": 5, "manifest_sha256": "a" * 64},
+                                               hf={"repo": "tester/x", "revision": "b" * 40, "iteration": 5,
+                                                   "manifest_sha256": "a" * 64})).status == 200
+    assert client.post("/api/lease/release", dict(held, worker_id="w1", status="PREEMPTED", step=7)).status == 200
+    assert client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w2", "mode": "sft"}).body["epoch"] == 2
+    status, body, headers = raw_request(cluster, "GET", "/metrics", headers=basic_auth(secret))
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name: str, run_id: str = "r1", **labels: str) -> float:
+        return samples[(name, tuple(sorted(dict(labels, run_id=run_id).items())))]
+
+    assert value("relay_run_status", status="RUNNING") == 1 and value("relay_run_status", status="PREEMPTED") == 0
+    assert (value("relay_run_step"), value("relay_run_epoch"), value("relay_run_handoffs")) == (7, 2, 1)
+    assert (value("relay_run_trainer_restarts"), value("relay_run_sync_error")) == (1, 1)
+    assert 0 < value("relay_run_lease_expires_in_seconds") <= 30 and 0 <= value("relay_run_seconds_since_renewal") < 30
+    assert 0 <= value("relay_run_seconds_since_checkpoint") < 60 and 0 <= value("relay_run_seconds_since_hub_revision") < 60
+    assert value("relay_run_seconds_without_holder") == 0 and value("relay_run_handoffs", "idle") == 0
+    acquires = samples[("relay_commander_requests_total", (("endpoint", "/api/lease/acquire"), ("status", "200")))]
+    assert acquires == 3
+    assert raw_request(cluster, "GET", "/metrics")[0] == 401
+
+
+@pytest.fixture
+def webhook():
+    from testing.webhook_server import WebhookServer
+
+    hook = WebhookServer().start()
+    try:
+        yield hook
+    finally:
+        hook.stop()
+
+
+def test_a_notify_url_hears_of_a_handoff_a_completion_a_sync_error_and_a_run_left_without_holder(cluster, webhook):
+    cluster.start_commander(lease=3, env={"RELAY_NOTIFY_URL": webhook.url}, extra=("--notify-no-holder-seconds", "1"))
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r2", "worker_id": "w9", "mode": "sft"}).body["lease_token"]
+    for error in ("503 from the Hub", "503 again", ""):
+        assert client.post("/api/job/report", {"run_id": "r2", "lease_token": token, "sync_error": error}).status == 200
+    assert client.post("/api/lease/release", {"run_id": "r2", "worker_id": "w9", "lease_token": token,
+                                              "status": "PREEMPTED"}).status == 200
+    relayed_run(cluster)
+    done = wait_for("the completion message", lambda: webhook.events("completed"), 15)
+    assert done[0]["run_id"] == "r1" and done[0]["step"] == 40 and "COMPLETED" in done[0]["text"]
+    handoff = webhook.events("handoff")
+    assert [(m["run_id"], m["from_worker"], m["to_worker"]) for m in handoff] == [("r1", "a", "b")]
+    assert handoff[0]["restored_checkpoint"] >= 10
+    assert handoff[0]["steps_lost"] == handoff[0]["step"] - handoff[0]["restored_checkpoint"]
+    assert [m["error"] for m in webhook.events("sync_error")] == ["503 from the Hub"]  # once per failing stretch
+    assert [m["run_id"] for m in webhook.events("sync_recovered")] == ["r2"]
+    # r2 has had no holder since its release (r1 may have had a second without one during its handoff).
+    wait_for("the no-holder message", lambda: [m for m in webhook.events("no_holder") if m["run_id"] == "r2"], 10)
+    assert all(m["text"] == m["content"] and m["text"] for m in webhook.messages)
+    assert webhook.secret_path not in cluster.log("commander")
+
+
+def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook):
+    webhook.hang = True
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
+    client = cluster.client()
+    held = client.post("/api/lease/acquire", {"run_id": "held", "worker_id": "w0", "mode": "sft"}).body
+    slowest = 0.0
+    for n in range(40):  # each run's completion is a message the receiver never takes
+        started = time.monotonic()
+        token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
+        assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w1", "lease_token": token,
+                                                  "status": "COMPLETED"}).status == 200
+        renewal = client.post("/api/lease/renew", {"run_id": "held", "worker_id": "w0", "lease_token": held["lease_token"],
+                                                   "step": n})
+        assert renewal.status == 200
+        slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 1.0, f"an acquire, a release and a renewal took {slowest:.2f}s with a hanging receiver"
+
+
 def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
     """A run handed from worker a (stopped with SIGTERM) to worker b, completed."""
     worker_a = cluster.start_worker("a" if run_id == "r1" else f"a-{run_id}", run_id,
@@ -1023,6 +1203,23 @@ def test_status_json_and_logs_tell_the_story_of_a_relayed_run(cluster):
     assert follow.returncode == 0 and follow.stdout == logs.stdout
     detail = relay_cli("status", "--run", "r1").stdout
     assert "last trainer lines:" in detail and "step 40/40" in detail
+
+
+def test_the_loss_curve_has_every_step_the_trainer_printed_across_a_handoff(cluster):
+    cluster.start_commander(lease=3)  # a renewal every second: some 25 steps each
+    run = relayed_run(cluster)
+    printed = {}
+    for line in (cluster.log("a") + cluster.log("b")).splitlines():
+        if line.startswith("[trainer] step ") and " loss " in line:
+            _, _, step, _, loss = line.split()
+            printed.setdefault(int(step.split("/")[0]), float(loss))
+    assert [step for step, _ in run["losses"]] == list(range(1, 41))  # redone steps drawn once
+    assert all(abs(loss - printed[step]) < 1e-6 for step, loss in run["losses"])
+    client = cluster.client()
+    token = client.post("/api/lease/acquire", {"run_id": "r2", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    too_many = [[n, 1.0] for n in range(relay.MAX_LOSS_POINTS_PER_RENEWAL + 1)]
+    assert client.post("/api/lease/renew", {"run_id": "r2", "worker_id": "w", "lease_token": token, "step": 1,
+                                            "losses": too_many}).status == 400
 
 
 def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_browser(cluster, tmp_path):
@@ -1129,6 +1326,20 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     wait_for("the worker log to report the completion", lambda: "COMPLETED" in (home / "relay" / "worker.log").read_text(), 20)
 
 
+def test_launch_stack_serves_tls_and_ships_the_ca_file_so_the_pods_worker_verifies_the_commander(cluster, tmp_path):
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    stack = write_stack(cluster, commander={"tls_cert": cert, "tls_key": key, "tls_ca_file": cert},
+                        worker={"env": {"MOCK_MAX_STEPS": "10"}})
+    cluster.url, cluster.ca_file = cluster.url.replace("http://", "https://"), cert
+    result = launch_stack(cluster, stack)
+    assert result.returncode == 0, result.stderr
+    home = cluster.tmp / "lium" / "pods" / "relay-r1-1" / "home"
+    config = json.loads((home / "relay" / "run.yaml").read_text())
+    assert (config["commander_url"], config["commander_ca_file"]) == (cluster.url, "commander_ca.pem")
+    assert (home / "relay" / "commander_ca.pem").read_bytes() == open(cert, "rb").read()
+    wait_for("the run to complete over TLS", lambda: completed(cluster), 40)
+
+
 def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the_end(cluster, tmp_path):
     stack = write_stack(cluster, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
     supervisor, events = supervise(cluster, stack)
@@ -1143,6 +1354,19 @@ def test_supervise_replaces_a_preempted_pod_resumes_and_removes_every_pod_at_the
     assert int(resume.split("checkpoint ")[1].split()[0]) >= 10, resume
     assert final_model(cluster, steps=60) == reference_model(tmp_path, 60)
     assert pod_names(cluster) == []
+
+
+def test_a_supervised_stack_notifies_from_the_commander_and_the_supervisor_without_showing_the_url(cluster, webhook):
+    stack = write_stack(cluster, commander={"notify_url": webhook.url}, worker={"env": {"MOCK_MAX_STEPS": "10"}})
+    supervisor, events = supervise(cluster, stack)
+    assert supervisor.wait(60) == 0, events.read_text()
+    wait_for("the commander's completion message", lambda: webhook.events("completed"), 15)
+    finished = webhook.events("run_finished")
+    assert finished[0]["source"] == "launch-stack" and finished[0]["pods_removed"] == ["relay-r1-1"], webhook.messages
+    for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):  # the commander stays up
+        assert webhook.secret_path.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+    logs = events.read_text() + (cluster.tmp / "launch" / "commander.log").read_text()
+    assert "listening" in logs and webhook.secret_path not in logs
 
 
 def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subprocess.Popen, Path]:
@@ -1491,7 +1715,7 @@ FIELDS = ["run_id", "worker_id", "mode", "lease_token", "step", "status", "reaso
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
        path=st.sampled_from(["/api/lease/acquire", "/api/lease/renew", "/api/lease/release", "/api/job/report",
-                             "/api/runs", "/api/runs/r1", "/api/runs/r1/logs", "/", "/api/health"]) | SAFE_TEXT.map(lambda t: "/" + t),
+                             "/api/runs", "/api/runs/r1", "/api/runs/r1/logs", "/", "/metrics", "/api/health"]) | SAFE_TEXT.map(lambda t: "/" + t),
        body=st.binary(max_size=300) | st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).map(
            lambda d: json.dumps(d).encode()),
        sign=st.booleans(),

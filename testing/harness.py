@@ -93,6 +93,7 @@ class Cluster:
         self.url = ""
         self.port = 0
         self.secret = ""
+        self.ca_file = ""  # what clients verify an https:// commander with
         self.commander: subprocess.Popen | None = None
         self.hub: Any = None  # a testing.hub_server.HubServer the workers talk to, if any
         self.state_path = str(tmp / "commander_state.json")
@@ -141,24 +142,24 @@ class Cluster:
     # -- commander ---------------------------------------------------------------------------
 
     def start_commander(self, lease: float = 2, secret: str = "", port: int | None = None,
-                        extra: tuple[str, ...] = ()) -> str:
+                        extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
         self.secret = secret
         self.port = port or self.port or free_port()
-        env = self.env(RELAY_SHARED_SECRET=secret) if secret else self.env()
+        env = self.env(**(env or {}), **({"RELAY_SHARED_SECRET": secret} if secret else {}))
         self.commander = self.spawn("commander", ["serve", "--port", str(self.port), "--lease-seconds", str(lease),
                                                   "--state-path", self.state_path, *extra], env)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         wait_for("the commander to answer /api/health", self.healthy, 15)
         return self.url
 
     def healthy(self) -> bool:
         try:
-            return relay.CommanderClient(self.url).get("/api/health", timeout=1).status == 200
+            return relay.CommanderClient(self.url, ca_file=self.ca_file).get("/api/health", timeout=1).status == 200
         except relay.CommanderUnreachable:
             return False
 
     def client(self, secret: str | None = None) -> relay.CommanderClient:
-        return relay.CommanderClient(self.url, self.secret if secret is None else secret, timeout=5)
+        return relay.CommanderClient(self.url, self.secret if secret is None else secret, timeout=5, ca_file=self.ca_file)
 
     def run(self, run_id: str) -> dict:
         reply = self.client().get(f"/api/runs/{run_id}")
