@@ -2426,11 +2426,23 @@ class TrainerTree:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)  # killed processes need a moment to leave the process table
-        if self.cgroup:
-            while cgroup_pids(self.cgroup) and boottime() < give_up:
-                time.sleep(0.02)  # killed, still leaving the cgroup
-            remove_cgroup(self.cgroup)
         return not left
+
+    def remove_cgroup(self, within: float, reap: Callable[[], None] = lambda: None) -> None:
+        """Remove the trainer's cgroup once it can be: the kernel refuses while a process that
+        was inside is dead but not yet reaped (`reap`: the worker's own adopted orphans)."""
+        give_up = boottime() + within
+        while self.cgroup:
+            reap()
+            try:
+                os.rmdir(self.cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if boottime() < give_up:
+                    time.sleep(0.02)
+                    continue
+            return
 
 
 def reap_adopted_orphans(keep: set[int]) -> None:
@@ -2474,6 +2486,7 @@ def watchdog_loop(commands: int) -> int:
     while True:
         if tree is not None and boottime() >= deadline:
             clean = tree.kill()
+            tree.remove_cgroup(1.0)  # its processes are the worker's to reap (or init's): they may linger
             log("watchdog", f"the lease deadline passed: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
             tree, deadline = None, math.inf
         if tree is not None and boottime() >= next_record:
@@ -2487,6 +2500,7 @@ def watchdog_loop(commands: int) -> int:
         if not chunk:
             if tree is not None:
                 clean = tree.kill()
+                tree.remove_cgroup(1.0)
                 log("watchdog", f"the worker died: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
             return 0
         pending += chunk
@@ -2650,16 +2664,30 @@ class TrainerProcess:
     """The trainer black box: its own session (and cgroup, where one can be made), output
     passed through line by line."""
 
-    # Joins the cgroup before exec, so the launcher's first child is already born inside it.
-    JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" 2>/dev/null; exec "$@"'
+    # Joins the cgroup before exec, so the launcher's first child is already born inside it,
+    # and says on the pipe whose fd is $1 whether it could (a cgroup we may create but not
+    # move into, as without delegation, must not be trusted to hold the trainer).
+    JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&"$1"; fi; '
+                   'eval "exec $1>&-"; shift; exec "$@"')
 
     def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int) -> None:
         tag = env[TRAINER_TAG_ENV]
         cgroup = make_trainer_cgroup(tag)
+        joined_r, joined_w = os.pipe() if cgroup else (-1, -1)
         if cgroup:
-            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, *argv]
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, str(joined_w), *argv]
+        try:
+            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                                         pass_fds=(joined_w,) if cgroup else ())
+        finally:
+            if cgroup:
+                os.close(joined_w)
+        if cgroup:
+            with os.fdopen(joined_r, "rb") as joined:  # answered before the trainer's first command
+                if joined.read() != b"joined\n":
+                    remove_cgroup(cgroup)
+                    cgroup = ""
         self.tree = TrainerTree(tag, os.getpid(), {watchdog_pid}, pgid=self.proc.pid, cgroup=cgroup)
         self.launcher_exited = threading.Event()
         self.exited = threading.Event()
@@ -3206,6 +3234,8 @@ class Worker:
                 self.report(msg=f"{self.cfg.worker_id}: {shortfall}")
         self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.watchdog.pid)
         self.watchdog.watch(self.trainer.tree.pgid or 0, self.trainer.tree.cgroup)
+        if self.trainer.tree.cgroup:
+            self.say(f"trainer started in its own cgroup {self.trainer.tree.cgroup}")
 
     def end_trainer(self, graceful: bool) -> None:
         """Stop the trainer tree (if still running) and disarm its watchdog."""
@@ -3215,7 +3245,8 @@ class Worker:
             else:
                 self.trainer.kill()
             self.trainer.exited.wait(5)
-            reap_adopted_orphans({self.trainer.proc.pid, self.watchdog.pid})
+            keep = {self.trainer.proc.pid, self.watchdog.pid}
+            self.trainer.tree.remove_cgroup(2.0, lambda: reap_adopted_orphans(keep))
         self.watchdog.disarm()
         self.trainer = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -138,6 +139,9 @@ class Cluster:
                     proc.wait(timeout=0.2)
             if not pids:
                 break
+        for name in dict.fromkeys(proc.name for proc in self.procs if hasattr(proc, "name")):
+            for cgroup in re.findall(r"trainer started in its own cgroup (\S+)", self.log(name)):
+                relay.remove_cgroup(cgroup)  # left when a test killed a worker and its watchdog
 
     # -- commander ---------------------------------------------------------------------------
 
