@@ -2269,6 +2269,7 @@ def processes_tagged(tag: str) -> list[int]:
 
 PR_SET_CHILD_SUBREAPER = 36
 TREE_RECORD_SECONDS = 2.0  # how often the watchdog notes the pids below the worker (~4 ms of CPU each)
+STALE_CGROUP_SECONDS = 60.0
 LEFTOVER_TERM_SECONDS = 1.0  # after the launcher ended: SIGTERM to what is left, this long, then SIGKILL
 
 
@@ -2337,6 +2338,13 @@ def make_trainer_cgroup(tag: str) -> str:
     home = None if os.environ.get("RELAY_TRAINER_CGROUP") == "off" else cgroup2_home()
     if home is None:
         return ""
+    # Empty ones a minute old were left by a worker killed together with its watchdog (a live
+    # trainer's is never empty, and a new one is joined within milliseconds of its creation).
+    with contextlib.suppress(OSError):
+        for name in os.listdir(home):
+            stale = os.path.join(home, name)
+            if name.startswith("relay-trainer-") and utc_now() - os.stat(stale).st_mtime > STALE_CGROUP_SECONDS:
+                remove_cgroup(stale)
     path = os.path.join(home, f"relay-trainer-{tag}")
     try:
         os.mkdir(path)
