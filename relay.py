@@ -2729,20 +2729,29 @@ class TrainerProcess:
         """SIGKILL everything the trainer started, now (the lease is gone)."""
         self.tree.kill()
 
-    def stop(self, grace: float) -> None:
-        """Stop within `grace` seconds: the launcher first, alone, then whatever is left.
+    def stop(self, grace: float, whole_group: bool) -> None:
+        """Stop within `grace` seconds: the launcher first, then whatever is left.
 
-        The launcher's TERM trap runs slime's own stop steps (`ray job stop`, `ray stop
-        --force`, with timeouts) against a Ray cluster that nobody else is signalling yet: a
-        cluster whose daemons are dying at the same moment makes those steps hang, and Ray's
-        daemons outlive a SIGTERM of their own by 6-15 s.  Then SIGTERM to what is left (the
-        `ray job submit` client, SGLang servers), LEFTOVER_TERM_SECONDS, SIGKILL; nothing is left.
+        A launch script (`whole_group` false) gets SIGTERM alone: its trap runs slime's own
+        stop step against a Ray cluster that nobody else is signalling yet (Ray's daemons
+        share its process group; a cluster dying at the same moment makes that step hang, and
+        the daemons outlive a SIGTERM by 6-15 s).  A user's trainer_command gets it as a group
+        (`bash -c` dies at once; its children deserve the grace).  Then SIGTERM to what is
+        left (Ray's daemons, the `ray job submit` client, SGLang servers), at most
+        LEFTOVER_TERM_SECONDS, and SIGKILL until nothing is left.
         """
         began = boottime()
         give_up = began + grace
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGTERM)  # once: a second TERM would cut its trap short
+        group = self.tree.pgid or self.proc.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # once: a second TERM cuts a trap short
+            if whole_group:
+                os.killpg(group, signal.SIGTERM)
+            else:
+                os.kill(self.proc.pid, signal.SIGTERM)
         self.launcher_exited.wait(grace)
+        while whole_group and boottime() < give_up and any(
+                info.pgid == group and not info.zombie for info in process_table().values()):
+            time.sleep(0.05)
         launcher_seconds = boottime() - began
         left = self.tree.signal_all(signal.SIGTERM)
         if left:
@@ -2750,7 +2759,7 @@ class TrainerProcess:
             while boottime() < leftovers_until and self.tree.members(thorough=False):
                 time.sleep(0.05)
         self.kill()
-        log("trainer", f"stopped in {boottime() - began:.1f} s: the launcher's stop steps took {launcher_seconds:.1f} s, "
+        log("trainer", f"stopped in {boottime() - began:.1f} s: the launcher took {launcher_seconds:.1f} s to end, "
                        f"then {left} processes were left to end")
         self.exited.wait(5)
 
@@ -3249,7 +3258,7 @@ class Worker:
         """Stop the trainer tree (if still running) and disarm its watchdog."""
         if self.trainer is not None:
             if graceful:
-                self.trainer.stop(self.cfg.stop_grace_seconds)
+                self.trainer.stop(self.cfg.stop_grace_seconds, whole_group=bool(self.cfg.trainer_command))
             else:
                 self.trainer.kill()
             self.trainer.exited.wait(5)

@@ -212,6 +212,20 @@ def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
     wait_for("no trainer process left, the setsid child included", lambda: not cluster.trainer_pids(), 10)
 
 
+def test_on_sigterm_a_trainer_commands_child_gets_the_grace_to_finish_its_work(cluster):
+    cluster.start_commander(lease=2)
+    saved = cluster.tmp / "saved"
+    handler = ("import signal, sys, time, pathlib; print('step 1/9 loss 1', flush=True)\n"
+               "def save(*_):\n time.sleep(1.5); pathlib.Path(sys.argv[1]).write_text('saved'); sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, save); time.sleep(300)")
+    worker = cluster.start_worker("a", stop_grace_seconds=6,
+                                  trainer_command=f"cd . && {sys.executable} -c \"{handler}\" {saved}")
+    wait_for("the trainer to run", lambda: "[trainer] step 1/9" in cluster.log("a"), 20)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert saved.read_text() == "saved"  # bash -c died at once; its child still had its grace
+
+
 def test_a_late_worker_for_a_completed_run_goes_home_with_exit_0(cluster):
     cluster.start_commander(lease=2)
     first = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "10"})
