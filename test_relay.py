@@ -219,7 +219,7 @@ def test_on_sigterm_a_trainer_commands_child_gets_the_grace_to_finish_its_work(c
                "def save(*_):\n time.sleep(1.5); pathlib.Path(sys.argv[1]).write_text('saved'); sys.exit(0)\n"
                "signal.signal(signal.SIGTERM, save); time.sleep(300)")
     worker = cluster.start_worker("a", stop_grace_seconds=6,
-                                  trainer_command=f"cd . && {sys.executable} -c \"{handler}\" {saved}")
+                                  trainer_command=f"{sys.executable} -c \"{handler}\" {saved}; echo ended")
     wait_for("the trainer to run", lambda: "[trainer] step 1/9" in cluster.log("a"), 20)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(15) == 0
