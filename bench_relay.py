@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | takeover | slime-stop | footprint | hub
+    python bench_relay.py renewals   # one part: renewals | takeover | slime-stop | footprint | hub | standby
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 from testing.harness import Cluster, ray_slime_env, relay, wait_for
@@ -223,10 +224,24 @@ def bench_slime_stop(tmp: Path) -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------- footprint
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_and_wakeups(pid: int) -> tuple[float, int]:
+    """CPU seconds and wake-ups (voluntary context switches: it slept, something woke it)
+    of every thread of `pid`.
+
+    CPU from schedstat (nanoseconds the scheduler ran each thread), not utime/stime: those
+    are sampled at the 100 Hz tick, and a thread that wakes on a timer tends to run right
+    at a tick, so a process that polls is charged whole ticks for microseconds of work.
+    """
+    cpu, switches = 0.0, 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                cpu += int(handle.read().split()[0]) / 1e9
+            with open(f"/proc/{pid}/task/{tid}/status") as handle:
+                switches += sum(int(line.split()[1]) for line in handle if line.startswith("voluntary_ctxt_switches"))
+        except OSError:  # a thread that ended in between
+            continue
+    return cpu, switches
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -237,11 +252,12 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024, "uss": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
 
 
-def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
+def footprint(tmp: Path, lease: float, window: float) -> tuple[float, float, dict, dict, dict]:
+    """Share of a core and wake-ups per second of worker + watchdog over `window` seconds
+    of a steady run (a step every 0.5 s, a checkpoint every 5 s), and their memory."""
     cluster = Cluster(tmp)
-    window = 10.0
     try:
-        cluster.start_commander(lease=6)
+        cluster.start_commander(lease=lease)
         worker = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "100000", "MOCK_STEP_SECONDS": "0.5",
                                                 "MOCK_SAVE_EVERY": "10"})
         wait_for("the trainer", lambda: cluster.trainer_pids(), 20)
@@ -249,19 +265,31 @@ def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
                                                      if Path(f"/proc/{p}/comm").read_text().strip() == "relay-watchdog"], 10)
         pids = [worker.pid, *watchdogs]
         time.sleep(2)  # past start-up: measure the steady state
-        before = sum(cpu_seconds(p) for p in pids)
+        before = [cpu_and_wakeups(p) for p in pids]
         time.sleep(window)
-        used = sum(cpu_seconds(p) for p in pids) - before
+        after = [cpu_and_wakeups(p) for p in pids]
         worker_mem, watchdog_mem = memory_mb(worker.pid), memory_mb(watchdogs[0])
         trainer_mem = memory_mb(next(iter(cluster.trainer_pids())))
     finally:
         cluster.close()
-    pss = worker_mem["pss"] + watchdog_mem["pss"]
-    return [("worker + watchdog while a trainer runs",
-             f"{100 * used / window:.2f}% of a core; {pss:.1f} MB PSS (worker {worker_mem['pss']:.1f}, "
-             f"watchdog {watchdog_mem['pss']:.1f}: {watchdog_mem['uss']:.1f} MB its own, the rest shared "
-             f"copy-on-write); RSS {worker_mem['rss']:.1f} + {watchdog_mem['rss']:.1f} MB",
-             f"target < 1% of a core, < 40 MB; a bare `python3` trainer here: {trainer_mem['pss']:.1f} MB PSS")]
+    used = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    wakeups = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return 100 * used / window, wakeups / window, worker_mem, watchdog_mem, trainer_mem
+
+
+def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    for lease in (6.0, 60.0):  # the bench's short lease (renewals every 2 s), then the default
+        part = tmp / f"lease-{lease:g}"
+        part.mkdir()
+        share, wakeups, worker_mem, watchdog_mem, trainer_mem = footprint(part, lease, 10.0)
+        pss = worker_mem["pss"] + watchdog_mem["pss"]
+        rows.append((f"worker + watchdog while a trainer runs ({lease:g} s lease)",
+                     f"{share:.2f}% of a core ({wakeups:.1f} wake-ups/s); {pss:.1f} MB PSS (worker {worker_mem['pss']:.1f}, "
+                     f"watchdog {watchdog_mem['pss']:.1f}: {watchdog_mem['uss']:.1f} MB its own, the rest shared "
+                     f"copy-on-write); RSS {worker_mem['rss']:.1f} + {watchdog_mem['rss']:.1f} MB",
+                     f"target < 1% of a core, < 40 MB; a bare `python3` trainer here: {trainer_mem['pss']:.1f} MB PSS"))
+    return rows
 
 
 # --------------------------------------------------------------------------- the Hub
@@ -269,10 +297,11 @@ def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
 CHECKPOINT_MB = 300
 
 
-def serve_hub(port_queue: multiprocessing.Queue, token: str) -> None:
+def serve_hub(port_queue: multiprocessing.Queue, token: str, download_bytes_per_second: float = 0.0) -> None:
     from testing.hub_server import HubServer
 
     server = HubServer(token)
+    server.download_bytes_per_second = download_bytes_per_second
     port_queue.put(server.server_address[1])
     server.serve_forever()
 
@@ -341,10 +370,67 @@ def bench_hub(tmp: Path) -> list[tuple[str, str, str]]:
     ]
 
 
+# --------------------------------------------------------------------------- a ready standby
+
+STANDBY_CHECKPOINT_MB = 300
+POD_DOWNLOAD_MB_PER_S = 50  # a pod's download rate from the Hub (an assumption: plain HTTPS, no Xet)
+BIG_CHECKPOINT_TRAINER = f"""
+import os, time
+ckpt = os.environ["RELAY_CKPT_DIR"]
+if not os.environ["RELAY_RESUME_STEP"]:  # a cold start saves one big checkpoint; a resumed one trains on
+    os.makedirs(os.path.join(ckpt, "iter_0000001"))
+    for n in range(3):
+        with open(os.path.join(ckpt, "iter_0000001", f"shard_{{n}}.distcp"), "wb") as handle:
+            handle.write(os.urandom({STANDBY_CHECKPOINT_MB // 3 << 20}))
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w") as handle:
+        handle.write("1\\n")
+print("step 1", flush=True)
+time.sleep(3600)
+"""
+
+
+def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
+    """Holder's death to the standby's trainer running, a standby without prefetch and then
+    one with it (the second takes over from the first: same checkpoint, same revision)."""
+    token, ttl = "hf_bench_token_0123456789", 4.0
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve_hub, args=(ports, token, POD_DOWNLOAD_MB_PER_S * (1 << 20)), daemon=True)
+    server.start()
+    cluster = Cluster(tmp)
+    cluster.hub = types.SimpleNamespace(url=f"http://127.0.0.1:{ports.get(timeout=10)}", token=token)
+    (tmp / "trainer.py").write_text(BIG_CHECKPOINT_TRAINER)
+    common = {"hf_repo": "tester/bench-standby", "require_dataset_state": False, "hf_sync_interval_seconds": 1,
+              "trainer_command": f"{sys.executable} {tmp / 'trainer.py'}"}
+    measured = {}
+    try:
+        cluster.start_commander(lease=ttl)
+        holder = cluster.start_worker("a", l1_root=str(tmp / "pod-a"), **common)
+        wait_for("the checkpoint on the Hub", lambda: (cluster.run("r1").get("hub") or {}).get("iteration") == 1, 120)
+        for standby, prefetch in (("b", False), ("c", True)):
+            proc = cluster.start_worker(standby, l1_root=str(tmp / f"pod-{standby}"), hf_prefetch=prefetch, **common)
+            ready = "prefetched checkpoint" if prefetch else "standing by"
+            wait_for(f"{standby}: {ready}", lambda s=standby, r=ready: r in cluster.log(s), 60)
+            killed = time.time()
+            os.kill(holder.pid, signal.SIGKILL)
+            wait_for(f"{standby}'s trainer", lambda s=standby: cluster.trainer_pids(worker_id=s), 120, 0.01)
+            running = time.time() - killed
+            measured[prefetch] = (running, cluster.run("r1")["leases"][-1]["started_at"] - killed)
+            holder = proc
+    finally:
+        cluster.close()
+        server.terminate()
+        server.join()
+    (with_prefetch, granted), (without, granted_without) = measured[True], measured[False]
+    return [(f"standby takeover, {STANDBY_CHECKPOINT_MB} MB checkpoint, Hub at {POD_DOWNLOAD_MB_PER_S} MB/s "
+             f"(TTL {ttl:g} s): holder's death to the standby's trainer running",
+             f"prefetched while standing by: {with_prefetch:.2f} s (lease granted after {granted:.2f} s)",
+             f"without prefetch: {without:.2f} s (lease granted after {granted_without:.2f} s)")]
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "slime-stop": bench_slime_stop,
-         "footprint": bench_footprint, "hub": bench_hub}
+         "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
 
 
 def main(argv: list[str]) -> int:

@@ -255,6 +255,7 @@ class RunConfig:
     worker_id: str = ""
     hf_repo: str = ""
     hf_dry_run: bool = False
+    hf_prefetch: bool = True
     relay_shared_secret: str = ""
     save_rollout_trajectories: bool = False
     rollout_trajectory_subdir: str = "rollout"
@@ -1131,8 +1132,9 @@ class Commander:
                     run.end_lease("reacquired", utc_now())
             else:
                 self.note_standby(run_id, worker_id, now)
+                # The recorded Hub revision: what a standby prefetches to take over from its own disk.
                 return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
-                        "retry_after_sec": self.retry_after(run, now)}
+                        "retry_after_sec": self.retry_after(run, now), **({"hub": dict(run.hub)} if run.hub else {})}
         token = secrets.token_urlsafe(24)
         previous_holder = run.leases[-1]["worker_id"] if run is not None and run.leases else ""
         with self.durable_change(run_id):
@@ -2014,19 +2016,26 @@ class HubStore:
             log("hub", f"the branch moved past {str(parent)[:12]} (another writer committed); re-basing on {head[:12]}")
             return commit(head)
 
+    def fetch_manifest(self, record: dict, folder: str) -> Manifest:
+        """The manifest of the recorded checkpoint (downloaded into `folder`), checked against the record."""
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        iteration, revision = record["iteration"], record["revision"]
+        manifest_path = hf_hub_download(record["repo"], f"{self.prefix}/ckpt/{iteration_dirname(iteration)}/relay_manifest.json",
+                                        revision=revision, local_dir=folder)
+        with open(manifest_path, "rb") as handle:
+            manifest = Manifest.from_bytes(handle.read())
+        if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
+            raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
+        return manifest
+
     def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
         """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified."""
-        from huggingface_hub import hf_hub_download, snapshot_download  # noqa: PLC0415
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
         staging = tempfile.mkdtemp(prefix=".hub-download-", dir=ckpt.path)
         try:
-            manifest_path = hf_hub_download(record["repo"], f"{base}/{iteration_dirname(iteration)}/relay_manifest.json",
-                                            revision=revision, local_dir=staging)
-            with open(manifest_path, "rb") as handle:
-                manifest = Manifest.from_bytes(handle.read())
-            if manifest.iteration != iteration or manifest.digest != record["manifest_sha256"]:
-                raise ValueError(f"the manifest at {revision[:12]} is not the recorded checkpoint {iteration}")
+            manifest = self.fetch_manifest(record, staging)
             snapshot_download(record["repo"], revision=revision, local_dir=staging,
                               allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
             for rel in sorted(manifest.files):
@@ -2204,6 +2213,107 @@ def hub_error_text(exc: BaseException) -> str:
     return f"HTTP {status}: {text}"[:300] if status else text[:300]
 
 
+class HubPrefetch:
+    """A standby's copy of the run's recorded Hub checkpoint, so that a takeover restores from
+    its own disk instead of downloading (a 55 GB checkpoint is minutes of a GPU pod idling).
+
+    Where: a folder of its own beside the checkpoint folder, on the same volume (handing it
+    over is a rename), never the checkpoint folder itself, which may be a volume the holder
+    is writing to.  What: only the newest recorded revision; an older copy is deleted before
+    a newer one is fetched (a takeover would fetch the newer one anyway), and nothing is
+    fetched while the volume has no room for the checkpoint's bytes.  How: one download at
+    a time on its own thread, verified against its manifest (HubStore.download), a failure
+    retried only after RETRY_SECONDS; the standby's requests to the commander never wait
+    for it, and a standby has no other use for its bandwidth.
+    """
+
+    RETRY_SECONDS = 60.0
+
+    def __init__(self, hub: HubStore, cfg: RunConfig, say: Callable[[str], None]) -> None:
+        self.hub, self.say, self.cfg = hub, say, cfg
+        self.root = os.path.join(cfg.run_dir, "prefetch", cfg.worker_id)  # this worker's alone
+        self.dir = CheckpointDir(self.root, cfg.require_dataset_state)
+        self.retry_at: dict[str, float] = {}  # revision -> boottime() before which it is not tried again
+        self.fetching: dict | None = None
+        self._thread: threading.Thread | None = None
+        self._abandon = threading.Event()
+
+    def holds(self, record: dict) -> Manifest | None:
+        """The prefetched copy of `record`'s checkpoint, if it is here (sealed only once verified)."""
+        manifest = self.dir.load_manifest(record["iteration"])
+        return manifest if manifest is not None and manifest.digest == record["manifest_sha256"] else None
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def offer(self, record: dict, newest_here: int) -> None:
+        """The commander's recorded revision, as a standby hears it: fetch it unless it is
+        already here, no newer than the checkpoint folder's newest, or failed lately."""
+        if (record.get("repo") != self.hub.repo or record["iteration"] <= newest_here or self.busy()
+                or self.holds(record) is not None or boottime() < self.retry_at.get(record["revision"], 0.0)):
+            return
+        self.fetching, self._abandon = record, threading.Event()
+        self._thread = threading.Thread(target=self._fetch, args=(record, self._abandon), name="hub-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self, record: dict, abandon: threading.Event) -> None:
+        iteration, where = record["iteration"], f"{record['repo']}@{record['revision'][:12]}"
+        try:
+            # Only the newest is kept (so an older copy's room counts), and whatever a killed
+            # download left goes with it.
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.dir = CheckpointDir(self.root, self.cfg.require_dataset_state)
+            with tempfile.TemporaryDirectory(prefix=".hub-manifest-", dir=self.dir.path) as folder:
+                needed = self.hub.fetch_manifest(record, folder).total_bytes
+            free = shutil.disk_usage(self.dir.path).free
+            if free < needed:
+                self.say(f"not prefetching checkpoint {iteration}: it needs {needed} bytes, {self.dir.path} has {free} free")
+                self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
+                return
+            self.say(f"standing by: prefetching checkpoint {iteration} ({needed} bytes) from {where}")
+            started = boottime()
+            self.hub.download(record, self.dir, abandon.is_set)
+            self.say(f"prefetched checkpoint {iteration} in {boottime() - started:.1f} s")
+        except Exception as exc:  # any Hub, network or disk failure: a takeover downloads as before
+            self.say(f"prefetching checkpoint {iteration} failed ({hub_error_text(exc)}); "
+                     f"trying again in {self.RETRY_SECONDS:.0f} s")
+            self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
+
+    def hand_over(self, record: dict | None, ckpt: CheckpointDir, abort: Callable[[], bool]) -> Manifest | None:
+        """At a takeover: move the prefetched copy of `record` into `ckpt`, sealed (waiting
+        for a prefetch of that very revision to finish: it is the download a restore would
+        start); the checkpoint moved, or None."""
+        if record and self.busy() and self.fetching is not None and self.fetching["revision"] == record["revision"]:
+            self.say(f"waiting for the prefetch of checkpoint {record['iteration']} to finish")
+            while self.busy() and not abort():
+                self._thread.join(0.2)
+        self._abandon.set()  # a prefetch of an older revision is of no use any more
+        manifest = self.holds(record) if record and not self.busy() else None
+        newest = ckpt.sealed_iterations()
+        if manifest is None or (newest and newest[-1] >= manifest.iteration):
+            self.discard()
+            return None
+        # An unsealed folder of this iteration is a dead holder's unfinished save (its trainer
+        # is gone before the commander re-grants): this verified copy replaces it.
+        ckpt.remove(manifest.iteration)
+        try:
+            for rel in sorted(manifest.files):
+                target = os.path.join(ckpt.path, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(os.path.join(self.dir.path, rel), target)
+            atomic_write(ckpt.manifest_path(manifest.iteration), manifest.to_bytes())
+        except OSError as exc:  # unsealed, what moved is overwritten by the Hub download the restore starts
+            self.say(f"cannot move the prefetched checkpoint {manifest.iteration} into {ckpt.path}: {exc.strerror or exc}")
+            return None
+        self.discard()
+        return manifest
+
+    def discard(self) -> None:
+        """Free the disk of a copy no takeover will use (a holder's volume needs the room)."""
+        if not self.busy():
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 ###############################################################################
 # 7. Trainer process and watchdog #############################################
 ###############################################################################
@@ -2245,6 +2355,7 @@ LOSS_RE = re.compile(r"(?:'train/loss':|(?<![\w/'\"-])loss\b['\"]?\s*[:=]?)\s*([
 # slime waits for its placement group forever and says so every 30 s (slime/ray/placement_group.py).
 PLACEMENT_WAIT_RE = re.compile(r"Waiting for placement group of (\d+) GPUs.*?(\d+(?:\.\d+)?) GPUs registered")
 NO_CHECKPOINT_WARNING_SECONDS = 3600.0
+WATCHDOG_MAX_SLEEP_SECONDS = 1.0
 
 
 def processes_with_env(entry: str) -> list[int]:
@@ -2500,7 +2611,12 @@ def watchdog_loop(commands: int) -> int:
         if tree is not None and boottime() >= next_record:
             tree.record()
             next_record = boottime() + TREE_RECORD_SECONDS
-        timeout = min(max(deadline - boottime(), 0.0), 0.1) if tree is not None else None  # idle: sleep until told
+        # Asleep until the deadline, the next record or a command (idle: until told).  Capped
+        # at a second because select's clock stops while the machine is suspended and
+        # CLOCK_BOOTTIME does not: a deadline that passed during a suspend is seen within a
+        # second of waking.
+        timeout = (min(max(min(deadline, next_record) - boottime(), 0.0), WATCHDOG_MAX_SLEEP_SECONDS)
+                   if tree is not None else None)
         ready, _, _ = select.select([commands], [], [], timeout)
         if not ready:
             continue
@@ -2678,8 +2794,10 @@ class TrainerProcess:
     JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&"$1"; fi; '
                    'eval "exec $1>&-"; shift; exec "$@"')
 
-    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int,
+                 on_exit: Callable[[], None]) -> None:
         tag = env[TRAINER_TAG_ENV]
+        self.on_exit = on_exit  # the worker sleeps until something happens: this is one
         cgroup = make_trainer_cgroup(tag)
         joined_r, joined_w = os.pipe() if cgroup else (-1, -1)
         if cgroup:
@@ -2721,6 +2839,7 @@ class TrainerProcess:
         for pump in pumps:
             pump.join(timeout=2)
         self.exited.set()
+        self.on_exit()
 
     def exit_code(self) -> int | None:
         return self.proc.returncode if self.exited.is_set() else None
@@ -2869,8 +2988,8 @@ class Lease:
 def lease_margin(ttl: float) -> float:
     """How long before the commander's expiry the worker stops trusting its lease.
 
-    It covers the watchdog's poll (0.1 s), the time SIGKILL takes to empty the process
-    table, and scheduling delay, with room to spare; 20% of the TTL, at least 0.5 s.
+    It covers the watchdog's wake-up, the time SIGKILL takes to empty the process table,
+    and scheduling delay, with room to spare; 20% of the TTL, at least 0.5 s.
     """
     return max(0.5, 0.2 * ttl)
 
@@ -2969,6 +3088,8 @@ class Worker:
         self.ckpt = CheckpointDir(cfg.run_dir, cfg.require_dataset_state)
         self.hub = hub
         self.sync = HubSync(hub, self.ckpt, cfg, self.report, self.lease_held) if hub is not None else None
+        use_prefetch = hub is not None and cfg.hf_prefetch and not hub.dry_run
+        self.prefetch = HubPrefetch(hub, cfg, self.say) if use_prefetch else None
         self.progress = Progress()
         self.wake = threading.Event()
         self.stop_requested = threading.Event()
@@ -3138,6 +3259,9 @@ class Worker:
             if not complained:
                 self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
                 complained = True
+            if self.prefetch is not None and isinstance(body.get("hub"), dict):
+                sealed = self.ckpt.sealed_iterations()
+                self.prefetch.offer(body["hub"], sealed[-1] if sealed else -1)
             self.stop_requested.wait(float(body.get("retry_after_sec", 1.0)))
         self.exit_code = 0
         return "EXITED"
@@ -3147,7 +3271,8 @@ class Worker:
         and where it came from, in words.
 
         Order: the newest sealed checkpoint in L1 that verifies, when it is at least as new as
-        the commander's record; else the commander-recorded Hub revision; else whatever L1
+        the commander's record (a copy of the recorded Hub revision prefetched while standing
+        by is moved into L1 first); else the commander-recorded Hub revision; else whatever L1
         has (older than recorded: progress since then was lost with the other pod's volume).
         """
         assert self.lease is not None
@@ -3157,6 +3282,8 @@ class Worker:
         # dead (the commander only re-grants after that holder's watchdog deadline), so the
         # files can no longer change.
         self.ckpt.seal_newest(self.lease.epoch, self.cfg.worker_id, False, self.aborting)
+        hub_record = record.get("hub")
+        prefetched = self.prefetch.hand_over(hub_record, self.ckpt, self.aborting) if self.prefetch is not None else None
         local = None
         for iteration in reversed(self.ckpt.sealed_iterations()):
             manifest = self.ckpt.load_manifest(iteration)
@@ -3167,9 +3294,10 @@ class Worker:
                 return None, "a cold start"
             self.say(f"checkpoint {iteration} in L1 is damaged; removing it and trying an older one")
             self.ckpt.remove(iteration)
-        hub_record = record.get("hub")
         newest_here = local.iteration if local is not None else -1
         source = "L1"
+        if prefetched is not None and local is not None and local.iteration == prefetched.iteration:
+            source = f"the Hub at {hub_record['revision'][:12]} (prefetched while standing by)"
         if self.hub is not None and hub_record and newest_here < recorded and hub_record["iteration"] > newest_here:
             if self.hub.dry_run:
                 self.say("hf_dry_run: not fetching the Hub's newer checkpoint")
@@ -3249,7 +3377,8 @@ class Worker:
             if shortfall:
                 self.say(f"WARNING: {shortfall}")
                 self.report(msg=f"{self.cfg.worker_id}: {shortfall}")
-        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.watchdog.pid)
+        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.watchdog.pid,
+                                      self.wake.set)
         self.watchdog.watch(self.trainer.tree.pgid or 0, self.trainer.tree.cgroup)
         if self.trainer.tree.cgroup:
             self.say(f"trainer started in its own cgroup {self.trainer.tree.cgroup}")
@@ -3276,7 +3405,10 @@ class Worker:
         warned_no_checkpoint = False
         next_scan = boottime()
         while True:
-            self.wake.wait(0.2)
+            # Asleep until the next scan unless woken: a lost lease, a signal and the
+            # trainer's exit all set `wake`; a dead watchdog is noticed at the next scan
+            # (meanwhile the keeper still kills the trainer at the lease deadline).
+            self.wake.wait(max(0.0, next_scan - boottime()))
             self.wake.clear()
             if self.keeper.lost.is_set():
                 return "LOST"
@@ -3549,6 +3681,34 @@ class StackState:
         return [pod for pod in self.pods if pod.state != "removed"]
 
 
+COMMANDER_SILENT_POLLS = 3  # unanswered polls of a commander whose process lives before it is restarted
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot: /proc/PID/stat field 22); None if it is gone.
+    A pid and its start time name one process: the system may give a dead one's pid to another."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class CommanderProcess:
+    """The commander launch-stack started, now or earlier (its pid file), which --supervise
+    starts again when it is gone or stops answering."""
+
+    pid: int
+    started: int | None
+    popen: subprocess.Popen | None = None  # our own child: reaped here, or its zombie would look alive
+
+    def alive(self) -> bool:
+        if self.popen is not None and self.popen.poll() is not None:
+            return False
+        return process_start_ticks(self.pid) == self.started
+
+
 class Stack:
     """One stack.yaml: its commander, its pods and their workers."""
 
@@ -3559,6 +3719,8 @@ class Stack:
         self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10, ca_file=cfg.commander.tls_ca_file)
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
+        self.commander: CommanderProcess | None = None  # None: not ours to restart (another tool runs it)
+        self.commander_silent_polls = 0
         # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
         self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
 
@@ -3591,7 +3753,10 @@ class Stack:
         if not self.dry_run and self.commander_healthy():
             if not group.restart_if_running:
                 self.say(f"commander already running at {self.cfg.local_url}: reusing it")
-                return dict(summary, pid=self.commander_pid())
+                pid = self.commander_pid()  # its pid file: an earlier launch-stack started it, so it is ours
+                if pid is not None:
+                    self.commander = CommanderProcess(pid, process_start_ticks(pid))
+                return dict(summary, pid=pid)
             self.say("commander running; restarting it (commander.restart_if_running)")
             self.stop_commander()
         if not self.cfg.secret and not is_loopback(group.host):
@@ -3619,6 +3784,7 @@ class Stack:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         atomic_write(group.pid_path, f"{proc.pid}\n".encode())
+        self.commander = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
         give_up = time.monotonic() + group.wait_seconds
         while not self.commander_healthy():
             if proc.poll() is not None or time.monotonic() > give_up:
@@ -3847,8 +4013,11 @@ class Stack:
             while True:
                 run = self.run_record()
                 if run is None:  # without the commander nothing can be judged: wait, touch nothing
+                    self.revive_commander()
+                    waiting_since = time.monotonic()  # no worker could take the lease meanwhile
                     time.sleep(poll)
                     continue
+                self.commander_silent_polls = 0
                 reported_epoch = self.report_handoffs(run.get("leases", []), reported_epoch)
                 if run.get("status") in ("COMPLETED", "FAILED"):
                     return self.finish(run["status"], run)
@@ -3896,6 +4065,35 @@ class Stack:
     def notify(self, event: str, text: str, **fields: Any) -> None:
         """The supervisor's own events, to the same receiver as the commander's (notify_url)."""
         self.notifier.notify(event, f"relay launch-stack: {text}", self.cfg.run.run_id, **fields)
+
+    def revive_commander(self) -> None:
+        """Start our commander again, on the same state file (every lease kept, each with a
+        full TTL, as after any restart), when its process is gone, or when it has not
+        answered for COMMANDER_SILENT_POLLS polls and is still the process we started (a
+        hung commander is killed first).  A commander that is not ours is only waited for."""
+        if self.commander is None:
+            return
+        self.commander_silent_polls += 1
+        old = self.commander
+        if old.alive():
+            if self.commander_silent_polls < COMMANDER_SILENT_POLLS:
+                return
+            why = f"has not answered for {self.commander_silent_polls} polls"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, signal.SIGKILL)  # its state file is written atomically: a kill loses nothing
+            if old.popen is not None:
+                old.popen.wait()
+        else:
+            why = "is gone"
+        self.say(f"the commander (pid {old.pid}) {why}: starting it again on {self.cfg.commander.state_path}")
+        try:
+            pid = self.start_commander()
+        except UserError as exc:  # e.g. its port still taken: the next poll tries again
+            self.say(f"{exc}; trying again at the next poll")
+            return
+        self.commander_silent_polls = 0
+        self.notify("commander_restarted", f"the commander (pid {old.pid}) {why}: started again (pid {pid}), "
+                                           "every lease kept", old_pid=old.pid, pid=pid)
 
     def silence_seconds(self) -> float:
         """Six missed asks of a standby (at least 10 s, and three of our own polls)."""

@@ -649,6 +649,37 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
         assert hub.token not in cluster.log(name)
 
 
+def hub_downloads(hub) -> int:
+    with hub.lock:
+        return sum(1 for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path)
+
+
+def test_a_standby_prefetches_the_recorded_checkpoint_and_takes_over_without_downloading(cluster, hub, reference):
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    for pid in cluster.trainer_pids(worker_id="a"):  # a holds the lease, its run stands still: one recorded revision
+        os.kill(pid, signal.SIGSTOP)
+    pod_a = relay.CheckpointDir(str(cluster.tmp / "pod-a" / "runs" / "r1"), True)
+    recorded = wait_for("the trainer's last save on the Hub",
+                        lambda: hub_record(cluster).get("iteration") == pod_a.tracker_iteration() and hub_record(cluster))
+    cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), **on_hub)
+    wait_for("b to prefetch the recorded checkpoint", lambda: "prefetched checkpoint" in cluster.log("b"), 30)
+    assert hub_record(cluster) == recorded and cluster.run("r1")["holder"] == "a"
+    prefetch = cluster.tmp / "pod-b" / "runs" / "r1" / "prefetch" / "b"
+    assert sorted(os.listdir(prefetch / "sealed")) == [relay.iteration_dirname(recorded["iteration"]) + ".json"]
+    downloads = hub_downloads(hub)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    run = wait_for("the run to complete", lambda: completed(cluster), 40)
+    assert hub_downloads(hub) == downloads, "b downloaded at its takeover"
+    resume = resumed_from(run, "b")[0]
+    assert f"checkpoint {recorded['iteration']} in the Hub at {recorded['revision'][:12]} (prefetched" in resume, resume
+    assert final_model(cluster, l1="pod-b") == reference
+    assert not prefetch.exists()  # moved into place: the holder's volume keeps no second copy
+
+
 def test_the_recorded_revision_holds_its_checkpoint_and_a_stale_commit_on_the_branch_is_never_resumed(
         cluster, hub, reference):
     cluster.hub = hub
@@ -1394,6 +1425,41 @@ def supervise(cluster: Cluster, stack: str, **lium_knobs: str) -> tuple[subproce
                                 start_new_session=True)
     cluster.procs.append(proc)
     return proc, events
+
+
+def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_completes_on_its_first_lease(cluster):
+    # A 10 s lease: the worker's deadline (8 s after a renewal) outlasts the restart with room on a loaded machine.
+    stack = write_stack(cluster, commander={"lease_seconds": 10},
+                        worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, stack)
+    wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 40)
+    pid_path = cluster.tmp / "launch" / "commander.pid"
+    killed = int(pid_path.read_text())
+    os.kill(killed, signal.SIGKILL)
+    assert supervisor.wait(90) == 0, events.read_text()
+    assert f"the commander (pid {killed}) is gone: starting it again" in events.read_text(), events.read_text()
+    assert int(pid_path.read_text()) != killed
+    run = cluster.run("r1")
+    assert run["status"] == "COMPLETED" and run["step"] == 60
+    assert [(lease["epoch"], lease["worker_id"]) for lease in run["leases"]] == [(1, "relay-r1-1")]  # no lease lost
+    assert pod_names(cluster) == []
+
+
+def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_again_keeping_its_leases(
+        cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commanders it starts are this test's to clean up
+    monkeypatch.setenv("PATH", f"{FAKE_CLIS}:{os.environ['PATH']}")
+    stack = relay.Stack(relay.load_stack_config(write_stack(cluster)))
+    hung = stack.start_commander()
+    assert cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).status == 200
+    os.kill(hung, signal.SIGSTOP)  # alive, same process, answering nothing
+    for _ in range(relay.COMMANDER_SILENT_POLLS):  # what the supervisor does after each unanswered poll
+        stack.revive_commander()
+    wait_for("the hung commander to be gone", lambda: relay.process_start_ticks(hung) is None, 10)
+    assert stack.commander is not None and stack.commander.pid != hung and cluster.healthy()
+    run = cluster.run("r1")
+    assert (run["holder"], run["epoch"]) == ("w1", 1)  # the lease survived the restart
+    assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in capsys.readouterr().err
 
 
 def hot_standby_stack(cluster: Cluster, hub, steps: str, **groups: dict) -> str:

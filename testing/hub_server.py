@@ -2,7 +2,8 @@
 
 Model repos only, regular (non-LFS, non-Xet) uploads, commits kept in memory as full
 snapshots.  Faults can be injected (status codes, Retry-After, stalls) and every request is
-logged, so tests can prove what the real client did.
+logged, so tests can prove what the real client did.  Downloads can be held to a pod's rate
+(`download_bytes_per_second`, shared by all connections) for benchmarks.
 
     hub = HubServer(token="hf_test"); hub.start(); ... hub.stop()
     env: HF_ENDPOINT=hub.url (set before huggingface_hub is imported), HF_TOKEN=hub.token
@@ -61,6 +62,8 @@ class HubServer(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._counter = 0
+        self.download_bytes_per_second = 0.0  # 0: as fast as loopback goes
+        self._paced_until = 0.0
 
     @property
     def url(self) -> str:
@@ -90,6 +93,14 @@ class HubServer(http.server.ThreadingHTTPServer):
                     fault.count -= 1
                     return fault
         return None
+
+    def pace(self, size: int) -> None:
+        """Wait until `size` more downloaded bytes fit in the rate, across all connections."""
+        with self.lock:
+            now = time.monotonic()
+            self._paced_until = max(self._paced_until, now) + size / self.download_bytes_per_second
+            ready = self._paced_until
+        time.sleep(max(0.0, ready - now))
 
     def new_oid(self, seed: str) -> str:
         with self.lock:
@@ -124,8 +135,15 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if raw is None or not self.server.download_bytes_per_second:
             self.wfile.write(data)
+            return
+        for start in range(0, len(data), 1 << 20):
+            chunk = data[start:start + (1 << 20)]
+            self.server.pace(len(chunk))
+            self.wfile.write(chunk)
 
     def error(self, status: int, message: str, code: str = "") -> None:
         self.reply(status, {"error": message}, {"X-Error-Code": code} if code else {})
