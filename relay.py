@@ -2490,6 +2490,11 @@ class TrainerTree:
     pgid: int | None = None
     cgroup: str = ""
     recorded: dict[int, int] = field(default_factory=dict)  # pid -> start time, as last seen
+    owner_started: int = -1  # the owner's start time: a dead worker's reused pid is not the owner
+
+    def __post_init__(self) -> None:
+        owner = process_table().get(self.owner)
+        self.owner_started = owner.started if owner else -1
 
     def members(self, thorough: bool = True, table: dict[int, ProcInfo] | None = None) -> set[int]:
         """Live processes of the trainer; `thorough` adds the environment-tag scan (slower)."""
@@ -2497,7 +2502,8 @@ class TrainerTree:
         me = os.getpid()
         found = cgroup_pids(self.cgroup) if self.cgroup else set()
         roots = {pid for pid, started in self.recorded.items() if pid in table and table[pid].started == started}
-        if self.owner in table and not table[self.owner].zombie:
+        owner = table.get(self.owner)
+        if owner is not None and owner.started == self.owner_started and not owner.zombie:
             found |= descendants(table, {self.owner}) - descendants(table, self.exclude) - self.exclude
         found |= roots | descendants(table, roots)
         if self.pgid:
