@@ -1049,7 +1049,11 @@ def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
     configs = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
     commands = {config["mode"]: config["env"][f"SLIME_{config['mode'].upper()}_CMD"] for config in configs}
     assert set(commands) == {"sft", "rl"}
-    for mode, command in commands.items():
+    examples = {}  # the LiveWeb-Arena stacks start slime the same way
+    for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml"):
+        stack = yaml.safe_load(open(os.path.join(os.path.dirname(RELAY), "examples", name)))
+        examples[name] = stack["worker"]["env"][f"SLIME_{stack['run']['mode'].upper()}_CMD"]
+    for mode, command in {**commands, **examples}.items():
         assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, f"{mode}: not valid bash"
         for needed in ("source scripts/models/", '"${MODEL_ARGS[@]}"', "ray start --head",
                        "--dashboard-port $RELAY_RAY_DASHBOARD_PORT", "ray job submit",
@@ -1060,7 +1064,8 @@ def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
         runtime_env = re.search(r"--runtime-env-json '([^']*)'", command).group(1)
         assert json.loads(runtime_env)["env_vars"]["PYTHONPATH"]
         assert "pkill" not in command  # slime's scripts' broad kills have no place under a worker
-    assert "--colocate" in commands["rl"] or "--rollout-num-gpus " in commands["rl"]
+    for command in (commands["rl"], examples["stack.liveweb_rl.example.yaml"]):
+        assert "--colocate" in command or "--rollout-num-gpus " in command
     for flag in ("train_async.py", "--loss-type sft_loss", "--calculate-per-token-loss",
                  "--disable-compute-advantages-and-returns", "--debug-train-only"):
         assert flag in commands["sft"]
