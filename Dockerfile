@@ -14,7 +14,10 @@ RUN apt-get update \
  && mkdir -p /run/sshd /root/.ssh \
  && chmod 700 /root/.ssh
 
-RUN python3 -m pip install --no-cache-dir "pyyaml==6.0.3" "huggingface_hub==2.4.0"
+# relay's packages go to /opt/relay/site, never into slime's Python (whose transformers pins
+# huggingface_hub): see docker/install_relay.sh.
+COPY docker/install_relay.sh /opt/relay/install_relay.sh
+RUN PYTHON=python3 RELAY_DIR=/opt/relay bash /opt/relay/install_relay.sh
 
 COPY relay.py launch_sft.sh launch_rl.sh /opt/relay/
 COPY docker/entrypoint.sh /opt/relay/entrypoint.sh

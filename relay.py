@@ -58,6 +58,12 @@ from collections.abc import Callable
 
 VERSION = "0.3.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The relay-trainer image installs relay's own packages (huggingface_hub, PyYAML) in site/ beside
+# relay.py (docker/install_relay.sh), not in the trainer's Python, whose pins they could break.
+# Only this process looks there: the trainer's environment is not changed.
+RELAY_SITE = os.path.join(HERE, "site")
+if os.path.isdir(RELAY_SITE) and RELAY_SITE not in sys.path:
+    sys.path.insert(0, RELAY_SITE)
 
 ###############################################################################
 # 1. Constants, errors, small utilities #######################################
@@ -256,6 +262,9 @@ class RunConfig:
     hf_repo: str = ""
     hf_dry_run: bool = False
     hf_prefetch: bool = True
+    hf_allow_public: bool = False
+    hf_keep_last_checkpoints: int = 2
+    hf_final_sync_timeout_seconds: float = 1800.0
     relay_shared_secret: str = ""
     save_rollout_trajectories: bool = False
     rollout_trajectory_subdir: str = "rollout"
@@ -306,10 +315,11 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
     for name in ("keep_last_checkpoints",):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be at least 1")
-    for name in ("max_trainer_restarts", "total_steps"):
+    for name in ("max_trainer_restarts", "total_steps", "hf_keep_last_checkpoints"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be 0 or more")
-    for name in ("hf_sync_interval_seconds", "stall_timeout_seconds", "stop_grace_seconds", "commander_wait_seconds"):
+    for name in ("hf_sync_interval_seconds", "hf_final_sync_timeout_seconds", "stall_timeout_seconds",
+                 "stop_grace_seconds", "commander_wait_seconds"):
         if getattr(cfg, name) <= 0:
             raise bad(name, "must be a positive number of seconds")
     for name in ("l1_root", "rollout_trajectory_subdir", "rollout_trajectory_pattern"):
@@ -791,6 +801,21 @@ class RunRecord:
         self.lease_token_sha256 = ""
 
 
+def final_model_of(run: RunRecord) -> dict | None:
+    """The Hub record to name as a completed run's final model: only a revision that holds the
+    final checkpoint (the run's latest) qualifies, never an older milestone."""
+    hub, last = run.hub or {}, run.latest_checkpoint or {}
+    if run.status != "COMPLETED" or not hub or hub.get("iteration") != last.get("iteration"):
+        return None
+    return hub
+
+
+def final_model_words(run: RunRecord, reason: str) -> str:
+    """What a completion message adds: the final model, or the worker's reason why there is none."""
+    final = final_model_of(run)
+    return f"; final model {final['repo']}@{final['revision']}" if final else f" ({reason or 'no reason given'})"
+
+
 def token_digest(token: str) -> str:
     # Only a digest is stored: the state file alone does not let anyone act as the holder.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -1224,7 +1249,7 @@ class Commander:
             if status == "COMPLETED":
                 run.status = "COMPLETED"
                 run.worker_phase = "DONE"
-                run.add_event(f"run completed at step {run.step}")
+                run.add_event(f"run completed at step {run.step}{final_model_words(run, reason)}")
             elif status == "FAILED":
                 run.failed_leases = 1 if progressed else run.failed_leases + 1
                 if run.failed_leases >= self.max_failed_leases:
@@ -1235,10 +1260,10 @@ class Commander:
             else:
                 run.status = "PREEMPTED"
         if run.status == "COMPLETED":
-            hub = run.hub or {}
-            self.notifier.notify("completed", f"relay run {run_id} COMPLETED at step {run.step}" + (
-                f"; final model {hub['repo']}@{hub['revision']}" if hub else ""), run_id, step=run.step,
-                hub_repo=hub.get("repo", ""), hub_revision=hub.get("revision", ""))
+            final = final_model_of(run) or {}
+            self.notifier.notify("completed", f"relay run {run_id} COMPLETED at step {run.step}"
+                                 f"{final_model_words(run, reason)}", run_id, step=run.step,
+                                 hub_repo=final.get("repo", ""), hub_revision=final.get("revision", ""))
         elif run.status == "FAILED":
             self.notifier.notify("failed", f"relay run {run_id} FAILED at step {run.step}: {reason or 'no reason given'} "
                                  f"({run.failed_leases} leases in a row ended FAILED without progress)", run_id,
@@ -1339,6 +1364,7 @@ class Commander:
                             for worker, at in sorted(self.standbys.get(run.run_id, {}).items())
                             if now - at <= STANDBY_WINDOW_SECONDS and worker != run.holder]
         view["standby_window_sec"] = round(min(now - self.started, STANDBY_WINDOW_SECONDS), 1)
+        view["final_model"] = final_model_of(run)
         return view
 
     def runs_view(self) -> dict:
@@ -1941,7 +1967,10 @@ class CheckpointDir:
 # only through HubSync, so a slow Hub never holds up training or lease renewals.
 
 TRAJECTORY_SETTLE_SECONDS = 2.0  # a trajectory file untouched this long is finished (slime writes in place)
-FINAL_SYNC_TIMEOUT_SECONDS = 1800.0
+TRAJECTORIES_PER_FOLDER = 1000  # the Hub takes at most 10,000 files per folder
+HUB_STAGING_PREFIX = ".hub-download-"  # + the revision: a download's folder in L1, kept until it completes
+HUB_THREAD_NICENESS = 10  # the Hub sync thread's nice value: the trainer's CPU work comes first
+HUB_STUCK_RETRY_SECONDS = 1800.0  # after an error a retry cannot fix (quota, permission): a few requests an hour
 
 
 class HubStore:
@@ -1961,6 +1990,8 @@ class HubStore:
         self.prefix = f"runs/{cfg.run_id}"
         self.dry_run = cfg.hf_dry_run
         self.api: Any = None
+        self.reusable: dict[str, tuple[tuple, Any]] = {}  # path in repo -> (file stat, operation) not committed yet
+        self.unanswered = ""  # digest of the manifest whose last commit attempt got no answer
 
     def check(self) -> None:
         """Fail fast, before any trainer runs: package present, token valid, repo usable."""
@@ -1984,37 +2015,168 @@ class HubStore:
             self.api.create_repo(self.repo, private=True, exist_ok=True)
         except Exception as exc:  # the client raises many types; all mean "cannot use the Hub"
             raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)} (check HF_TOKEN and the repo name)") from None
+        # A read-only token passes both calls above (create_repo falls back to reading an
+        # existing repo) and would fail at the first upload, hours in: prove write access now.
+        try:
+            self.api.auth_check(self.repo, write=True)
+        except Exception as exc:  # noqa: BLE001  (any answer but yes means no upload will work)
+            raise UserError(f"hf_repo {self.repo}: HF_TOKEN cannot write to this repo ({hub_error_text(exc)}); "
+                            "use a token with write access to it") from None
+        # create_repo(private=True) leaves an existing public repo public: a run would publish
+        # its optimizer state and trajectories.
+        try:
+            public = not self.api.repo_info(self.repo).private
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"hf_repo {self.repo}: {hub_error_text(exc)}") from None
+        if public and not self.cfg.hf_allow_public:
+            raise UserError(f"hf_repo {self.repo} is a PUBLIC repo: checkpoints uploaded there are published; make it "
+                            "private, or set hf_allow_public: true in run.yaml if that is what you want")
 
-    def upload(self, ckpt: CheckpointDir, manifest: Manifest, trajectories: list[str], parent: str | None,
-               message: str, still_ours: Callable[[], bool]) -> str:
-        """One commit: the checkpoint's files, its manifest, the tracker, new trajectories.
+    def upload(self, ckpt: CheckpointDir, manifest: Manifest, trajectories: list[str], parent: dict | None,
+               message: str, still_ours: Callable[[], bool], protected: tuple[dict, ...] | list[dict] = ()) -> str:
+        """One commit: the checkpoint's files, its manifest, the tracker, new trajectories, and
+        the deletion of checkpoints beyond hf_keep_last_checkpoints; then their storage is freed.
+        `parent` is the last record ({iteration, revision}) this holder knows: the commit names
+        its revision as parent (compare-and-swap).  `protected`: records the commander may hold;
+        their checkpoints stay restorable at their revisions (never deleted nor freed).
 
-        Returns the commit SHA ('' in dry run).  Operations are rebuilt for every attempt:
-        the client refuses to reuse them.
+        Returns the commit SHA ('' in dry run).  Operations already uploaded by a failed
+        attempt are reused (the client skips their upload; it refuses reuse only after a
+        successful commit), so a retry does not re-read the checkpoint.
         """
         base = f"{self.prefix}/ckpt"
+        manifest_in_repo = f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json"
         files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
-        files += [(f"{self.prefix}/{os.path.relpath(path, self.cfg.run_dir)}", path) for path in trajectories]
-        extra = [(f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json", manifest.to_bytes()),
-                 (f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode())]
+        files += [(f"{self.prefix}/{trajectory_path_in_repo(os.path.relpath(path, self.cfg.run_dir))}", path)
+                  for path in trajectories]
+        extra = [(manifest_in_repo, manifest.to_bytes()), (f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode())]
         if self.dry_run:
             log("hub", f"dry run: would commit {len(files) + len(extra)} files ({manifest.total_bytes} bytes of "
                        f"checkpoint, {len(trajectories)} trajectories) to {self.repo}: {message}")
             return ""
-        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+        protected = [r for r in [parent, *protected] if r and r.get("revision")]
+        if self.unanswered == manifest.digest:
+            # The last attempt got no answer: a commit the Hub timed out on may still land.
+            landed = self.head_holding(manifest_in_repo, manifest.to_bytes())
+            if landed:
+                log("hub", f"checkpoint {manifest.iteration} had landed at {landed[:12]} despite the error")
+                self.unanswered, self.reusable = "", {}
+                return landed
 
         def commit(parent_commit: str | None) -> str:
-            ops = [CommitOperationAdd(path_in_repo, source) for path_in_repo, source in files + extra]
-            return self.api.create_commit(self.repo, ops, commit_message=message, parent_commit=parent_commit).oid
+            ops = self.operations(files, extra) + self.pruning(parent_commit, manifest.iteration,
+                                                               {r["iteration"] for r in protected})
+            try:
+                oid = self.api.create_commit(self.repo, ops, commit_message=message, parent_commit=parent_commit).oid
+            except Exception as exc:
+                if (hub_status(exc) or 500) >= 500:  # no answer, or the Hub's own failure: it may have landed
+                    self.unanswered = manifest.digest
+                if hub_error_is_permanent(exc):  # perhaps an uploaded object is gone: upload afresh next time
+                    self.reusable = {}
+                raise
+            self.unanswered, self.reusable = "", {}
+            return oid
 
         try:
-            return commit(parent)
+            revision = commit((parent or {}).get("revision"))
         except Exception as exc:
             if hub_status(exc) != 412 or not still_ours():
                 raise
             head = self.api.repo_info(self.repo).sha
-            log("hub", f"the branch moved past {str(parent)[:12]} (another writer committed); re-basing on {head[:12]}")
-            return commit(head)
+            log("hub", f"the branch moved past {str((parent or {}).get('revision'))[:12]} (another writer "
+                       f"committed); re-basing on {head[:12]}")
+            revision = commit(head)
+        if still_ours():
+            self.free_storage(revision, protected)
+        return revision
+
+    def operations(self, files: list[tuple[str, str]], extra: list[tuple[str, bytes]]) -> list[Any]:
+        """Additions for a commit, reusing those of a failed attempt whose file has not changed."""
+        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+        fresh: dict[str, tuple[tuple, Any]] = {}
+        for path_in_repo, source in files:
+            stat = os.stat(source)
+            key = (source, stat.st_size, stat.st_mtime_ns)
+            cached = self.reusable.get(path_in_repo)
+            fresh[path_in_repo] = (key, cached[1] if cached and cached[0] == key else CommitOperationAdd(path_in_repo, source))
+        self.reusable = fresh
+        return [op for _, op in fresh.values()] + [CommitOperationAdd(path, data) for path, data in extra]
+
+    def checkpoints_at(self, revision: str) -> tuple[set[int], set[str]]:
+        """The checkpoint iterations in this run's folder at `revision`, and every path there."""
+        base = f"{self.prefix}/ckpt/"
+        try:
+            entries = list(self.api.list_repo_tree(self.repo, path_in_repo=base.rstrip("/"), revision=revision,
+                                                   recursive=True))
+        except Exception as exc:
+            if hub_status(exc) == 404:  # no checkpoint there yet
+                return set(), set()
+            raise
+        paths = {entry.path for entry in entries}
+        found = {int(m.group(1)) for path in paths if (m := re.match(re.escape(base) + r"iter_(\d+)(/|$)", path))}
+        return found, paths
+
+    def pruning(self, parent: str | None, iteration: int, protected: set[int]) -> list[Any]:
+        """Deletions that leave the newest hf_keep_last_checkpoints checkpoints (this one
+        included) at the head, plus the protected ones (the commander's record: a pod may be
+        restoring it)."""
+        keep = self.cfg.hf_keep_last_checkpoints
+        if not keep:
+            return []
+        from huggingface_hub import CommitOperationDelete  # noqa: PLC0415
+        found, paths = self.checkpoints_at(parent or "main")
+        others = sorted(found - {iteration})
+        kept = {iteration, *protected, *others[max(0, len(others) - keep + 1):]}
+        ops = []
+        for old in sorted(found - kept):
+            ops.append(CommitOperationDelete(f"{self.prefix}/ckpt/{iteration_dirname(old)}/", is_folder=True))
+            state = f"{self.prefix}/ckpt/{dataset_state_relpath(old)}"
+            if state in paths:
+                ops.append(CommitOperationDelete(state))
+        return ops
+
+    def free_storage(self, head: str, protected: list[dict]) -> None:
+        """Permanently delete the LFS objects of this run's checkpoints that are no longer kept.
+
+        A deleted folder still counts against the account's quota while history references it;
+        permanently deleting its objects frees it.  Safety: only objects first pushed under this
+        run's checkpoint folder go, and only those that no file at the new head and no file of a
+        protected checkpoint (the commander's record, at its revision) references, so every
+        revision a pod may restore stays whole; rewrite_history=False keeps every commit SHA
+        the commander records.  Failing here loses nothing: the next upload tries again.
+        """
+        if not self.cfg.hf_keep_last_checkpoints:
+            return
+        base = f"{self.prefix}/ckpt/"
+        try:
+            candidates = [o for o in self.api.list_lfs_files(self.repo) if o.filename.startswith(base)]
+            if not candidates:
+                return
+            referenced = {e.lfs.sha256 for e in self.api.list_repo_tree(self.repo, revision=head, recursive=True)
+                          if getattr(e, "lfs", None)}
+            for record in protected:
+                folder = f"{base}{iteration_dirname(record['iteration'])}/"
+                state = f"{base}{dataset_state_relpath(record['iteration'])}"
+                referenced |= {e.lfs.sha256 for e in self.api.list_repo_tree(
+                    self.repo, path_in_repo=base.rstrip("/"), revision=record["revision"], recursive=True)
+                    if getattr(e, "lfs", None) and (e.path.startswith(folder) or e.path == state)}
+            doomed = [o for o in candidates if o.file_oid not in referenced]
+            if doomed:
+                self.api.permanently_delete_lfs_files(self.repo, doomed, rewrite_history=False)
+                log("hub", f"freed {sum(o.size for o in doomed)} bytes of Hub storage ({len(doomed)} objects of "
+                           "checkpoints no longer kept)")
+        except Exception as exc:  # noqa: BLE001  (see the docstring: nothing is lost)
+            log("hub", f"could not free Hub storage: {hub_error_text(exc)}; the next upload tries again")
+
+    def head_holding(self, manifest_in_repo: str, manifest_bytes: bytes) -> str:
+        """The head commit if it holds exactly this manifest (so its whole commit landed), else ''."""
+        try:
+            head = self.api.repo_info(self.repo).sha
+            entries = self.api.list_repo_tree(self.repo, path_in_repo=os.path.dirname(manifest_in_repo), revision=head)
+            blob = {e.path: getattr(e, "blob_id", None) for e in entries}.get(manifest_in_repo)
+        except Exception:  # noqa: BLE001  (not known to have landed: commit again)
+            return ""
+        return head if blob == git_blob_id(manifest_bytes) else ""
 
     def fetch_manifest(self, record: dict, folder: str) -> Manifest:
         """The manifest of the recorded checkpoint (downloaded into `folder`), checked against the record."""
@@ -2029,25 +2191,58 @@ class HubStore:
         return manifest
 
     def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
-        """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified."""
+        """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified.
+
+        The staging folder is named after the revision and kept when an attempt fails: the
+        client skips the files already complete there and resumes a partial one, so a new
+        attempt (or a new worker on this volume) does not start from zero.
+        """
         from huggingface_hub import snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
-        staging = tempfile.mkdtemp(prefix=".hub-download-", dir=ckpt.path)
-        try:
-            manifest = self.fetch_manifest(record, staging)
-            snapshot_download(record["repo"], revision=revision, local_dir=staging,
-                              allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
-            for rel in sorted(manifest.files):
-                target = os.path.join(ckpt.path, rel)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(os.path.join(staging, base, rel), target)
-            if not ckpt.verify(manifest, should_abort):
-                raise ValueError(f"checkpoint {iteration} from {revision[:12]} does not match its manifest")
-            atomic_write(ckpt.manifest_path(iteration), manifest.to_bytes())
-            return manifest
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staging = self.staging_dir(ckpt, revision)
+        os.makedirs(staging, exist_ok=True)
+        manifest = self.fetch_manifest(record, staging)
+        check_free_space(ckpt.path, manifest.total_bytes - folder_bytes(staging),
+                         f"fetching checkpoint {iteration} ({manifest.total_bytes} bytes)", self.cfg)
+        snapshot_download(record["repo"], revision=revision, local_dir=staging,
+                          allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
+        for rel in sorted(manifest.files):
+            target = os.path.join(ckpt.path, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(staging, base, rel), target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not ckpt.verify(manifest, should_abort):
+            raise ValueError(f"checkpoint {iteration} from {revision[:12]} does not match its manifest")
+        atomic_write(ckpt.manifest_path(iteration), manifest.to_bytes())
+        return manifest
+
+    @staticmethod
+    def staging_dir(ckpt: CheckpointDir, revision: str) -> str:
+        return os.path.join(ckpt.path, f"{HUB_STAGING_PREFIX}{revision}")
+
+    @staticmethod
+    def sweep_staging(ckpt: CheckpointDir, keep_revision: str | None) -> None:
+        """Remove the staging folders of downloads that will not be resumed (other revisions)."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(ckpt.path):
+                if name.startswith(HUB_STAGING_PREFIX) and name != f"{HUB_STAGING_PREFIX}{keep_revision}":
+                    log("hub", f"removing the unfinished download {name} (not the recorded revision)")
+                    shutil.rmtree(os.path.join(ckpt.path, name), ignore_errors=True)
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names
+               if os.path.isfile(os.path.join(folder, name)))
+
+
+def check_free_space(path: str, needed: int, what: str, cfg: RunConfig) -> None:
+    """Say plainly what is missing before a download fills the volume halfway."""
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(f"not enough free space in {path} for {what}: needs {needed / 1e9:.2f} GB more, "
+                      f"{free / 1e9:.2f} GB free (the volume must hold (keep_last_checkpoints + 2) x one "
+                      f"checkpoint: {cfg.keep_last_checkpoints + 2} here)")
 
 
 class HubSync:
@@ -2065,8 +2260,10 @@ class HubSync:
         self.report, self.still_ours = report, still_ours
         self.epoch = 0
         self.synced: dict | None = None  # the last revision this lease recorded: {iteration, revision}
+        self.maybe_recorded: list[dict] = []  # Hub records the commander may hold (their checkpoints stay)
         self.pending: int | None = None  # iteration being uploaded (never pruned meanwhile)
         self.failures = 0
+        self.stuck = False  # the last attempt met an error a retry cannot fix
         self.next_attempt = math.inf
         self.trainer_stopped = False
         self.uploaded_path = os.path.join(ckpt.seal_dir, "hub_trajectories.json")
@@ -2077,6 +2274,7 @@ class HubSync:
 
     def start(self, epoch: int, recorded: dict | None) -> None:
         self.epoch, self.synced, self.failures, self.trainer_stopped = epoch, recorded, 0, False
+        self.maybe_recorded = [recorded] if recorded else []
         self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="hub-sync", daemon=True)
@@ -2096,6 +2294,8 @@ class HubSync:
         """Upload the newest sealed checkpoint now.  `trainer_stopped`: nothing writes any
         more, so trajectories count as finished without waiting for them to settle."""
         self.trainer_stopped = trainer_stopped
+        with self._synced_changed:
+            self.stuck = False  # the Hub gets one more chance, whatever it answered before
         self.next_attempt = boottime()
         self._wake.set()
 
@@ -2106,16 +2306,19 @@ class HubSync:
         return (self.synced or {}).get("iteration", -1)
 
     def wait_synced(self, iteration: int, timeout: float) -> bool:
+        """True once `iteration` is on the Hub; False at the timeout, on losing the lease, or
+        when an attempt after sync_now() met an error that a retry cannot fix."""
         give_up = boottime() + timeout
         with self._synced_changed:
             while self.synced_iteration() < iteration:
                 left = give_up - boottime()
-                if left <= 0 or not self.still_ours():
+                if left <= 0 or not self.still_ours() or self.stuck:
                     return False
                 self._synced_changed.wait(min(left, 1.0))
         return True
 
     def _run(self) -> None:
+        yield_cpu_to_the_trainer()
         while not self._stop.is_set():
             self._wake.wait(max(0.0, min(self.next_attempt - boottime(), 60.0)))
             self._wake.clear()
@@ -2134,63 +2337,122 @@ class HubSync:
     def _upload(self, manifest: Manifest) -> None:
         self.pending = manifest.iteration
         trajectories = self.finished_trajectories()
-        before = {path: os.path.getsize(path) for path in trajectories}
+        before = {path: file_version(path) for path in trajectories}
         message = (f"relay {self.cfg.run_id}: checkpoint {manifest.iteration} "
                    f"(epoch {self.epoch}, worker {self.cfg.worker_id})")
         started = boottime()
         try:
-            revision = self.store.upload(self.ckpt, manifest, trajectories, (self.synced or {}).get("revision"),
-                                         message, self.still_ours)
+            revision = self.store.upload(self.ckpt, manifest, trajectories, self.synced, message, self.still_ours,
+                                         self.maybe_recorded)
         except Exception as exc:  # any failure of the Hub or the network: report, back off, retry
             self.failures += 1
-            delay = hub_retry_after(exc) or min(60.0, 2.0 ** self.failures)
             error = hub_error_text(exc)
+            if hub_error_is_permanent(exc):
+                delay = HUB_STUCK_RETRY_SECONDS
+                error += f"; a retry cannot fix this, next try in {delay / 60:.0f} min"
+            else:
+                delay = hub_retry_after(exc) or min(60.0, 2.0 ** self.failures)
             log("hub", f"upload of checkpoint {manifest.iteration} failed ({self.failures} in a row): {error}; "
                        f"retrying in {delay:.0f} s")
             self.report(sync_error=f"{error} ({self.failures} failures in a row)")
+            with self._synced_changed:
+                self.stuck = hub_error_is_permanent(exc)
+                self._synced_changed.notify_all()
             self.next_attempt = boottime() + delay
             return
         if revision:
             log("hub", f"checkpoint {manifest.iteration} is {self.store.repo}@{revision} "
                        f"({manifest.total_bytes} bytes in {boottime() - started:.1f} s)")
-            self.report(hf={"repo": self.store.repo, "revision": revision, "iteration": manifest.iteration,
-                            "manifest_sha256": manifest.digest}, sync_error="")
+            record = {"repo": self.store.repo, "revision": revision, "iteration": manifest.iteration,
+                      "manifest_sha256": manifest.digest}
+            acknowledged = self.report(hf=record, sync_error="")
+            # Unanswered, the commander may or may not hold it: both stay protected until one is.
+            self.maybe_recorded = [record] if acknowledged else [*self.maybe_recorded, record]
         with self._synced_changed:
             self.synced = {"iteration": manifest.iteration, "revision": revision or None}
+            self.stuck = False
             self._synced_changed.notify_all()
         self.failures, self.pending = 0, None
         self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
-        self.remember_uploaded([p for p in trajectories if os.path.exists(p) and os.path.getsize(p) == before[p]])
+        # A file rewritten during the upload may have gone up half old: it stays "not uploaded".
+        self.remember_uploaded({p: before[p] for p in trajectories if before[p] and file_version(p) == before[p]})
 
     # -- rollout trajectories ------------------------------------------------------------------
 
     def finished_trajectories(self) -> list[str]:
-        """New trajectory files that nobody writes any more (hidden and .tmp files never count)."""
+        """Trajectory files nobody writes any more that the Hub lacks as they are now: new ones
+        and ones rewritten since their upload (after a resume slime writes a rollout's file
+        again under the same name).  Hidden and .tmp files never count."""
         if not (self.cfg.mode == "rl" and self.cfg.save_rollout_trajectories):
             return []
-        done = set(self.uploaded())
+        done = self.uploaded()
         found = []
         for folder, _, names in os.walk(self.cfg.rollout_dir):
             for name in names:
                 path = os.path.join(folder, name)
-                if name.startswith(".") or name.endswith(".tmp") or os.path.relpath(path, self.cfg.run_dir) in done:
+                version = file_version(path)
+                if name.startswith(".") or name.endswith(".tmp") or not version:
                     continue
-                with contextlib.suppress(OSError):
-                    if self.trainer_stopped or utc_now() - os.stat(path).st_mtime >= TRAJECTORY_SETTLE_SECONDS:
-                        found.append(path)
+                if done.get(os.path.relpath(path, self.cfg.run_dir)) == version:
+                    continue
+                if self.trainer_stopped or utc_now() - version[1] / 1e9 >= TRAJECTORY_SETTLE_SECONDS:
+                    found.append(path)
         return sorted(found)
 
-    def uploaded(self) -> list[str]:
+    def uploaded(self) -> dict[str, list[int]]:
+        """Trajectories on the Hub: path in the run folder -> [size, mtime_ns] when uploaded."""
         try:
             with open(self.uploaded_path, encoding="utf-8") as handle:
-                return json.load(handle)
+                done = json.load(handle)
         except (OSError, ValueError):
-            return []
+            return {}
+        return done if isinstance(done, dict) else {}  # an older relay's plain list: upload once more
 
-    def remember_uploaded(self, paths: list[str]) -> None:
-        if paths:
-            names = sorted(set(self.uploaded()) | {os.path.relpath(p, self.cfg.run_dir) for p in paths})
-            atomic_write(self.uploaded_path, json.dumps(names).encode(), durable=False)
+    def remember_uploaded(self, versions: dict[str, list[int]]) -> None:
+        if versions:
+            done = self.uploaded()
+            done.update({os.path.relpath(p, self.cfg.run_dir): v for p, v in versions.items()})
+            atomic_write(self.uploaded_path, json.dumps(done, sort_keys=True).encode(), durable=False)
+
+
+def yield_cpu_to_the_trainer() -> None:
+    """Lower the calling thread's CPU priority (nice 10): an upload hashes and sends tens of GB,
+    and the trainer's own CPU work (data loading, the GPU's feeding) must come first.  On Linux
+    a thread's nice value is its own and the threads it starts inherit it (the client's hashing
+    pool, hf_xet's workers), so the worker's other threads, lease renewals among them, keep
+    their priority.  Elsewhere a thread id is no process id: nothing is changed."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HUB_THREAD_NICENESS)
+
+
+def file_version(path: str) -> list[int]:
+    """[size, mtime_ns] of a file ([] if it is gone): a rewrite changes it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return []
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def trajectory_path_in_repo(rel: str) -> str:
+    """Where a trajectory file (its path in the run folder) goes in the repo: a subfolder per
+    TRAJECTORIES_PER_FOLDER rollout ids (slime names each file after its rollout id), since the
+    Hub rejects every commit once a folder holds 10,000 files.  A name without a number goes to
+    one of 1,000 folders by its hash."""
+    folder, name = os.path.split(rel)
+    numbers = re.findall(r"\d+", name)
+    if numbers:
+        first = int(numbers[-1]) // TRAJECTORIES_PER_FOLDER * TRAJECTORIES_PER_FOLDER
+        bucket = f"{first:08d}-{first + TRAJECTORIES_PER_FOLDER - 1:08d}"
+    else:
+        bucket = f"other-{int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 1000:03d}"
+    return f"{folder}/{bucket}/{name}"
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git (and the Hub's tree listing) gives a regular file's content."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def hub_status(exc: BaseException) -> int | None:
@@ -2198,18 +2460,30 @@ def hub_status(exc: BaseException) -> int | None:
 
 
 def hub_retry_after(exc: BaseException) -> float | None:
+    """How long the Hub asked us to wait: Retry-After, or the reset time `t=N` of its RateLimit
+    header (`"api";r=0;t=N`, on a 429); the longer of the two."""
     headers = getattr(getattr(exc, "response", None), "headers", None) or {}
-    try:
-        return max(0.0, float(headers.get("Retry-After")))
-    except (TypeError, ValueError):
-        return None
+    waits = []
+    with contextlib.suppress(TypeError, ValueError):
+        waits.append(float(headers.get("Retry-After")))
+    reset = re.search(r"(?:^|;)\s*t=(\d+)", headers.get("RateLimit") or "")
+    if reset:
+        waits.append(float(reset.group(1)))
+    return max(0.0, *waits) if waits else None
+
+
+def hub_error_is_permanent(exc: BaseException) -> bool:
+    """An answer a retry cannot change: a bad token or lost permission (401, 403), no payment or
+    the storage quota (402, 403), no such repo (404), a limit of the repo such as 10,000 files
+    per folder (400).  A person must act; until then a try every HUB_STUCK_RETRY_SECONDS."""
+    return hub_status(exc) in (400, 401, 402, 403, 404)
 
 
 def hub_error_text(exc: BaseException) -> str:
-    """A short, token-free description of a Hub failure."""
+    """A short, token-free description of a Hub failure: the Hub's own words when it sent some."""
     status = hub_status(exc)
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+    text = getattr(exc, "server_message", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    text = re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", " ".join(text.split()))
     return f"HTTP {status}: {text}"[:300] if status else text[:300]
 
 
@@ -3300,6 +3574,8 @@ class Worker:
                 return None, "a cold start"
             self.say(f"checkpoint {iteration} in L1 is damaged; removing it and trying an older one")
             self.ckpt.remove(iteration)
+        if self.hub is not None:
+            self.hub.sweep_staging(self.ckpt, (hub_record or {}).get("revision"))
         newest_here = local.iteration if local is not None else -1
         source = "L1"
         if prefetched is not None and local is not None and local.iteration == prefetched.iteration:
@@ -3496,23 +3772,32 @@ class Worker:
                                  f"{'none' if last is None else last}, before total_steps {self.cfg.total_steps} "
                                  "(a stopped job also exits 0)")
             return "CRASHED"
+        reason = "trainer exited 0"
+        final_on_hub = False
         if self.sync is not None and newest is not None:
-            self.say(f"syncing the final checkpoint {newest.iteration} to the Hub")
+            timeout = self.cfg.hf_final_sync_timeout_seconds
+            self.say(f"syncing the final checkpoint {newest.iteration} to the Hub (for up to {timeout:g} s)")
             self.sync.sync_now(trainer_stopped=True)
-            if not self.sync.wait_synced(newest.iteration, FINAL_SYNC_TIMEOUT_SECONDS):
+            final_on_hub = self.sync.wait_synced(newest.iteration, timeout)
+            if not final_on_hub:
                 if self.lease_lost():
                     return "LOST"
-                self.say(f"WARNING: the final checkpoint is not on the Hub after {FINAL_SYNC_TIMEOUT_SECONDS:.0f} s; "
-                         f"it is in {self.ckpt.path}")
-        if not self.release("COMPLETED", "trainer exited 0"):
+                on_hub = self.sync.synced_iteration()
+                # Said on the release, so the commander's record, `status` and the supervisor
+                # (which keeps this pod) all know where the only copy is.
+                reason += (f"; the final checkpoint {newest.iteration} is NOT on the Hub (the Hub has "
+                           f"{f'checkpoint {on_hub}' if on_hub >= 0 else 'no checkpoint of this run'}): it is on "
+                           f"{self.cfg.worker_id} in {self.ckpt.path}")
+                self.say(f"WARNING: {reason}")
+        if not self.release("COMPLETED", reason):
             # The commander never heard it: the run is not done in its records.  The next
             # grant restores this final checkpoint, the trainer exits at once, and we try again.
             self.say("the commander did not acknowledge the completion; trying again with a new lease")
             self.drop_lease()
             return "ACQUIRING"
         self.say(f"run {self.cfg.run_id} COMPLETED at step {self.progress.step}")
-        revision = (self.sync.synced or {}).get("revision") if self.sync is not None else None
-        if revision:
+        revision = (self.sync.synced or {}).get("revision") if self.sync is not None and final_on_hub else None
+        if revision:  # only a revision that holds the final checkpoint is the final model
             print(final_model_text(self.cfg.hf_repo, revision), flush=True)
         self.drop_lease()
         self.exit_code = 0
@@ -4135,9 +4420,9 @@ class Stack:
         return reported_epoch
 
     def finish(self, status: str, run: dict) -> int:
-        hub = run.get("hub") or {}
+        final = run.get("final_model") or {}
         self.say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
-                 + (f"; final model {hub['repo']}@{hub['revision']}" if hub else ""))
+                 + (f"; final model {final['repo']}@{final['revision']}" if final else ""))
         live = self.live_pods() if self.cfg.relay.remove_pods_at_end else []
         if self.cfg.relay.remove_pods_at_end:
             keep = self.sole_keeper_of_the_last_checkpoint(run)
@@ -4241,8 +4526,12 @@ def format_run_detail(run: dict) -> str:
         lines.append(f"hub: checkpoint {hub['iteration']} at {hub['repo']}@{hub['revision']}")
     if run.get("sync_error"):
         lines.append(f"hub sync failing: {run['sync_error']}")
-    if run["status"] == "COMPLETED" and hub:
-        lines.append(final_model_text(hub["repo"], hub["revision"]))
+    final = run.get("final_model")
+    ended = (run.get("leases") or [{}])[-1].get("why") or ""
+    if final:
+        lines.append(final_model_text(final["repo"], final["revision"]))
+    elif run["status"] == "COMPLETED" and "NOT on the Hub" in ended:  # the worker's words on its release
+        lines.append(f"no final model on the Hub: {ended}")
     lines.append("recent events:")
     lines += [f"  {iso(e['at'])}  {e['msg']}" for e in run.get("events", [])[-15:]]
     if run.get("log_tail"):

@@ -6,6 +6,7 @@ in testing/ start them, mark them, and kill exactly them at the end of each test
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import http.client
@@ -720,6 +721,7 @@ def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing
 
     cluster.hub = hub
     hub.inject(Fault("/commit/", status=500, count=2))
+    hub.inject(Fault("/commit/", status=429, count=1, rate_limit_reset=3))  # the Hub's RateLimit: "api";r=0;t=3
     hub.inject(Fault("/preupload/", status=429, count=2, retry_after=1))
     cluster.start_commander(lease=2)
     worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.5,
@@ -734,7 +736,178 @@ def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing
     assert run["sync_error"] == "" and run["hub"]["iteration"] == 80
     assert hub.files_at(HUB_REPO, run["hub"]["revision"])["runs/r1/ckpt/iter_0000080/model.json"] == reference
     statuses = [status for _, path, status in hub.requests if "/commit/" in path]
-    assert 500 in statuses and statuses[-1] == 200
+    assert statuses[:3] == [500, 500, 429] and statuses[-1] == 200
+    assert re.search(r"failed \(3 in a row\): HTTP 429: .*; retrying in 3 s", cluster.log("a")), cluster.log("a")
+
+
+CKPT_BYTES = 20_000  # one checkpoint's LFS file in the quota tests
+
+
+def hub_checkpoints(hub, revision: str = "main") -> list[str]:
+    return sorted({p.split("/")[3] for p in hub.files_at(HUB_REPO, revision) if p.startswith("runs/r1/ckpt/iter_")})
+
+
+def test_a_run_uploading_far_more_than_the_hub_quota_keeps_the_newest_checkpoints_and_never_meets_the_limit(
+        cluster, hub):
+    # Checkpoints of 20 KB through the LFS path, a quota of 4 of them, about 10 uploaded.
+    hub.lfs_threshold, hub.quota_bytes = CKPT_BYTES // 2, 4 * CKPT_BYTES
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    knobs = slime_env(FAKE_NUM_ROLLOUT="40", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(CKPT_BYTES),
+                      FAKE_STEP_SECONDS="0.25")
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    wait_for("checkpoint 21 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 21, 60)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    recorded = hub_record(cluster)
+    # A fresh pod (another L1) restores the recorded revision, and the run completes.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)
+    assert worker_b.wait(60) == 0
+    run = cluster.run("r1")
+    assert resumed_from(run, "b")[0].startswith(
+        f"b resumes from checkpoint {recorded['iteration']} in the Hub at {recorded['revision'][:12]}")
+    uploads = {p for c in hub.repos[HUB_REPO].commits.values() for p in c.files if p.endswith("/common.pt")}
+    assert len(uploads) >= 8 and not [r for r in hub.requests if r[2] == 403]
+    assert hub.repos[HUB_REPO].storage_bytes() <= 3 * CKPT_BYTES + 20_000  # (keep + 1) checkpoints + small files
+    final = run["final_model"]
+    assert final["iteration"] == 39 == run["latest_checkpoint"]["iteration"] and final["revision"] == hub.head(HUB_REPO)
+    assert hub_checkpoints(hub) == sorted(p.split("/")[3] for p in uploads)[-2:]  # the newest 2, the final one too
+    assert "runs/r1/ckpt/iter_0000039/common.pt" in hub.lfs_paths_at(HUB_REPO, final["revision"])
+    pod_b = cluster.tmp / "pod-b" / "runs" / "r1" / "ckpt"
+    assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000039/common.pt"] == (
+        pod_b / "iter_0000039" / "common.pt").read_bytes()
+    assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
+
+
+def test_a_full_hub_costs_a_few_requests_says_why_and_the_run_completes_naming_where_the_final_checkpoint_is(
+        cluster, hub):
+    hub.lfs_threshold, hub.quota_bytes = CKPT_BYTES // 2, 2 * CKPT_BYTES + CKPT_BYTES // 2  # holds 2 checkpoints
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.2, hf_keep_last_checkpoints=0,
+                                  env=slime_env(FAKE_NUM_ROLLOUT="30", FAKE_SAVE_INTERVAL="2",
+                                                FAKE_CKPT_BYTES=str(CKPT_BYTES), FAKE_STEP_SECONDS="0.25"))
+    failing = wait_for("the quota error on the run record", lambda: "storage limit" in cluster.run("r1").get(
+        "sync_error", "") and cluster.run("r1"), 30)
+    assert "HTTP 403: Private repository storage limit reached; a retry cannot fix this, next try in 30 min" in (
+        failing["sync_error"])
+    assert worker.wait(60) == 0
+    run = cluster.run("r1")
+    assert run["status"] == "COMPLETED" and run["step"] == 29 and run["latest_checkpoint"]["iteration"] == 29
+    refused = [r for r in hub.requests if r[2] == 403]
+    assert 1 <= len(refused) <= 2, refused  # the first refusal, then one last try for the final checkpoint
+    on_hub = run["hub"]["iteration"]
+    assert on_hub < 29 and run["final_model"] is None
+    where = (f"the final checkpoint 29 is NOT on the Hub (the Hub has checkpoint {on_hub}): it is on a in "
+             f"{cluster.ckpt_dir()}")
+    assert where in run["leases"][-1]["why"] and where in cluster.log("a")
+    assert "final model:" not in cluster.log("a") and "af commit" not in cluster.log("a")
+    detail = relay.format_run_detail(run)
+    assert "no final model on the Hub" in detail and "af commit" not in detail
+
+
+def test_a_final_upload_that_outlasts_its_timeout_leaves_no_final_model_named_anywhere(cluster, hub):
+    from testing.hub_server import Fault
+
+    cluster.hub = hub
+    hub.inject(Fault("/commit/", status=0, delay=30, count=5))  # a Hub that never answers a commit
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=3600, hf_final_sync_timeout_seconds=2,
+                                  env={"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.02"})
+    assert worker.wait(40) == 0
+    run = cluster.run("r1")
+    assert run["status"] == "COMPLETED" and run["final_model"] is None and not run["hub"]
+    where = (f"the final checkpoint 20 is NOT on the Hub (the Hub has no checkpoint of this run): it is on a in "
+             f"{cluster.ckpt_dir()}")
+    assert where in run["leases"][-1]["why"] and "final model:" not in cluster.log("a")
+    assert any(where in e["msg"] for e in run["events"] if e["msg"].startswith("run completed at step 20"))
+
+
+def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
+    from testing.hub_server import Fault
+
+    hub.lfs_threshold = CKPT_BYTES // 2
+    cluster.hub = hub
+    cluster.start_commander(lease=2)
+    knobs = slime_env(FAKE_NUM_ROLLOUT="12", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(CKPT_BYTES),
+                      FAKE_STEP_SECONDS="0.2")
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    wait_for("checkpoint 5 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 5, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    recorded = hub_record(cluster)
+    ckpt_b = cluster.ckpt_dir(l1="pod-b")
+    stale = ckpt_b / f"{relay.HUB_STAGING_PREFIX}{'0' * 40}"  # a download a killed worker left behind
+    stale.mkdir(parents=True)
+    (stale / "part.incomplete").write_bytes(b"x" * 1000)
+    hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    # No prefetch while standing by: this is about the restore's own download.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, hf_prefetch=False, **on_hub)
+    assert worker_b.wait(60) == 0
+    assert "fetching from the Hub failed (attempt 1 of 3)" in cluster.log("b")
+    assert resumed_from(cluster.run("r1"), "b")[0].startswith(f"b resumes from checkpoint {recorded['iteration']} in the Hub")
+    fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
+                                  if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
+    assert fetched["common.pt"] == 2 and fetched["relay_manifest.json"] == 1, fetched  # the failed file only
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
+
+
+UPLOAD_TWICE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import relay
+cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
+                                                hf_repo=sys.argv[2], l1_root=sys.argv[3]), "test")
+ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
+os.makedirs(os.path.join(ckpt.path, "iter_0000001"))
+with open(os.path.join(ckpt.path, "iter_0000001", "common.pt"), "wb") as handle:
+    handle.write(os.urandom(int(sys.argv[4])))
+with open(os.path.join(ckpt.path, relay.TRACKER_FILE), "w") as handle:
+    handle.write("1")
+manifest = ckpt.seal(1, 1, "a")
+store = relay.HubStore(cfg)
+store.check()
+outcomes = []
+for attempt in range(2):
+    try:
+        outcomes.append(store.upload(ckpt, manifest, [], None, "checkpoint 1", lambda: True))
+    except Exception as exc:
+        outcomes.append(relay.hub_error_text(exc))
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["commit refused", "commit landed, answer lost"])
+def test_a_commit_retry_sends_no_file_twice_and_a_commit_that_landed_despite_an_error_is_not_repeated(
+        cluster, hub, landed):
+    from testing.hub_server import Fault
+
+    hub.lfs_threshold = CKPT_BYTES // 2
+    hub.inject(Fault("/commit/", status=504, after=landed))
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
+    result = subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
+                             str(CKPT_BYTES)], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    failed, revision = json.loads(result.stdout.splitlines()[-1])
+    assert failed.startswith("HTTP 504") and revision == hub.head(HUB_REPO)
+    assert "runs/r1/ckpt/iter_0000001/common.pt" in hub.lfs_paths_at(HUB_REPO, revision)
+    requests = collections.Counter((method, path.rsplit("/", 2)[-2]) for method, path, _ in hub.requests)
+    assert [method for method, _, _ in hub.requests].count("PUT") == 1  # the checkpoint's bytes went once
+    assert requests["POST", "objects"] == 1  # the retry reused the uploaded file: no second LFS request
+    assert requests["POST", "commit"] == (1 if landed else 2), requests
+    assert ("had landed" in result.stderr + result.stdout) == landed
+
+
+def test_a_hub_download_that_cannot_fit_on_the_volume_says_what_is_missing_before_it_starts(tmp_path):
+    cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
+                                                    l1_root=str(tmp_path)), "test")
+    relay.check_free_space(str(tmp_path), 1000, "fetching checkpoint 5 (1000 bytes)", cfg)  # fits: no word
+    with pytest.raises(OSError) as refused:
+        relay.check_free_space(str(tmp_path), 10 ** 18, "fetching checkpoint 5 (1000000000000000000 bytes)", cfg)
+    assert re.fullmatch(rf"not enough free space in {tmp_path} for fetching checkpoint 5 \(1000000000000000000 "
+                        r"bytes\): needs 1000000000.00 GB more, [0-9.]+ GB free \(the volume must hold "
+                        r"\(keep_last_checkpoints \+ 2\) x one checkpoint: 5 here\)", str(refused.value))
 
 
 def test_a_dry_run_sends_nothing_to_the_hub_and_says_what_it_would_upload(cluster, hub):
@@ -760,20 +933,50 @@ def test_rl_rollout_trajectories_arrive_on_the_hub_complete(cluster, hub):
     local = sorted((cluster.tmp / "volume" / "runs" / "r1" / "rollout").iterdir())
     assert [p.name for p in local] == sorted(f"rollout_{k}.pt" for k in range(1, 21))
     for path in local:
-        assert files[f"runs/r1/rollout/{path.name}"] == path.read_bytes()
+        assert files[f"runs/r1/rollout/00000000-00000999/{path.name}"] == path.read_bytes()
 
 
-@pytest.mark.parametrize("token, words", [("", "HF_TOKEN is not in the environment"), ("hf_wrong", "HTTP 401")])
-def test_a_missing_or_invalid_hub_token_stops_the_worker_before_any_trainer_runs(cluster, hub, token, words):
+def test_trajectories_go_to_hub_folders_of_at_most_1000_files_and_a_rewritten_one_is_uploaded_again(tmp_path):
+    cfg = relay.validate_run_config(relay.RunConfig(
+        commander_url="http://127.0.0.1:9", run_id="r1", mode="rl", save_rollout_trajectories=True,
+        l1_root=str(tmp_path)), "test")
+    folders = collections.Counter(relay.trajectory_path_in_repo(f"rollout/rollout_{k}.pt").rsplit("/", 1)[0]
+                                  for k in range(25_000))
+    assert len(folders) == 25 and max(folders.values()) == 1000
+    sync = relay.HubSync(None, relay.CheckpointDir(cfg.run_dir, require_dataset_state=False), cfg,
+                         lambda **_: True, lambda: True)
+    sync.trainer_stopped = True
+    rollout = Path(cfg.rollout_dir)
+    rollout.mkdir(parents=True)
+    for k in range(3):
+        (rollout / f"rollout_{k}.pt").write_text(f"rollout {k}")
+    found = sync.finished_trajectories()
+    assert [Path(p).name for p in found] == ["rollout_0.pt", "rollout_1.pt", "rollout_2.pt"]
+    sync.remember_uploaded({p: relay.file_version(p) for p in found})
+    assert sync.finished_trajectories() == []
+    (rollout / "rollout_1.pt").write_text("rollout 1, written again after a resume")
+    assert [Path(p).name for p in sync.finished_trajectories()] == ["rollout_1.pt"]
+
+
+@pytest.mark.parametrize("token, public, words", [
+    ("", False, "HF_TOKEN is not in the environment"),
+    ("hf_wrong", False, "HTTP 401"),
+    ("hf_readonly0123456789", False, f"hf_repo {HUB_REPO}: HF_TOKEN cannot write to this repo (HTTP 403"),
+    ("hf_testtoken0123456789", True, f"hf_repo {HUB_REPO} is a PUBLIC repo"),
+], ids=["no token", "invalid token", "read-only token", "public repo"])
+def test_a_token_that_cannot_write_or_a_public_repo_stops_the_worker_before_any_trainer_runs(
+        cluster, hub, token, public, words):
     cluster.hub = hub
+    hub.create(HUB_REPO, private=not public)
     cluster.start_commander(lease=2)
     config = cluster.write_config("a", hf_repo=HUB_REPO)
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"))
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
     result = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 2 and words in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and (not token or token not in result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and (not token or token not in result.stderr)
     assert cluster.run("r1") == {}  # never even asked for the lease
+    assert not [path for method, path, _ in hub.requests if method in ("POST", "PUT") and "/create" not in path]
 
 
 # --------------------------------------------------------------------------- slime as the trainer
@@ -1079,7 +1282,8 @@ def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
 
 def test_the_launch_scripts_and_the_image_pass_static_checks():
     root = os.path.dirname(RELAY)
-    scripts = [os.path.join(root, name) for name in ("launch_sft.sh", "launch_rl.sh", "docker/entrypoint.sh")]
+    scripts = [os.path.join(root, name) for name in ("launch_sft.sh", "launch_rl.sh", "docker/entrypoint.sh",
+                                                   "docker/install_relay.sh")]
     shellcheck = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert shellcheck.returncode == 0, shellcheck.stdout
     dockerfile = os.path.join(root, "Dockerfile")

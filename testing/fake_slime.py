@@ -17,7 +17,8 @@ as slime does (notes/slime.md):
   - FAKE_SETSID_CHILD=1: starts a child in a new session, double-forked (its parent exits),
     that renames itself with setproctitle (hiding its environment) and keeps writing a
     heartbeat file named after its pid: it would outlive a process-group kill and a tag scan;
-  - FAKE_EXIT_EARLY_AT=N: exits 0 after rollout N, like `ray job submit` for a STOPPED job.
+  - FAKE_EXIT_EARLY_AT=N: exits 0 after rollout N, like `ray job submit` for a STOPPED job;
+  - FAKE_CKPT_BYTES=N: each checkpoint's common.pt is N bytes (random, as weights are).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> int:
     state_delay = float(os.environ.get("FAKE_STATE_DELAY", "0"))
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.1"))
     exit_early_at = int(os.environ.get("FAKE_EXIT_EARLY_AT", "-1"))
+    ckpt_bytes = int(os.environ.get("FAKE_CKPT_BYTES", "0"))
     steps_per_rollout = int(os.environ.get("FAKE_STEPS_PER_ROLLOUT", "4"))
     async_save = os.environ.get("FAKE_ASYNC_SAVE") == "1"
     tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
@@ -83,8 +85,9 @@ def main() -> int:
         if (rollout + 1) % interval == 0 or rollout == num_rollout - 1:
             folder = os.path.join(save, f"iter_{rollout:07d}")
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "common.pt"), "w") as handle:
-                handle.write(f"weights after rollout {rollout}\n")
+            with open(os.path.join(folder, "common.pt"), "wb") as handle:
+                label = f"weights after rollout {rollout}\n".encode()
+                handle.write(label + os.urandom(max(0, ckpt_bytes - len(label))))
             if async_save:
                 write_dataset_state(save, rollout)
                 time.sleep(state_delay)

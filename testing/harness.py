@@ -187,7 +187,9 @@ class Cluster:
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
         if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
+            # HF_HUB_DISABLE_XET: the test Hub speaks plain LFS (huggingface_hub would use Xet)
             worker_env.update(HF_ENDPOINT=self.hub.url, HF_TOKEN=self.hub.token, HF_HUB_DISABLE_TELEMETRY="1",
+                              HF_HUB_DISABLE_XET="1",
                               HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret

@@ -1,20 +1,35 @@
 """A small Hugging Face Hub server on loopback for tests: the HTTP API huggingface_hub speaks.
 
-Model repos only, regular (non-LFS, non-Xet) uploads, commits kept in memory as full
-snapshots.  Faults can be injected (status codes, Retry-After, stalls) and every request is
-logged, so tests can prove what the real client did.  Downloads can be held to a pod's rate
-(`download_bytes_per_second`, shared by all connections) for benchmarks.
+Follows what huggingface_hub 2.4 sends (hf_api.py create_commit / preupload_lfs_files /
+list_lfs_files / permanently_delete_lfs_files / auth_check, _commit_api.py, lfs.py) and the
+Hub's documented limits (hub-docs storage-limits, rate-limits; ../shared/notes/hub.md).
+
+Model repos only, commits kept in memory as full snapshots.  Files of `lfs_threshold` bytes
+and more (10 MB, as on the Hub) take the LFS path: preupload answers "lfs", the client asks the
+LFS batch API (basic transfer), PUTs the bytes to the href it got, and commits an `lfsFile`
+line.  (huggingface_hub 2.x sends every LFS file through hf_xet when installed: the client
+needs HF_HUB_DISABLE_XET=1.)  Like the Hub, a private repo's storage counts every LFS object
+and every regular blob that history still references; over `quota_bytes` an upload or a commit
+is refused with 403 "Private repository storage limit reached", and only permanently deleting
+LFS objects frees space.  A folder holds at most `max_files_per_folder` files (400 past it).
+A `read_token` may read but not write.  Faults can be injected (status codes, Retry-After,
+RateLimit, stalls) and every request is logged, so tests can prove what the real client did.
+Downloads can be held to a pod's rate (`download_bytes_per_second`, shared by all
+connections) for benchmarks.
 
     hub = HubServer(token="hf_test"); hub.start(); ... hub.stop()
-    env: HF_ENDPOINT=hub.url (set before huggingface_hub is imported), HF_TOKEN=hub.token
+    env: HF_ENDPOINT=hub.url (set before huggingface_hub is imported), HF_TOKEN=hub.token,
+         HF_HUB_DISABLE_XET=1
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import http.server
 import json
+import re
 import sys
 import threading
 import time
@@ -22,12 +37,32 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 
+LFS_THRESHOLD = 10 * 1000 * 1000  # the Hub stores files of 10 MB and more in LFS
+STORAGE_LIMIT_ERROR = "Private repository storage limit reached"
+
+
+@dataclass
+class Blob:
+    """A file in a commit: its bytes (regular) or only a pointer to an LFS object (content None)."""
+
+    size: int
+    sha256: str
+    content: bytes | None = None
+
+
+@dataclass
+class LfsObject:
+    data: bytes
+    filename: str
+    pushed_at: float = field(default_factory=time.time)
+
+
 @dataclass
 class Commit:
     oid: str
     parent: str | None
     title: str
-    files: dict[str, bytes]
+    files: dict[str, Blob]
     date: float = field(default_factory=time.time)
 
 
@@ -37,6 +72,12 @@ class Repo:
     private: bool
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    lfs: dict[str, LfsObject] = field(default_factory=dict)  # sha256 -> object, shared by all commits
+
+    def storage_bytes(self) -> int:
+        """What the Hub bills: every LFS object kept, every regular blob any commit holds."""
+        regular = {b.sha256: b.size for c in self.commits.values() for b in c.files.values() if b.content is not None}
+        return sum(regular.values()) + sum(len(o.data) for o in self.lfs.values())
 
 
 @dataclass
@@ -47,15 +88,29 @@ class Fault:
     status: int = 500
     count: int = 1
     retry_after: int | None = None
+    rate_limit_reset: int | None = None  # the `t=` of a RateLimit header: seconds until the window resets
     delay: float = 0.0
+    method: str = ""  # only requests of this method ("" any)
+    after: bool = False  # serve the request first, then answer `status` (a commit made whose answer was lost)
+
+
+def git_blob_id(blob: Blob) -> str:
+    """git's id for the file: of its bytes, or of its LFS pointer file."""
+    data = blob.content if blob.content is not None else (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{blob.sha256}\nsize {blob.size}\n".encode())
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class HubServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, token: str = "hf_testtoken0123456789") -> None:
+    def __init__(self, token: str = "hf_testtoken0123456789", read_token: str = "hf_readonly0123456789",
+                 lfs_threshold: int = LFS_THRESHOLD, quota_bytes: int | None = None,
+                 max_files_per_folder: int = 10_000) -> None:
         super().__init__(("127.0.0.1", 0), HubHandler)
-        self.token = token
+        self.token, self.read_token = token, read_token
+        self.lfs_threshold, self.quota_bytes, self.max_files_per_folder = lfs_threshold, quota_bytes, max_files_per_folder
+        self.upload_secret = hashlib.sha1(f"{time.time()}".encode()).hexdigest()  # a presigned URL's signature
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, int]] = []
@@ -86,10 +141,10 @@ class HubServer(http.server.ThreadingHTTPServer):
         with self.lock:
             self.faults.append(fault)
 
-    def take_fault(self, path: str) -> Fault | None:
+    def take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
             for fault in self.faults:
-                if fault.where in path and fault.count > 0:
+                if fault.where in path and fault.count > 0 and fault.method in ("", method):
                     fault.count -= 1
                     return fault
         return None
@@ -110,11 +165,30 @@ class HubServer(http.server.ThreadingHTTPServer):
     # -- helpers for tests -------------------------------------------------------------------
 
     def files_at(self, repo_id: str, revision: str) -> dict[str, bytes]:
+        """The files of a revision with their bytes (an LFS file whose object was deleted is left out)."""
         repo = self.repos[repo_id]
-        return repo.commits[repo.branches.get(revision, revision)].files
+        files = {}
+        for path, blob in repo.commits[repo.branches.get(revision, revision)].files.items():
+            data = blob.content if blob.content is not None else getattr(repo.lfs.get(blob.sha256), "data", None)
+            if data is not None:
+                files[path] = data
+        return files
+
+    def lfs_paths_at(self, repo_id: str, revision: str) -> set[str]:
+        repo = self.repos[repo_id]
+        return {p for p, b in repo.commits[repo.branches.get(revision, revision)].files.items() if b.content is None}
 
     def head(self, repo_id: str, branch: str = "main") -> str:
         return self.repos[repo_id].branches[branch]
+
+    def create(self, repo_id: str, private: bool = True) -> Repo:
+        """A repo that exists before the run (as a user may have made it on the website)."""
+        with self.lock:
+            repo = self.repos[repo_id] = Repo(repo_id, private)
+        oid = self.new_oid(repo_id)
+        repo.commits[oid] = Commit(oid, None, "initial commit", {})
+        repo.branches["main"] = oid
+        return repo
 
 
 class HubHandler(http.server.BaseHTTPRequestHandler):
@@ -126,8 +200,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    swallow = False  # the real answer is lost (Fault.after): the fault's answer goes out instead
+
     def reply(self, status: int, payload: object = None, headers: dict[str, str] | None = None,
               raw: bytes | None = None) -> None:
+        if self.swallow:
+            return
         data = raw if raw is not None else json.dumps(payload if payload is not None else {}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -145,14 +223,26 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.server.pace(len(chunk))
             self.wfile.write(chunk)
 
-    def error(self, status: int, message: str, code: str = "") -> None:
+    def error(self, status: int, message: str, code: str = "") -> int:
         self.reply(status, {"error": message}, {"X-Error-Code": code} if code else {})
+        return status
 
     def body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                chunk = self.rfile.read(size + 2)[:size]  # each chunk ends with CRLF
+                if size == 0:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def authorized(self) -> bool:
-        return self.headers.get("Authorization", "") == f"Bearer {self.server.token}"
+    def role(self) -> str:
+        """'write', 'read' or '' (no valid token)."""
+        bearer = self.headers.get("Authorization", "")
+        return {f"Bearer {self.server.token}": "write", f"Bearer {self.server.read_token}": "read"}.get(bearer, "")
 
     def do_GET(self) -> None:
         self.route()
@@ -163,56 +253,69 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.route()
 
+    def do_PUT(self) -> None:
+        self.route()
+
     def route(self) -> None:
         parts = urllib.parse.urlsplit(self.path)
         path, query = parts.path, urllib.parse.parse_qs(parts.query)
-        body = self.body() if self.command == "POST" else b""
-        fault = self.server.take_fault(path)
+        body = self.body() if self.command in ("POST", "PUT") else b""
+        fault = self.server.take_fault(self.command, path)
         status = 0
         try:
             if fault is not None and fault.delay:
                 time.sleep(fault.delay)
+            if fault is not None and fault.after:
+                self.swallow = True
+                self.dispatch(path, query, body, self.role())
+                self.swallow = False
             if fault is not None and fault.status:
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                if fault.rate_limit_reset is not None:
+                    headers["RateLimit"] = f'"api";r=0;t={fault.rate_limit_reset}'
                 status = fault.status
                 return self.reply(fault.status, {"error": f"injected {fault.status}"}, headers)
-            if not self.authorized():
-                status = 401
-                return self.error(401, "Invalid credentials in Authorization header")
-            status = self.dispatch(path, query, body)
+            if path.startswith("/lfs-upload/"):  # a presigned storage URL: its signature is the credential
+                status = self.lfs_put(path, body)
+                return
+            role = self.role()
+            if not role:
+                status = self.error(401, "Invalid credentials in Authorization header")
+                return
+            status = self.dispatch(path, query, body, role)
         finally:
             with self.server.lock:
                 self.server.requests.append((self.command, path, status))
 
-    def dispatch(self, path: str, query: dict, body: bytes) -> int:
+    def dispatch(self, path: str, query: dict, body: bytes, role: str) -> int:
         if path == "/api/whoami-v2":
-            self.reply(200, {"type": "user", "name": "tester", "auth": {"accessToken": {"role": "write"}}})
+            self.reply(200, {"type": "user", "name": "tester", "auth": {"accessToken": {"role": role}}})
             return 200
         if path == "/api/repos/create" and self.command == "POST":
+            if role != "write":
+                return self.error(403, "You don't have the rights to create a model under the namespace \"tester\"")
             return self.create_repo(json.loads(body))
         if path.startswith("/api/models/"):
-            return self.api(path[len("/api/models/"):], query, body)
+            return self.api(path[len("/api/models/"):], query, body, role)
+        if path.endswith(".git/info/lfs/objects/batch") and self.command == "POST":
+            return self.lfs_batch(path[1:-len(".git/info/lfs/objects/batch")], json.loads(body), role)
         segments = path.strip("/").split("/")
         if len(segments) >= 5 and segments[2] == "resolve":
             repo_id = "/".join(segments[:2])
             revision = urllib.parse.unquote(segments[3])
             return self.download(repo_id, revision, "/".join(segments[4:]))
-        self.error(404, f"no route {path}")
-        return 404
+        return self.error(404, f"no route {path}")
 
     # -- endpoints ---------------------------------------------------------------------------
 
     def create_repo(self, payload: dict) -> int:
         repo_id = f"{payload.get('organization') or 'tester'}/{payload['name']}"
         url = f"{self.server.url}/{repo_id}"
-        with self.server.lock:
-            if repo_id in self.server.repos:
-                self.reply(409, {"error": "You already created this model repo", "url": url})
-                return 409
-            repo = self.server.repos[repo_id] = Repo(repo_id, bool(payload.get("private", True)))
-        oid = self.server.new_oid(repo_id)
-        repo.commits[oid] = Commit(oid, None, "initial commit", {})
-        repo.branches["main"] = oid
+        if repo_id in self.server.repos:
+            self.reply(409, {"error": "You already created this model repo", "url": url})
+            return 409
+        private = payload.get("visibility", "private" if payload.get("private") else "public") != "public"
+        self.server.create(repo_id, private)
         self.reply(200, {"url": url})
         return 200
 
@@ -227,10 +330,26 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return None
         return repo, repo.commits[oid]
 
-    def api(self, rest: str, query: dict, body: bytes) -> int:
+    def api(self, rest: str, query: dict, body: bytes, role: str) -> int:
         segments = rest.split("/")
         repo_id = "/".join(segments[:2])
         action = segments[2] if len(segments) > 2 else ""
+        if action in ("auth-check", "lfs-files"):  # repo-level actions: no revision in the path
+            repo = self.server.repos.get(repo_id)
+            if repo is None:
+                return self.error(404, f"Repository {repo_id} not found", "RepoNotFound")
+            if action == "auth-check":
+                if segments[3:4] == ["write"] and role != "write":
+                    return self.error(403, f"You don't have write access to {repo_id}")
+                self.reply(200, {})
+                return 200
+            if segments[3:4] == ["batch"] and self.command == "POST":
+                return self.delete_lfs(repo, json.loads(body)["deletions"], role)
+            self.reply(200, [{"fileOid": sha, "oid": hashlib.sha1(sha.encode()).hexdigest(), "filename": o.filename,
+                              "size": len(o.data), "ref": "main",
+                              "pushedAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(o.pushed_at))}
+                             for sha, o in sorted(repo.lfs.items())])
+            return 200
         revision = urllib.parse.unquote(segments[3]) if len(segments) > 3 else "main"
         found = self.resolve(repo_id, revision)
         if found is None:
@@ -241,12 +360,15 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.reply(200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings})
             return 200
         if action == "preupload":
+            if role != "write":
+                return self.error(403, f"You don't have write access to {repo_id}")
             files = json.loads(body)["files"]
-            self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+            self.reply(200, {"files": [{"path": f["path"], "shouldIgnore": False, "oid": None,
+                                        "uploadMode": "lfs" if f["size"] >= self.server.lfs_threshold else "regular"}
                                        for f in files]})
             return 200
         if action == "commit":
-            return self.commit(repo, revision, body)
+            return self.commit(repo, revision, body, role)
         if action == "tree":
             prefix = "/".join(urllib.parse.unquote(s) for s in segments[4:])
             return self.tree(commit, prefix, query.get("recursive", ["false"])[0].lower() == "true")
@@ -263,27 +385,89 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.reply(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o}
                                           for b, o in repo.branches.items()], "converts": [], "tags": []})
             return 200
-        self.error(404, f"unknown action {action}")
-        return 404
+        return self.error(404, f"unknown action {action}")
 
-    def commit(self, repo: Repo, branch: str, body: bytes) -> int:
+    def over_quota(self, repo: Repo, more_bytes: int) -> bool:
+        quota = self.server.quota_bytes
+        return repo.private and quota is not None and repo.storage_bytes() + more_bytes > quota
+
+    def lfs_batch(self, repo_id: str, payload: dict, role: str) -> int:
+        """The LFS batch API, basic transfer: an upload href for each object the Hub lacks."""
+        repo = self.server.repos.get(repo_id)
+        if repo is None:
+            return self.error(404, f"Repository {repo_id} not found", "RepoNotFound")
+        if role != "write" or payload.get("operation") != "upload":
+            return self.error(403, f"You don't have write access to {repo_id}")
+        missing = [o for o in payload["objects"] if o["oid"] not in repo.lfs]
+        if self.over_quota(repo, sum(o["size"] for o in missing)):
+            return self.error(403, STORAGE_LIMIT_ERROR)
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"]}
+            if obj in missing:
+                href = f"{self.server.url}/lfs-upload/{repo_id}/{obj['oid']}?sig={self.server.upload_secret}"
+                entry["actions"] = {"upload": {"href": href}}
+            objects.append(entry)
+        self.reply(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+        return 200
+
+    def lfs_put(self, path: str, body: bytes) -> int:
+        if urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("sig") != [self.server.upload_secret]:
+            return self.error(403, "bad signature")
+        repo_id, oid = path[len("/lfs-upload/"):].rsplit("/", 1)
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self.error(400, "the uploaded bytes do not match the object id")
+        with self.server.lock:
+            self.server.repos[repo_id].lfs.setdefault(oid, LfsObject(body, ""))
+        self.reply(200, {})
+        return 200
+
+    def delete_lfs(self, repo: Repo, deletions: dict, role: str) -> int:
+        if role != "write":
+            return self.error(403, f"You don't have write access to {repo.repo_id}")
+        if deletions.get("rewriteHistory"):  # would give every commit a new SHA: never what a run wants
+            return self.error(400, "this test server does not rewrite history")
+        with self.server.lock:
+            for sha in deletions["sha"]:
+                repo.lfs.pop(sha, None)
+        self.reply(200, {})
+        return 200
+
+    def commit(self, repo: Repo, branch: str, body: bytes, role: str) -> int:
+        if role != "write":
+            return self.error(403, f"You don't have write access to {repo.repo_id}")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = lines[0]["value"]
         with self.server.lock:
             head = repo.branches[branch]
             parent = header.get("parentCommit")
             if parent and parent != head:
-                self.error(412, "A commit has happened since. Please refresh and try again.")
-                return 412
+                return self.error(412, "A commit has happened since. Please refresh and try again.")
             files = dict(repo.commits[head].files)
+            new_bytes = 0
             for item in lines[1:]:
                 value = item["value"]
                 if item["key"] == "file":
-                    files[value["path"]] = base64.b64decode(value["content"])
+                    data = base64.b64decode(value["content"])
+                    files[value["path"]] = Blob(len(data), hashlib.sha256(data).hexdigest(), data)
+                    new_bytes += len(data)
+                elif item["key"] == "lfsFile":
+                    lfs_object = repo.lfs.get(value["oid"])
+                    if lfs_object is None:
+                        return self.error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                    lfs_object.filename = lfs_object.filename or value["path"]
+                    files[value["path"]] = Blob(len(lfs_object.data), value["oid"])
                 elif item["key"] == "deletedFile":
                     files.pop(value["path"], None)
                 elif item["key"] == "deletedFolder":
                     files = {p: b for p, b in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+            if self.over_quota(repo, new_bytes):
+                return self.error(403, STORAGE_LIMIT_ERROR)
+            per_folder = collections.Counter(p.rpartition("/")[0] for p in files)
+            crowded = [f for f, n in per_folder.items() if n > self.server.max_files_per_folder]
+            if crowded:
+                return self.error(400, f"Too many files in folder {crowded[0] or '/'}: at most "
+                                       f"{self.server.max_files_per_folder} files per folder")
             oid = hashlib.sha1(f"{head}-{header['summary']}-{time.time()}-{len(repo.commits)}".encode()).hexdigest()
             repo.commits[oid] = Commit(oid, head, header["summary"], files)
             repo.branches[branch] = oid
@@ -293,7 +477,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
     def tree(self, commit: Commit, prefix: str, recursive: bool) -> int:
         base = prefix.rstrip("/") + "/" if prefix else ""
         entries, folders = [], set()
-        for path, data in sorted(commit.files.items()):
+        for path, blob in sorted(commit.files.items()):
             if not path.startswith(base):
                 continue
             rest = path[len(base):]
@@ -303,8 +487,13 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                     folders.add(base + "/".join(parts[:depth]))
                 if not recursive:
                     continue
-            entries.append({"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()})
+            entry = {"type": "file", "path": path, "size": blob.size, "oid": git_blob_id(blob)}
+            if blob.content is None:
+                entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": 134}
+            entries.append(entry)
         entries += [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
+        if base and not entries:
+            return self.error(404, f"Entry not found: {prefix}", "EntryNotFound")
         self.reply(200, entries)
         return 200
 
@@ -312,11 +501,20 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         found = self.resolve(repo_id, revision)
         if found is None:
             return 404
-        _, commit = found
-        data = commit.files.get(urllib.parse.unquote(path))
-        if data is None:
-            self.error(404, f"Entry not found: {path}", "EntryNotFound")
-            return 404
-        etag = f'"{hashlib.sha1(data).hexdigest()}"'
-        self.reply(200, raw=data, headers={"X-Repo-Commit": commit.oid, "ETag": etag})
+        repo, commit = found
+        blob = commit.files.get(urllib.parse.unquote(path))
+        if blob is None:
+            return self.error(404, f"Entry not found: {path}", "EntryNotFound")
+        data = blob.content if blob.content is not None else getattr(repo.lfs.get(blob.sha256), "data", None)
+        if data is None:  # its LFS object was permanently deleted
+            return self.error(404, f"Entry not found: {path} (its LFS object was deleted)", "EntryNotFound")
+        etag = f'"{blob.sha256 if blob.content is None else hashlib.sha1(data).hexdigest()}"'
+        headers = {"X-Repo-Commit": commit.oid, "ETag": etag, "Accept-Ranges": "bytes"}
+        start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if start and self.command == "GET":  # a resumed download asks for the rest only
+            offset = int(start.group(1))
+            headers["Content-Range"] = f"bytes {offset}-{len(data) - 1}/{len(data)}"
+            self.reply(206, raw=data[offset:], headers=headers)
+            return 206
+        self.reply(200, raw=data, headers=headers)
         return 200
