@@ -2,7 +2,7 @@
 #   docker build -t USER/relay-trainer:0.3.0 . && docker push USER/relay-trainer:0.3.0
 # then register USER/relay-trainer:0.3.0 as a Lium template (README, "Docker image").
 # Pin the slime release you train with: --build-arg SLIME_IMAGE=slimerl/slime:<tag>
-ARG SLIME_IMAGE=slimerl/slime:latest
+ARG SLIME_IMAGE=slimerl/slime:nightly-dev-20260804a-cu129
 FROM ${SLIME_IMAGE}
 
 # Lium runs every command over SSH: the image keeps an SSH server.  (The package version

@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | takeover | footprint | hub | standby
+    python bench_relay.py renewals   # one part: renewals | takeover | slime-stop | footprint | hub | standby
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -27,7 +27,7 @@ import time
 import types
 from pathlib import Path
 
-from testing.harness import Cluster, relay, wait_for
+from testing.harness import Cluster, ray_slime_env, relay, wait_for
 
 SIMULATED_WORKERS = (200, 1000)
 CLIENT_PROCESSES = 4
@@ -185,6 +185,40 @@ def bench_takeover(tmp: Path) -> list[tuple[str, str, str]]:
                      f"{takeover:.2f} s = {takeover / ttl:.2f} x TTL; trainer running after {trainer_started - killed:.2f} s",
                      f"target {target}"))
     return rows
+
+
+# --------------------------------------------------------------------------- stopping slime on real Ray
+
+
+def bench_slime_stop(tmp: Path) -> list[tuple[str, str, str]]:
+    """SIGTERM to a worker whose trainer is slime's train.py stand-in on a real Ray cluster (in a
+    private PID namespace, as in the tests): time until the worker exits, sealed and released,
+    with nothing of the trainer left."""
+    (tmp / "base_torch_dist").mkdir()
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    cluster = Cluster(tmp)
+    grace = 30
+    try:
+        cluster.start_commander(lease=5)
+        ns = cluster.start_worker_in_pid_namespace("a", env=ray_slime_env(tmp, ray_dir), total_steps=12,
+                                                   stop_grace_seconds=grace, stall_timeout_seconds=900)
+        wait_for("a sealed checkpoint", lambda: (cluster.run("r1").get("latest_checkpoint") or {}).get("iteration", -1) >= 1,
+                 300)
+        processes = len(ns.processes())
+        killed = time.monotonic()
+        os.kill(ns.worker, signal.SIGTERM)
+        wait_for("the worker to exit", lambda: ns.exit_code() is not None, 60, 0.01)
+        exited = time.monotonic() - killed
+        left = ns.processes()
+        status = cluster.run("r1").get("status")
+        steps = next((line for line in cluster.log("a").splitlines() if "[trainer] stopped in" in line), "")
+    finally:
+        cluster.close()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    return [("SIGTERM stop of slime on real Ray (CPU)",
+             f"worker exited in {exited:.1f} s, run {status}, {len(left)} of {processes} trainer processes left; "
+             f"{steps.split('] ', 1)[-1]}",
+             f"target < 10 s (stop_grace_seconds {grace}), nothing left")]
 
 
 # --------------------------------------------------------------------------- footprint
@@ -408,8 +442,8 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
 
 # --------------------------------------------------------------------------- main
 
-PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "footprint": bench_footprint, "hub": bench_hub,
-         "standby": bench_standby}
+PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "slime-stop": bench_slime_stop,
+         "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
 
 
 def main(argv: list[str]) -> int:

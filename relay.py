@@ -1865,10 +1865,13 @@ class CheckpointDir:
         return sorted(files)
 
     def is_complete(self, iteration: int, tracker: int | None, writer_alive: bool = True) -> bool:
-        """Megatron and slime: the tracker has reached it, and its data position is saved.
+        """Megatron and slime: the tracker has reached it, and its data position is saved,
+        whichever of the two was written first.
 
-        slime writes the dataset-state file after the tracker and not atomically: while the
-        trainer lives, the file must also be SEAL_SETTLE_SECONDS old before it counts.
+        slime writes the dataset-state file after the tracker, except with --async-save
+        (the tracker of N is written only when the next save starts, so the state file comes
+        first), and not atomically: while the trainer lives, the file must also be
+        SEAL_SETTLE_SECONDS old before it counts.
         """
         if tracker is None or iteration > tracker:
             return False
@@ -1876,7 +1879,8 @@ class CheckpointDir:
             return True
         state = os.path.join(self.path, dataset_state_relpath(iteration))
         try:
-            return not writer_alive or utc_now() - os.stat(state).st_mtime >= SEAL_SETTLE_SECONDS
+            written = os.stat(state).st_mtime
+            return not writer_alive or utc_now() - written >= SEAL_SETTLE_SECONDS
         except OSError:
             if iteration == tracker and iteration not in self._warned_missing_state:
                 self._warned_missing_state.add(iteration)
@@ -2643,18 +2647,44 @@ class HubPrefetch:
 # 7. Trainer process and watchdog #############################################
 ###############################################################################
 #
-# Finding everything a trainer started: a process group misses what slime's Ray starts in a
-# new session, so every trainer gets a random RELAY_TRAINER_TAG in its environment, which
-# every descendant inherits (new sessions and Ray daemons included) and /proc/PID/environ
-# shows.  Stopping = signal the trainer's group, then every process carrying the tag, until
-# none is left.
+# Finding everything a trainer started, whatever it did to its session, name or environment.
+# A process group misses what Ray starts in a new session; an environment tag misses what
+# renames itself with setproctitle (Ray's dashboard and agents, SGLang's servers), because
+# that overwrites what /proc/PID/environ shows.  So a trainer is found as a process TREE:
+#
+#   - the worker is a child subreaper (prctl PR_SET_CHILD_SUBREAPER): a descendant whose
+#     parent exits (setsid + double fork, `ray start` leaving its daemons) is reparented to
+#     the worker, not to init, so while the worker lives every process the trainer started
+#     is a descendant of the worker (its watchdog's subtree aside);
+#   - where a cgroup v2 can be made, the trainer joins its own cgroup before its first
+#     exec, and every descendant is born inside it: `cgroup.kill` ends them all atomically,
+#     forks in flight included, for whoever holds the path (worker or watchdog);
+#   - after the worker's death its children are reparented away (to init or an outer
+#     subreaper), so the watchdog keeps its own record: while armed (and without a cgroup)
+#     it notes every TREE_RECORD_SECONDS the pids (with start times, against reuse) below
+#     the worker; on the worker's death it kills those still alive and everything below
+#     them, plus the cgroup, the trainer's group and every process still carrying the
+#     RELAY_TRAINER_TAG.  What only this record
+#     could miss: a process started in the last TREE_RECORD_SECONDS before the worker died,
+#     whose parent also exited in that time, that renamed itself, on a pod without a cgroup.
+#
+# Killing: first SIGSTOP every member and look again until no new one appears (a stopped
+# process cannot fork or exit, so no child escapes to init between looking and killing), then
+# SIGKILL them all.
 
 TRAINER_TAG_ENV = "RELAY_TRAINER_TAG"
-PROGRESS_RE = re.compile(r"\bstep (\d+)(?:/\d+)?\b")
-ROLLOUT_RE = re.compile(r"^rollout (\d+):")
+# slime's real lines carry prefixes (logging's `[time] train_metric_utils.py:135 - `, Ray's
+# `(MegatronTrainRayActor pid=N) `), so every pattern is searched anywhere in a line.
+# `rollout N: {` gives the iteration (= rollout id); slime's `step K: {` is a train step
+# (K = rollout id x steps per rollout + step in rollout): it gives the loss, never the step.
+# The lookbehinds keep `critic-step K:` (a PPO critic's value loss) and `train/rollout` out.
+ROLLOUT_RE = re.compile(r"(?<![\w/-])rollout (\d+): \{")
+STEP_RE = re.compile(r"(?<![\w/-])step (\d+)(: \{|(?:/\d+)?\b)")
+LOSS_RE = re.compile(r"(?:'train/loss':|(?<![\w/'\"-])loss\b['\"]?\s*[:=]?)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+# slime waits for its placement group forever and says so every 30 s (slime/ray/placement_group.py).
+PLACEMENT_WAIT_RE = re.compile(r"Waiting for placement group of (\d+) GPUs.*?(\d+(?:\.\d+)?) GPUs registered")
 NO_CHECKPOINT_WARNING_SECONDS = 3600.0
 WATCHDOG_MAX_SLEEP_SECONDS = 1.0
-LOSS_RE = re.compile(r"loss['\"]?\s*[:=]?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 def processes_with_env(entry: str) -> list[int]:
@@ -2677,30 +2707,216 @@ def processes_tagged(tag: str) -> list[int]:
     return processes_with_env(f"{TRAINER_TAG_ENV}={tag}")
 
 
-def signal_trainer_tree(pgid: int | None, tag: str, sig: int) -> int:
-    """Send `sig` to the trainer's group and to every tagged process that left it; how many
-    tagged processes were found.
+PR_SET_CHILD_SUBREAPER = 36
+TREE_RECORD_SECONDS = 2.0  # how often the watchdog notes the pids below the worker (~4 ms of CPU each)
+STALE_CGROUP_SECONDS = 60.0
+LEFTOVER_TERM_SECONDS = 1.0  # after the launcher ended: SIGTERM to what is left, this long, then SIGKILL
 
-    Each process gets the signal once: a launch script's TERM trap resets itself to the
-    default before it runs its stop steps, so a second SIGTERM would kill it halfway.
-    """
-    if pgid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-    tagged = processes_tagged(tag)
-    for pid in tagged:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) != pgid:
+
+def become_child_subreaper() -> None:
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+@dataclass
+class ProcInfo:
+    ppid: int
+    pgid: int
+    started: int  # clock ticks after boot: with the pid, names one process even after pid reuse
+    zombie: bool
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process in /proc (our pid namespace) with its parent, group and start time."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # the name in parentheses may hold spaces
+        table[int(name)] = ProcInfo(int(fields[1]), int(fields[2]), int(fields[19]), fields[0] == b"Z")
+    return table
+
+
+def descendants(table: dict[int, ProcInfo], roots: set[int]) -> set[int]:
+    """Every pid below `roots` in `table` (roots excluded)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, info in table.items():
+        children[info.ppid].append(pid)
+    found: set[int] = set()
+    pending = list(roots)
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found and child not in roots:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def cgroup2_home() -> str | None:
+    """This process's own cgroup v2 folder, when the unified hierarchy is mounted here."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            path = next((line[3:].strip() for line in handle if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as handle:
+            mounts = [line.split() for line in handle]
+    except OSError:
+        return None
+    for fields in mounts:
+        if path is not None and fields[fields.index("-") + 1] == "cgroup2":
+            return os.path.join(fields[4], path.lstrip("/"))
+    return None
+
+
+def make_trainer_cgroup(tag: str) -> str:
+    """A fresh cgroup for one trainer, or "" where none can be made (read-only /sys/fs/cgroup
+    in most containers, cgroup v1 only, kernels before 5.14 without cgroup.kill), or when
+    RELAY_TRAINER_CGROUP=off (a host whose own cgroup manager must not see foreign folders)."""
+    home = None if os.environ.get("RELAY_TRAINER_CGROUP") == "off" else cgroup2_home()
+    if home is None:
+        return ""
+    # Empty ones a minute old were left by a worker killed together with its watchdog (a live
+    # trainer's is never empty, and a new one is joined within milliseconds of its creation).
+    with contextlib.suppress(OSError):
+        for name in os.listdir(home):
+            stale = os.path.join(home, name)
+            if name.startswith("relay-trainer-") and utc_now() - os.stat(stale).st_mtime > STALE_CGROUP_SECONDS:
+                remove_cgroup(stale)
+    path = os.path.join(home, f"relay-trainer-{tag}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return ""
+    if not os.path.exists(os.path.join(path, "cgroup.kill")):
+        remove_cgroup(path)
+        return ""
+    return path
+
+
+def cgroup_pids(path: str) -> set[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as handle:
+            return {int(word) for word in handle.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def remove_cgroup(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # refused while a process is inside: then it stays until the next stop
+
+
+@dataclass
+class TrainerTree:
+    """Every process one trainer started (see the section comment for how each is found)."""
+
+    tag: str
+    owner: int  # the worker, a child subreaper: the trainer's processes are below it
+    exclude: set[int]  # the owner's children that are not the trainer's (its watchdog)
+    pgid: int | None = None
+    cgroup: str = ""
+    recorded: dict[int, int] = field(default_factory=dict)  # pid -> start time, as last seen
+    owner_started: int = -1  # the owner's start time: a dead worker's reused pid is not the owner
+
+    def __post_init__(self) -> None:
+        owner = process_table().get(self.owner)
+        self.owner_started = owner.started if owner else -1
+
+    def members(self, thorough: bool = True, table: dict[int, ProcInfo] | None = None) -> set[int]:
+        """Live processes of the trainer; `thorough` adds the environment-tag scan (slower)."""
+        table = process_table() if table is None else table
+        me = os.getpid()
+        found = cgroup_pids(self.cgroup) if self.cgroup else set()
+        roots = {pid for pid, started in self.recorded.items() if pid in table and table[pid].started == started}
+        owner = table.get(self.owner)
+        if owner is not None and owner.started == self.owner_started and not owner.zombie:
+            found |= descendants(table, {self.owner}) - descendants(table, self.exclude) - self.exclude
+        found |= roots | descendants(table, roots)
+        if self.pgid:
+            found |= {pid for pid, info in table.items() if info.pgid == self.pgid}
+        if thorough:
+            found |= set(processes_tagged(self.tag))
+        found |= descendants(table, found)
+        return {pid for pid in found if pid != me and pid in table and not table[pid].zombie}
+
+    def record(self) -> None:
+        """Note the members and their start times (the watchdog, for after the owner's death).
+        Not needed with a cgroup: cgroup.kill finds them all."""
+        if not self.cgroup:
+            table = process_table()
+            self.recorded = {pid: table[pid].started for pid in self.members(False, table)}
+
+    def signal_all(self, sig: int) -> int:
+        """Send `sig` to every member once; how many there were."""
+        members = self.members()
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-    return len(tagged)
+        return len(members)
+
+    def kill(self, within: float = 5.0) -> bool:
+        """SIGKILL every member, none escaping by fork or reparenting; True once none is left."""
+        give_up = boottime() + within
+        if self.cgroup:
+            with contextlib.suppress(OSError), open(os.path.join(self.cgroup, "cgroup.kill"), "w") as handle:
+                handle.write("1")
+        stopped: set[int] = set()
+        while boottime() < give_up:
+            fresh = self.members() - stopped
+            if not fresh:
+                break
+            for pid in fresh:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped |= fresh
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        while (left := self.members()) and boottime() < give_up:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)  # killed processes need a moment to leave the process table
+        return not left
+
+    def remove_cgroup(self, within: float, reap: Callable[[], None] = lambda: None) -> None:
+        """Remove the trainer's cgroup once it can be: the kernel refuses while a process that
+        was inside is dead but not yet reaped (`reap`: the worker's own adopted orphans)."""
+        give_up = boottime() + within
+        while self.cgroup:
+            reap()
+            try:
+                os.rmdir(self.cgroup)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if boottime() < give_up:
+                    time.sleep(0.02)
+                    continue
+            return
 
 
-def kill_trainer_tree(pgid: int | None, tag: str, within: float = 5.0) -> bool:
-    """SIGKILL the whole trainer tree and wait until no tagged process is left."""
-    give_up = boottime() + within
-    while signal_trainer_tree(pgid, tag, signal.SIGKILL) and boottime() < give_up:
-        time.sleep(0.02)  # killed processes need a moment to leave the process table
-    return not processes_tagged(tag)
+def reap_adopted_orphans(keep: set[int]) -> None:
+    """Reap the exited processes a child subreaper inherits (the trainer's, whose parents
+    exited first), so they do not pile up as zombies over a long run.  `keep`: children
+    whose exit status someone else waits for (the launcher's Popen, the watchdog)."""
+    children: set[int] = set()
+    with contextlib.suppress(OSError):  # our children, from the few threads we have: cheap
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as handle:
+                children |= {int(word) for word in handle.read().split()}
+    for pid in children - keep:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                zombie = handle.read().rsplit(b") ", 1)[1][:1] == b"Z"
+        except (OSError, IndexError):
+            continue
+        if zombie:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def watchdog_loop(commands: int) -> int:
@@ -2708,32 +2924,42 @@ def watchdog_loop(commands: int) -> int:
 
     One watchdog serves a worker for its whole life.  The worker feeds it through a pipe
     whose write end only the worker holds: `arm TAG DEADLINE` (a trainer is about to start),
-    `pgid N` (its process group), `deadline T` (CLOCK_BOOTTIME seconds, after each renewal),
-    `disarm` (the trainer is stopped).  End of file means the worker is gone, even while it
-    is an unreaped zombie, and an unrenewed lease cannot be trusted: kill at once.  A stopped
-    (SIGSTOP) worker keeps the pipe open but stops sending deadlines, so the deadline fires.
+    `pgid N` (its process group), `cgroup PATH` (its cgroup, when one was made), `deadline T`
+    (CLOCK_BOOTTIME seconds, after each renewal), `disarm` (the trainer is stopped).  End of
+    file means the worker is gone, even while it is an unreaped zombie, and an unrenewed
+    lease cannot be trusted: kill at once.  A stopped (SIGSTOP) worker keeps the pipe open
+    but stops sending deadlines, so the deadline fires.
     """
     set_process_name("relay-watchdog")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # only the worker (or its death) ends the watch
-    tag, pgid, deadline = "", None, math.inf
+    worker = os.getppid()  # forked or spawned by the worker
+    tree: TrainerTree | None = None
+    deadline, next_record = math.inf, 0.0
     pending = b""
     while True:
-        if tag and boottime() >= deadline:
-            clean = kill_trainer_tree(pgid, tag)
+        if tree is not None and boottime() >= deadline:
+            clean = tree.kill()
+            tree.remove_cgroup(1.0)  # its processes are the worker's to reap (or init's): they may linger
             log("watchdog", f"the lease deadline passed: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
-            tag, pgid, deadline = "", None, math.inf
-        # Asleep until the deadline or a command (idle: until told).  Capped at a second
-        # because select's clock stops while the machine is suspended and CLOCK_BOOTTIME
-        # does not: a deadline that passed during a suspend is seen within a second of waking.
-        timeout = min(max(deadline - boottime(), 0.0), WATCHDOG_MAX_SLEEP_SECONDS) if tag else None
+            tree, deadline = None, math.inf
+        if tree is not None and boottime() >= next_record:
+            tree.record()
+            next_record = boottime() + TREE_RECORD_SECONDS
+        # Asleep until the deadline, the next record or a command (idle: until told).  Capped
+        # at a second because select's clock stops while the machine is suspended and
+        # CLOCK_BOOTTIME does not: a deadline that passed during a suspend is seen within a
+        # second of waking.
+        timeout = (min(max(min(deadline, next_record) - boottime(), 0.0), WATCHDOG_MAX_SLEEP_SECONDS)
+                   if tree is not None else None)
         ready, _, _ = select.select([commands], [], [], timeout)
         if not ready:
             continue
         chunk = os.read(commands, 4096)
         if not chunk:
-            if tag:
-                clean = kill_trainer_tree(pgid, tag)
+            if tree is not None:
+                clean = tree.kill()
+                tree.remove_cgroup(1.0)
                 log("watchdog", f"the worker died: killed the trainer's process tree{'' if clean else ' (some processes resisted)'}")
             return 0
         pending += chunk
@@ -2741,13 +2967,16 @@ def watchdog_loop(commands: int) -> int:
             line, pending = pending.split(b"\n", 1)
             words = line.decode(errors="replace").split()
             if words[:1] == ["arm"] and len(words) == 3:
-                tag, pgid, deadline = words[1], None, float(words[2])
-            elif words[:1] == ["pgid"] and len(words) == 2 and tag:
-                pgid = int(words[1])
-            elif words[:1] == ["deadline"] and len(words) == 2 and tag:
+                tree = TrainerTree(words[1], worker, {os.getpid()})
+                deadline, next_record = float(words[2]), 0.0
+            elif words[:1] == ["pgid"] and len(words) == 2 and tree is not None:
+                tree.pgid = int(words[1])
+            elif words[:1] == ["cgroup"] and len(words) >= 2 and tree is not None:
+                tree.cgroup = line.decode(errors="replace").split(" ", 1)[1]
+            elif words[:1] == ["deadline"] and len(words) == 2 and tree is not None:
                 deadline = float(words[1])
             elif words[:1] == ["disarm"]:
-                tag, pgid, deadline = "", None, math.inf
+                tree, deadline = None, math.inf
 
 
 class Watchdog:
@@ -2797,8 +3026,10 @@ class Watchdog:
     def arm(self, tag: str, deadline: float) -> None:
         self._send(f"arm {tag} {deadline:.3f}")
 
-    def watch(self, pgid: int) -> None:
+    def watch(self, pgid: int, cgroup: str) -> None:
         self._send(f"pgid {pgid}")
+        if cgroup:
+            self._send(f"cgroup {cgroup}")
 
     def extend(self, deadline: float) -> None:
         self._send(f"deadline {deadline:.3f}")
@@ -2814,41 +3045,52 @@ class Watchdog:
 
 
 class Progress:
-    """What the trainer said lately: step, loss, last output time, the last lines (bounded).
+    """What the trainer said lately: step, loss, when it last advanced, the last lines (bounded).
 
     The step reported is the checkpoint iteration where the trainer says it: slime's
-    `rollout N:` lines (iteration = rollout id); otherwise `step N` (the mock's
-    `step N/M loss X`).  Loss comes from either (slime: `step N: {... 'train/loss': X}`).
+    `rollout N: {` lines (iteration = rollout id); otherwise `step N` (the mock's
+    `step N/M loss X`).  Loss: slime's `'train/loss': X` in `step K: {...}`, or `loss X`.
+    Output alone is not progress: slime waiting for GPUs logs every 30 s while nothing trains.
     """
 
     def __init__(self) -> None:
         self.step = 0
         self.counts_rollouts = False
         self.loss: float | None = None
-        self.last_output = boottime()
+        self.last_advance = boottime()  # a new step or rollout (the worker adds new checkpoints)
+        self.placement_wait = ""  # slime's last "waiting for a placement group" line, until a rollout
         self.unsent_lines: list[str] = []
         self.unsent_losses: list[list] = []  # [step, loss] of every step printed since the last renewal
         self._losses_seen = 0  # since the last renewal; every `_loss_stride`-th is kept
         self._loss_stride = 1
         self._lock = threading.Lock()
 
+    def advance_to(self, step: int) -> None:
+        if step > self.step:
+            self.step = step
+            self.last_advance = boottime()
+
     def observe(self, line: str) -> None:
-        self.last_output = boottime()
-        rollout = ROLLOUT_RE.match(line)
+        rollout = ROLLOUT_RE.search(line)
         if rollout:
             self.counts_rollouts = True
-            self.step = max(self.step, int(rollout.group(1)))
-        match = PROGRESS_RE.search(line)
-        point = None
+            self.placement_wait = ""
+            self.advance_to(int(rollout.group(1)))
+        match = STEP_RE.search(line)
+        point = None  # the loss curve's x is the train step (slime: several per rollout)
         if match:
-            if not self.counts_rollouts:
-                self.step = max(self.step, int(match.group(1)))
-            loss = LOSS_RE.search(line[match.end():])
+            if not self.counts_rollouts and not match.group(2).startswith(":"):
+                self.advance_to(int(match.group(1)))
+            loss = LOSS_RE.search(line, match.end())
             if loss:
                 with contextlib.suppress(ValueError):
                     self.loss = float(loss.group(1))
                     if math.isfinite(self.loss):
                         point = [int(match.group(1)), self.loss]
+        waiting = PLACEMENT_WAIT_RE.search(line)
+        if waiting:
+            self.placement_wait = (f"waiting for a placement group of {waiting.group(1)} GPUs, "
+                                   f"{float(waiting.group(2)):g} registered with Ray")
         with self._lock:
             self.unsent_lines.append(line[:500])
             del self.unsent_lines[:-20]
@@ -2878,15 +3120,37 @@ class Progress:
 
 
 class TrainerProcess:
-    """The trainer black box: its own session, output passed through line by line."""
+    """The trainer black box: its own session (and cgroup, where one can be made), output
+    passed through line by line."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str,
+    # Joins the cgroup before exec, so the launcher's first child is already born inside it,
+    # and says on the pipe whose fd is $1 whether it could (a cgroup we may create but not
+    # move into, as without delegation, must not be trusted to hold the trainer).
+    JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&"$1"; fi; '
+                   'eval "exec $1>&-"; shift; exec "$@"')
+
+    def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int,
                  on_exit: Callable[[], None]) -> None:
-        self.tag = env[TRAINER_TAG_ENV]
+        tag = env[TRAINER_TAG_ENV]
         self.on_exit = on_exit  # the worker sleeps until something happens: this is one
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
-        self.pgid = self.proc.pid
+        cgroup = make_trainer_cgroup(tag)
+        joined_r, joined_w = os.pipe() if cgroup else (-1, -1)
+        if cgroup:
+            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, str(joined_w), *argv]
+        try:
+            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                                         pass_fds=(joined_w,) if cgroup else ())
+        finally:
+            if cgroup:
+                os.close(joined_w)
+        if cgroup:
+            with os.fdopen(joined_r, "rb") as joined:  # answered before the trainer's first command
+                if joined.read() != b"joined\n":
+                    remove_cgroup(cgroup)
+                    cgroup = ""
+        self.tree = TrainerTree(tag, os.getpid(), {watchdog_pid}, pgid=self.proc.pid, cgroup=cgroup)
+        self.launcher_exited = threading.Event()
         self.exited = threading.Event()
         pumps = [threading.Thread(target=self._pump, args=(pipe, out, progress), daemon=True)
                  for pipe, out in ((self.proc.stdout, sys.stdout), (self.proc.stderr, sys.stderr))]
@@ -2906,6 +3170,7 @@ class TrainerProcess:
 
     def _wait(self, pumps: list[threading.Thread]) -> None:
         self.proc.wait()
+        self.launcher_exited.set()
         for pump in pumps:
             pump.join(timeout=2)
         self.exited.set()
@@ -2916,15 +3181,40 @@ class TrainerProcess:
 
     def kill(self) -> None:
         """SIGKILL everything the trainer started, now (the lease is gone)."""
-        kill_trainer_tree(self.pgid, self.tag)
+        self.tree.kill()
 
-    def stop(self, grace: float) -> None:
-        """SIGTERM, up to `grace` seconds to finish, then SIGKILL; nothing tagged is left."""
-        signal_trainer_tree(self.pgid, self.tag, signal.SIGTERM)
-        give_up = boottime() + grace
-        while boottime() < give_up and (not self.exited.is_set() or processes_tagged(self.tag)):
-            self.exited.wait(0.1)
+    def stop(self, grace: float, whole_group: bool) -> None:
+        """Stop within `grace` seconds: the launcher first, then whatever is left.
+
+        A launch script (`whole_group` false) gets SIGTERM alone: its trap runs slime's own
+        stop step against a Ray cluster that nobody else is signalling yet (Ray's daemons
+        share its process group; a cluster dying at the same moment makes that step hang, and
+        the daemons outlive a SIGTERM by 6-15 s).  A user's trainer_command gets it as a group
+        (`bash -c` dies at once; its children deserve the grace).  Then SIGTERM to what is
+        left (Ray's daemons, the `ray job submit` client, SGLang servers), at most
+        LEFTOVER_TERM_SECONDS, and SIGKILL until nothing is left.
+        """
+        began = boottime()
+        give_up = began + grace
+        group = self.tree.pgid or self.proc.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # once: a second TERM cuts a trap short
+            if whole_group:
+                os.killpg(group, signal.SIGTERM)
+            else:
+                os.kill(self.proc.pid, signal.SIGTERM)
+        self.launcher_exited.wait(grace)
+        while whole_group and boottime() < give_up and any(
+                info.pgid == group and not info.zombie for info in process_table().values()):
+            time.sleep(0.05)
+        launcher_seconds = boottime() - began
+        left = self.tree.signal_all(signal.SIGTERM)
+        if left:
+            leftovers_until = min(give_up, boottime() + LEFTOVER_TERM_SECONDS)
+            while boottime() < leftovers_until and self.tree.members(thorough=False):
+                time.sleep(0.05)
         self.kill()
+        log("trainer", f"stopped in {boottime() - began:.1f} s: the launcher took {launcher_seconds:.1f} s to end, "
+                       f"then {left} processes were left to end")
         self.exited.wait(5)
 
 
@@ -2958,7 +3248,52 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
         "RELAY_PYTHON": sys.executable,
         TRAINER_TAG_ENV: tag,
     })
+    # One Weights & Biases run per relayed run: every restart, on any pod, resumes the same
+    # run instead of starting a new one (W&B reads these when slime calls wandb.init without
+    # an id).  A user's own choice, from the worker's environment or `env`, wins.
+    env.setdefault("WANDB_RUN_ID", wandb_run_id(cfg.run_id))
+    env.setdefault("WANDB_RESUME", "allow")
     return env
+
+
+def gpus_on_this_pod() -> int | None:
+    """How many GPUs `nvidia-smi -L` lists; None when it cannot say (no driver, no tool)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    count = sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+    return count if listing.returncode == 0 and count else None
+
+
+def gpus_slime_asks_for(command: str) -> int | None:
+    """`--actor-num-gpus-per-node` of a slime command (slime's default, 8, when a command that
+    runs slime's train.py or train_async.py leaves it out); None when not a number we can read."""
+    given = re.search(r"--actor-num-gpus-per-node[= ]+(\S+)", command)
+    if given:
+        return int(given.group(1)) if given.group(1).isdigit() else None
+    return 8 if re.search(r"\btrain(?:_async)?\.py\b", command) else None
+
+
+def gpu_shortfall(cfg: RunConfig) -> str:
+    """One line when the pod has fewer GPUs than slime will wait for, else "".
+
+    slime's placement group waits forever for GPUs that are not there (logging every 30 s),
+    so saying it at start saves the user a stall timeout's worth of billing to find out.
+    """
+    command = cfg.trainer_command or cfg.env.get(f"SLIME_{cfg.mode.upper()}_CMD",
+                                                  os.environ.get(f"SLIME_{cfg.mode.upper()}_CMD", ""))
+    wanted = gpus_slime_asks_for(command)
+    have = gpus_on_this_pod() if wanted else None
+    if wanted is None or have is None or have >= wanted:
+        return ""
+    return (f"this pod has {have} GPUs but slime asks for {wanted} (--actor-num-gpus-per-node): its placement "
+            f"group will wait forever and the stall timeout will end the trainer; set --actor-num-gpus-per-node {have}")
+
+
+def wandb_run_id(run_id: str) -> str:
+    """A stable W&B run id for a relay run: lowercase hex only, valid whatever run_id holds."""
+    return "relay-" + hashlib.sha256(run_id.encode()).hexdigest()[:16]
 
 
 ###############################################################################
@@ -3101,6 +3436,7 @@ class Worker:
         self.unreported: Manifest | None = None  # sealed under this lease, not yet acknowledged
         self.restarts = 0
         self.crash_reason = ""
+        self.gpus_checked = False  # once per worker: the pod's GPUs do not change
         self.exit_code = 0
 
     # -- plumbing --------------------------------------------------------------------------
@@ -3370,18 +3706,30 @@ class Worker:
         # of file still finds the trainer by its tag.
         self.watchdog.arm(tag, self.keeper.deadline)
         env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
-        self.progress.last_output = boottime()
-        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.wake.set)
-        self.watchdog.watch(self.trainer.pgid)
+        self.progress.last_advance = boottime()
+        self.progress.placement_wait = ""
+        if not self.gpus_checked:
+            self.gpus_checked = True
+            shortfall = gpu_shortfall(self.cfg)
+            if shortfall:
+                self.say(f"WARNING: {shortfall}")
+                self.report(msg=f"{self.cfg.worker_id}: {shortfall}")
+        self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.watchdog.pid,
+                                      self.wake.set)
+        self.watchdog.watch(self.trainer.tree.pgid or 0, self.trainer.tree.cgroup)
+        if self.trainer.tree.cgroup:
+            self.say(f"trainer started in its own cgroup {self.trainer.tree.cgroup}")
 
     def end_trainer(self, graceful: bool) -> None:
         """Stop the trainer tree (if still running) and disarm its watchdog."""
         if self.trainer is not None:
             if graceful:
-                self.trainer.stop(self.cfg.stop_grace_seconds)
+                self.trainer.stop(self.cfg.stop_grace_seconds, whole_group=bool(self.cfg.trainer_command))
             else:
                 self.trainer.kill()
             self.trainer.exited.wait(5)
+            keep = {self.trainer.proc.pid, self.watchdog.pid}
+            self.trainer.tree.remove_cgroup(2.0, lambda: reap_adopted_orphans(keep))
         self.watchdog.disarm()
         self.trainer = None
 
@@ -3417,18 +3765,22 @@ class Worker:
                 return "RESTORING"
             if boottime() >= next_scan:
                 next_scan = boottime() + self.SCAN_SECONDS
+                reap_adopted_orphans({self.trainer.proc.pid, self.watchdog.pid})
                 if self.seal_and_report() is not None:
-                    last_progress = boottime()
+                    last_progress = self.progress.last_advance = boottime()
             if not warned_no_checkpoint and last_progress == started and boottime() - started > NO_CHECKPOINT_WARNING_SECONDS:
                 warned_no_checkpoint = True
                 self.say(f"WARNING: the trainer has run {NO_CHECKPOINT_WARNING_SECONDS / 3600:.0f} h without a checkpoint; "
                          "slime saves nothing without --save-interval (see README, 'slime')")
                 self.report(msg=f"{self.cfg.worker_id}: no checkpoint after {NO_CHECKPOINT_WARNING_SECONDS:.0f} s")
-            quiet = boottime() - max(last_progress, self.progress.last_output)
+            # Judged by progress, not output: slime stuck in placement logs every 30 s forever.
+            quiet = boottime() - self.progress.last_advance
             if quiet > self.cfg.stall_timeout_seconds:
-                self.say(f"trainer stalled: no output and no checkpoint for {quiet:.0f} s")
+                waiting = self.progress.placement_wait
+                self.say(f"trainer stalled: no new step and no checkpoint for {quiet:.0f} s"
+                         + (f" ({waiting})" if waiting else ""))
                 self.end_trainer(graceful=False)
-                self.crash_reason = f"stalled for {quiet:.0f} s"
+                self.crash_reason = f"stalled for {quiet:.0f} s" + (f": {waiting}" if waiting else "")
                 return "CRASHED"
 
     def state_crashed(self) -> str:
@@ -3467,9 +3819,12 @@ class Worker:
     def state_finishing(self) -> str:
         sealed = self.seal_and_report(abort=self.lease_lost)
         newest = sealed or self.ckpt.newest_sealed()
-        last = newest.iteration if newest else self.progress.step
-        if self.cfg.total_steps and last < self.cfg.total_steps - 1:
-            self.crash_reason = (f"trainer exited 0 at iteration {last}, before total_steps {self.cfg.total_steps} "
+        # Completion is judged by the sealed checkpoint alone: what the trainer printed (slime's
+        # train-step numbers run ahead of its iterations) proves nothing about what was saved.
+        last = newest.iteration if newest else None
+        if self.cfg.total_steps and (last is None or last < self.cfg.total_steps - 1):
+            self.crash_reason = (f"trainer exited 0 with its last sealed checkpoint at iteration "
+                                 f"{'none' if last is None else last}, before total_steps {self.cfg.total_steps} "
                                  "(a stopped job also exits 0)")
             return "CRASHED"
         reason = "trainer exited 0"
@@ -3547,6 +3902,7 @@ def run_worker(config_path: str) -> int:
     except OSError as exc:
         raise UserError(f"l1_root {cfg.l1_root}: cannot create the run folder: {exc.strerror}") from None
     set_process_name("relay-worker")
+    become_child_subreaper()  # see section 7: the trainer's processes stay below the worker
     watchdog = Watchdog.fork()  # first: no thread may exist yet (see Watchdog)
     hub = HubStore(cfg) if cfg.hf_repo else None
     if hub is not None:

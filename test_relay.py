@@ -7,6 +7,7 @@ in testing/ start them, mark them, and kill exactly them at the end of each test
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, reference_model, relay, wait_for
+from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, ray_slime_env, reference_model, relay, wait_for
 
-FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # a stand-in for `ray`
+FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # a stand-in for `nvidia-smi`
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -210,6 +211,20 @@ def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
     assert "trainer stalled" in cluster.log("a")
     assert cluster.run("r1")["status"] == "FAILED"
     wait_for("no trainer process left, the setsid child included", lambda: not cluster.trainer_pids(), 10)
+
+
+def test_on_sigterm_a_trainer_commands_child_gets_the_grace_to_finish_its_work(cluster):
+    cluster.start_commander(lease=2)
+    saved = cluster.tmp / "saved"
+    handler = ("import signal, sys, time, pathlib; print('step 1/9 loss 1', flush=True)\n"
+               "def save(*_):\n time.sleep(1.5); pathlib.Path(sys.argv[1]).write_text('saved'); sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, save); time.sleep(300)")
+    worker = cluster.start_worker("a", stop_grace_seconds=6,
+                                  trainer_command=f"{sys.executable} -c \"{handler}\" {saved}; echo ended")
+    wait_for("the trainer to run", lambda: "[trainer] step 1/9" in cluster.log("a"), 20)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert saved.read_text() == "saved"  # bash -c died at once; its child still had its grace
 
 
 def test_a_late_worker_for_a_completed_run_goes_home_with_exit_0(cluster):
@@ -999,6 +1014,53 @@ def test_a_slime_checkpoint_is_sealed_and_uploaded_only_after_its_dataset_state_
     assert run["hub"]["iteration"] == 8 and run["step"] == 8  # slime's rollout ids, 0-based
 
 
+def test_slimes_real_prefixed_lines_give_the_rollout_id_as_step_and_the_policy_loss():
+    progress = relay.Progress()
+    actor = "(MegatronTrainRayActor pid=4242) [2026-08-21 10:00:00]"
+    for rollout in (6, 7):
+        progress.observe(f"{actor} train_metric_utils.py:135 - rollout {rollout}: {{'rollout/raw_reward': 0.5}}")
+        for step in range(rollout * 4, rollout * 4 + 4):  # several train steps per rollout
+            progress.observe(f"{actor} model.py:918 - step {step}: {{'train/kl_loss': 9.0, 'train/loss': 0.25, "
+                             f"'train/step': {step}}}")
+            progress.observe(f"{actor} model.py:918 - critic-step {step}: {{'train/critic-value_loss': 7.0}}")
+    assert (progress.step, progress.loss) == (7, 0.25)
+    mock = relay.Progress()
+    mock.observe("step 12/40 loss 0.031250")
+    assert (mock.step, mock.loss) == (12, 0.03125)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_slime_checkpoint_is_complete_once_its_tracker_and_dataset_state_both_exist_in_either_order(tmp_path,
+                                                                                                    async_save):
+    ckpt = relay.CheckpointDir(str(tmp_path), require_dataset_state=True)
+    (Path(ckpt.path) / relay.iteration_dirname(5)).mkdir()
+    (Path(ckpt.path) / relay.iteration_dirname(5) / "common.pt").write_text("weights")
+    tracker = Path(ckpt.path) / relay.TRACKER_FILE
+    state = Path(ckpt.path) / relay.dataset_state_relpath(5)
+    state.parent.mkdir()
+    first, second = ((state, "data position"), (tracker, "5")) if async_save else ((tracker, "5"), (state, "data"))
+    first[0].write_text(first[1])  # --async-save: the state file of 5 exists before tracker 5
+    assert ckpt.seal_newest(1, "a", writer_alive=False) is None
+    second[0].write_text(second[1])
+    old = time.time() - 2 * relay.SEAL_SETTLE_SECONDS
+    os.utime(state, (old, old))
+    manifest = ckpt.seal_newest(1, "a", writer_alive=True)
+    assert manifest is not None and relay.dataset_state_relpath(5) in manifest.files
+
+
+def test_every_restart_of_a_run_logs_to_one_wandb_run_unless_the_user_chose_one(cluster):
+    cluster.url = "http://127.0.0.1:9"  # never contacted
+    cfg = relay.load_run_config(str(cluster.write_config("a")))
+    first = relay.trainer_environment(cfg, 1, None, "/ckpt", "tag1")
+    again = relay.trainer_environment(cfg, 7, 5, "/ckpt", "tag2")
+    assert first["WANDB_RUN_ID"] == again["WANDB_RUN_ID"] and first["WANDB_RESUME"] == "allow"
+    other = relay.load_run_config(str(cluster.write_config("a", run_id="r2")))
+    assert relay.trainer_environment(other, 1, None, "/ckpt", "t")["WANDB_RUN_ID"] != first["WANDB_RUN_ID"]
+    mine = relay.load_run_config(str(cluster.write_config("a", env={"WANDB_RUN_ID": "mine", "WANDB_RESUME": "must"})))
+    chosen = relay.trainer_environment(mine, 1, None, "/ckpt", "t")
+    assert (chosen["WANDB_RUN_ID"], chosen["WANDB_RESUME"]) == ("mine", "must")
+
+
 def test_a_converted_base_checkpoint_is_loaded_first_and_never_pruned_or_counted_as_progress(cluster):
     ckpt = cluster.ckpt_dir()
     (ckpt / "release").mkdir(parents=True)
@@ -1016,31 +1078,116 @@ def test_a_converted_base_checkpoint_is_loaded_first_and_never_pruned_or_counted
     assert relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations() == [8]
 
 
-@pytest.mark.parametrize("how", ["sigterm", "lease lost"])
-def test_stopping_a_slime_trainer_leaves_no_process_behind_even_in_a_new_session(cluster, how):
-    cluster.start_commander(lease=2)
-    ray_calls = cluster.tmp / "ray-calls.log"
-    worker = cluster.start_worker("a", stop_grace_seconds=2, env=slime_env(
-        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2",
-        PATH=f"{FAKE_CLIS}:{os.environ['PATH']}", FAKE_RAY_LOG=str(ray_calls)))
-    heartbeats = cluster.tmp / "volume" / "runs" / "r1"
-    wait_for("the setsid child to beat", lambda: list(heartbeats.glob("heartbeat-*")), 20)
-    trainers = cluster.trainer_pids()
-    launcher = next(pid for pid in trainers if b"launch_sft.sh" in open(f"/proc/{pid}/cmdline", "rb").read())
-    escaped = [pid for pid in trainers if os.getsid(pid) != os.getsid(launcher)]
-    assert escaped, "the fake slime must have a child in another session"
-    stopped = time.monotonic()
-    worker.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGSTOP)
+def test_a_pod_with_fewer_gpus_than_slime_waits_for_is_named_at_start_and_ends_as_a_stall(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    worker = cluster.start_worker("a", stall_timeout_seconds=2, max_trainer_restarts=0, env={
+        "SLIME_SFT_CMD": f"{FAKE_SLIME} --actor-num-nodes 1 --actor-num-gpus-per-node 8", "FAKE_PLACEMENT_WAIT": "1",
+        "FAKE_GPU_COUNT": "2", "PATH": f"{FAKE_CLIS}:{os.environ['PATH']}"})
+    assert worker.wait(30) == 1  # its output every 0.2 s did not hold the lease
+    log = cluster.log("a")
+    assert log.count("this pod has 2 GPUs but slime asks for 8") == 1
+    run = cluster.run("r1")
+    assert run["status"] == "FAILED"
+    assert "waiting for a placement group of 8 GPUs, 2 registered with Ray" in run["leases"][-1]["why"]
+    assert any("this pod has 2 GPUs" in event["msg"] for event in run["events"])
+
+
+def process_alive(pid: int) -> bool:
     try:
-        wait_for("every trainer process to be gone", lambda: not cluster.trainer_pids(), 10)
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+# How each stop finds the renamed child: the cgroup, or (without one, as in most containers)
+# the worker's subreaper tree, and after the worker's death the watchdog's record of it.
+@pytest.mark.parametrize("how, cgroup", [("sigterm", "on"), ("lease lost", "off"), ("worker killed", "off")])
+def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new_session(cluster, how, cgroup):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", stop_grace_seconds=2, env=slime_env(
+        FAKE_NUM_ROLLOUT="1000", FAKE_SETSID_CHILD="1", FAKE_STEP_SECONDS="0.2", RELAY_TRAINER_CGROUP=cgroup))
+    heartbeats = cluster.tmp / "volume" / "runs" / "r1"
+    beat = wait_for("the renamed child to beat", lambda: list(heartbeats.glob("heartbeat-*")), 20)[0]
+    child = int(beat.name.split("-")[1])
+    try:
+        assert child not in cluster.trainer_pids(), "setproctitle hides the child's environment"
+        ppid = int(open(f"/proc/{child}/stat").read().rsplit(") ", 1)[1].split()[1])
+        assert ppid == worker.pid, "its parent exited: it is the worker's (a child subreaper), not init's"
+        wait_for("15 rollouts, 3 s: the watchdog has recorded the tree since the child started",
+                 lambda: cluster.run("r1").get("step", 0) >= 15, 20)
+        stopped = time.monotonic()
+        worker.send_signal({"sigterm": signal.SIGTERM, "lease lost": signal.SIGSTOP, "worker killed": signal.SIGKILL}[how])
+        try:
+            wait_for("every trainer process to be gone, the renamed child too",
+                     lambda: not cluster.trainer_pids() and not process_alive(child), 10)
+        finally:
+            if how == "lease lost":
+                worker.send_signal(signal.SIGCONT)
+        assert time.monotonic() - stopped < 8
     finally:
-        if how != "sigterm":
-            worker.send_signal(signal.SIGCONT)
-    assert time.monotonic() - stopped < 8
-    for pid in escaped:  # the processes that left the trainer's session are gone too
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
-    if how == "sigterm":  # a graceful stop also ran slime's own stop steps first
-        assert ray_calls.read_text().splitlines() == ["job list", "job stop raysubmit_T3stJob1", "stop --force"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # the harness finds test processes by environment: not this one
+
+
+# --------------------------------------------------------------------------- slime on a real Ray cluster
+
+def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:
+    from testing.fake_slime_ray import base_weights, next_weights
+
+    weights = base_weights(ref_load)
+    for rollout in range(num_rollout):
+        weights = next_weights(weights, rollout)
+    return weights
+
+
+@pytest.mark.timeout(420)  # two Ray clusters start, 30-60 s each on a loaded 2-core machine
+def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and_a_relayed_run_ends_exactly(cluster):
+    if shutil.which("ray") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
+        pytest.skip("needs Ray's CLI (requirements-test.txt) and a private PID namespace (unshare)")
+    (cluster.tmp / "base_torch_dist").mkdir()
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]  # short: Ray's socket paths
+    try:
+        cluster.start_commander(lease=5)
+        settings = {"total_steps": 12, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
+        # a finds Ray's processes without a cgroup, as on most pods (containers); b with one where it can
+        a = cluster.start_worker_in_pid_namespace("a", env={**ray_slime_env(cluster.tmp, ray_dirs[0]),
+                                                            "RELAY_TRAINER_CGROUP": "off"}, **settings)
+        wait_for("worker a to seal a checkpoint", lambda: checkpoint_at_least(cluster, 1), 240)
+        running = a.processes()
+        assert any(cmd.startswith("sglang::scheduler") for cmd in running.values()), running
+        assert any(cmd.startswith("ray::MegatronTrainRayActor") for cmd in running.values()), running
+        stopped = time.monotonic()
+        os.kill(a.worker, signal.SIGTERM)
+        wait_for("worker a to exit and leave nothing in its namespace",
+                 lambda: a.exit_code() is not None and not a.processes(), 40)
+        stop_seconds = time.monotonic() - stopped
+        print(f"SIGTERM stop with real Ray: {stop_seconds:.1f} s")
+        assert a.exit_code() == 0 and stop_seconds < settings["stop_grace_seconds"]
+        log = re.sub(r"\x1b\[[0-9;]*m", "", cluster.log("a"))  # Ray colours its prefixes
+        rollouts = [int(n) for n in re.findall(r"\(MegatronTrainRayActor pid=\d+\) \[[^]]+\] "
+                                                r"train_metric_utils\.py:135 - rollout (\d+): \{", log)]
+        assert rollouts and re.search(r"\] model\.py:918 - step 12: \{", log)  # 4 train steps per rollout
+        run = cluster.run("r1")
+        assert run["status"] == "PREEMPTED" and run["step"] == max(rollouts)  # the rollout id, not the train step
+        assert f"WANDB_RUN_ID={relay.wandb_run_id('r1')}" in log
+        assert re.search(r"launch script: Ray job relay-r1-1-\d+ is STOPPED", log)  # slime's stop step, first
+
+        b = cluster.start_worker_in_pid_namespace("b", env=ray_slime_env(cluster.tmp, ray_dirs[1]), **settings)
+        wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
+        assert b.exit_code() == 0 and not b.processes()
+        run = cluster.run("r1")
+        assert run["status"] == "COMPLETED" and run["latest_checkpoint"]["iteration"] == 11
+        assert resumed_from(run, "b")[0].startswith("b resumes from checkpoint ")
+        ckpt = cluster.ckpt_dir()
+        final = (ckpt / relay.iteration_dirname(11) / "common.pt").read_text()
+        assert final == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 12)
+        both = log + re.sub(r"\x1b\[[0-9;]*m", "", cluster.log("b"))
+        for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():  # --async-save's order
+            assert both.index(f"wrote dataset state {iteration} ") < both.index(
+                f"successfully saved checkpoint from iteration {iteration} ")
+    finally:
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):
@@ -1095,6 +1242,42 @@ def test_relay_slime_args_are_what_the_readme_promises(cluster):
         f"--load {ckpt} --save {ckpt} --save-debug-rollout-data {run_dir}/rollout/rollout_{{rollout_id}}.pt")
     readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
     assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in readme
+
+
+def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
+    import yaml
+
+    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
+    section = readme.split("\n## slime\n", 1)[1].split("\n## ", 1)[0]
+    configs = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    commands = {config["mode"]: config["env"][f"SLIME_{config['mode'].upper()}_CMD"] for config in configs}
+    assert set(commands) == {"sft", "rl"}
+    examples = {}  # the LiveWeb-Arena stacks start slime the same way
+    for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml"):
+        stack = yaml.safe_load(open(os.path.join(os.path.dirname(RELAY), "examples", name)))
+        examples[name] = stack["worker"]["env"][f"SLIME_{stack['run']['mode'].upper()}_CMD"]
+    for mode, command in {**commands, **examples}.items():
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, f"{mode}: not valid bash"
+        for needed in ("source scripts/models/", '"${MODEL_ARGS[@]}"', "ray start --head",
+                       "--dashboard-port $RELAY_RAY_DASHBOARD_PORT", "ray job submit",
+                       "--address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT", "--submission-id $RELAY_RAY_JOB_ID",
+                       "--runtime-env-json", '"CUDA_DEVICE_MAX_CONNECTIONS": "1"', "--ref-load ",
+                       "--actor-num-gpus-per-node ", "--global-batch-size ", "--save-interval ", "$RELAY_SLIME_ARGS"):
+            assert needed in command, f"{mode} command lacks {needed}"
+        runtime_env = re.search(r"--runtime-env-json '([^']*)'", command).group(1)
+        assert json.loads(runtime_env)["env_vars"]["PYTHONPATH"]
+        assert "pkill" not in command  # slime's scripts' broad kills have no place under a worker
+    for command in (commands["rl"], examples["stack.liveweb_rl.example.yaml"]):
+        assert "--colocate" in command or "--rollout-num-gpus " in command
+    for flag in ("train_async.py", "--loss-type sft_loss", "--calculate-per-token-loss",
+                 "--disable-compute-advantages-and-returns", "--debug-train-only"):
+        assert flag in commands["sft"]
+    for script in ("launch_sft.sh", "launch_rl.sh"):  # they give the commands the two variables they use
+        text = open(os.path.join(os.path.dirname(RELAY), script)).read()
+        assert "export RELAY_RAY_DASHBOARD_PORT=" in text and "export RELAY_RAY_JOB_ID=" in text
+    dockerfile = open(os.path.join(os.path.dirname(RELAY), "Dockerfile")).read()
+    tag = re.search(r"^ARG SLIME_IMAGE=slimerl/slime:nightly-dev-(\d{8})", dockerfile, re.M)
+    assert tag and tag.group(1) >= "20260804", "slime images before 2026-08-04 restart at rollout 0"
 
 
 def test_the_launch_scripts_and_the_image_pass_static_checks():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,32 @@ def environ_of(pid: int) -> dict[str, str]:
         return {}
     pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+RAY_SLIME = str(ROOT / "testing" / "fake_slime_ray.py")
+
+
+def ray_slime_env(tmp: Path, ray_dir: str) -> dict[str, str]:
+    """The README's SFT command with the stand-in for slime's train.py, on loopback and private
+    ports (other tests' Ray clusters may run on this machine): `ray start --head` with its temp
+    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`.  `tmp/base_torch_dist`
+    is its --ref-load."""
+    dashboard = free_port()
+    ports = " ".join(f"--{name} {free_port()}" for name in (
+        "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"))
+    workers = ",".join(str(free_port()) for _ in range(12))
+    runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
+                                           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    command = (
+        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus 0 --disable-usage-stats "
+        f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
+        f"--temp-dir {ray_dir} && "
+        f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
+        f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
+        f"--actor-num-gpus-per-node 1 --ref-load {tmp / 'base_torch_dist'} --num-rollout 12 --save-interval 2 "
+        f"--async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 $RELAY_SLIME_ARGS")
+    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard)}
 
 
 class Cluster:
@@ -112,6 +139,9 @@ class Cluster:
                     proc.wait(timeout=0.2)
             if not pids:
                 break
+        for log in self.tmp.rglob("*.log"):  # workers' logs, on fake Lium pods too
+            for cgroup in re.findall(r"trainer started in its own cgroup (\S+)", log.read_text(errors="replace")):
+                relay.remove_cgroup(cgroup)  # left when a test killed a worker and its watchdog
 
     # -- commander ---------------------------------------------------------------------------
 
@@ -165,6 +195,24 @@ class Cluster:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
         return self.spawn(worker_id, ["worker", str(config)], worker_env)
 
+    def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
+                                      **fields: Any) -> "PidNamespace":
+        """A worker alone in a private PID namespace: there `ray stop --force` (which kills every
+        Ray process it sees) and the stop's leftovers concern this worker's processes only.
+        The namespace's first process stays after the worker exits, so what the worker left
+        behind stays visible; killing it (the fixture does, by its group) ends them all."""
+        config = self.write_config(worker_id, run_id, **fields)
+        exit_file = self.tmp / f"{worker_id}.exit"
+        script = f'"$@"; echo $? > {exit_file}; exec sleep 3600'
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script, "ns",
+                                 sys.executable, RELAY, "worker", str(config)],
+                                stdout=open(self.tmp / f"{worker_id}.log", "ab"),  # noqa: SIM115 (as spawn)
+                                stderr=subprocess.STDOUT, env=self.env(**(env or {})), start_new_session=True,
+                                cwd=self.tmp)
+        proc.name = worker_id  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return PidNamespace(proc, exit_file)
+
     def trainer_pids(self, run_id: str = "r1", worker_id: str | None = None) -> dict[int, dict[str, str]]:
         """Live trainer processes of a run (this test's only), with their environments."""
         found = {}
@@ -176,6 +224,35 @@ class Cluster:
 
     def ckpt_dir(self, run_id: str = "r1", l1: str = "volume") -> Path:
         return self.tmp / l1 / "runs" / run_id / "ckpt"
+
+
+class PidNamespace:
+    """A worker started by `unshare --pid --fork` and what runs in its namespace (host pids)."""
+
+    def __init__(self, unshare: subprocess.Popen, exit_file: Path) -> None:
+        self.unshare, self.exit_file = unshare, exit_file
+        self.init = wait_for("the namespace's first process", self._child_of_unshare, 15)
+        self.ns = os.readlink(f"/proc/{self.init}/ns/pid")
+        self.worker = wait_for("the worker in the namespace", lambda: self._child_of(self.init), 15)
+
+    def _child_of(self, parent: int) -> int | None:
+        return next((pid for pid, info in relay.process_table().items() if info.ppid == parent), None)
+
+    def _child_of_unshare(self) -> int | None:
+        return self._child_of(self.unshare.pid)
+
+    def processes(self) -> dict[int, str]:
+        """Live processes of the namespace but its first, with their command lines."""
+        found = {}
+        for pid, info in relay.process_table().items():
+            with contextlib.suppress(OSError):
+                if pid != self.init and not info.zombie and os.readlink(f"/proc/{pid}/ns/pid") == self.ns:
+                    found[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        return found
+
+    def exit_code(self) -> int | None:
+        text = self.exit_file.read_text().strip() if self.exit_file.exists() else ""
+        return int(text) if text else None
 
 
 class TrainerOverlapMonitor:
