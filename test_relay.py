@@ -832,7 +832,9 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     knobs = slime_env(FAKE_NUM_ROLLOUT="12", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(CKPT_BYTES),
                       FAKE_STEP_SECONDS="0.2")
     on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2}
-    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    # Paced so that a loaded machine still kills it mid-run (six rollouts to go at the kill).
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=dict(knobs, FAKE_STEP_SECONDS="1.0"),
+                                    **on_hub)
     wait_for("checkpoint 5 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 5, 30)
     os.kill(worker_a.pid, signal.SIGKILL)
     recorded = hub_record(cluster)
