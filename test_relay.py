@@ -1561,6 +1561,9 @@ def lium_env(cluster: Cluster, api, **extra: str) -> dict[str, str]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     env = cluster.env(HOME=str(home), LIUM_BASE_URL=api.url, LIUM_API_KEY="test-key", LIUM_SSH_KEY_PATH=str(key),
                       LIUM_NONINTERACTIVE="1", LIUM_SELF_UPDATE_DISABLE="1", **extra)
+    # The interpreter's own bin first: its `lium` entry point, not a version manager's shim in front
+    # of it (pyenv's costs a third of a second per call, and the supervisor calls lium every poll).
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
     found = shutil.which("lium", path=env["PATH"])
     assert found and not found.startswith(FAKE_CLIS), found  # the pip-installed CLI, lium.io 0.32.0
     return env
