@@ -3291,6 +3291,31 @@ def gpu_shortfall(cfg: RunConfig) -> str:
             f"group will wait forever and the stall timeout will end the trainer; set --actor-num-gpus-per-node {have}")
 
 
+def stop_ray_job() -> int:
+    """slime's stop step, run by launch_sft.sh / launch_rl.sh when the worker stops them: stop
+    this trainer's own Ray job (RELAY_RAY_JOB_ID on the job API at 127.0.0.1:RELAY_RAY_DASHBOARD_PORT)
+    while its cluster is still whole, through the REST call `ray job stop` makes (the CLI alone
+    takes 2-5 s to start on a busy pod), every call with a timeout (a dying cluster hangs Ray's
+    CLI).  `ray stop --force` is left out on purpose: it kills every Ray process on the machine,
+    and the worker kills exactly this trainer's processes next."""
+    job_id = os.environ.get("RELAY_RAY_JOB_ID", "")
+    if not job_id:
+        return 0
+    job = f"http://127.0.0.1:{os.environ.get('RELAY_RAY_DASHBOARD_PORT', '8265')}/api/jobs/{job_id}"
+    status = "?"
+    try:
+        urllib.request.urlopen(urllib.request.Request(job + "/stop", method="POST"), timeout=2).close()
+        give_up = time.monotonic() + 4  # Ray sends the driver SIGTERM, then SIGKILL after 3 s
+        while time.monotonic() < give_up and status not in ("STOPPED", "SUCCEEDED", "FAILED"):
+            time.sleep(0.2)
+            with urllib.request.urlopen(job, timeout=2) as answer:
+                status = json.load(answer).get("status", "?")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        status = f"not stopped ({getattr(exc, 'reason', exc)})"
+    print(f"launch script: Ray job {job_id} is {status}", flush=True)
+    return 0
+
+
 def wandb_run_id(run_id: str) -> str:
     """A stable W&B run id for a relay run: lowercase hex only, valid whatever run_id holds."""
     return "relay-" + hashlib.sha256(run_id.encode()).hexdigest()[:16]
@@ -5338,6 +5363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mock-trainer", help="the default deterministic trainer that launch_*.sh start")
     p.set_defaults(func=lambda a: mock_trainer_main())
+
+    p = sub.add_parser("stop-ray-job", help="slime's stop step, run by launch_*.sh on a stop (RELAY_RAY_JOB_ID)")
+    p.set_defaults(func=lambda a: stop_ray_job())
 
     p = sub.add_parser("watchdog", help=argparse.SUPPRESS)  # a replacement watchdog; commands on stdin
     p.set_defaults(func=lambda a: watchdog_loop(sys.stdin.fileno()))
