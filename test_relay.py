@@ -714,6 +714,7 @@ def test_the_recorded_revision_holds_its_checkpoint_and_a_stale_commit_on_the_br
     assert final_model(cluster, l1="pod-b") == reference
 
 
+@pytest.mark.slow(22)
 def test_a_failing_hub_never_stops_training_and_the_sync_recovers_without_losing_anything(cluster, hub, tmp_path):
     from testing.hub_server import Fault
 
@@ -747,6 +748,7 @@ def hub_checkpoints(hub, revision: str = "main") -> list[str]:
     return sorted({p.split("/")[3] for p in hub.files_at(HUB_REPO, revision) if p.startswith("runs/r1/ckpt/iter_")})
 
 
+@pytest.mark.slow(18)
 def test_a_run_uploading_far_more_than_the_hub_quota_keeps_the_newest_checkpoints_and_never_meets_the_limit(
         cluster, hub):
     # Checkpoints of 20 KB through the LFS path, a quota of 4 of them, about 10 uploaded.
@@ -823,6 +825,7 @@ def test_a_final_upload_that_outlasts_its_timeout_leaves_no_final_model_named_an
     assert any(where in e["msg"] for e in run["events"] if e["msg"].startswith("run completed at step 20"))
 
 
+@pytest.mark.slow(16)
 def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
     from testing.hub_server import Fault
 
@@ -1142,6 +1145,7 @@ def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:
     return weights
 
 
+@pytest.mark.slow(95)
 @pytest.mark.timeout(420)  # two Ray clusters start, 30-60 s each on a loaded 2-core machine
 def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and_a_relayed_run_ends_exactly(cluster):
     if shutil.which("ray") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
@@ -1478,6 +1482,7 @@ def test_the_loss_curve_has_every_step_the_trainer_printed_across_a_handoff(clus
                                             "losses": too_many}).status == 400
 
 
+@pytest.mark.slow(24)
 def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_browser(cluster, tmp_path):
     import shutil
 
@@ -1584,6 +1589,7 @@ def launch_stack(cluster: Cluster, api, stack: str, *flags: str, **env: str) -> 
                           timeout=180, cwd=empty, env=lium_env(cluster, api, **env))
 
 
+@pytest.mark.slow(24)
 def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster, lium):
     secret = "stack-secret-" + uuid.uuid4().hex
     stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8})  # a whole 8-GPU node
@@ -1615,6 +1621,7 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert (lium.volume_folder() / "relay" / "runs" / "r1").is_dir()  # checkpoints on the volume, at /mnt
 
 
+@pytest.mark.slow(17)
 def test_launch_stack_serves_tls_and_ships_the_ca_file_so_the_pods_worker_verifies_the_commander(cluster, lium, tmp_path):
     cert, key = self_signed_certificate(tmp_path, "commander")
     stack = write_stack(cluster, lium, commander={"tls_cert": cert, "tls_key": key, "tls_ca_file": cert},
@@ -1629,6 +1636,7 @@ def test_launch_stack_serves_tls_and_ships_the_ca_file_so_the_pods_worker_verifi
     wait_for("the run to complete over TLS", lambda: completed(cluster), 40)
 
 
+@pytest.mark.slow(45)
 @pytest.mark.parametrize("removed", [False, True], ids=["listed-as-BROKEN", "removed-by-lium"])
 def test_supervise_replaces_a_preempted_pod_at_once_resumes_and_leaves_no_pod_but_a_foreign_one(cluster, lium, tmp_path,
                                                                                                 removed):
@@ -1659,6 +1667,7 @@ def test_supervise_replaces_a_preempted_pod_at_once_resumes_and_leaves_no_pod_bu
     assert f"GPU spend</dt><dd>${spent:.2f} on 2 pod(s)" in raw_request(cluster, "GET", "/")[1].decode()
 
 
+@pytest.mark.slow(25)
 def test_a_supervised_stack_notifies_from_the_commander_and_the_supervisor_without_showing_the_url(cluster, lium,
                                                                                                    webhook):
     stack = write_stack(cluster, lium, commander={"notify_url": webhook.url}, worker={"env": {"MOCK_MAX_STEPS": "10"}})
@@ -1685,6 +1694,7 @@ def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path
     return proc, events
 
 
+@pytest.mark.slow(24)
 def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_completes_on_its_first_lease(cluster, lium):
     # A 10 s lease: the worker's deadline (8 s after a renewal) outlasts the restart with room on a loaded machine.
     stack = write_stack(cluster, lium, commander={"lease_seconds": 10},
@@ -1726,6 +1736,7 @@ def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) ->
                        worker={"env": {"MOCK_MAX_STEPS": steps, "MOCK_STEP_SECONDS": "0.05", **hub_env}}, **groups)
 
 
+@pytest.mark.slow(100)
 def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, lium, hub, tmp_path):
     lium.boot_seconds = 5  # every pod takes 5 s to boot
     stack = hot_standby_stack(cluster, lium, hub, "1200")  # 60 s: the standby is set up in 20
@@ -1760,6 +1771,7 @@ def relay_template() -> str:
     return TEMPLATE_ID
 
 
+@pytest.mark.slow(55)
 def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_goes_on(cluster, lium, hub):
     stack = hot_standby_stack(cluster, lium, hub, "3000")
     supervisor, events = supervise(cluster, lium, stack)
@@ -1775,6 +1787,7 @@ def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_
     assert run["holder"] == "relay-r1-1" and len(run["leases"]) == 1  # training never stopped
 
 
+@pytest.mark.slow(28)
 def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end(cluster, lium):
     stack = write_stack(cluster, lium, lium={"volume": ""})  # no volume, no Hub: the checkpoint is on the pod's disk
     supervisor, events = supervise(cluster, lium, stack)
@@ -1784,6 +1797,7 @@ def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end
     assert stack_pods(lium) == ["relay-r1-1"]
 
 
+@pytest.mark.slow(38)
 def test_ctrl_c_leaves_the_pods_running_and_a_restarted_supervisor_adopts_them_instead_of_renting(cluster, lium):
     stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "150", "MOCK_STEP_SECONDS": "0.1"}})
     first, events = supervise(cluster, lium, stack)
@@ -1821,6 +1835,7 @@ def test_a_pod_in_a_dying_status_is_removed_at_once_and_one_in_an_unknown_status
         assert words in err, err
 
 
+@pytest.mark.slow(20)
 def test_an_up_that_times_out_is_refused_or_rents_a_pod_without_ssh_leaves_no_pod_billing(cluster, lium):
     lium.boot_seconds = 60  # the image pulls for a minute; `up --timeout 2` gives up first
     stack = write_stack(cluster, lium, lium={"up_timeout_seconds": 2})
@@ -1840,6 +1855,7 @@ def test_an_up_that_times_out_is_refused_or_rents_a_pod_without_ssh_leaves_no_po
     assert "removed: it never answered over SSH" in result.stderr and not lium.pods
 
 
+@pytest.mark.slow(28)
 def test_a_rent_whose_answer_was_lost_is_found_in_lium_ps_and_used_instead_of_renting_again(cluster, lium):
     lium.rent_outcome_unknown = True  # the rent answers without a pod id; its pod is listed 8 s later
     stack = write_stack(cluster, lium, lium={"rent_lookup_seconds": 30})
@@ -1854,6 +1870,7 @@ def test_a_rent_whose_answer_was_lost_is_found_in_lium_ps_and_used_instead_of_re
     wait_for("the run to complete", lambda: completed(cluster), 60)
 
 
+@pytest.mark.slow(24)
 def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, lium):
     lium.price_per_gpu = 450.0  # 8 GPUs: $3600/h, a dollar a second
     stack = write_stack(cluster, lium, relay={"budget_usd": 303, "no_lease_grace_seconds": 300},
@@ -1913,6 +1930,7 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
     assert lium.requests == [] and not cluster.healthy()
 
 
+@pytest.mark.slow(23)
 def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pods_and_the_commander(cluster, lium):
     image = os.path.dirname(RELAY)  # the pod sees this folder of the host as its image's relay folder
     stack = write_stack(cluster, lium, worker={"image_relay_dir": image,
@@ -2157,6 +2175,7 @@ def test_any_yaml_document_gives_a_config_or_a_one_line_error(tmp_path, document
             assert "\n" not in str(exc) and str(exc)
 
 
+@pytest.mark.slow(22)
 def test_under_random_faults_no_two_trainers_run_no_acknowledged_checkpoint_is_lost_and_the_run_finishes(tmp_path):
     from testing.chaos import run_chaos
 
