@@ -1932,8 +1932,12 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
 
 @pytest.mark.slow(23)
 def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pods_and_the_commander(cluster, lium):
-    image = os.path.dirname(RELAY)  # the pod sees this folder of the host as its image's relay folder
-    stack = write_stack(cluster, lium, worker={"image_relay_dir": image,
+    image = cluster.tmp / "image"  # the pod's image has relay at /opt/relay, as the Dockerfile puts it
+    image.mkdir()
+    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh"):
+        shutil.copy2(os.path.join(os.path.dirname(RELAY), name), image / name)
+    lium.image_dirs["/opt/relay"] = image
+    stack = write_stack(cluster, lium, worker={"image_relay_dir": "/opt/relay",
                                                "env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
     result = launch_stack(cluster, lium, stack)
     assert result.returncode == 0, result.stderr

@@ -98,6 +98,9 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.mark = mark
         # host folders under /root the pod's image must show (the Python the worker runs)
         self.image_paths = tuple(p for p in {sys.prefix, sys.base_prefix} if p.startswith("/root/"))
+        # folders the pod's image has at a path of its own (pod path -> host folder), e.g. the
+        # image's /opt/relay; the host folder may lie anywhere, /tmp included
+        self.image_dirs: dict[str, Path] = {}
         self.user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         self.price_per_gpu = 2.5
         self.boot_seconds = 0.0
@@ -234,7 +237,11 @@ class LiumApi(http.server.ThreadingHTTPServer):
             inside = pod.folder / "root" / os.path.relpath(path, "/root")
             inside.mkdir(parents=True, exist_ok=True)
             mounts.append(f"mount --bind {shlex.quote(path)} {shlex.quote(str(inside))}")
-        # The volume first: its folder, like the pod's, lies under the host's /tmp, hidden once /tmp is.
+        # The image's folders and the volume first: their host folders, like the pod's, may lie
+        # under the host's /tmp, hidden once /tmp is.
+        for inside_path, host_folder in self.image_dirs.items():
+            os.makedirs(inside_path, exist_ok=True)  # an empty mount point on the host, as /workspace
+            mounts.append(f"mount --bind {shlex.quote(str(host_folder))} {shlex.quote(inside_path)}")
         mounts.append(f"mount --bind {shlex.quote(str(volume))} /mnt")
         for target in SANDBOX_DIRS:
             os.makedirs(target, exist_ok=True)  # /workspace: an empty mount point on the host
