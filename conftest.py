@@ -1,5 +1,6 @@
-"""Marks every test that talks to the local Hub server (`-m hub`): .ci/hub_compat runs them again
-under another huggingface_hub release.  Orders the tests so that pytest-xdist's workers finish
+"""Marks every test that talks to the local Hub server (`-m hub`), and every one that drives the
+real lium CLI (`-m lium`): .ci/hub_compat runs the Hub tests again under another huggingface_hub
+release (those not about lium).  Orders the tests so that pytest-xdist's workers finish
 together (the suite's time budget is 5 minutes on 2 cores)."""
 
 import pytest
@@ -33,8 +34,9 @@ def balanced_for_worksteal(items: list[pytest.Item], workers: int) -> list[pytes
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "hub" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.hub)
+        for fixture in ("hub", "lium"):
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, fixture))
     workerinput = getattr(config, "workerinput", None)  # set in an xdist worker, which collects
     if workerinput and config.getoption("dist", "no") == "worksteal" and workerinput["workercount"] > 1:
         items[:] = balanced_for_worksteal(items, workerinput["workercount"])

@@ -400,7 +400,7 @@ class LiumGroup:
     pod_name: str = ""  # default relay-{run_id}; "-N" is added per attempt so each pod is unique
     volume: str = ""  # 'id:HUID' of a Lium volume (`lium volumes list`)
     ttl: str = ""  # e.g. 45m, 6h, 2d: it ends every pod, the one holding the lease too
-    yes: bool = True
+    yes: bool = True  # kept for old stack files: only true works (see validate)
     up_timeout_seconds: float = 1800.0  # `lium up --timeout`: rent + boot + image pull
     rent_lookup_seconds: float = 120.0  # after a rent with no answer: how long to look for its pod
     ready_timeout_seconds: float = 900.0
@@ -529,6 +529,9 @@ def validate_lium_group(lium: LiumGroup, where: str) -> None:
     if not lium.node and not lium.gpu:
         raise UserError(f"{where}: set field 'node' (a NODE_ID from `lium ls`) or field 'gpu' (a GPU type such as "
                         "H200, with 'gpu_count')")
+    if not lium.yes:
+        raise UserError(f"{where}: field 'yes' must be true or left out: launch-stack runs lium without a terminal, "
+                        "where `lium up` fails unless -y confirms the rent")
     if lium.node and lium.gpu:
         raise UserError(f"{where}: fields 'node' and 'gpu' exclude each other: a node is rented as it is, "
                         "'gpu' with 'gpu_count' picks the cheapest node that has them")
@@ -685,6 +688,9 @@ class CommanderClient:
             return Reply(exc.code, _json_or_error(exc.read()))
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError) and getattr(reason, "reason", "") == "WRONG_VERSION_NUMBER":
+                raise CommanderNotTrusted(f"the commander at {self.base_url} answers plain HTTP, not TLS: use an "
+                                          "http:// URL, or serve it with --tls-cert/--tls-key") from None
             if isinstance(reason, ssl.SSLError) and not isinstance(reason, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
                 raise CommanderNotTrusted(f"the commander at {self.base_url} failed the TLS check: "
                                           f"{getattr(reason, 'verify_message', '') or reason.reason or reason} "
@@ -759,7 +765,7 @@ METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless 
     "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
 }
 API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
-                 "/api/lease/release", "/api/job/report")
+                 "/api/lease/release", "/api/job/report", "/api/runs/spend")
 
 
 def endpoint_label(path: str) -> str:
@@ -1086,11 +1092,15 @@ class Commander:
         self.store = store
         self.notifier = notifier or Notifier("", "commander")
         self.no_holder_seconds = no_holder_seconds
-        self.told_no_holder: set[str] = set()  # runs whose holderless stretch was notified already
         self.lease_seconds = lease_seconds
         self.max_failed_leases = max_failed_leases
         self.lock = threading.Lock()
         self.runs = store.load()
+        # Runs whose holderless stretch was notified already.  After a restart (launch-stack
+        # revives its commander) a stretch already past the threshold was told before.
+        wall = utc_now()
+        self.told_no_holder: set[str] = {run_id for run_id, run in self.runs.items()
+                                         if self.seconds_without_holder(run, wall) > no_holder_seconds}
         # A restarted commander cannot know how long its holders went without renewing, so
         # every lease gets a full TTL from now: a live holder renews, a dead one expires.
         self.expires: dict[str, float] = {}
@@ -1360,6 +1370,8 @@ class Commander:
 
     def notify_runs_without_holder(self) -> None:
         """Once per holderless stretch longer than no_holder_seconds (the lease reaper calls it)."""
+        if not self.notifier.url:
+            return  # nobody to tell: the reaper need not take the lock for it
         with self.lock:
             wall = utc_now()
             for run_id, run in self.runs.items():
@@ -1511,7 +1523,7 @@ class Commander:
         if method == "GET" and path == "/metrics":
             with self.lock:
                 return 200, Document(self.metrics_view(), "text/plain; version=0.0.4; charset=utf-8")
-        if any(p == path for _, p in routes) or path in ("/api/runs", "/", "/api/health", "/metrics"):
+        if path in API_ENDPOINTS:
             raise ApiError(405, f"{method} is not allowed on {path}")
         raise ApiError(404, f"no such endpoint: {path}")
 
@@ -2320,6 +2332,9 @@ class HubSync:
         self.failures = 0
         self.stuck = False  # the last attempt met an error a retry cannot fix
         self.next_attempt = math.inf
+        # sync_now() was called and no attempt has started since: an upload running at that
+        # moment (an older checkpoint) must not push the asked-for one to the next milestone
+        self.requested = False
         self.trainer_stopped = False
         self.uploaded_path = os.path.join(ckpt.seal_dir, "hub_trajectories.json")
         self._wake = threading.Event()
@@ -2331,8 +2346,10 @@ class HubSync:
         self.epoch, self.synced, self.failures, self.trainer_stopped = epoch, recorded, 0, False
         self.maybe_recorded = [recorded] if recorded else []
         self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="hub-sync", daemon=True)
+        # A new Event per thread: an earlier thread whose upload outlived stop() must still
+        # see its own stop, or two threads would upload the same run side by side.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="hub-sync", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -2351,7 +2368,7 @@ class HubSync:
         self.trainer_stopped = trainer_stopped
         with self._synced_changed:
             self.stuck = False  # the Hub gets one more chance, whatever it answered before
-        self.next_attempt = boottime()
+            self.requested = True
         self._wake.set()
 
     def protected(self) -> set[int]:
@@ -2367,18 +2384,21 @@ class HubSync:
         with self._synced_changed:
             while self.synced_iteration() < iteration:
                 left = give_up - boottime()
-                if left <= 0 or not self.still_ours() or self.stuck:
+                if left <= 0 or not self.still_ours() or (self.stuck and not self.requested):
                     return False
                 self._synced_changed.wait(min(left, 1.0))
         return True
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         yield_cpu_to_the_trainer()
-        while not self._stop.is_set():
-            self._wake.wait(max(0.0, min(self.next_attempt - boottime(), 60.0)))
-            self._wake.clear()
-            if self._stop.is_set() or boottime() < self.next_attempt:
+        while not stop.is_set():
+            if not self.requested:
+                self._wake.wait(max(0.0, min(self.next_attempt - boottime(), 60.0)))
+                self._wake.clear()
+            if stop.is_set() or (not self.requested and boottime() < self.next_attempt):
                 continue
+            with self._synced_changed:
+                self.requested = False  # a sync_now() from here on asks for one more attempt
             try:
                 newest = self.ckpt.newest_sealed()
                 if newest is None or newest.iteration <= self.synced_iteration():
@@ -2589,24 +2609,21 @@ class HubPrefetch:
         iteration, where = record["iteration"], f"{record['repo']}@{record['revision'][:12]}"
         try:
             # Only the newest is kept (so an older copy's room counts), and whatever a killed
-            # download left goes with it.
+            # download left goes with it.  The download checks the room it needs itself.
             shutil.rmtree(self.root, ignore_errors=True)
             self.dir = CheckpointDir(self.root, self.cfg.require_dataset_state)
-            with tempfile.TemporaryDirectory(prefix=".hub-manifest-", dir=self.dir.path) as folder:
-                needed = self.hub.fetch_manifest(record, folder).total_bytes
-            free = shutil.disk_usage(self.dir.path).free
-            if free < needed:
-                self.say(f"not prefetching checkpoint {iteration}: it needs {needed} bytes, {self.dir.path} has {free} free")
-                self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
-                return
-            self.say(f"standing by: prefetching checkpoint {iteration} ({needed} bytes) from {where}")
+            self.say(f"standing by: prefetching checkpoint {iteration} from {where}")
             started = boottime()
             self.hub.download(record, self.dir, abandon.is_set)
-            self.say(f"prefetched checkpoint {iteration} in {boottime() - started:.1f} s")
+            if not abandon.is_set():
+                self.say(f"prefetched checkpoint {iteration} in {boottime() - started:.1f} s")
         except Exception as exc:  # any Hub, network or disk failure: a takeover downloads as before
-            self.say(f"prefetching checkpoint {iteration} failed ({hub_error_text(exc)}); "
-                     f"trying again in {self.RETRY_SECONDS:.0f} s")
-            self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
+            if not abandon.is_set():
+                self.say(f"prefetching checkpoint {iteration} failed ({hub_error_text(exc)}); "
+                         f"trying again in {self.RETRY_SECONDS:.0f} s")
+                self.retry_at[record["revision"]] = boottime() + self.RETRY_SECONDS
+        if abandon.is_set():  # a takeover moved on without this copy: its room is the holder's now
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def hand_over(self, record: dict | None, ckpt: CheckpointDir, abort: Callable[[], bool]) -> Manifest | None:
         """At a takeover: move the prefetched copy of `record` into `ckpt`, sealed (waiting
@@ -3039,8 +3056,13 @@ class Watchdog:
 
     def alive(self) -> bool:
         if not self._exited:
-            with contextlib.suppress(ChildProcessError):
+            try:
                 self._exited = os.waitpid(self.pid, os.WNOHANG)[0] == self.pid
+            except ChildProcessError:
+                # Already reaped: subprocess reaps the spawned watchdog's discarded Popen at the
+                # next Popen (a trainer restart).  Reading that as "alive" would leave the
+                # trainer unguarded, so it counts as exited (and is replaced).
+                self._exited = True
         return not self._exited
 
 
@@ -3311,7 +3333,9 @@ def stop_ray_job() -> int:
             with urllib.request.urlopen(job, timeout=2) as answer:
                 status = json.load(answer).get("status", "?")
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        status = f"not stopped ({getattr(exc, 'reason', exc)})"
+        status = (f"not stopped ({getattr(exc, 'reason', exc)}): the command must start Ray's dashboard on "
+                  "127.0.0.1:$RELAY_RAY_DASHBOARD_PORT and submit with `ray job submit --submission-id "
+                  "$RELAY_RAY_JOB_ID` (README, slime)")
     print(f"launch script: Ray job {job_id} is {status}", flush=True)
     return 0
 
@@ -3461,7 +3485,8 @@ class Worker:
         self.unreported: Manifest | None = None  # sealed under this lease, not yet acknowledged
         self.restarts = 0
         self.crash_reason = ""
-        self.gpus_checked = False  # once per worker: the pod's GPUs do not change
+        # Asked once, before any lease (nvidia-smi may take seconds): the pod's GPUs do not change.
+        self.gpu_warning = gpu_shortfall(cfg)
         self.exit_code = 0
 
     # -- plumbing --------------------------------------------------------------------------
@@ -3733,12 +3758,10 @@ class Worker:
         env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
         self.progress.last_advance = boottime()
         self.progress.placement_wait = ""
-        if not self.gpus_checked:
-            self.gpus_checked = True
-            shortfall = gpu_shortfall(self.cfg)
-            if shortfall:
-                self.say(f"WARNING: {shortfall}")
-                self.report(msg=f"{self.cfg.worker_id}: {shortfall}")
+        if self.gpu_warning:  # said at the first start only
+            self.say(f"WARNING: {self.gpu_warning}")
+            self.report(msg=f"{self.cfg.worker_id}: {self.gpu_warning}")
+            self.gpu_warning = ""
         self.trainer = TrainerProcess(trainer_argv(self.cfg), env, self.progress, os.getcwd(), self.watchdog.pid,
                                       self.wake.set)
         self.watchdog.watch(self.trainer.tree.pgid or 0, self.trainer.tree.cgroup)
@@ -4040,7 +4063,7 @@ class Lium:
             if value:
                 args += [flag, value]
         # --json: without it (or --no-ssh) `up` opens an interactive SSH session when ready.
-        result = self.check(self.run(*args, *(["-y"] if group.yes else []), "--json",
+        result = self.check(self.run(*args, "-y", "--json",
                                      timeout=group.up_timeout_seconds + 120), "up")
         if self.dry_run:
             return {}
@@ -4202,12 +4225,18 @@ class Stack:
             return False
 
     def commander_pid(self) -> int | None:
+        """The pid in the pid file, if that process still runs.  The file holds the pid and its
+        start time: a stale file whose pid the system gave to another process names nobody,
+        so nothing of anyone else's is adopted or killed."""
         try:
             with open(self.cfg.commander.pid_path, encoding="utf-8") as handle:
-                pid = int(handle.read().strip())
+                fields = handle.read().split()
+            pid = int(fields[0])
+            if len(fields) > 1 and process_start_ticks(pid) != int(fields[1]):
+                return None  # (a file of an older relay holds the pid alone)
             os.kill(pid, 0)
             return pid
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             return None
 
     def ensure_commander(self) -> dict:
@@ -4247,8 +4276,9 @@ class Stack:
         with open(group.log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
-        atomic_write(group.pid_path, f"{proc.pid}\n".encode())
         self.commander = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
+        started = "" if self.commander.started is None else f" {self.commander.started}"
+        atomic_write(group.pid_path, f"{proc.pid}{started}\n".encode())
         give_up = time.monotonic() + group.wait_seconds
         while not self.commander_healthy():
             if proc.poll() is not None or time.monotonic() > give_up:
@@ -4311,11 +4341,11 @@ class Stack:
         try:
             self.note_pod(record, self.lium.up(self.cfg.lium, name, volume, budget))
         except LiumError as exc:
-            if "--budget" in str(exc) and exc.code == "invalid_arguments":
-                record.state = "removed"  # refused before renting
+            if exc.code == "budget_exhausted" or ("--budget" in str(exc) and exc.code == "invalid_arguments"):
+                record.state = "removed"  # refused before renting, or removed by lium once it started too late
                 self.state.save()
-                raise BudgetReached(f"the {budget:.2f} USD left of relay.budget_usd buys less than Lium's shortest "
-                                    f"rental ({exc}); {self.spend_line()}") from None
+                raise BudgetReached(f"the {budget:.2f} USD left of relay.budget_usd is not enough for another pod "
+                                    f"({exc}); {self.spend_line()}") from None
             if not self.adopt_unanswered_rent(record, exc):
                 raise
         record.state = "active"
@@ -4647,10 +4677,13 @@ class Stack:
         finally:
             self.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
 
-    def interrupted(self) -> int:
+    def pods_left_line(self) -> str:
         names = ", ".join(p.name for p in self.state.live()) or "none"
-        self.say(f"stopped supervising; pods left as they are: {names} (`relay.py down {self.cfg.path}` removes them); "
-                 f"{self.spend_line()} so far")
+        return (f"pods left as they are: {names} (`relay.py launch-stack {self.cfg.path} --supervise` adopts them, "
+                f"`relay.py down {self.cfg.path}` removes them); {self.spend_line()} so far")
+
+    def interrupted(self) -> int:
+        self.say(f"stopped supervising; {self.pods_left_line()}")
         return 130
 
     def notify(self, event: str, text: str, **fields: Any) -> None:
@@ -4776,6 +4809,8 @@ def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
         return stack.supervise() if supervise and not dry_run else 0
     except (LiumError, BudgetReached) as exc:
         stack.say(str(exc))
+        if stack.state.live():  # e.g. the worker's setup failed on a rented pod: it bills until told
+            stack.say(stack.pods_left_line())
         return 1
     except KeyboardInterrupt:  # Ctrl-C while a pod is being rented or set up
         return stack.interrupted()
@@ -4940,8 +4975,7 @@ def lease_timeline_svg(run: dict, now: float) -> str:
 def loss_curve_svg(points: list) -> str:
     if len(points) < 2:
         return "<p>no loss reported yet</p>"
-    stride = max(1, len(points) // 300)
-    points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    points = thin_points(points, 300)
     steps, losses = [p[0] for p in points], [p[1] for p in points]
     x0, x1, y0, y1 = min(steps), max(steps), min(losses), max(losses)
     width, height, pad = 600, 160, 30
@@ -5008,8 +5042,8 @@ def render_status_page(view: dict) -> str:
 def client_from_args(args: argparse.Namespace) -> CommanderClient:
     # Reading needs no more than the viewer secret: when it is set, it is the one used.
     secret = os.environ.get("RELAY_VIEWER_SECRET") or os.environ.get("RELAY_SHARED_SECRET", "")
-    if args.ca_file and not os.path.isfile(args.ca_file):
-        raise UserError(f"--ca-file {args.ca_file}: no such file")
+    if args.ca_file and not args.commander_url.startswith("https://"):
+        raise UserError(f"--ca-file is for an https:// --commander-url, not {args.commander_url}")
     return CommanderClient(args.commander_url, secret, timeout=10, ca_file=args.ca_file)
 
 

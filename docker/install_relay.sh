@@ -3,7 +3,7 @@
 # puts first on its own import path.  Never into the trainer's Python: slime's image pins its
 # packages (transformers 5.12.1 requires huggingface_hub >= 1.5, < 2 and checks it at import),
 # and the trainer never sees this folder (it is not on PYTHONPATH).  The Dockerfile runs this;
-# so does CI (.ci/image_check), against a Python that has slime's transformers.
+# so does CI (.ci/hub_compat), against a Python that has slime's transformers.
 #   PYTHON=python3 RELAY_DIR=/opt/relay docker/install_relay.sh
 set -euo pipefail
 python="${PYTHON:-python3}"

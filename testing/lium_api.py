@@ -193,7 +193,9 @@ class LiumApi(http.server.ThreadingHTTPServer):
                 self.rent_outcome_unknown = False
                 pod.visible_at = pod.created + self.hide_seconds
             self.pods[pod_id] = pod
-        return {} if lost else {"id": pod_id, "pod_name": pod.name, "status": "PENDING"}
+        # What the rent route answers (the SDK's rent: `{"success": true, "pod_id": ...}`, then the
+        # pod is read back by that id from GET /pods).
+        return {} if lost else {"success": True, "pod_id": pod_id}
 
     def add_foreign_pod(self, name: str) -> Pod:
         """A pod of the same account rented by someone else (another script, the web UI)."""

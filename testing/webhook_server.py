@@ -2,9 +2,10 @@
 
 It follows Slack's incoming webhooks (https://api.slack.com/messaging/webhooks: a POST with
 a JSON body whose `text` is shown, answered 200 "ok") and Discord's "execute webhook"
-(https://discord.com/developers/docs/resources/webhook#execute-webhook: `content`, answered
-204).  Every message is recorded.  Faults: `hang` accepts each request and never answers (a
-receiver stuck behind a load balancer); `fail_next` answers 500 that many times.
+(https://discord.com/developers/docs/resources/webhook#execute-webhook: `content`; Discord
+answers 204, this receiver 200 as Slack does).  Every message is recorded.  Faults: `hang`
+accepts each request and never answers (a receiver stuck behind a load balancer; `hung` counts
+them); `fail_next` answers 500 that many times.
 
     hook = WebhookServer().start(); ... hook.url ... hook.messages; hook.stop()
 """
@@ -24,6 +25,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         self.secret_path = secret_path  # like Slack's, the path is the credential
         self.messages: list[dict] = []
         self.hang = False
+        self.hung = 0
         self.fail_next = 0
         self.lock = threading.Lock()
         self.released = threading.Event()  # set at stop: hanging requests end
@@ -58,6 +60,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.server.hang:
+            with self.server.lock:
+                self.server.hung += 1
             self.server.released.wait()
             return
         if self.path != self.server.secret_path:
