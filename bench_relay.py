@@ -288,7 +288,7 @@ def bench_footprint(tmp: Path) -> list[tuple[str, str, str]]:
                      f"{share:.2f}% of a core ({wakeups:.1f} wake-ups/s); {pss:.1f} MB PSS (worker {worker_mem['pss']:.1f}, "
                      f"watchdog {watchdog_mem['pss']:.1f}: {watchdog_mem['uss']:.1f} MB its own, the rest shared "
                      f"copy-on-write); RSS {worker_mem['rss']:.1f} + {watchdog_mem['rss']:.1f} MB",
-                     f"target < 1% of a core, < 40 MB; a bare `python3` trainer here: {trainer_mem['pss']:.1f} MB PSS"))
+                     f"target < 1% of a core, < 40 MB; the mock trainer (`relay.py mock-trainer`) here: {trainer_mem['pss']:.1f} MB PSS"))
     return rows
 
 
