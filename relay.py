@@ -3146,10 +3146,12 @@ class TrainerProcess:
     passed through line by line."""
 
     # Joins the cgroup before exec, so the launcher's first child is already born inside it,
-    # and says on the pipe whose fd is $1 whether it could (a cgroup we may create but not
-    # move into, as without delegation, must not be trusted to hold the trainer).
-    JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&"$1"; fi; '
-                   'eval "exec $1>&-"; shift; exec "$@"')
+    # and says whether it could (a cgroup we may create but not move into, as without
+    # delegation, must not be trusted to hold the trainer) on a pipe handed over as its stdin:
+    # fd 0, because dash (/bin/sh on Debian and Ubuntu) takes only single-digit descriptors in
+    # a redirection, and a worker holding ten open files would pass a pipe numbered 10 or more.
+    JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&0; fi; '
+                   'exec "$@" </dev/null')
 
     def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int,
                  on_exit: Callable[[], None]) -> None:
@@ -3158,11 +3160,11 @@ class TrainerProcess:
         cgroup = make_trainer_cgroup(tag)
         joined_r, joined_w = os.pipe() if cgroup else (-1, -1)
         if cgroup:
-            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, str(joined_w), *argv]
+            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, *argv]
         try:
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                         pass_fds=(joined_w,) if cgroup else ())
+            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=joined_w if cgroup else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                         close_fds=True)
         finally:
             if cgroup:
                 os.close(joined_w)

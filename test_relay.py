@@ -1134,6 +1134,18 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
             os.kill(child, signal.SIGKILL)  # the harness finds test processes by environment: not this one
 
 
+def test_a_trainer_starts_in_its_cgroup_from_a_worker_holding_dozens_of_open_files(cluster):
+    if relay.cgroup2_home() is None or not os.access(relay.cgroup2_home(), os.W_OK):
+        pytest.skip("needs a writable cgroup v2 hierarchy to make the trainer's cgroup in")
+    # After a Xet prefetch the worker holds many files: its pipe to the trainer's launcher is
+    # then numbered 10 or more, which dash cannot name in a redirection.
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", open_files=40, env={"RELAY_TRAINER_CGROUP": "on"})
+    assert worker.wait(60) == 0, cluster.log("a")
+    assert "trainer started in its own cgroup" in cluster.log("a")
+    assert cluster.run("r1")["status"] == "COMPLETED"
+
+
 # --------------------------------------------------------------------------- slime on a real Ray cluster
 
 def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:

@@ -108,9 +108,14 @@ class Cluster:
         env.update(extra)
         return env
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              open_files: int = 0) -> subprocess.Popen:
+        """`open_files`: the process starts holding that many more open files (fds 3 and up),
+        as a worker does after a Hub prefetch."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
-        proc = subprocess.Popen([sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
+        hold = ["bash", "-c", 'for fd in $(seq 3 "$0"); do eval "exec $fd</dev/null"; done; exec "$@"',
+                str(2 + open_files)] if open_files else []
+        proc = subprocess.Popen([*hold, sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env or self.env(), start_new_session=True, cwd=self.tmp)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -183,7 +188,7 @@ class Cluster:
         return path
 
     def start_worker(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
-                     **fields: Any) -> subprocess.Popen:
+                     open_files: int = 0, **fields: Any) -> subprocess.Popen:
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
         if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
@@ -193,7 +198,7 @@ class Cluster:
                               HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
-        return self.spawn(worker_id, ["worker", str(config)], worker_env)
+        return self.spawn(worker_id, ["worker", str(config)], worker_env, open_files)
 
     def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                                       **fields: Any) -> "PidNamespace":
