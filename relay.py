@@ -3249,7 +3249,7 @@ def trainer_argv(cfg: RunConfig) -> list[str]:
 
 
 def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None, ckpt_dir: str,
-                        tag: str) -> dict[str, str]:
+                        tag: str, gpus: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RELAY_SHARED_SECRET"}
     env.update(cfg.env)
     pattern = os.path.join(cfg.rollout_dir, cfg.rollout_trajectory_pattern)
@@ -3270,6 +3270,10 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
         "RELAY_ROLLOUT_PATTERN": pattern if keep_rollouts else "",
         "RELAY_SLIME_ARGS": slime_args,
         "RELAY_PYTHON": sys.executable,
+        # What `nvidia-smi -L` lists (0 when it lists none): slime's scripts size `ray start
+        # --num-gpus` and `--actor-num-gpus-per-node` from it, so a command never hard-codes
+        # a count that a smaller pod would not have.
+        "RELAY_NUM_GPUS": str(gpus or 0),
         TRAINER_TAG_ENV: tag,
     })
     # One Weights & Biases run per relayed run: every restart, on any pod, resumes the same
@@ -3292,27 +3296,46 @@ def gpus_on_this_pod() -> int | None:
 
 def gpus_slime_asks_for(command: str) -> int | None:
     """`--actor-num-gpus-per-node` of a slime command (slime's default, 8, when a command that
-    runs slime's train.py or train_async.py leaves it out); None when not a number we can read."""
+    runs slime's train.py or train_async.py leaves it out); None when not a number we can read
+    (`$RELAY_NUM_GPUS`: the pod's own count)."""
     given = re.search(r"--actor-num-gpus-per-node[= ]+(\S+)", command)
     if given:
         return int(given.group(1)) if given.group(1).isdigit() else None
     return 8 if re.search(r"\btrain(?:_async)?\.py\b", command) else None
 
 
-def gpu_shortfall(cfg: RunConfig) -> str:
-    """One line when the pod has fewer GPUs than slime will wait for, else "".
+def gpus_ray_advertises(command: str) -> int | None:
+    """`ray start ... --num-gpus N` of a command, when N is a number."""
+    given = re.search(r"\bray start\b[^&;|]*?--num-gpus[= ]+(\d+)\b", command)
+    return int(given.group(1)) if given else None
 
-    slime's placement group waits forever for GPUs that are not there (logging every 30 s),
-    so saying it at start saves the user a stall timeout's worth of billing to find out.
+
+def slime_command(cfg: RunConfig) -> str:
+    return cfg.trainer_command or cfg.env.get(f"SLIME_{cfg.mode.upper()}_CMD",
+                                              os.environ.get(f"SLIME_{cfg.mode.upper()}_CMD", ""))
+
+
+def gpu_shortfall(cfg: RunConfig, have: int | None) -> str:
+    """One line when the command asks for GPUs this pod (`have`, from nvidia-smi) lacks, else "".
+
+    Fewer GPUs registered with Ray than slime asks for: its placement group waits forever
+    (logging every 30 s).  More registered than the pod has (`ray start --num-gpus 8` on a
+    2-GPU pod): the placement succeeds and the job fails on CUDA.  Saying it at start saves
+    the user a stall timeout's worth of billing to find out.
     """
-    command = cfg.trainer_command or cfg.env.get(f"SLIME_{cfg.mode.upper()}_CMD",
-                                                  os.environ.get(f"SLIME_{cfg.mode.upper()}_CMD", ""))
+    command = slime_command(cfg)
+    if have is None:
+        return ("nvidia-smi lists no GPU on this pod: RELAY_NUM_GPUS is 0" if "RELAY_NUM_GPUS" in command else "")
+    advertised = gpus_ray_advertises(command)
+    if advertised is not None and advertised > have:
+        return (f"this pod has {have} GPUs but `ray start --num-gpus {advertised}` registers {advertised} with Ray: "
+                f"slime's placement will succeed and its job fail on CUDA; use --num-gpus $RELAY_NUM_GPUS")
     wanted = gpus_slime_asks_for(command)
-    have = gpus_on_this_pod() if wanted else None
-    if wanted is None or have is None or have >= wanted:
+    if wanted is None or have >= wanted:
         return ""
     return (f"this pod has {have} GPUs but slime asks for {wanted} (--actor-num-gpus-per-node): its placement "
-            f"group will wait forever and the stall timeout will end the trainer; set --actor-num-gpus-per-node {have}")
+            f"group will wait forever and the stall timeout will end the trainer; "
+            f"use --actor-num-gpus-per-node $RELAY_NUM_GPUS")
 
 
 def stop_ray_job() -> int:
@@ -3488,7 +3511,8 @@ class Worker:
         self.restarts = 0
         self.crash_reason = ""
         # Asked once, before any lease (nvidia-smi may take seconds): the pod's GPUs do not change.
-        self.gpu_warning = gpu_shortfall(cfg)
+        self.gpus = gpus_on_this_pod()
+        self.gpu_warning = gpu_shortfall(cfg, self.gpus)
         self.exit_code = 0
 
     # -- plumbing --------------------------------------------------------------------------
@@ -3757,7 +3781,7 @@ class Worker:
         # Armed before the trainer exists: if the worker dies in between, the watchdog's end
         # of file still finds the trainer by its tag.
         self.watchdog.arm(tag, self.keeper.deadline)
-        env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
+        env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag, self.gpus)
         self.progress.last_advance = boottime()
         self.progress.placement_wait = ""
         if self.gpu_warning:  # said at the first start only

@@ -1149,21 +1149,31 @@ def test_a_trainer_starts_in_its_cgroup_from_a_worker_holding_dozens_of_open_fil
 # --------------------------------------------------------------------------- slime on a real Ray cluster
 
 def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:
+    """The weights of an uninterrupted run: trained on batch 0, 1, ... in order."""
     from testing.fake_slime_ray import base_weights, next_weights
 
     weights = base_weights(ref_load)
-    for rollout in range(num_rollout):
-        weights = next_weights(weights, rollout)
+    for batch in range(num_rollout):
+        weights = next_weights(weights, batch)
     return weights
 
 
-@pytest.mark.slow(95)
-@pytest.mark.timeout(420)  # two Ray clusters start, 30-60 s each on a loaded 2-core machine
-def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and_a_relayed_run_ends_exactly(cluster):
+def trained_batches(cluster: Cluster, iteration: int) -> list[int]:
+    """The global batches the slime stand-in's checkpoint `iteration` was trained on, in order."""
+    return json.loads((cluster.ckpt_dir() / relay.iteration_dirname(iteration) / "trained_batches.json").read_text())
+
+
+def needs_ray_in_a_pid_namespace() -> None:
     if shutil.which("ray") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
         pytest.skip("needs Ray's CLI (requirements-test.txt) and a private PID namespace (unshare)")
+
+
+@pytest.mark.slow(130)
+@pytest.mark.timeout(540)  # three Ray clusters start, 30-60 s each on a loaded 2-core machine
+def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_and_a_run_relayed_twice_trains_every_batch_once(cluster):
+    needs_ray_in_a_pid_namespace()
     (cluster.tmp / "base_torch_dist").mkdir()
-    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]  # short: Ray's socket paths
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(3)]  # short: Ray's socket paths
     try:
         cluster.start_commander(lease=5)
         settings = {"total_steps": 12, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
@@ -1189,20 +1199,54 @@ def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and
         assert run["status"] == "PREEMPTED" and run["step"] == max(rollouts)  # the rollout id, not the train step
         assert f"WANDB_RUN_ID={relay.wandb_run_id('r1')}" in log
         assert re.search(r"launch script: Ray job relay-r1-1-\d+ is STOPPED", log)  # slime's stop step, first
+        a_sealed = run["latest_checkpoint"]["iteration"]
 
         b = cluster.start_worker_in_pid_namespace("b", env=ray_slime_env(cluster.tmp, ray_dirs[1]), **settings)
-        wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
-        assert b.exit_code() == 0 and not b.processes()
+        wait_for("worker b to seal a later checkpoint", lambda: checkpoint_at_least(cluster, a_sealed + 2), 240)
+        os.kill(b.worker, signal.SIGTERM)
+        wait_for("worker b to exit and leave nothing", lambda: b.exit_code() is not None and not b.processes(), 40)
+        c = cluster.start_worker_in_pid_namespace("c", env=ray_slime_env(cluster.tmp, ray_dirs[2]), **settings)
+        wait_for("worker c to finish the run", lambda: c.exit_code() is not None, 240)
+        assert b.exit_code() == 0 and c.exit_code() == 0 and not c.processes()
         run = cluster.run("r1")
         assert run["status"] == "COMPLETED" and run["latest_checkpoint"]["iteration"] == 11
+        assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b", "c"]
         assert resumed_from(run, "b")[0].startswith("b resumes from checkpoint ")
+        # train.py resumes on the batch after the last saved one: two handoffs, every batch once, in order
+        assert trained_batches(cluster, 11) == list(range(12))
         ckpt = cluster.ckpt_dir()
         final = (ckpt / relay.iteration_dirname(11) / "common.pt").read_text()
         assert final == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 12)
-        both = log + re.sub(r"\x1b\[[0-9;]*m", "", cluster.log("b"))
+        every = log + "".join(re.sub(r"\x1b\[[0-9;]*m", "", cluster.log(name)) for name in "bc")
         for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():  # --async-save's order
-            assert both.index(f"wrote dataset state {iteration} ") < both.index(
+            assert every.index(f"wrote dataset state {iteration} ") < every.index(
                 f"successfully saved checkpoint from iteration {iteration} ")
+    finally:
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.slow(75)
+@pytest.mark.timeout(420)
+def test_slimes_train_async_form_would_skip_a_batch_at_every_handoff_which_is_why_sft_runs_train_py(cluster):
+    needs_ray_in_a_pid_namespace()
+    (cluster.tmp / "base_torch_dist").mkdir()
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]
+    try:
+        cluster.start_commander(lease=5)
+        settings = {"total_steps": 6, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
+        env = ray_slime_env(cluster.tmp, ray_dirs[0], num_rollout=6, extra="--fake-train-async")
+        a = cluster.start_worker_in_pid_namespace("a", env=env, **settings)
+        wait_for("worker a to seal a checkpoint", lambda: checkpoint_at_least(cluster, 1), 240)
+        os.kill(a.worker, signal.SIGTERM)
+        wait_for("worker a to exit", lambda: a.exit_code() is not None and not a.processes(), 40)
+        resumed = cluster.run("r1")["latest_checkpoint"]["iteration"]
+        env = ray_slime_env(cluster.tmp, ray_dirs[1], num_rollout=6, extra="--fake-train-async")
+        b = cluster.start_worker_in_pid_namespace("b", env=env, **settings)
+        wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
+        assert b.exit_code() == 0 and cluster.run("r1")["status"] == "COMPLETED"
+        # generate(N + 1) ran before save(N): the data position saved at N had consumed batch N + 1
+        assert trained_batches(cluster, 5) == [batch for batch in range(7) if batch != resumed + 1]
     finally:
         for ray_dir in ray_dirs:
             shutil.rmtree(ray_dir, ignore_errors=True)

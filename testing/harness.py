@@ -61,11 +61,12 @@ def environ_of(pid: int) -> dict[str, str]:
 RAY_SLIME = str(ROOT / "testing" / "fake_slime_ray.py")
 
 
-def ray_slime_env(tmp: Path, ray_dir: str) -> dict[str, str]:
+def ray_slime_env(tmp: Path, ray_dir: str, num_rollout: int = 12, gpus: int = 2, extra: str = "") -> dict[str, str]:
     """The README's SFT command with the stand-in for slime's train.py, on loopback and private
     ports (other tests' Ray clusters may run on this machine): `ray start --head` with its temp
-    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`.  `tmp/base_torch_dist`
-    is its --ref-load."""
+    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`, on a pod whose
+    `nvidia-smi -L` lists `gpus` GPUs.  `tmp/base_torch_dist` is its --ref-load; `extra` more
+    of slime's arguments."""
     dashboard = free_port()
     ports = " ".join(f"--{name} {free_port()}" for name in (
         "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
@@ -74,14 +75,16 @@ def ray_slime_env(tmp: Path, ray_dir: str) -> dict[str, str]:
     runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
                                            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
     command = (
-        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus 0 --disable-usage-stats "
+        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus $RELAY_NUM_GPUS --disable-usage-stats "
         f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
         f"--temp-dir {ray_dir} && "
         f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
         f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
-        f"--actor-num-gpus-per-node 1 --ref-load {tmp / 'base_torch_dist'} --num-rollout 12 --save-interval 2 "
-        f"--async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 $RELAY_SLIME_ARGS")
-    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard)}
+        f"--actor-num-gpus-per-node $RELAY_NUM_GPUS --ref-load {tmp / 'base_torch_dist'} --num-rollout {num_rollout} "
+        f"--save-interval 2 --async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 "
+        f"{extra} $RELAY_SLIME_ARGS")
+    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard), "FAKE_GPU_COUNT": str(gpus),
+            "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
 
 
 class Cluster:
