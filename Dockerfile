@@ -1,6 +1,6 @@
 # Lium template image for relay-trainer: slime's published image plus relay.py.
 #   docker build -t USER/relay-trainer:0.3.0 . && docker push USER/relay-trainer:0.3.0
-# then register USER/relay-trainer:0.3.0 as a Lium template (README, "Docker image").
+# then register USER/relay-trainer:0.3.0 as a Lium template (docs/slime.md, "Docker image").
 # Pin the slime release you train with: --build-arg SLIME_IMAGE=slimerl/slime:<tag>
 ARG SLIME_IMAGE=slimerl/slime:nightly-dev-20260804a-cu129
 FROM ${SLIME_IMAGE}

@@ -256,7 +256,7 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
 
 @dataclass
 class RunConfig:
-    """run.yaml: what one worker needs to relay one run.  README.md documents every field."""
+    """run.yaml: what one worker needs to relay one run.  docs/worker.md documents every field."""
 
     commander_url: str
     run_id: str
@@ -1454,7 +1454,7 @@ class Commander:
             self.requests[(endpoint_label(path), status)] += 1
 
     def metrics_view(self) -> str:
-        """Every run's health in the Prometheus text format (README, 'Metrics')."""
+        """Every run's health in the Prometheus text format (docs/commander.md, 'Metrics')."""
         now, wall = self.clock(), utc_now()
         series: dict[str, list[tuple[str, float]]] = {name: [] for name in METRICS}
         for run_id, run in sorted(self.runs.items()):
@@ -1666,7 +1666,7 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(401, "the shared secret is refused here: this commander serves plain HTTP on a public "
                                 "address, where a password crosses the network readable by anyone, and this one "
                                 "can change every run. Open the page with RELAY_VIEWER_SECRET, or serve with "
-                                "--tls-cert/--tls-key (README, 'TLS and roles')")
+                                "--tls-cert/--tls-key (docs/commander.md, 'TLS and roles')")
         return ROLE_SHARED
 
     def _handle(self, method: str) -> None:
@@ -3360,7 +3360,7 @@ def stop_ray_job() -> int:
     except (OSError, ValueError, http.client.HTTPException) as exc:
         status = (f"not stopped ({getattr(exc, 'reason', exc)}): the command must start Ray's dashboard on "
                   "127.0.0.1:$RELAY_RAY_DASHBOARD_PORT and submit with `ray job submit --submission-id "
-                  "$RELAY_RAY_JOB_ID` (README, slime)")
+                  "$RELAY_RAY_JOB_ID` (docs/slime.md)")
     print(f"launch script: Ray job {job_id} is {status}", flush=True)
     return 0
 
@@ -3845,7 +3845,7 @@ class Worker:
             if not warned_no_checkpoint and last_progress == started and boottime() - started > NO_CHECKPOINT_WARNING_SECONDS:
                 warned_no_checkpoint = True
                 self.say(f"WARNING: the trainer has run {NO_CHECKPOINT_WARNING_SECONDS / 3600:.0f} h without a checkpoint; "
-                         "slime saves nothing without --save-interval (see README, 'slime')")
+                         "slime saves nothing without --save-interval (see docs/slime.md)")
                 self.report(msg=f"{self.cfg.worker_id}: no checkpoint after {NO_CHECKPOINT_WARNING_SECONDS:.0f} s")
             # Judged by progress, not output: slime stuck in placement logs every 30 s forever.
             quiet = boottime() - self.progress.last_advance

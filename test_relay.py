@@ -1293,7 +1293,7 @@ def test_a_trainer_exiting_0_before_the_configured_total_is_a_failure_not_comple
     assert "before total_steps 12" in cluster.log("a")
 
 
-def test_relay_slime_args_are_what_the_readme_promises(cluster):
+def test_relay_slime_args_are_what_the_docs_promise(cluster):
     cluster.start_commander(lease=2)
     worker = cluster.start_worker("a", mode="rl", save_rollout_trajectories=True,
                                   trainer_command='printf %s "$RELAY_SLIME_ARGS" > "$RELAY_CKPT_DIR/../args.txt"')
@@ -1302,15 +1302,15 @@ def test_relay_slime_args_are_what_the_readme_promises(cluster):
     ckpt = run_dir / "ckpt"
     assert (run_dir / "args.txt").read_text() == (
         f"--load {ckpt} --save {ckpt} --save-debug-rollout-data {run_dir}/rollout/rollout_{{rollout_id}}.pt")
-    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
-    assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in readme
+    worker_page = open(os.path.join(os.path.dirname(RELAY), "docs", "worker.md")).read()
+    assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in worker_page
 
 
-def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
+def test_the_documented_slime_commands_start_slime_as_its_own_scripts_do():
     import yaml
 
-    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
-    section = readme.split("\n## slime\n", 1)[1].split("\n## ", 1)[0]
+    slime_page = open(os.path.join(os.path.dirname(RELAY), "docs", "slime.md")).read()
+    section = slime_page.split("\n## Starting slime\n", 1)[1].split("\n## ", 1)[0]
     configs = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
     commands = {config["mode"]: config["env"][f"SLIME_{config['mode'].upper()}_CMD"] for config in configs}
     assert set(commands) == {"sft", "rl"}
