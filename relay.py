@@ -25,6 +25,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -283,6 +284,7 @@ class RunConfig:
     trainer_command: str = ""
     commander_wait_seconds: float = 60.0
     commander_ca_file: str = ""  # CA that signed an https:// commander's certificate (default: the system's)
+    check_slime_flags: bool = True  # a slime command's flags against slime_flags.txt, before any lease
     env: dict = field(default_factory=dict)
 
     @property
@@ -3338,6 +3340,80 @@ def gpu_shortfall(cfg: RunConfig, have: int | None) -> str:
             f"use --actor-num-gpus-per-node $RELAY_NUM_GPUS")
 
 
+# slime drops a flag it does not know without a word (each of its parsers runs with
+# parse_known_args), so `--lerning-rate 1e-5` trains days at the default rate.  The flags it
+# accepts, read from slime's, Megatron's and SGLang's sources at the versions slime's image
+# pins, are in slime_flags.txt beside relay.py (tools/make_slime_flags.py makes it).
+SLIME_FLAGS_FILE = os.path.join(HERE, "slime_flags.txt")
+SLIME_ENTRY_POINTS = ("train.py", "train_async.py")
+SHELL_COMMAND_ENDS = {"&&", "||", ";", "|", "&", ";;"}
+
+
+@dataclass
+class SlimeFlags:
+    exact: set[str]  # every flag slime accepts
+    by_prefix: list[str]  # those on parsers with allow_abbrev: a unique prefix of one is that flag
+
+    @classmethod
+    def load(cls, path: str = SLIME_FLAGS_FILE) -> "SlimeFlags | None":
+        try:
+            with open(path) as handle:
+                lines = [line.split() for line in handle if line.startswith("--")]
+        except OSError:
+            return None
+        return cls({words[0] for words in lines}, [words[0] for words in lines if words[1:] == ["prefix"]])
+
+    def accepts(self, flag: str) -> bool:
+        return flag in self.exact or sum(known.startswith(flag) for known in self.by_prefix) == 1
+
+
+def slime_command_flags(command: str) -> list[str]:
+    """The flags a shell command passes to slime's train.py / train_async.py (words after the
+    script up to the end of that simple command; `--x=v` is `--x`; words built from a
+    variable, such as $RELAY_SLIME_ARGS or "${MODEL_ARGS[@]}", are not known before run time)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes: bash -c will say so itself
+        return []
+    flags, in_slime = [], False
+    for word in words:
+        if word in SHELL_COMMAND_ENDS:
+            in_slime = False
+        elif os.path.basename(word) in SLIME_ENTRY_POINTS:
+            in_slime = True
+        elif in_slime and word.startswith("--") and "$" not in word:
+            flags.append(word.split("=", 1)[0])
+    return flags
+
+
+def unknown_slime_flags(command: str, known: SlimeFlags) -> list[str]:
+    """Each flag of the command slime would drop, with the nearest one it knows."""
+    found = []
+    for flag in dict.fromkeys(slime_command_flags(command)):
+        if not known.accepts(flag):
+            near = difflib.get_close_matches(flag, known.exact, n=1, cutoff=0.75)
+            found.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
+    return found
+
+
+def check_slime_flags(cfg: RunConfig) -> None:
+    """Refuse, before any lease, a slime command with a flag slime would silently drop."""
+    command = slime_command(cfg)
+    if not cfg.check_slime_flags or not slime_command_flags(command):
+        return
+    known = SlimeFlags.load()
+    if known is None:
+        log("worker", f"{SLIME_FLAGS_FILE} is missing: the slime command's flags are not checked")
+        return
+    unknown = unknown_slime_flags(command, known)
+    if unknown:
+        where = "trainer_command" if cfg.trainer_command else f"SLIME_{cfg.mode.upper()}_CMD"
+        raise UserError(f"{where}: slime does not know {', '.join(unknown)} and would drop it without a word; fix "
+                        f"the command, or set check_slime_flags: false for a slime build with flags of its own")
+
+
 def stop_ray_job() -> int:
     """slime's stop step, run by launch_sft.sh / launch_rl.sh when the worker stops them: stop
     this trainer's own Ray job (RELAY_RAY_JOB_ID on the job API at 127.0.0.1:RELAY_RAY_DASHBOARD_PORT)
@@ -3969,6 +4045,7 @@ class Worker:
 
 def run_worker(config_path: str) -> int:
     cfg = load_run_config(config_path)
+    check_slime_flags(cfg)
     if not cfg.trainer_command and not os.path.exists(os.path.join(HERE, f"launch_{cfg.mode}.sh")):
         raise UserError(f"launch_{cfg.mode}.sh is not next to relay.py ({HERE}); copy it there or set trainer_command")
     try:
@@ -4502,7 +4579,7 @@ class Stack:
         env_path = os.path.join(os.path.dirname(worker.remote_config_path), "relay.env")
         folders = {os.path.dirname(p) or "." for p in (worker.remote_config_path, worker.remote_log_path,
                                                        worker.remote_pid_path)} | {worker.remote_workdir}
-        code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh"]
+        code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh", "slime_flags.txt"]
         local_hashes = {name: sha256_file(os.path.join(HERE, name)) for name in code_files}
         in_image = [os.path.join(worker.image_relay_dir, f) for f in code_files]
         remote_code = [os.path.join(worker.remote_workdir, f) for f in code_files]

@@ -1097,6 +1097,17 @@ def test_a_pod_with_fewer_gpus_than_slime_waits_for_is_named_at_start_and_ends_a
     assert any("this pod has 2 GPUs" in event["msg"] for event in run["events"])
 
 
+def test_the_trainer_is_told_the_pods_gpu_count_and_a_command_registering_more_with_ray_is_named_at_start(cluster):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", trainer_command=(
+        ': ray start --head --num-gpus 8;'  # what a command fixing 8 GPUs would run, on this 2-GPU pod
+        ' printf %s "$RELAY_NUM_GPUS" > "$RELAY_CKPT_DIR/../gpus.txt"'),
+        env={"FAKE_GPU_COUNT": "2", "PATH": f"{FAKE_CLIS}:{os.environ['PATH']}"})
+    assert worker.wait(30) == 0
+    assert (cluster.tmp / "volume" / "runs" / "r1" / "gpus.txt").read_text() == "2"
+    assert "this pod has 2 GPUs but `ray start --num-gpus 8` registers 8 with Ray" in cluster.log("a")
+
+
 def process_alive(pid: int) -> bool:
     try:
         return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
@@ -1324,22 +1335,68 @@ def test_the_documented_slime_commands_start_slime_as_its_own_scripts_do():
                        "--dashboard-port $RELAY_RAY_DASHBOARD_PORT", "ray job submit",
                        "--address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT", "--submission-id $RELAY_RAY_JOB_ID",
                        "--runtime-env-json", '"CUDA_DEVICE_MAX_CONNECTIONS": "1"', "--ref-load ",
-                       "--actor-num-gpus-per-node ", "--global-batch-size ", "--save-interval ", "$RELAY_SLIME_ARGS"):
+                       "--global-batch-size ", "--save-interval ", "$RELAY_SLIME_ARGS",
+                       # GPUs from the pod, never a fixed count a smaller pod would not have
+                       "--num-gpus $RELAY_NUM_GPUS", "--actor-num-gpus-per-node $RELAY_NUM_GPUS",
+                       # Megatron's default dropout is 0.1; slime's scripts turn it off
+                       "--attention-dropout 0.0", "--hidden-dropout 0.0"):
             assert needed in command, f"{mode} command lacks {needed}"
+        assert not re.search(r"--(?:num-gpus|actor-num-gpus-per-node|num-gpus-per-node)[= ]+\d", command), mode
         runtime_env = re.search(r"--runtime-env-json '([^']*)'", command).group(1)
         assert json.loads(runtime_env)["env_vars"]["PYTHONPATH"]
         assert "pkill" not in command  # slime's scripts' broad kills have no place under a worker
     for command in (commands["rl"], examples["stack.liveweb_rl.example.yaml"]):
         assert "--colocate" in command or "--rollout-num-gpus " in command
-    for flag in ("train_async.py", "--loss-type sft_loss", "--calculate-per-token-loss",
-                 "--disable-compute-advantages-and-returns", "--debug-train-only"):
-        assert flag in commands["sft"]
-    for script in ("launch_sft.sh", "launch_rl.sh"):  # they give the commands the two variables they use
+        for flag in ("--num-gpus-per-node $RELAY_NUM_GPUS", "--prompt-data ", "--rm-type "):  # engines, data, reward
+            assert flag in command
+    for command in (commands["sft"], examples["stack.liveweb_sft.example.yaml"]):
+        # train.py: train_async.py saves the data position after prefetching the next batch
+        assert "python3 train.py " in command and "train_async.py" not in command
+        for flag in ("--loss-type sft_loss", "--calculate-per-token-loss", "--disable-compute-advantages-and-returns",
+                     "--debug-train-only", "--prompt-data "):
+            assert flag in command
+        assert "--custom-generate-function-path" not in command  # SFT's rollout never reads it
+    for script in ("launch_sft.sh", "launch_rl.sh"):  # they give the commands the variables they use
         text = open(os.path.join(os.path.dirname(RELAY), script)).read()
         assert "export RELAY_RAY_DASHBOARD_PORT=" in text and "export RELAY_RAY_JOB_ID=" in text
+        assert "export PYTHONUNBUFFERED=1" in text
     dockerfile = open(os.path.join(os.path.dirname(RELAY), "Dockerfile")).read()
     tag = re.search(r"^ARG SLIME_IMAGE=slimerl/slime:nightly-dev-(\d{8})", dockerfile, re.M)
     assert tag and tag.group(1) >= "20260804", "slime images before 2026-08-04 restart at rollout 0"
+
+
+def test_a_misspelled_slime_flag_stops_the_worker_at_start_with_one_line_before_any_lease(cluster):
+    cluster.start_commander(lease=2)
+    command = (f"{FAKE_SLIME} && python3 train.py --actor-num-gpus-per-node $RELAY_NUM_GPUS --save-intervall 20 "
+               "--sglang-mem-frac 0.7 --lr=1e-5 $RELAY_SLIME_ARGS")
+    worker = cluster.start_worker("a", env={"SLIME_SFT_CMD": command})
+    assert worker.wait(30) == 2
+    lines = cluster.log("a").strip().splitlines()
+    # --sglang-mem-frac is a prefix slime's SGLang parser takes; --lr=... is --lr
+    assert lines == ["relay: error: SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?) "
+                     "and would drop it without a word; fix the command, or set check_slime_flags: false for a "
+                     "slime build with flags of its own"]
+    assert cluster.run("r1") == {} and "Traceback" not in cluster.log("a")  # never asked for a lease
+    cluster.start_worker("b", check_slime_flags=False, env={"SLIME_SFT_CMD": command, "FAKE_NUM_ROLLOUT": "3"})
+    wait_for("b, told not to check, to train", lambda: cluster.run("r1").get("holder") == "b", 20)
+
+
+def test_every_flag_of_the_documented_slime_commands_is_one_slime_accepts():
+    import yaml
+
+    known = relay.SlimeFlags.load()
+    assert known is not None and len(known.exact) > 1000  # slime's, Megatron's and SGLang's, as pinned
+    root = os.path.dirname(RELAY)
+    slime_page = open(os.path.join(root, "docs", "slime.md")).read()
+    commands = [yaml.safe_load(block)["env"] for block in re.findall(r"```yaml\n(.*?)```", slime_page, re.S)]
+    commands = [env[name] for env in commands for name in env if name.startswith("SLIME_")]
+    for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml"):
+        env = yaml.safe_load(open(os.path.join(root, "examples", name)))["worker"]["env"]
+        commands += [env[key] for key in env if key.startswith("SLIME_")]
+    assert len(commands) == 4
+    for command in commands:
+        assert len(relay.slime_command_flags(command)) > 15
+        assert relay.unknown_slime_flags(command, known) == []
 
 
 def test_the_launch_scripts_and_the_image_pass_static_checks():
@@ -1982,7 +2039,7 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
                   f"would run: lium up --gpu H200 -c 8 --name relay-r1-1 --template_id {relay_template()} --timeout 60 "
                   f"--volume id:{lium.volume_huid()} --ttl 6h --budget 500.00 -y --json",
                   "would run: lium scp <id of relay-r1-1> <generated tar of relay/relay.py, relay/launch_sft.sh, "
-                  "relay/launch_rl.sh, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
+                  "relay/launch_rl.sh, relay/slime_flags.txt, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
                   "nohup setsid"):
         assert words in out, out
     assert secret not in out + result.stderr
@@ -1993,7 +2050,7 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
 def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pods_and_the_commander(cluster, lium):
     image = cluster.tmp / "image"  # the pod's image has relay at /opt/relay, as the Dockerfile puts it
     image.mkdir()
-    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh"):
+    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh", "slime_flags.txt"):
         shutil.copy2(os.path.join(os.path.dirname(RELAY), name), image / name)
     lium.image_dirs["/opt/relay"] = image
     stack = write_stack(cluster, lium, worker={"image_relay_dir": "/opt/relay",
@@ -2019,9 +2076,11 @@ def test_the_shipped_example_configs_are_valid():
         stack = relay.load_stack_config(os.path.join(root, name))
         command = stack.worker.env.get("SLIME_SFT_CMD", "") + stack.worker.env.get("SLIME_RL_CMD", "")
         if "liveweb" in name:
-            assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
             assert "$RELAY_SLIME_ARGS" in command and "--save-interval" in command
-            assert {"LIVEWEB_ARENA_ROOT", "TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL", "PYTHONPATH"} <= set(stack.worker.env)
+            assert {"LIVEWEB_ARENA_ROOT", "PYTHONPATH"} <= set(stack.worker.env)
+        if "liveweb_rl" in name:  # RL generates in LiveWeb-Arena's environment (SFT trains on its trajectories)
+            assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
+            assert {"TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL"} <= set(stack.worker.env)
 
 
 # --------------------------------------------------------------------------- fuzzing and models
