@@ -1263,6 +1263,26 @@ def test_slimes_train_async_form_would_skip_a_batch_at_every_handoff_which_is_wh
             shutil.rmtree(ray_dir, ignore_errors=True)
 
 
+@pytest.mark.slow(40)
+@pytest.mark.timeout(300)
+def test_a_command_registering_gpus_the_pod_lacks_is_named_at_start_and_its_job_fails_on_cuda(cluster):
+    needs_ray_in_a_pid_namespace()
+    (cluster.tmp / "base_torch_dist").mkdir()
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        cluster.start_commander(lease=5, extra=("--max-failed-leases", "1"))
+        env = ray_slime_env(cluster.tmp, ray_dir, gpus=2)  # slime's own scripts with a fixed 8, on a 2-GPU pod
+        env["SLIME_SFT_CMD"] = env["SLIME_SFT_CMD"].replace("$RELAY_NUM_GPUS", "8")
+        a = cluster.start_worker_in_pid_namespace("a", env=env, max_trainer_restarts=0, stop_grace_seconds=30)
+        wait_for("worker a to give up", lambda: a.exit_code() is not None, 240)
+        log = cluster.log("a")
+        assert a.exit_code() == 1 and cluster.run("r1")["status"] == "FAILED"
+        assert "this pod has 2 GPUs but `ray start --num-gpus 8` registers 8 with Ray" in log
+        assert "CUDA error: invalid device ordinal" in log  # Ray placed the job on GPUs that are not there
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
 def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
     if probe.returncode != 0:
