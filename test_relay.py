@@ -77,15 +77,24 @@ def raw_request(cluster: Cluster, method: str, path: str, body: bytes = b"", hea
 # --------------------------------------------------------------------------- the demo
 
 
-def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path):
+def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path, reference):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, RELAY, "demo"], capture_output=True, text=True, env=env, timeout=90)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SIGKILL -> worker-a" in result.stdout
-    assert "worker-b took over" in result.stdout
-    assert "identical: the relayed run equals an uninterrupted run" in result.stdout
-    assert time.monotonic() - started < 60
+    result = subprocess.run([sys.executable, RELAY, "demo", "--keep"], capture_output=True, text=True, env=env,
+                            timeout=90)
+    kept = re.search(r"demo files kept in (\S+)", result.stdout)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SIGKILL -> worker-a" in result.stdout and "worker-b took over" in result.stdout
+        assert "identical: the relayed run equals an uninterrupted run" in result.stdout
+        # not on the demo's word: its relayed result against our own uninterrupted run
+        timeline = re.findall(r"epoch (\d+)\s+(worker-\w)\s+steps\s+(\d+) ->", result.stdout)
+        assert [(epoch, worker) for epoch, worker, _ in timeline] == [("1", "worker-a"), ("2", "worker-b")]
+        assert 0 < int(timeline[1][2]) < 40  # worker-b resumed mid-run, not from the start
+        relayed = Path(kept.group(1)) / "volume" / "runs" / "demo" / "ckpt" / relay.iteration_dirname(40)
+        assert (relayed / "model.json").read_bytes() == reference
+    finally:
+        if kept:
+            shutil.rmtree(kept.group(1), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- handoffs
@@ -144,14 +153,13 @@ def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(c
     cluster.start_worker("b")
     wait_for("b standing by", lambda: "standing by" in cluster.log("b"))
     assert [standby["worker_id"] for standby in cluster.run("r1")["standbys"]] == ["b"]
-    stopped = time.monotonic()
     worker_a.send_signal(signal.SIGTERM)
     wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
-    takeover = time.monotonic() - stopped
-    assert takeover < 5.0, f"takeover took {takeover:.1f}s with a 10 s lease"
     assert worker_a.wait(30) == 0
     run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    # released, not expired: b's grant came with a's release, not after its 10 s (bench_relay.py takeover: the time)
     assert run["leases"][0]["why"].startswith("preempted")
+    assert run["leases"][1]["started_at"] - run["leases"][0]["ended_at"] < 10
     assert final_model(cluster) == reference
 
 
@@ -554,7 +562,8 @@ def test_unreadable_yaml_and_an_unreachable_commander_exit_2_without_a_traceback
     for path, words in ((broken, "not valid YAML"), (missing, "cannot read"), (unreachable, "cannot reach")):
         result = subprocess.run([sys.executable, RELAY, "worker", str(path)], capture_output=True, text=True, timeout=20)
         assert result.returncode == 2 and words in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and str(path) in result.stderr or "127.0.0.1:9" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert str(path) in result.stderr or "127.0.0.1:9" in result.stderr  # names what to fix
 
 
 def test_the_seed_rollout_pattern_is_converted_to_one_slime_can_format(tmp_path):
@@ -1127,11 +1136,12 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
     child = int(beat.name.split("-")[1])
     try:
         assert child not in cluster.trainer_pids(), "setproctitle hides the child's environment"
+        in_cgroup = "trainer started in its own cgroup" in cluster.log("a")
+        assert in_cgroup == (cgroup == "on" and cgroups_here()), "the stop under test is the one this case names"
         ppid = int(open(f"/proc/{child}/stat").read().rsplit(") ", 1)[1].split()[1])
         assert ppid == worker.pid, "its parent exited: it is the worker's (a child subreaper), not init's"
         wait_for("15 rollouts, 3 s: the watchdog has recorded the tree since the child started",
                  lambda: cluster.run("r1").get("step", 0) >= 15, 20)
-        stopped = time.monotonic()
         worker.send_signal({"sigterm": signal.SIGTERM, "lease lost": signal.SIGSTOP, "worker killed": signal.SIGKILL}[how])
         try:
             wait_for("every trainer process to be gone, the renamed child too",
@@ -1139,14 +1149,20 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
         finally:
             if how == "lease lost":
                 worker.send_signal(signal.SIGCONT)
-        assert time.monotonic() - stopped < 8
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)  # the harness finds test processes by environment: not this one
 
 
+def cgroups_here() -> bool:
+    """Whether this machine lets the worker make a trainer's cgroup (most containers do not)."""
+    probe = relay.make_trainer_cgroup(f"probe-{uuid.uuid4().hex}")
+    relay.remove_cgroup(probe)
+    return bool(probe)
+
+
 def test_a_trainer_starts_in_its_cgroup_from_a_worker_holding_dozens_of_open_files(cluster):
-    if relay.cgroup2_home() is None or not os.access(relay.cgroup2_home(), os.W_OK):
+    if not cgroups_here():
         pytest.skip("needs a writable cgroup v2 hierarchy to make the trainer's cgroup in")
     # After a Xet prefetch the worker holds many files: its pipe to the trainer's launcher is
     # then numbered 10 or more, which dash cannot name in a redirection.
@@ -1552,19 +1568,17 @@ def test_a_notify_url_hears_of_a_handoff_a_completion_a_sync_error_and_a_run_lef
 def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook):
     webhook.hang = True
     cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
-    client = cluster.client()
+    # A request that waited for the receiver would wait its 10 s: the client gives up at 5 s.
+    assert relay.NOTIFY_TIMEOUT_SECONDS > 5
+    client = relay.CommanderClient(cluster.url, timeout=5)
     held = client.post("/api/lease/acquire", {"run_id": "held", "worker_id": "w0", "mode": "sft"}).body
-    slowest = 0.0
     for n in range(40):  # each run's completion is a message the receiver never takes
-        started = time.monotonic()
         token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
         assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w1", "lease_token": token,
                                                   "status": "COMPLETED"}).status == 200
         renewal = client.post("/api/lease/renew", {"run_id": "held", "worker_id": "w0", "lease_token": held["lease_token"],
                                                    "step": n})
         assert renewal.status == 200
-        slowest = max(slowest, time.monotonic() - started)
-    assert slowest < 1.0, f"an acquire, a release and a renewal took {slowest:.2f}s with a hanging receiver"
     wait_for("the commander to be stuck on the hanging receiver", lambda: webhook.hung >= 1, 10)
 
 

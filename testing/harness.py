@@ -8,6 +8,7 @@ processes this test started, found through /proc/PID/environ, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -42,10 +43,27 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 30.0, int
         time.sleep(interval)
 
 
+# Ports a test hands to a process it starts.  A port the kernel picked (bind to 0) is free
+# only until the process binds it, and meanwhile another pytest-xdist worker may be handed the
+# same: so each worker draws from a block of its own below the kernel's ephemeral range
+# (32768 and up, where bind-to-0 and outgoing connections land), never twice in a session,
+# skipping any port something else holds.
+PORT_BLOCK, PORT_BLOCKS, FIRST_PORT = 1500, 8, 20000
+_ports_drawn = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = FIRST_PORT + PORT_BLOCK * (int(worker[2:] or 0) % PORT_BLOCKS)
+    for _ in range(PORT_BLOCK):
+        port = base + next(_ports_drawn) % PORT_BLOCK
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port left in {base}..{base + PORT_BLOCK - 1}")
 
 
 def environ_of(pid: int) -> dict[str, str]:
