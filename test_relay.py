@@ -211,6 +211,29 @@ def test_a_trainer_that_keeps_crashing_ends_the_run_as_failed(cluster):
     assert late.wait(15) == 1
 
 
+def watchdog_of(worker: int) -> int | None:
+    for pid, info in relay.process_table().items():
+        with contextlib.suppress(OSError):
+            if info.ppid == worker and not info.zombie and open(f"/proc/{pid}/comm").read().strip() == "relay-watchdog":
+                return pid
+    return None
+
+
+def test_a_dead_watchdog_is_replaced_and_the_trainer_never_runs_without_one(cluster, reference):
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", env=MID_RUN)
+    first = set(wait_for("a trainer", lambda: cluster.trainer_pids(), 20))
+    dead = wait_for("a's watchdog", lambda: watchdog_of(worker.pid), 10)
+    os.kill(dead, signal.SIGKILL)
+    wait_for("the unguarded trainer to be stopped", lambda: not first & set(cluster.trainer_pids()), 10)
+    second = set(wait_for("a trainer started again", lambda: cluster.trainer_pids(), 20))
+    wait_for("a new watchdog (its name set once Python has started)",
+             lambda: watchdog_of(worker.pid) not in (None, dead), 10)
+    assert not first & second
+    assert worker.wait(60) == 0 and final_model(cluster) == reference
+    assert "the watchdog died: stopping the trainer" in cluster.log("a")
+
+
 def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
     cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
     worker = cluster.start_worker("a", trainer_command="setsid sleep 300 & sleep 300", stall_timeout_seconds=1,
@@ -479,6 +502,67 @@ def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cl
     assert open(cluster.state_path, "rb").read() == state_before
     assert view() == before
     assert cluster.healthy()
+
+
+def test_a_commander_that_cannot_write_its_state_file_answers_503_and_acknowledges_nothing_it_did_not_keep(cluster):
+    # Past RLIMIT_FSIZE every write fails with EFBIG, as on a full disk (Python ignores SIGXFSZ).
+    cluster.start_commander(lease=30, wrap=("prlimit", "--fsize=24000", "--"))
+    client = cluster.client()
+    acquired, refused = [], None
+    for n in range(200):
+        reply = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w", "mode": "sft"})
+        if reply.status != 200:
+            refused = (f"r{n}", reply)
+            break
+        acquired.append(f"r{n}")
+    assert refused is not None and refused[1].status == 503
+    assert "cannot write its state file" in refused[1].body["error"]
+    assert sorted(run["run_id"] for run in cluster.runs()["runs"]) == sorted(acquired)  # rolled back
+    assert cluster.run(refused[0]) == {}
+    cluster.commander.kill()
+    cluster.commander.wait(10)
+    cluster.start_commander(lease=30)  # no limit now: the file on disk is whole and holds what was acknowledged
+    assert sorted(run["run_id"] for run in cluster.runs()["runs"]) == sorted(acquired)
+
+
+def test_the_state_file_keeps_only_a_hash_of_each_lease_token(cluster):
+    cluster.start_commander(lease=30)
+    token = cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    state = Path(cluster.state_path).read_text()
+    assert token not in state and relay.token_digest(token) in state
+
+
+@pytest.mark.slow(15)
+def test_the_commander_keeps_at_most_200_events_500_leases_and_2000_loss_points_thinned_over_the_whole_run(cluster):
+    cluster.start_commander(lease=30)
+    client = cluster.client()
+    for n in range(510):  # each lease adds events of its own
+        worker = f"w{n % 2}"
+        token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": worker, "mode": "sft"}).body["lease_token"]
+        if n < 509:
+            assert client.post("/api/lease/release", {"run_id": "r1", "worker_id": worker, "lease_token": token,
+                                                      "status": "PREEMPTED"}).status == 200
+    for batch in range(30):  # 3000 loss points, 100 a renewal
+        points = [[batch * 100 + i, 1.0 / (batch * 100 + i + 1)] for i in range(100)]
+        assert client.post("/api/lease/renew", {"run_id": "r1", "worker_id": worker, "lease_token": token,
+                                                "step": batch * 100 + 99, "losses": points}).status == 200
+    run = cluster.run("r1")
+    assert len(run["events"]) == 200 and len(run["leases"]) == 500
+    steps = [step for step, _ in run["losses"]]
+    assert 1000 <= len(steps) <= 2000 and steps == sorted(steps)
+    assert steps[0] < 100 and steps[-1] == 2999  # thinned across the run, not cut to its last part
+
+
+def test_a_signed_request_from_the_future_is_refused(cluster):
+    cluster.start_commander(lease=30, secret="s" * 40)
+    body = json.dumps({"run_id": "r1", "worker_id": "w", "mode": "sft"}).encode()
+    stamp, nonce = str(int(time.time()) + 400), uuid.uuid4().hex
+    signature = relay.request_signature(cluster.secret, stamp, nonce, "POST", "/api/lease/acquire", body)
+    status, answer, _ = raw_request(cluster, "POST", "/api/lease/acquire", body, {
+        "X-Relay-Timestamp": stamp, "X-Relay-Nonce": nonce, "X-Relay-Signature": signature,
+        "X-Relay-Protocol": str(getattr(relay, "PROTOCOL", 1)), "Content-Type": "application/json"})
+    assert status == 401 and "X-Relay-Timestamp" in json.loads(answer)["error"]
+    assert cluster.run("r1") == {}
 
 
 def test_commander_state_is_private_and_a_corrupt_state_file_stops_it_with_a_clear_error(cluster):

@@ -130,13 +130,10 @@ class Cluster:
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              open_files: int = 0) -> subprocess.Popen:
-        """`open_files`: the process starts holding that many more open files (fds 3 and up),
-        as a worker does after a Hub prefetch."""
+              wrap: tuple[str, ...] = ()) -> subprocess.Popen:
+        """`wrap`: a command that execs relay.py with a limit set (prlimit ...) or files held."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
-        hold = ["bash", "-c", 'for fd in $(seq 3 "$0"); do eval "exec $fd</dev/null"; done; exec "$@"',
-                str(2 + open_files)] if open_files else []
-        proc = subprocess.Popen([*hold, sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*wrap, sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env or self.env(), start_new_session=True, cwd=self.tmp)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -172,12 +169,13 @@ class Cluster:
     # -- commander ---------------------------------------------------------------------------
 
     def start_commander(self, lease: float = 2, secret: str = "", port: int | None = None,
-                        extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
+                        extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                        wrap: tuple[str, ...] = ()) -> str:
         self.secret = secret
         self.port = port or self.port or free_port()
         env = self.env(**(env or {}), **({"RELAY_SHARED_SECRET": secret} if secret else {}))
         self.commander = self.spawn("commander", ["serve", "--port", str(self.port), "--lease-seconds", str(lease),
-                                                  "--state-path", self.state_path, *extra], env)
+                                                  "--state-path", self.state_path, *extra], env, wrap)
         self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         wait_for("the commander to answer /api/health", self.healthy, 15)
         return self.url
@@ -210,6 +208,8 @@ class Cluster:
 
     def start_worker(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                      open_files: int = 0, **fields: Any) -> subprocess.Popen:
+        """`open_files`: the worker starts holding that many more open files (fds 3 and up),
+        as it does after a Hub prefetch."""
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
         if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
@@ -219,7 +219,9 @@ class Cluster:
                               HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
-        return self.spawn(worker_id, ["worker", str(config)], worker_env, open_files)
+        hold = ("bash", "-c", 'for fd in $(seq 3 "$0"); do eval "exec $fd</dev/null"; done; exec "$@"',
+                str(2 + open_files)) if open_files else ()
+        return self.spawn(worker_id, ["worker", str(config)], worker_env, hold)
 
     def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                                       **fields: Any) -> "PidNamespace":
