@@ -1666,6 +1666,37 @@ def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook
     wait_for("the commander to be stuck on the hanging receiver", lambda: webhook.hung >= 1, 10)
 
 
+def complete_runs(cluster: Cluster, first: int, count: int) -> None:
+    """Runs r{first}... acquired and completed at once: one "completed" notification each."""
+    client = cluster.client()
+    for n in range(first, first + count):
+        token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+        assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w", "lease_token": token,
+                                                  "status": "COMPLETED"}).status == 200
+
+
+def test_a_receiver_too_slow_for_the_queue_loses_the_oldest_notifications_and_gets_the_newest(cluster, webhook):
+    webhook.hang = True
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
+    complete_runs(cluster, 0, 1)
+    wait_for("the first notification to hang in the receiver", lambda: webhook.hung == 1, 10)
+    complete_runs(cluster, 1, relay.NOTIFY_QUEUE_SIZE + 29)  # 29 more than the queue holds
+    webhook.release()  # the hanging request ends unanswered: tried again
+    done = wait_for("the queue to drain", lambda: len(webhook.events("completed")) >= relay.NOTIFY_QUEUE_SIZE + 1, 60)
+    delivered = [message["run_id"] for message in webhook.events("completed")]
+    assert delivered == ["r0"] + [f"r{n}" for n in range(30, relay.NOTIFY_QUEUE_SIZE + 30)], done  # r1..r29 went
+    assert "29 notifications dropped: the receiver is too slow" in cluster.log("commander")
+
+
+def test_a_notification_the_receiver_refuses_with_a_4xx_is_not_sent_again(cluster, webhook):
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url + "-removed"})
+    complete_runs(cluster, 0, 3)
+    wait_for("three refusals in the log",
+             lambda: cluster.log("commander").count("not delivered: the receiver answered 404") == 3, 20)
+    assert webhook.posts == 3 and webhook.messages == []
+    assert webhook.url not in cluster.log("commander")  # the URL is a secret
+
+
 def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
     """A run handed from worker a (stopped with SIGTERM) to worker b, completed."""
     worker_a = cluster.start_worker("a" if run_id == "r1" else f"a-{run_id}", run_id,
