@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import http.server
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -330,6 +332,45 @@ def test_a_release_records_the_checkpoint_and_last_lines_a_lost_report_would_hav
     run = cluster.run("r1")
     assert (run["status"], run["step"], run["latest_checkpoint"]["iteration"]) == ("COMPLETED", 40, 40)
     assert run["latest_checkpoint"]["manifest_sha256"] == "c" * 64 and run["log_tail"] == ["step 40/40 loss 0.1"]
+
+
+class RedirectingServer(http.server.ThreadingHTTPServer):
+    """Answers every request with a 307 to `target` (a commander that moved, or a trap)."""
+
+    def __init__(self, target: str) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                self.send_response(307)
+                self.send_header("Location", target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET  # noqa: N815
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+
+def test_a_redirect_is_never_followed_by_a_worker_or_status(cluster, tmp_path):
+    cluster.start_commander(lease=30, secret="r" * 40)
+    trap = RedirectingServer(cluster.url)  # followed, the signed request would reach a real commander
+    try:
+        elsewhere = f"http://127.0.0.1:{trap.server_address[1]}"
+        env = {**cluster.env(), "RELAY_SHARED_SECRET": cluster.secret}
+        status = subprocess.run([sys.executable, RELAY, "status", "--commander-url", elsewhere], capture_output=True,
+                                text=True, timeout=30, env=env)
+        config = cluster.write_config("a", commander_url=elsewhere, commander_wait_seconds=1)
+        worker = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
+                                timeout=60, env=env)
+    finally:
+        trap.shutdown()
+        trap.server_close()
+    assert status.returncode == 2 and worker.returncode == 2, status.stderr + worker.stderr
+    assert "Traceback" not in status.stderr + worker.stderr
+    assert cluster.runs()["runs"] == []  # nothing reached the commander the redirect pointed at
 
 
 def test_requests_without_a_valid_fresh_signature_get_401(cluster):
