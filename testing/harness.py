@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -283,38 +284,101 @@ class PidNamespace:
         return int(text) if text else None
 
 
-class TrainerOverlapMonitor:
-    """Samples the process table and remembers any instant with two trainers of one run alive.
+def start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks after boot (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
-    Trainers are told apart by their lease epoch; one trainer is a process tree whose
-    processes share an epoch.
+
+class TrainerOverlapMonitor:
+    """Each trainer's life, judged exactly: when its first process was born and its last ended.
+
+    Trainers are told apart by their lease epoch (a trainer is the process tree whose
+    processes share one).  A process is found by scanning /proc every 20 ms; its birth is read
+    from /proc (the kernel's start time, 10 ms ticks) and its end is seen the moment it
+    happens, through a pidfd that becomes readable at exit: a trainer that outlives its lease
+    by a millisecond shows it, whatever the scan missed.  Times are wall-clock seconds, as the
+    commander's lease records are (`started_at` of a grant).
     """
 
     def __init__(self, cluster: Cluster, run_id: str = "r1") -> None:
         self.cluster, self.run_id = cluster, run_id
-        self.overlaps: list[set[str]] = []
-        self.epochs_seen: set[str] = set()
-        self.last_seen: dict[str, float] = {}  # epoch -> wall time its trainer was last seen alive
+        self.born: dict[str, float] = {}  # epoch -> its first process's birth
+        self.ended: dict[str, float] = {}  # epoch -> its last process's end, once all have ended
+        self._alive: dict[int, tuple[str, int]] = {}  # pid -> (epoch, pidfd)
+        self._seen: set[tuple[int, int]] = set()  # (pid, start ticks): a reused pid is a new process
+        self._lock = threading.Lock()
+        self._exits = select.epoll()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._threads = [threading.Thread(target=self._scan, daemon=True),
+                         threading.Thread(target=self._wait_for_exits, daemon=True)]
+        self._boot_wall = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        self._tick = os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> "TrainerOverlapMonitor":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
+        self._exits.close()
 
-    def _sample(self) -> None:
+    @property
+    def epochs_seen(self) -> set[str]:
+        return set(self.born)
+
+    @property
+    def overlaps(self) -> list[tuple[str, str]]:
+        """Pairs of epochs whose trainers were alive at one instant."""
+        with self._lock:
+            running = {epoch: (born, self.ended.get(epoch, float("inf"))) for epoch, born in self.born.items()}
+        return [(a, b) for a in running for b in running
+                if a < b and max(running[a][0], running[b][0]) < min(running[a][1], running[b][1])]
+
+    def _scan(self) -> None:
         while not self._stop.is_set():
-            epochs = {env.get("RELAY_LEASE_EPOCH", "?") for env in self.cluster.trainer_pids(self.run_id).values()}
-            self.epochs_seen |= epochs
-            now = time.time()
-            self.last_seen.update({epoch: now for epoch in epochs})
-            if len(epochs) > 1:
-                self.overlaps.append(epochs)
+            for pid, env in self.cluster.trainer_pids(self.run_id).items():
+                started = start_ticks(pid)
+                if started is None or (pid, started) in self._seen:
+                    continue
+                self._seen.add((pid, started))
+                epoch = env.get("RELAY_LEASE_EPOCH", "?")
+                born = self._boot_wall + started / self._tick
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except ProcessLookupError:  # ended between the scan and now: now is an upper bound
+                    pidfd = -1
+                with self._lock:
+                    self.born[epoch] = min(self.born.get(epoch, born), born)
+                    self.ended.pop(epoch, None)
+                    if pidfd < 0:
+                        self._end(epoch, time.time())
+                    else:
+                        self._alive[pidfd] = (epoch, pid)
+                        self._exits.register(pidfd, select.EPOLLIN)
             self._stop.wait(0.02)
+
+    def _wait_for_exits(self) -> None:
+        while not self._stop.is_set():
+            for pidfd, _ in self._exits.poll(0.1):
+                now = time.time()
+                with self._lock:
+                    epoch, _pid = self._alive.pop(pidfd)
+                    self._exits.unregister(pidfd)
+                    os.close(pidfd)
+                    self._end(epoch, now)
+
+    def _end(self, epoch: str, now: float) -> None:
+        """One process of `epoch` ended: the trainer has ended when none of its is left."""
+        if not any(other == epoch for other, _ in self._alive.values()):
+            self.ended[epoch] = now
 
 
 def reference_model(tmp: Path, max_steps: int = 40, save_every: int = 5) -> bytes:
