@@ -21,6 +21,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import concurrent.futures
 import copy
 import ctypes
 import dataclasses
@@ -4018,12 +4019,25 @@ class Lium:
         if self.dry_run:
             print(f"would run: {shlex.join(['lium', *args])}", flush=True)
             return subprocess.CompletedProcess(args, 0, "", "")
-        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json", LIUM_SELF_UPDATE_DISABLE="1")
+        return self.query(*args, timeout=timeout)
+
+    def query(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """A `lium` call, made in a dry run too (the preflight's, which only read).  A wide terminal:
+        `volumes list` prints a table only, whose columns would fold at 80."""
+        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json", LIUM_SELF_UPDATE_DISABLE="1", COLUMNS="250")
         try:
             return subprocess.run(["lium", *args], capture_output=True, text=True, timeout=timeout, env=env,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(args, 124, "", f"lium {args[0]} did not answer within {timeout:.0f} s")
+
+    @staticmethod
+    def json_rows(result: subprocess.CompletedProcess) -> list[dict]:
+        """The rows of a `--format json` listing ([] when it failed or printed something else)."""
+        with contextlib.suppress(ValueError):
+            rows = json.loads(result.stdout or "[]") if result.returncode == 0 else []
+            return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+        return []
 
     @staticmethod
     def envelope(result: subprocess.CompletedProcess) -> dict:
@@ -4164,6 +4178,209 @@ class StackState:
     def spent_usd(self) -> float:
         """The run's GPU spend so far, every pod it rented together (Lium's estimate)."""
         return round(sum(pod.spent_usd for pod in self.pods), 2)
+
+
+# -- preflight: nothing is rented that cannot work ----------------------------------------
+#
+# A pod rented for a stack that cannot work bills until the supervisor gives up on it
+# (no_lease_grace_seconds), and the reason is in a log that goes with the pod.  So every
+# check that can be made from this box is made before the first rent, and each failure is
+# one line naming the field and the fix.
+
+PLACEHOLDER = re.compile(r"YOUR_|\bCHANGE_?ME\b")  # what the shipped examples leave for the user to fill in
+# RFC 5737's documentation networks and RFC 2606's example domains: never a real commander
+EXAMPLE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
+EXAMPLE_DOMAIN = re.compile(r"(^|\.)example\.(com|net|org)$", re.I)
+MIN_SECRET_BYTES = 32
+
+
+@dataclass
+class Check:
+    """One preflight check: what it looked at (a field or a secret), and its problem ('' if none)."""
+
+    what: str
+    problem: str = ""
+    found: str = ""  # what was found, when it passed (or why it was not checked)
+
+    def line(self) -> str:
+        if self.problem:
+            return f"preflight: {self.what}: {self.problem}"
+        return f"preflight ok: {self.what}: {self.found or 'ok'}"
+
+
+def is_example_host(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return any(ipaddress.ip_address(host) in net for net in EXAMPLE_NETWORKS)
+    return bool(EXAMPLE_DOMAIN.search(host))
+
+
+def placeholder_checks(cfg: StackConfig) -> list[Check]:
+    """Every field still holding a placeholder of the examples (YOUR_..., a documentation address)."""
+    checks = []
+    groups = {"commander": cfg.commander, "lium": cfg.lium, "run": cfg.run, "worker": cfg.worker}
+    for group, record in groups.items():
+        for name, value in dataclasses.asdict(record).items():
+            if group == "run" and name in ("commander_url", "worker_id", "relay_shared_secret"):
+                continue  # set by launch-stack, not by the user
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for key, text in items:
+                where = f"{group}.{name}{f'.{key}' if key else ''}"
+                host = urllib.parse.urlsplit(text).hostname or "" if isinstance(text, str) and "://" in text else ""
+                if isinstance(text, str) and PLACEHOLDER.search(text):
+                    checks.append(Check(where, f"{text!r} is a placeholder of the example: put your own value there"))
+                elif host and is_example_host(host):
+                    checks.append(Check(where, f"{text!r} is a documentation address ({host}), not a real one: "
+                                               "put your own there"))
+    return checks
+
+
+def secret_checks(cfg: StackConfig) -> list[Check]:
+    """A commander that listens beyond loopback needs a long shared secret."""
+    public_host = urllib.parse.urlsplit(cfg.run.commander_url).hostname or ""
+    if is_loopback(cfg.commander.host) and is_loopback(public_host):
+        return []
+    fix = "export RELAY_SHARED_SECRET=\"$(python3 -c 'import secrets; print(secrets.token_hex(32))')\""
+    size = len(cfg.secret.encode())
+    if not size:
+        return [Check("RELAY_SHARED_SECRET", f"not set, and the commander at {cfg.run.commander_url} is reachable from "
+                                             f"other machines: {fix}")]
+    if size < MIN_SECRET_BYTES:
+        return [Check("RELAY_SHARED_SECRET", f"{size} bytes; a commander reachable from other machines needs at least "
+                                             f"{MIN_SECRET_BYTES}: {fix}")]
+    return [Check("RELAY_SHARED_SECRET", found=f"{size} bytes")]
+
+
+def public_url_checks(cfg: StackConfig, lium_is_remote: bool) -> list[Check]:
+    """commander.public_url names a host that resolves, and one a pod on Lium can reach."""
+    url = cfg.run.commander_url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if is_example_host(host) or PLACEHOLDER.search(url):
+        return []  # said by placeholder_checks
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, parts.port or 80, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError) as exc:
+        return [Check("commander.public_url", f"host {host!r} does not resolve ({exc}): set the address pods reach "
+                                              "this machine at")]
+    if lium_is_remote and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return [Check("commander.public_url", f"{url} is a loopback address, which no Lium pod can reach: set "
+                                              "commander.host: 0.0.0.0 and public_url: http://THIS_MACHINES_PUBLIC_IP:PORT")]
+    return [Check("commander.public_url", found=f"{host} resolves to {', '.join(addresses)}")]
+
+
+def commander_answer_check(url: str, ca_file: str) -> Check:
+    """GET /api/health at the URL the pods will use, from this box."""
+    client = CommanderClient(url, timeout=5, ca_file=ca_file)
+    try:
+        reply = client.get("/api/health")
+    except CommanderUnreachable as exc:
+        return Check("commander.public_url", f"{exc}: pods would not reach it either; set public_url to an address of "
+                                             "this machine that is open to the internet (firewall, port)")
+    if reply.status != 200 or reply.body.get("ok") is not True or "version" not in reply.body:
+        return Check("commander.public_url", f"{url} answers, but not as a relay commander (HTTP {reply.status}): "
+                                             "another service has that address or port")
+    return Check("commander.public_url", found=f"{url}/api/health answers from this box (relay {reply.body['version']})")
+
+
+def lium_checks(cfg: StackConfig, lium: Lium) -> list[Check]:
+    """The key works, and the template, volume and node (or GPU type) exist: read with the real CLI,
+    the calls side by side (each is about a second of CPU)."""
+    group = cfg.lium
+    calls = {"key": ("whoami", "--json"), "templates": ("templates", "--format", "json"), "nodes": ("ls", "--format", "json")}
+    if group.volume:
+        calls["volumes"] = ("volumes", "list")
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        futures = {name: pool.submit(lium.query, *args) for name, args in calls.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    if results["key"].returncode != 0:
+        return [Check("LIUM_API_KEY", f"Lium refuses it ({Lium.error_text(results['key'])}): export LIUM_API_KEY with a "
+                                      "key of your lium.io account (or run `lium init`)")]
+    checks = [Check("LIUM_API_KEY", found="Lium accepts it")]
+    templates = Lium.json_rows(results["templates"])
+    template = next((row for row in templates if group.template_id in (row.get("id"), row.get("huid"))), None)
+    checks.append(Check("lium.template_id", found=f"template {template.get('name')} ({template.get('docker_image')}:"
+                                                  f"{template.get('docker_image_tag')})") if template else
+                  Check("lium.template_id", f"no template {group.template_id!r} among the {len(templates)} `lium templates` "
+                                            "lists: use the id of your relay-trainer template (`lium templates --format json`)"))
+    if group.volume:
+        huid = group.volume.split(":", 1)[1]
+        listed = results["volumes"].returncode == 0 and re.search(rf"(?<!\S){re.escape(huid)}(?!\S)", results["volumes"].stdout)
+        checks.append(Check("lium.volume", found=f"volume {huid} exists") if listed else
+                      Check("lium.volume", f"no volume {huid!r} in `lium volumes list`: create one with `lium volumes new "
+                                           "NAME` and use the HUID it lists"))
+    nodes = Lium.json_rows(results["nodes"])
+    if group.node:
+        node = next((row for row in nodes if group.node in (row.get("id"), row.get("huid"))), None)
+        checks.append(Check("lium.node", found=f"node {node.get('huid')} ({node.get('config')}, "
+                                              f"${node.get('price_per_hour')}/h)") if node else
+                      Check("lium.node", f"no node {group.node!r} among the {len(nodes)} `lium ls` shows (rented by "
+                                         "someone else, or a typo): pick one from `lium ls`, or set lium.gpu instead"))
+    else:
+        kinds = {str(row.get("gpu_type")).lower() for row in nodes}
+        offering = [row for row in nodes if str(row.get("gpu_type")).lower() == group.gpu.lower()
+                    and int(row.get("available_gpu_count") or 0) >= group.gpu_count]
+        if offering:
+            checks.append(Check("lium.gpu", found=f"{len(offering)} node(s) offer {group.gpu_count} {group.gpu}, from "
+                                                 f"${min(float(r.get('price_per_hour') or 0) for r in offering):g}/h"))
+        elif group.gpu.lower() in kinds:
+            checks.append(Check("lium.gpu", f"no node has {group.gpu_count} free {group.gpu} now (`lium ls --gpu "
+                                            f"{group.gpu}`): lower lium.gpu_count, pick another GPU type, or wait"))
+        else:
+            checks.append(Check("lium.gpu", f"no node offers GPU type {group.gpu!r} (`lium ls` shows "
+                                            f"{', '.join(sorted(kinds)) or 'none'}): use one of those"))
+    return checks
+
+
+def hub_checks(cfg: StackConfig) -> list[Check]:
+    """run.hf_repo set: the token the pods will get is here, may write the repo, and the repo is
+    private (unless allowed).  Read only: a missing repo is created by the worker, private."""
+    repo = cfg.run.hf_repo
+    if not repo or cfg.run.hf_dry_run:
+        return []
+    token = os.environ.get("HF_TOKEN") or cfg.worker.env.get("HF_TOKEN", "")
+    if not token:
+        return [Check("HF_TOKEN", f"run.hf_repo is {repo} but HF_TOKEN is not set where launch-stack runs (it is what "
+                                  "the pods get): export HF_TOKEN=hf_... (a token with write access)")]
+    try:
+        import huggingface_hub  # noqa: PLC0415  (only stacks with hf_repo need it)
+    except ImportError:
+        return [Check("run.hf_repo", "checking the repo needs huggingface_hub here: pip install huggingface_hub")]
+    endpoint = cfg.worker.env.get("HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or None
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+    try:
+        role = ((api.whoami().get("auth") or {}).get("accessToken") or {}).get("role", "")
+    except Exception as exc:  # noqa: BLE001  (the client raises many types; all mean "this token cannot be used")
+        return [Check("HF_TOKEN", f"the Hub refuses it ({hub_error_text(exc)}): export a valid token")]
+    from huggingface_hub.errors import RepositoryNotFoundError  # noqa: PLC0415
+
+    try:
+        private = api.repo_info(repo).private
+    except RepositoryNotFoundError:
+        if role == "read":
+            return [Check("HF_TOKEN", f"a read-only token cannot create {repo}: use a token with write access")]
+        return [Check("run.hf_repo", found=f"{repo} does not exist yet: the first worker creates it, private")]
+    except Exception as exc:  # noqa: BLE001
+        return [Check("run.hf_repo", f"{repo}: {hub_error_text(exc)}")]
+    try:
+        api.auth_check(repo, write=True)
+    except Exception as exc:  # noqa: BLE001  (any answer but yes means no upload will work)
+        return [Check("HF_TOKEN", f"it cannot write to {repo} ({hub_error_text(exc)}): use a token with write access")]
+    if not private and not cfg.run.hf_allow_public:
+        return [Check("run.hf_repo", f"{repo} is a PUBLIC repo: checkpoints uploaded there are published; make it "
+                                     "private, or set run.hf_allow_public: true")]
+    return [Check("run.hf_repo", found=f"{repo} is {'private' if private else 'public (allowed)'} and HF_TOKEN may write it")]
+
+
+def preflight(cfg: StackConfig, lium: Lium) -> list[Check]:
+    """Every check that needs no running commander, in the order a user fixes them."""
+    checks = placeholder_checks(cfg) + secret_checks(cfg)
+    lium_base = urllib.parse.urlsplit(os.environ.get("LIUM_BASE_URL", "https://lium.io/api")).hostname or ""
+    checks += public_url_checks(cfg, lium_is_remote=not is_loopback(lium_base))
+    if shutil.which("lium") is None:
+        checks.append(Check("lium", "the lium command is not installed: pip install lium.io (and set LIUM_API_KEY)"))
+    else:
+        checks += lium_checks(cfg, lium)
+    return checks + hub_checks(cfg)
 
 
 COMMANDER_SILENT_POLLS = 3  # unanswered polls of a commander whose process lives before it is restarted
@@ -4574,8 +4791,40 @@ class Stack:
         self.state.save()
         return alive
 
+    def preflight(self) -> int:
+        """The checks before anything starts: in a dry run each result (on stdout, with the plan),
+        else each failure (stderr).  How many failed; a field's first problem is its only one
+        (a placeholder template id is not found by Lium either)."""
+        failed: dict[str, Check] = {}
+        checks = preflight(self.cfg, self.lium)
+        for check in checks:
+            if check.problem:
+                failed.setdefault(check.what, check)
+        for check in checks:
+            if self.dry_run and (not check.problem or failed[check.what] is check):
+                print(check.line(), flush=True)
+            elif check.problem and failed[check.what] is check:
+                print(check.line(), file=sys.stderr, flush=True)
+        return len(failed)
+
+    def public_url_answers(self, started_now: bool) -> None:
+        """The commander answers at public_url from this box, before any rent: a pod gets that URL.
+        A commander started for this launch is stopped again when it does not."""
+        group = self.cfg.commander
+        check = commander_answer_check(self.cfg.run.commander_url, group.tls_ca_file)
+        if self.dry_run:
+            if check.problem:
+                check = Check(check.what, found="nothing answers there yet: launch-stack starts the commander, then "
+                                                "checks this before renting")
+            print(check.line(), flush=True)
+        elif check.problem:
+            if started_now:
+                self.stop_commander()
+            raise UserError(check.line())
+
     def launch(self) -> dict:
         commander = self.ensure_commander()
+        self.public_url_answers(started_now=self.commander is not None and self.commander.popen is not None)
         alive = self.live_pods()
         if alive:
             self.say(f"pod {alive[-1].label} of this stack is already running: not renting another")
@@ -4803,10 +5052,15 @@ class Stack:
 
 def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
     stack = Stack(load_stack_config(path), dry_run)
+    failed = stack.preflight()
+    if failed and not dry_run:
+        raise UserError(f"{failed} preflight check(s) failed (above): nothing was started or rented")
     try:
         summary = stack.launch()
         print(json.dumps(summary, indent=2), flush=True)
-        return stack.supervise() if supervise and not dry_run else 0
+        if dry_run:
+            return 2 if failed else 0
+        return stack.supervise() if supervise else 0
     except (LiumError, BudgetReached) as exc:
         stack.say(str(exc))
         if stack.state.live():  # e.g. the worker's setup failed on a rented pod: it bills until told

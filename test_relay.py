@@ -1930,7 +1930,67 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
                   "nohup setsid"):
         assert words in out, out
     assert secret not in out + result.stderr
-    assert lium.requests == [] and not cluster.healthy()
+    for words in ("preflight ok: LIUM_API_KEY: Lium accepts it", "preflight ok: lium.template_id: template relay-trainer",
+                  f"preflight ok: lium.volume: volume {lium.volume_huid()} exists", "preflight ok: lium.gpu: 1 node(s) offer 8 H200",
+                  "preflight ok: commander.public_url: nothing answers there yet"):
+        assert words in out, out
+    assert rented_or_changed(lium) == [] and not cluster.healthy()
+
+
+def rented_or_changed(api) -> list[tuple[str, str]]:
+    """What the stand-in was asked that rents, removes or changes anything (all but reads)."""
+    return [request for request in api.requests if request[0] != "GET"]
+
+
+def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one_line_per_field(cluster, lium):
+    stack = write_stack(cluster, lium, commander={"host": "0.0.0.0", "public_url": "http://YOUR_PUBLIC_IP:8080"},
+                        lium={"template_id": "YOUR_TEMPLATE_ID", "node": "no-such-node"},
+                        run={"hf_repo": HUB_REPO},  # and no HF_TOKEN anywhere
+                        worker={"env": {"TRAINSTACK_HTTP_ENV_URL": "http://203.0.113.5:8000"}})
+    result = launch_stack(cluster, lium, stack, "--supervise", RELAY_SHARED_SECRET="short", HF_TOKEN="")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    for field_name in ("commander.public_url: 'http://YOUR_PUBLIC_IP:8080' is a placeholder",
+                       "lium.template_id: 'YOUR_TEMPLATE_ID' is a placeholder",
+                       "worker.env.TRAINSTACK_HTTP_ENV_URL: 'http://203.0.113.5:8000' is a documentation address",
+                       "RELAY_SHARED_SECRET: 5 bytes; a commander reachable from other machines needs at least 32",
+                       "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set"):
+        assert sum(field_name in line for line in lines) == 1, result.stderr
+    assert lines[-1] == "relay: error: 6 preflight check(s) failed (above): nothing was started or rented"
+    assert rented_or_changed(lium) == [] and not cluster.healthy()
+
+
+def test_a_dry_run_with_a_refused_lium_key_says_so_prints_the_plan_and_exits_2(cluster, lium):
+    lium.api_key = "the-real-key"  # lium_env gives the CLI another one
+    result = launch_stack(cluster, lium, write_stack(cluster, lium), "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "preflight: LIUM_API_KEY: Lium refuses it (" in result.stdout and "Invalid API key" in result.stdout
+    assert "would run: lium up " in result.stdout  # the plan all the same
+    assert rented_or_changed(lium) == []
+
+
+def test_a_commander_that_does_not_answer_at_public_url_stops_launch_stack_before_any_rent(cluster, lium):
+    from testing.harness import free_port
+
+    elsewhere = f"http://127.0.0.1:{free_port()}"  # not where the commander listens
+    result = launch_stack(cluster, lium, write_stack(cluster, lium, commander={"public_url": elsewhere}))
+    assert result.returncode == 2, result.stderr
+    assert f"preflight: commander.public_url: cannot reach the commander at {elsewhere}" in result.stderr
+    assert rented_or_changed(lium) == [] and not cluster.healthy()  # the commander it started is stopped again
+
+
+@pytest.mark.parametrize("problem", ["read-only token", "public repo"])
+def test_the_preflight_refuses_an_hf_token_that_cannot_write_and_a_public_repo(cluster, lium, hub, problem):
+    if problem == "public repo":
+        hub.create(HUB_REPO, private=False)
+    token = hub.read_token if problem == "read-only token" else hub.token
+    stack = write_stack(cluster, lium, run={"hf_repo": HUB_REPO}, worker={"env": {"HF_ENDPOINT": hub.url}})
+    result = launch_stack(cluster, lium, stack, "--dry-run", HF_TOKEN=token)
+    assert result.returncode == 2, result.stdout
+    expected = ("preflight: HF_TOKEN: a read-only token cannot create tester/relay-ckpt" if problem == "read-only token"
+                else "preflight: run.hf_repo: tester/relay-ckpt is a PUBLIC repo")
+    assert expected in result.stdout, result.stdout
+    assert token not in result.stdout + result.stderr
 
 
 @pytest.mark.slow(23)
@@ -1956,11 +2016,13 @@ def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pod
     wait_for("the pod's processes to be gone", lambda: not cluster.trainer_pids(), 10)
 
 
-def test_the_shipped_example_configs_are_valid():
+def test_the_shipped_example_configs_are_valid_and_the_preflight_refuses_their_placeholders():
     root = os.path.dirname(RELAY)
     assert relay.load_run_config(os.path.join(root, "run.yaml.example")).run_id == "lium-demo-sft"
     for name in ("stack.yaml.example", "examples/stack.liveweb_sft.example.yaml", "examples/stack.liveweb_rl.example.yaml"):
         stack = relay.load_stack_config(os.path.join(root, name))
+        refused = {check.what for check in relay.placeholder_checks(stack)}
+        assert {"commander.public_url", "lium.template_id", "lium.volume", "run.hf_repo"} <= refused, (name, refused)
         command = stack.worker.env.get("SLIME_SFT_CMD", "") + stack.worker.env.get("SLIME_RL_CMD", "")
         if "liveweb" in name:
             assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command

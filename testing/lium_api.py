@@ -21,7 +21,8 @@ environment, so a preemption or a removal kills all of them, and the test's tear
     api = LiumApi(folder, mark).start(); env LIUM_BASE_URL=api.url ...; api.stop()
 
 A removal scheduled through the API (`up --ttl`, `up --budget`) happens when its time comes.
-Controls for tests: `price_per_gpu`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
+Controls for tests: `api_key` (the only key accepted, when set), `price_per_gpu`, `boot_seconds`
+(STARTING that long), `preempt(pod, remove)`,
 `rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
 `sshd_never_starts` (RUNNING pods whose SSH never answers),
 `add_foreign_pod(name)` (a pod rented by someone else through the same account).
@@ -103,6 +104,7 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.image_dirs: dict[str, Path] = {}
         self.user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         self.price_per_gpu = 2.5
+        self.api_key = ""  # when set, the only X-API-KEY accepted (else any)
         self.boot_seconds = 0.0
         self.rent_outcome_unknown = False
         self.sshd_never_starts = False  # pods go RUNNING but nothing answers on their SSH port
@@ -377,6 +379,9 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
         api.requests.append((method, path))
         if not self.headers.get("X-API-KEY"):
             self.reply(401, {"detail": "Not authenticated"})
+            return
+        if api.api_key and self.headers["X-API-KEY"] != api.api_key:  # the key of no account
+            self.reply(401, {"detail": "Invalid API key"})
             return
         parts = path.strip("/").split("/")
         try:
