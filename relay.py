@@ -26,6 +26,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -231,6 +232,11 @@ def _check_type(where: str, name: str, value: Any, kind: type) -> Any:
     return value
 
 
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build `cls` from a mapping, naming the field of the first mistake.
 
@@ -244,7 +250,8 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
-        raise UserError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(fields))})")
+        raise UserError(f"{where}: unknown field {', '.join(f'{k!r}{did_you_mean(k, list(fields))}' for k in unknown)} "
+                        f"(known: {', '.join(sorted(fields))})")
     values = {}
     for name, spec in fields.items():
         if name in data and data[name] is not None:
@@ -465,13 +472,52 @@ class StackConfig:
 STACK_GROUPS = ("commander", "lium", "run", "worker", "relay")
 
 
+# run.yaml fields a stack does not take, and where the stack says the same
+STACK_SETS = {"commander_url": "commander.public_url", "worker_id": "(launch-stack: the pod's name)"}
+
+
+def stack_group_classes() -> dict[str, type]:
+    return {"commander": CommanderGroup, "lium": LiumGroup, "run": RunConfig, "worker": WorkerGroup, "relay": RelayGroup}
+
+
+def homes_of(name: str) -> list[str]:
+    """Where a stack.yaml field of this name belongs (several groups may have it: env, state_path)."""
+    if name in STACK_SETS:
+        return [STACK_SETS[name]]
+    return [f"{group}.{name}" for group, cls in stack_group_classes().items()
+            if name in {f.name for f in dataclasses.fields(cls)}]
+
+
+def check_stack_layout(path: str, data: dict) -> None:
+    """One error for every field out of its group: the earlier project's flat layout puts all of
+    them at the top level, and naming one per try would take a user a dozen tries."""
+    misplaced, unknown = [], []
+    for key in data:
+        if key in STACK_GROUPS:
+            continue
+        homes = homes_of(str(key))
+        if homes:
+            misplaced.append(f"{key} -> {' or '.join(homes)}")
+        else:
+            unknown.append(f"'{key}'{did_you_mean(str(key), STACK_GROUPS)}")
+    for group, cls in stack_group_classes().items():
+        fields = data.get(group)
+        own = {f.name for f in dataclasses.fields(cls)}
+        for key in fields if isinstance(fields, dict) else ():
+            homes = [home for home in homes_of(str(key)) if not home.startswith(f"{group}.")]
+            if key not in own and homes:
+                misplaced.append(f"{group}.{key} -> {' or '.join(homes)}")
+    if misplaced or unknown:
+        parts = [f"fields out of their group: {'; '.join(misplaced)}"] if misplaced else []
+        parts += [f"unknown group {', '.join(unknown)} (the groups: {', '.join(STACK_GROUPS)})"] if unknown else []
+        raise UserError(f"{path}: {'; '.join(parts)}")
+
+
 def load_stack_config(path: str) -> StackConfig:
     data = load_yaml_file(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected the groups {', '.join(STACK_GROUPS)}")
-    unknown = sorted(str(k) for k in data if k not in STACK_GROUPS)
-    if unknown:
-        raise UserError(f"{path}: unknown group '{unknown[0]}' (known: {', '.join(STACK_GROUPS)})")
+    check_stack_layout(path, data)
     if not isinstance(data.get("lium"), dict):
         raise UserError(f"{path}: missing group 'lium' (it needs at least template_id)")
     commander = build_dataclass(CommanderGroup, data.get("commander"), f"{path}: commander")

@@ -1905,6 +1905,7 @@ def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, li
     ({"relay": {"max_pods": 0}}, "relay: field 'max_pods'"),
     ({"relay": {"hot_standby": True}}, "relay: field 'hot_standby' needs run.hf_repo"),
     ({"pods": {}}, "unknown group 'pods'"),
+    ({"lium": {"volum": "id:x"}}, "lium: unknown field 'volum' (did you mean 'volume'?)"),
     ({"run": {"worker_id": "me"}}, "run: field 'worker_id' is set by launch-stack"),
 ])
 def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(cluster, lium, groups, words):
@@ -1913,6 +1914,20 @@ def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(clus
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert lium.requests == [] and not cluster.healthy()
+
+
+def test_a_stack_yaml_in_the_flat_layout_gets_one_error_naming_the_group_of_every_field(tmp_path):
+    flat = tmp_path / "stack.yaml"  # the earlier project's layout: every field at the top level
+    flat.write_text("public_url: http://198.51.100.1:8080\ntemplate_id: T\nvolume: id:V\nrun_id: r1\nmode: sft\n"
+                    "env: {A: b}\nlium: {node: N, public_url: x}\nrelais: {}\n")
+    result = subprocess.run([sys.executable, RELAY, "launch-stack", str(flat), "--dry-run"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr == (
+        f"relay: error: {flat}: fields out of their group: public_url -> commander.public_url; template_id -> "
+        "lium.template_id; volume -> lium.volume; run_id -> run.run_id; mode -> run.mode; env -> run.env or worker.env; "
+        "lium.public_url -> commander.public_url; unknown group 'relais' (did you mean 'relay'?) (the groups: "
+        "commander, lium, run, worker, relay)\n")
 
 
 def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster, lium):
