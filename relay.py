@@ -4200,12 +4200,16 @@ class StackState:
         self.path, self.run_id, self.persist = path, run_id, persist
         self.attempts = 0
         self.pods: list[PodRecord] = []
+        # The commander launch-stack started: its pid and start time (the pid file holds the pid
+        # alone, for `kill $(cat commander.pid)`; the pair names one process for good).
+        self.commander: dict = {}
         if persist and os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as handle:
                     data = json.load(handle)
                 self.attempts = int(data["attempts"])
                 self.pods = [PodRecord(**pod) for pod in data["pods"]]
+                self.commander = dict(data.get("commander") or {})
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"stack state file {path} is unreadable ({exc}); move it away to start afresh") from None
             if data.get("run_id") != run_id:
@@ -4215,7 +4219,7 @@ class StackState:
     def save(self) -> None:
         if self.persist:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts,
+            atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts, "commander": self.commander,
                                                 "pods": [dataclasses.asdict(p) for p in self.pods]}, indent=1).encode())
 
     def live(self) -> list[PodRecord]:
@@ -4488,18 +4492,21 @@ class Stack:
             return False
 
     def commander_pid(self) -> int | None:
-        """The pid in the pid file, if that process still runs.  The file holds the pid and its
-        start time: a stale file whose pid the system gave to another process names nobody,
-        so nothing of anyone else's is adopted or killed."""
+        """The pid in the pid file, if that process still runs and is the one we started: the
+        stack state holds its start time, so a stale file whose pid the system gave to another
+        process names nobody, and nothing of anyone else's is adopted or killed."""
         try:
             with open(self.cfg.commander.pid_path, encoding="utf-8") as handle:
                 fields = handle.read().split()
             pid = int(fields[0])
-            if len(fields) > 1 and process_start_ticks(pid) != int(fields[1]):
-                return None  # (a file of an older relay holds the pid alone)
+            started = int(fields[1]) if len(fields) > 1 else None  # (an older relay wrote the start time there)
+            if self.state.commander:
+                started = int(self.state.commander["start_ticks"]) if self.state.commander.get("pid") == pid else -1
+            if started is not None and process_start_ticks(pid) != started:
+                return None
             os.kill(pid, 0)
             return pid
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, KeyError, TypeError):
             return None
 
     def ensure_commander(self) -> dict:
@@ -4540,8 +4547,9 @@ class Stack:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         self.commander = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
-        started = "" if self.commander.started is None else f" {self.commander.started}"
-        atomic_write(group.pid_path, f"{proc.pid}{started}\n".encode())
+        self.state.commander = {"pid": proc.pid, "start_ticks": self.commander.started}
+        self.state.save()
+        atomic_write(group.pid_path, f"{proc.pid}\n".encode())
         give_up = time.monotonic() + group.wait_seconds
         while not self.commander_healthy():
             if proc.poll() is not None or time.monotonic() > give_up:
@@ -4568,6 +4576,8 @@ class Stack:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.commander.pid_path)
+        self.state.commander = {}
+        self.state.save()
         self.say(f"commander stopped (pid {pid})")
         return True
 

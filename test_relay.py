@@ -1704,11 +1704,11 @@ def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_comp
     supervisor, events = supervise(cluster, lium, stack)
     wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
     pid_path = cluster.tmp / "launch" / "commander.pid"
-    killed = int(pid_path.read_text().split()[0])  # the pid, then its start time
+    killed = int(pid_path.read_text())
     os.kill(killed, signal.SIGKILL)
     assert supervisor.wait(90) == 0, events.read_text()
     assert f"the commander (pid {killed}) is gone: starting it again" in events.read_text(), events.read_text()
-    assert int(pid_path.read_text().split()[0]) != killed
+    assert int(pid_path.read_text()) != killed
     run = cluster.run("r1")
     assert run["status"] == "COMPLETED" and run["step"] == 60
     assert [(lease["epoch"], lease["worker_id"]) for lease in run["leases"]] == [(1, "relay-r1-1")]  # no lease lost
@@ -1729,6 +1729,23 @@ def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_aga
     run = cluster.run("r1")
     assert (run["holder"], run["epoch"]) == ("w1", 1)  # the lease survived the restart
     assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in capsys.readouterr().err
+
+
+def test_the_commander_pid_file_holds_the_pid_alone_and_a_reused_pid_is_never_signalled(cluster, lium, monkeypatch):
+    monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commander it starts is this test's to clean up
+    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium)))
+    pid = stack.start_commander()
+    pid_path = cluster.tmp / "launch" / "commander.pid"
+    assert pid_path.read_text() == f"{pid}\n"  # so `kill $(cat commander.pid)` signals it and nothing else
+    state = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())
+    assert state["commander"] == {"pid": pid, "start_ticks": relay.process_start_ticks(pid)}
+    assert stack.stop_commander() and not cluster.healthy()
+    stranger = subprocess.Popen(["sleep", "60"])  # a process that got the dead commander's pid, as it were
+    cluster.procs.append(stranger)
+    pid_path.write_text(f"{stranger.pid}\n")
+    stack.state.commander = {"pid": stranger.pid, "start_ticks": relay.process_start_ticks(stranger.pid) - 1}
+    assert stack.commander_pid() is None and not stack.stop_commander()
+    assert stranger.poll() is None
 
 
 def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) -> str:
