@@ -751,6 +751,33 @@ class CommanderClient:
         return self.request("GET", path, None, timeout)
 
 
+def is_relay_commander(reply: Reply) -> bool:
+    """What a relay commander's GET /api/health answers (it needs no secret)."""
+    return reply.status == 200 and reply.body.get("ok") is True and "version" in reply.body
+
+
+class Complaint:
+    """A problem said at once, then again every `every` seconds while it lasts: a worker that
+    says nothing for a minute looks like one that works."""
+
+    def __init__(self, say: Callable[[str], None], every: float = 30.0) -> None:
+        self.say, self.every = say, every
+        self.since: float | None = None
+        self.last = -math.inf
+
+    def still(self, text: str) -> None:
+        now = boottime()
+        self.since = now if self.since is None else self.since
+        if now - self.last >= self.every:
+            self.say(text if self.last == -math.inf else f"{text} (for {now - self.since:.0f} s now)")
+            self.last = now
+
+    def over(self, text: str) -> None:
+        if self.since is not None:
+            self.say(f"{text} after {boottime() - self.since:.0f} s")
+        self.since, self.last = None, -math.inf
+
+
 def _json_or_error(raw: bytes) -> dict:
     try:
         value = json.loads(raw or b"{}")
@@ -3617,20 +3644,29 @@ class Worker:
         return manifest
 
     def wait_for_commander(self) -> None:
-        """A commander nobody can reach at start is a configuration mistake: exit 2."""
+        """A commander nobody can reach at start is a configuration mistake: exit 2.  Said at
+        the first failed try, naming the URL and the reason, and again every 10 s meanwhile."""
         give_up = boottime() + self.cfg.commander_wait_seconds
+        complaint = Complaint(self.say, every=10.0)
+        url = self.cfg.commander_url
         while True:
             try:
                 reply = self.client.get("/api/health", timeout=5)
-                if reply.status == 200:
+                if is_relay_commander(reply):
+                    complaint.over(f"reached the commander at {url}")
                     return
-                problem = f"{self.cfg.commander_url}/api/health answered {reply.status}"
+                if reply.status < 500:  # (a 5xx may be a proxy whose commander is restarting)
+                    raise UserError(f"{url} is not a relay commander (its /api/health answered HTTP {reply.status}): "
+                                    "commander_url in the run config")
+                problem = f"{url}/api/health answered HTTP {reply.status}"
             except CommanderNotTrusted as exc:
                 raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:
                 problem = str(exc)
             if boottime() >= give_up or self.stop_requested.is_set():
                 raise UserError(f"{problem} (commander_url in the run config)")
+            complaint.still(f"{problem}; trying again for up to {give_up - boottime():.0f} s more "
+                            "(commander_wait_seconds)")
             self.stop_requested.wait(1.0)
 
     # -- the state machine -----------------------------------------------------------------
@@ -3648,7 +3684,8 @@ class Worker:
         return self.exit_code
 
     def state_acquiring(self) -> str:
-        complained = False
+        complaint = Complaint(self.say)
+        said_standing_by = False
         while not self.stop_requested.is_set():
             sent = boottime()
             payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "mode": self.cfg.mode}
@@ -3659,11 +3696,10 @@ class Worker:
             except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
                 raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:
-                if not complained:
-                    self.say(f"{exc}; retrying")
-                    complained = True
+                complaint.still(f"{exc}; retrying")
                 self.stop_requested.wait(2.0)
                 continue
+            complaint.over(f"reached the commander at {self.cfg.commander_url} again")
             body = reply.body
             if reply.status in (401, 403):
                 raise UserError(f"the commander refused this worker: {body.get('error', '')} "
@@ -3688,9 +3724,9 @@ class Worker:
                 self.say(f"run {self.cfg.run_id} is FAILED; not retrying (see `relay.py status --run {self.cfg.run_id}`)")
                 self.exit_code = 1
                 return "EXITED"
-            if not complained:
+            if not said_standing_by:
                 self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
-                complained = True
+                said_standing_by = True
             if self.prefetch is not None and isinstance(body.get("hub"), dict):
                 sealed = self.ckpt.sealed_iterations()
                 self.prefetch.offer(body["hub"], sealed[-1] if sealed else -1)
@@ -4326,7 +4362,7 @@ def commander_answer_check(url: str, ca_file: str) -> Check:
     except CommanderUnreachable as exc:
         return Check("commander.public_url", f"{exc}: pods would not reach it either; set public_url to an address of "
                                              "this machine that is open to the internet (firewall, port)")
-    if reply.status != 200 or reply.body.get("ok") is not True or "version" not in reply.body:
+    if not is_relay_commander(reply):
         return Check("commander.public_url", f"{url} answers, but not as a relay commander (HTTP {reply.status}): "
                                              "another service has that address or port")
     return Check("commander.public_url", found=f"{url}/api/health answers from this box (relay {reply.body['version']})")
@@ -5349,22 +5385,63 @@ def render_status_page(view: dict) -> str:
             f"<div id='runs'>{cards}</div><script>{PAGE_SCRIPT}</script></body></html>")
 
 
-def client_from_args(args: argparse.Namespace) -> CommanderClient:
+DEFAULT_COMMANDER_URL = "http://127.0.0.1:8080"
+
+
+def commander_url_of(value: str | None) -> str:
+    """--commander-url, else RELAY_COMMANDER_URL, else the local default; `host:port` means http://."""
+    url = (value or os.environ.get("RELAY_COMMANDER_URL") or DEFAULT_COMMANDER_URL).strip()
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--commander-url {value or url!r} is not a commander URL: give http://HOST:PORT (or HOST:PORT)")
+    return url
+
+
+@dataclass
+class Reader:
+    """What `status` and `logs` read with: the client, and which secret it signs with (named in errors)."""
+
+    client: CommanderClient
+    secret_name: str
+
+
+def reader_from_args(args: argparse.Namespace) -> Reader:
     # Reading needs no more than the viewer secret: when it is set, it is the one used.
-    secret = os.environ.get("RELAY_VIEWER_SECRET") or os.environ.get("RELAY_SHARED_SECRET", "")
-    if args.ca_file and not args.commander_url.startswith("https://"):
-        raise UserError(f"--ca-file is for an https:// --commander-url, not {args.commander_url}")
-    return CommanderClient(args.commander_url, secret, timeout=10, ca_file=args.ca_file)
+    name = next((n for n in ("RELAY_VIEWER_SECRET", "RELAY_SHARED_SECRET") if os.environ.get(n)), "")
+    url = commander_url_of(args.commander_url)
+    if args.ca_file and not url.startswith("https://"):
+        raise UserError(f"--ca-file is for an https:// --commander-url, not {url}")
+    return Reader(CommanderClient(url, os.environ.get(name, "") if name else "", timeout=10, ca_file=args.ca_file), name)
 
 
-def fetch_json(client: CommanderClient, path: str) -> dict:
+def fetch_json(reader: Reader, path: str, expect: str) -> dict:
+    """GET a commander document that has the key `expect`; any other answer is one line saying
+    what to do: the secret to set, or that the URL is not a relay commander at all."""
+    client = reader.client
     try:
         reply = client.get(path)
+        if reply.status == 200 and expect in reply.body:
+            return reply.body
+        health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
     except CommanderUnreachable as exc:
         raise UserError(str(exc)) from None
-    if reply.status != 200:
-        raise UserError(f"{client.base_url}{path}: {reply.status} {reply.body.get('error', '')}")
-    return reply.body
+    if not is_relay_commander(health):
+        raise UserError(f"{client.base_url} is not a relay commander (it answered {path} with HTTP {reply.status}): "
+                        "check --commander-url or RELAY_COMMANDER_URL")
+    error = reply.body.get("error", "")
+    if reply.status == 401 and not reader.secret_name:
+        raise UserError(f"the commander at {client.base_url} needs a secret: export RELAY_VIEWER_SECRET (reading only) "
+                        "or RELAY_SHARED_SECRET, as the commander has it")
+    if reply.status == 401:
+        raise UserError(f"the commander at {client.base_url} refuses {reader.secret_name} ({error}): export the "
+                        f"{reader.secret_name} the commander was started with")
+    raise UserError(f"{client.base_url}{path}: HTTP {reply.status} {error}".rstrip())
 
 
 def checked_run_id(run_id: str, what: str) -> str:
@@ -5373,25 +5450,26 @@ def checked_run_id(run_id: str, what: str) -> str:
     return run_id
 
 
-def status_text(client: CommanderClient, args: argparse.Namespace) -> str:
+def status_text(reader: Reader, args: argparse.Namespace) -> str:
     if args.run:
-        run = fetch_json(client, f"/api/runs/{checked_run_id(args.run, '--run')}")
+        run = fetch_json(reader, f"/api/runs/{checked_run_id(args.run, '--run')}", "run_id")
         return json.dumps(run, indent=2) if args.json else format_run_detail(run)
-    view = fetch_json(client, "/api/runs")
+    view = fetch_json(reader, "/api/runs", "runs")
     if args.json:
         return json.dumps(view, indent=2)
-    return format_table(run_rows(view["runs"])) if view["runs"] else f"no runs yet on {client.base_url}"
+    return format_table(run_rows(view["runs"])) if view["runs"] else f"no runs yet on {reader.client.base_url}"
 
 
 def run_status(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
+    reader = reader_from_args(args)
     if not args.watch:
-        print(status_text(client, args))
+        print(status_text(reader, args))
         return 0
     try:
         while True:
-            text = status_text(client, args)
-            print(f"\033[H\033[2J{text}\n\n{client.base_url} · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", flush=True)
+            text = status_text(reader, args)
+            print(f"\033[H\033[2J{text}\n\n{reader.client.base_url} · {time.strftime('%H:%M:%S')} · Ctrl-C to stop",
+                  flush=True)
             time.sleep(2)
     except KeyboardInterrupt:
         return 0
@@ -5399,12 +5477,12 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     """Print the trainer output the commander holds for a run; --follow keeps printing."""
-    client = client_from_args(args)
+    reader = reader_from_args(args)
     path = f"/api/runs/{checked_run_id(args.run_id, 'RUN')}/logs"
     after = 0
     try:
         while True:
-            page = fetch_json(client, f"{path}?after={after}")
+            page = fetch_json(reader, f"{path}?after={after}", "lines")
             if page["dropped"]:
                 print(f"[... {page['dropped']} older lines are no longer kept by the commander ...]")
             for item in page["lines"]:
@@ -5677,7 +5755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: run_worker(a.config))
 
     p = sub.add_parser("status", help="show the commander's runs")
-    p.add_argument("--commander-url", default="http://127.0.0.1:8080")
+    p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
     p.add_argument("--run", default="", help="one run in detail: its lease timeline and events")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
@@ -5686,7 +5764,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="the trainer output the commander holds for a run (no SSH needed)")
     p.add_argument("run_id", metavar="RUN")
-    p.add_argument("--commander-url", default="http://127.0.0.1:8080")
+    p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
     p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_logs)

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import http.server
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -585,6 +587,70 @@ def test_status_shows_runs_as_a_table_and_as_json(cluster):
     down = subprocess.run([sys.executable, RELAY, "status", "--commander-url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=20)
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_status_and_logs_name_the_secret_to_set_and_take_a_url_without_a_scheme_or_from_the_environment(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret, env={"RELAY_VIEWER_SECRET": viewer})
+    assert cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).status == 200
+    bare = f"127.0.0.1:{cluster.port}"  # no scheme: http:// is meant
+
+    def relay_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, RELAY, *args], capture_output=True, text=True, timeout=20, env=cluster.env(**env))
+
+    no_secret = relay_cli("status", "--commander-url", bare)
+    assert no_secret.returncode == 2, no_secret.stderr
+    assert no_secret.stderr == (f"relay: error: the commander at http://{bare} needs a secret: export RELAY_VIEWER_SECRET "
+                                "(reading only) or RELAY_SHARED_SECRET, as the commander has it\n")
+    wrong = relay_cli("logs", "r1", "--commander-url", bare, RELAY_VIEWER_SECRET="not-" + viewer)
+    assert wrong.returncode == 2 and wrong.stderr.startswith(
+        f"relay: error: the commander at http://{bare} refuses RELAY_VIEWER_SECRET ("), wrong.stderr
+    assert wrong.stderr.strip().endswith("export the RELAY_VIEWER_SECRET the commander was started with")
+    from_env = relay_cli("status", "--run", "r1", RELAY_COMMANDER_URL=bare, RELAY_VIEWER_SECRET=viewer)
+    assert from_env.returncode == 0 and "w1" in from_env.stdout, from_env.stderr
+
+
+def test_status_says_a_url_that_is_not_a_relay_commander_is_not_one_without_showing_its_page(tmp_path):
+    class AnyPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # a web server that answers every path with a page
+            page = b"<html><body>Welcome to nginx!</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnyPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = subprocess.run([sys.executable, RELAY, "status", "--commander-url", url], capture_output=True, text=True,
+                                timeout=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"relay: error: {url} is not a relay commander (it answered /api/runs with HTTP 200): "
+                             "check --commander-url or RELAY_COMMANDER_URL\n")
+
+
+@pytest.mark.slow(14)
+def test_a_worker_that_cannot_reach_the_commander_says_so_at_once_and_again_while_it_waits(cluster):
+    from testing.harness import free_port
+
+    cluster.port = free_port()
+    cluster.url = f"http://127.0.0.1:{cluster.port}"  # nothing listens there yet
+    worker = cluster.start_worker("a", commander_wait_seconds=60, env={"MOCK_MAX_STEPS": "5"})
+    first = f"cannot reach the commander at {cluster.url}: [Errno 111] Connection refused; trying again for up to"
+    wait_for("the worker to say it cannot reach the commander", lambda: first in cluster.log("a"), 10)
+    wait_for("the worker to say it again", lambda: re.search(r"Connection refused; trying again .*\(for \d+ s now\)",
+                                                             cluster.log("a")), 20)
+    cluster.start_commander(port=cluster.port)
+    assert worker.wait(40) == 0, cluster.log("a")
+    assert f"reached the commander at {cluster.url} after" in cluster.log("a")
 
 
 # --------------------------------------------------------------------------- the mock trainer
