@@ -4294,6 +4294,35 @@ class Check:
         return f"preflight ok: {self.what}: {self.found or 'ok'}"
 
 
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def env_reference(value: str) -> str | None:
+    """NAME when a worker.env / run.env value is exactly ${NAME}: taken from launch-stack's own
+    environment.  Only a whole value: `$VAR` and `${VAR}` inside a command are the pod shell's."""
+    match = ENV_REFERENCE.fullmatch(value)
+    return match.group(1) if match else None
+
+
+def env_from_here(env: dict) -> dict[str, str]:
+    """An env map with its ${NAME} values taken from this process's environment."""
+    return {key: os.environ.get(name, "") if (name := env_reference(value)) else value for key, value in env.items()}
+
+
+def env_reference_checks(cfg: StackConfig) -> list[Check]:
+    """Each ${NAME} of worker.env and run.env is set here (its value is never printed)."""
+    checks = []
+    for group, env in (("worker.env", cfg.worker.env), ("run.env", cfg.run.env)):
+        for key, value in env.items():
+            name = env_reference(value)
+            if name and not os.environ.get(name):
+                checks.append(Check(f"{group}.{key}", f"${{{name}}} is not set where launch-stack runs: export {name}=..."))
+            elif name:
+                checks.append(Check(f"{group}.{key}", found=f"${{{name}}} is set here (*** {len(os.environ[name])} "
+                                                           "characters; it travels in the pod's 0600 relay.env)"))
+    return checks
+
+
 def is_example_host(host: str) -> bool:
     with contextlib.suppress(ValueError):
         return any(ipaddress.ip_address(host) in net for net in EXAMPLE_NETWORKS)
@@ -4423,7 +4452,8 @@ def hub_checks(cfg: StackConfig) -> list[Check]:
     repo = cfg.run.hf_repo
     if not repo or cfg.run.hf_dry_run:
         return []
-    token = os.environ.get("HF_TOKEN") or cfg.worker.env.get("HF_TOKEN", "")
+    worker_env = env_from_here(cfg.worker.env)
+    token = os.environ.get("HF_TOKEN") or worker_env.get("HF_TOKEN", "")
     if not token:
         return [Check("HF_TOKEN", f"run.hf_repo is {repo} but HF_TOKEN is not set where launch-stack runs (it is what "
                                   "the pods get): export HF_TOKEN=hf_... (a token with write access)")]
@@ -4431,7 +4461,7 @@ def hub_checks(cfg: StackConfig) -> list[Check]:
         import huggingface_hub  # noqa: PLC0415  (only stacks with hf_repo need it)
     except ImportError:
         return [Check("run.hf_repo", "checking the repo needs huggingface_hub here: pip install huggingface_hub")]
-    endpoint = cfg.worker.env.get("HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or None
+    endpoint = worker_env.get("HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or None
     api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     try:
         role = ((api.whoami().get("auth") or {}).get("accessToken") or {}).get("role", "")
@@ -4459,7 +4489,7 @@ def hub_checks(cfg: StackConfig) -> list[Check]:
 
 def preflight(cfg: StackConfig, lium: Lium) -> list[Check]:
     """Every check that needs no running commander, in the order a user fixes them."""
-    checks = placeholder_checks(cfg) + secret_checks(cfg)
+    checks = placeholder_checks(cfg) + env_reference_checks(cfg) + secret_checks(cfg)
     lium_base = urllib.parse.urlsplit(os.environ.get("LIUM_BASE_URL", "https://lium.io/api")).hostname or ""
     checks += public_url_checks(cfg, lium_is_remote=not is_loopback(lium_base))
     if shutil.which("lium") is None:
@@ -4747,12 +4777,16 @@ class Stack:
     def pod_run_config(self, pod: str) -> bytes:
         run = dataclasses.asdict(self.cfg.run)
         run.update(worker_id=pod, relay_shared_secret="")  # the secret travels in relay.env only
+        # (and so do run.env's ${NAME} values: the trainer inherits the worker's environment)
+        run["env"] = {key: value for key, value in run["env"].items() if env_reference(value) is None}
         if self.cfg.commander.tls_ca_file:  # uploaded beside the run config (deploy_worker)
             run["commander_ca_file"] = COMMANDER_CA_FILENAME
         return json.dumps(run, indent=1).encode()
 
     def pod_secrets(self) -> bytes:
-        values = dict(self.cfg.worker.env)
+        values = env_from_here(self.cfg.worker.env)
+        values.update({key: value for key, value in env_from_here(self.cfg.run.env).items()
+                       if env_reference(self.cfg.run.env[key])})
         if self.cfg.secret:
             values["RELAY_SHARED_SECRET"] = self.cfg.secret
         if self.cfg.run.hf_repo and os.environ.get("HF_TOKEN"):

@@ -1659,10 +1659,14 @@ def launch_stack(cluster: Cluster, api, stack: str, *flags: str, **env: str) -> 
 
 @pytest.mark.slow(24)
 def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster, lium):
-    secret = "stack-secret-" + uuid.uuid4().hex
-    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8})  # a whole 8-GPU node
+    secret, wandb_key, trainer_token = ("stack-secret-" + uuid.uuid4().hex, "wandb-" + uuid.uuid4().hex,
+                                        "token-" + uuid.uuid4().hex)
+    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8},  # a whole 8-GPU node
+                        worker={"env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1", "WANDB_API_KEY": "${TEST_WANDB}"}},
+                        run={"env": {"TRAINER_TOKEN": "${TEST_TRAINER_TOKEN}", "PLAIN": "shown"}})
     cluster.secret = secret
-    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret)
+    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret, TEST_WANDB=wandb_key,
+                          TEST_TRAINER_TOKEN=trainer_token)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["commander"]["url"] == cluster.url and isinstance(summary["commander"]["pid"], int)
@@ -1678,7 +1682,10 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert stat.S_IMODE(run_yaml.stat().st_mode) == 0o600 and stat.S_IMODE(relay_env.stat().st_mode) == 0o600
     config = json.loads(run_yaml.read_text())
     assert (config["worker_id"], config["commander_url"], config["relay_shared_secret"]) == ("relay-r1-1", cluster.url, "")
-    assert secret in relay_env.read_text()
+    # ${NAME} values come from launch-stack's environment and travel in the 0600 relay.env only
+    assert {f"RELAY_SHARED_SECRET={secret}", f"WANDB_API_KEY={wandb_key}", f"TRAINER_TOKEN={trainer_token}"} <= set(
+        relay_env.read_text().splitlines())
+    assert config["env"] == {"PLAIN": "shown"}
     assert int((home / "relay" / "worker.pid").read_text()) == summary["worker"]["pid"]
     for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):
         assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
@@ -2016,8 +2023,9 @@ def test_a_stack_yaml_in_the_flat_layout_gets_one_error_naming_the_group_of_ever
 def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster, lium):
     secret = "dry-secret-" + uuid.uuid4().hex
     stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8, "ttl": "6h"},
-                        relay={"budget_usd": 500})
-    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret)
+                        relay={"budget_usd": 500}, worker={"env": {"WANDB_API_KEY": "${TEST_WANDB}"}})
+    wandb_key = "wandb-" + uuid.uuid4().hex
+    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret, TEST_WANDB=wandb_key)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1",
@@ -2027,8 +2035,9 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
                   "relay/launch_rl.sh, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
                   "nohup setsid"):
         assert words in out, out
-    assert secret not in out + result.stderr
-    for words in ("preflight ok: LIUM_API_KEY: Lium accepts it", "preflight ok: lium.template_id: template relay-trainer",
+    assert secret not in out + result.stderr and wandb_key not in out + result.stderr
+    for words in ("preflight ok: LIUM_API_KEY: Lium accepts it",
+                  f"preflight ok: worker.env.WANDB_API_KEY: ${{TEST_WANDB}} is set here (*** {len(wandb_key)} characters", "preflight ok: lium.template_id: template relay-trainer",
                   f"preflight ok: lium.volume: volume {lium.volume_huid()} exists", "preflight ok: lium.gpu: 1 node(s) offer 8 H200",
                   "preflight ok: commander.public_url: nothing answers there yet"):
         assert words in out, out
@@ -2043,7 +2052,7 @@ def rented_or_changed(api) -> list[tuple[str, str]]:
 def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one_line_per_field(cluster, lium):
     stack = write_stack(cluster, lium, commander={"host": "0.0.0.0", "public_url": "http://YOUR_PUBLIC_IP:8080"},
                         lium={"template_id": "YOUR_TEMPLATE_ID", "node": "no-such-node"},
-                        run={"hf_repo": HUB_REPO},  # and no HF_TOKEN anywhere
+                        run={"hf_repo": HUB_REPO, "env": {"WANDB_API_KEY": "${TEST_UNSET_KEY}"}},  # no HF_TOKEN anywhere
                         worker={"env": {"TRAINSTACK_HTTP_ENV_URL": "http://203.0.113.5:8000"}})
     result = launch_stack(cluster, lium, stack, "--supervise", RELAY_SHARED_SECRET="short", HF_TOKEN="")
     assert result.returncode == 2, result.stderr
@@ -2052,9 +2061,10 @@ def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one
                        "lium.template_id: 'YOUR_TEMPLATE_ID' is a placeholder",
                        "worker.env.TRAINSTACK_HTTP_ENV_URL: 'http://203.0.113.5:8000' is a documentation address",
                        "RELAY_SHARED_SECRET: 5 bytes; a commander reachable from other machines needs at least 32",
-                       "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set"):
+                       "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set",
+                       "run.env.WANDB_API_KEY: ${TEST_UNSET_KEY} is not set where launch-stack runs"):
         assert sum(field_name in line for line in lines) == 1, result.stderr
-    assert lines[-1] == "relay: error: 6 preflight check(s) failed (above): nothing was started or rented"
+    assert lines[-1] == "relay: error: 7 preflight check(s) failed (above): nothing was started or rented"
     assert rented_or_changed(lium) == [] and not cluster.healthy()
 
 
