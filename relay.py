@@ -799,8 +799,9 @@ def _json_or_error(raw: bytes) -> dict:
 # margin, on its own clock.  Only durations cross the wire, so clock offsets never matter,
 # and the worker (and its watchdog) always give up before the commander re-grants.
 
-RUN_STATUSES = ("PENDING", "RUNNING", "PREEMPTED", "FAILED", "COMPLETED")
+RUN_STATUSES = ("PENDING", "RUNNING", "PREEMPTED", "FAILED", "COMPLETED", "CANCELLED")
 RELEASE_STATUSES = ("COMPLETED", "FAILED", "PREEMPTED")
+ENDED_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")  # no worker is granted such a run (retry reopens the last two)
 STATE_FORMAT = "relay-commander-state"
 MAX_EVENTS = 200
 MAX_LEASES_KEPT = 500
@@ -825,7 +826,7 @@ def standby_poll_seconds(lease_seconds: float) -> float:
 
 
 METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless it says otherwise
-    "relay_run_status": ("gauge", "1 for the run's status (PENDING, RUNNING, PREEMPTED, FAILED, COMPLETED), 0 for the others."),
+    "relay_run_status": ("gauge", "1 for the run's status (PENDING, RUNNING, PREEMPTED, FAILED, COMPLETED, CANCELLED), 0 for the others."),
     "relay_run_step": ("gauge", "Last training step reported."),
     "relay_run_epoch": ("gauge", "Lease epoch (grants so far)."),
     "relay_run_handoffs": ("gauge", "Leases that went to a different worker than the one before."),
@@ -839,7 +840,7 @@ METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless 
     "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
 }
 API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
-                 "/api/lease/release", "/api/job/report", "/api/runs/spend")
+                 "/api/lease/release", "/api/job/report", "/api/runs/spend", "/api/runs/cancel", "/api/runs/retry")
 
 
 def endpoint_label(path: str) -> str:
@@ -1222,7 +1223,7 @@ class Commander:
         if run.holder and self.expires.get(run.run_id, 0.0) <= now:
             with self.durable_change(run.run_id):
                 run.end_lease("expired", utc_now())
-                run.status = "PREEMPTED"
+                run.status = "CANCELLED" if run.status == "CANCELLED" else "PREEMPTED"
                 self.expires.pop(run.run_id, None)
 
     def expire_due_leases(self) -> None:
@@ -1272,7 +1273,7 @@ class Commander:
         run = self.runs.get(run_id)
         if run is not None and run.mode != mode:
             raise ApiError(409, f"run '{run_id}' is a {run.mode} run, this worker is configured for {mode}")
-        if run is not None and run.status in ("COMPLETED", "FAILED"):
+        if run is not None and run.status in ENDED_STATUSES:
             return {"status": run.status.lower(), "run_id": run_id}
         if run is not None and run.holder:
             self._expire_if_due(run, now)
@@ -1328,7 +1329,10 @@ class Commander:
         self.expires[run_id] = self.clock() + self.lease_seconds
         run.updated_at = utc_now()
         self._record_progress(run, step, loss, phase, lines, losses)
-        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds}
+        # A cancelled run's holder is told on its renewal: it stops its trainer gracefully,
+        # seals, uploads and releases, keeping its lease meanwhile (its watchdog must not kill).
+        cancel = {"cancel": True} if run.status == "CANCELLED" else {}
+        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds, **cancel}
 
     def _record_progress(self, run: RunRecord, step: int | None, loss: float | None, phase: str,
                          lines: list[str], losses: list[list] | None = None) -> None:
@@ -1377,14 +1381,14 @@ class Commander:
                 run.status = "COMPLETED"
                 run.worker_phase = "DONE"
                 run.add_event(f"run completed at step {run.step}{final_model_words(run, reason)}")
-            elif status == "FAILED":
+            elif status == "FAILED" and run.status != "CANCELLED":
                 run.failed_leases = 1 if progressed else run.failed_leases + 1
                 if run.failed_leases >= self.max_failed_leases:
                     run.status = "FAILED"
                     run.add_event(f"run failed: {run.failed_leases} consecutive leases ended FAILED without progress")
                 else:
                     run.status = "PENDING"
-            else:
+            elif run.status != "CANCELLED":  # a cancelled run stays so when its holder hands it back
                 run.status = "PREEMPTED"
         if run.status == "COMPLETED":
             final = final_model_of(run) or {}
@@ -1430,6 +1434,39 @@ class Commander:
             self.notifier.notify("sync_recovered", f"relay run {run_id}: Hub sync works again", run_id,
                                  worker_id=run.holder)
         return {"ok": True, "epoch": run.epoch}
+
+    def cancel(self, body: Body) -> dict:
+        """End a run by the user's word: no worker is granted it again (until a retry); its
+        holder, told on its next renewal, stops gracefully and hands it back."""
+        run = self._run(body.str("run_id", pattern=RUN_ID_RE))
+        if run.status == "COMPLETED":
+            raise ApiError(409, f"run '{run.run_id}' is COMPLETED: there is nothing to cancel")
+        if run.status != "CANCELLED":
+            with self.durable_change(run.run_id):
+                run.status = "CANCELLED"
+                run.updated_at = utc_now()
+                run.add_event(f"cancelled at step {run.step}" + (f"; {run.holder} stops its trainer, seals, uploads "
+                                                                  "and hands the run back" if run.holder else ""))
+            self.notifier.notify("cancelled", f"relay run {run.run_id} CANCELLED at step {run.step}", run.run_id,
+                                 step=run.step, holder=run.holder)
+        return {"ok": True, "status": run.status, "holder": run.holder}
+
+    def retry(self, body: Body) -> dict:
+        """A FAILED or CANCELLED run back to PENDING, with its epochs, lease history and
+        checkpoints: the next worker resumes from its latest checkpoint."""
+        run = self._run(body.str("run_id", pattern=RUN_ID_RE))
+        if run.status not in ("FAILED", "CANCELLED"):
+            raise ApiError(409, f"run '{run.run_id}' is {run.status}: only a FAILED or CANCELLED run is retried")
+        if run.holder:
+            raise ApiError(409, f"run '{run.run_id}' is still held by {run.holder}, which is stopping: retry once it "
+                                "has handed the run back")
+        with self.durable_change(run.run_id):
+            before, run.status, run.failed_leases = run.status, "PENDING", 0
+            run.updated_at = utc_now()
+            resume = (run.latest_checkpoint or {}).get("iteration")
+            run.add_event(f"retried ({before} -> PENDING) at step {run.step}; the next worker resumes from "
+                          + (f"checkpoint {resume}" if resume is not None else "a cold start"))
+        return {"ok": True, "status": run.status}
 
     def notify_handoff(self, run: RunRecord, previous_holder: str) -> None:
         """The run went to another worker: it resumes from the recorded checkpoint, so the steps
@@ -1564,7 +1601,7 @@ class Commander:
     @staticmethod
     def seconds_without_holder(run: RunRecord, wall: float) -> float:
         """0 while held or finished; else since the last lease ended (or the run was created)."""
-        if run.holder or run.status in ("COMPLETED", "FAILED"):
+        if run.holder or run.status in ENDED_STATUSES:
             return 0.0
         return wall - (run.leases[-1]["ended_at"] if run.leases else run.created_at)
 
@@ -1575,6 +1612,8 @@ class Commander:
             ("POST", "/api/lease/release"): self.release,
             ("POST", "/api/job/report"): self.report,
             ("POST", "/api/runs/spend"): self.record_spend,
+            ("POST", "/api/runs/cancel"): self.cancel,
+            ("POST", "/api/runs/retry"): self.retry,
         }
         if (method, path) in routes:
             body = Body(raw)
@@ -3469,10 +3508,10 @@ class LeaseKeeper:
     """
 
     def __init__(self, client: CommanderClient, cfg: RunConfig, lease: Lease, progress: Progress,
-                 watchdog: Watchdog, on_lost: Callable[[str], None]) -> None:
+                 watchdog: Watchdog, on_lost: Callable[[str], None], on_cancel: Callable[[], None]) -> None:
         self.client, self.cfg, self.lease, self.progress = client, cfg, lease, progress
         self.watchdog = watchdog
-        self.on_lost = on_lost
+        self.on_lost, self.on_cancel = on_lost, on_cancel
         self.deadline = lease.sent_at + lease.ttl - lease_margin(lease.ttl)
         self.phase = "RESTORING"
         self.lost = threading.Event()
@@ -3520,6 +3559,8 @@ class LeaseKeeper:
                 self.watchdog.extend(self.deadline)
                 next_renewal = sent + interval
                 complained = False
+                if reply.body.get("cancel"):  # the user cancelled the run: stop as on SIGTERM, lease kept
+                    self.on_cancel()
             elif reply.status == 409:
                 self.lose(f"the commander refused the renewal: {reply.body.get('error', '')}")
                 return
@@ -3562,6 +3603,7 @@ class Worker:
         # Asked once, before any lease (nvidia-smi may take seconds): the pod's GPUs do not change.
         self.gpu_warning = gpu_shortfall(cfg)
         self.exit_code = 0
+        self.cancelled = False  # the commander said the run is cancelled (on a renewal)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -3569,6 +3611,13 @@ class Worker:
         log(f"worker {self.cfg.worker_id}", message)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requested.set()
+        self.wake.set()
+
+    def _on_cancel(self) -> None:
+        # On the keeper's thread, at every renewal while the run is cancelled: the main loop
+        # stops the trainer gracefully, seals, uploads and releases, as on SIGTERM.
+        self.cancelled = True
         self.stop_requested.set()
         self.wake.set()
 
@@ -3713,7 +3762,7 @@ class Worker:
                 self.previous_token = self.lease.token
                 self.say(f"lease granted, epoch {self.lease.epoch}")
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
-                                          self._on_lease_lost)
+                                          self._on_lease_lost, self._on_cancel)
                 self.restarts = 0
                 return "RESTORING"
             if status == "completed":
@@ -3721,8 +3770,13 @@ class Worker:
                 self.exit_code = 0
                 return "EXITED"
             if status == "failed":
-                self.say(f"run {self.cfg.run_id} is FAILED; not retrying (see `relay.py status --run {self.cfg.run_id}`)")
+                self.say(f"run {self.cfg.run_id} is FAILED (see `relay.py status --run {self.cfg.run_id}`; "
+                         f"`relay.py retry {self.cfg.run_id}` reopens it)")
                 self.exit_code = 1
+                return "EXITED"
+            if status == "cancelled":
+                self.say(f"run {self.cfg.run_id} is CANCELLED; nothing to do (`relay.py retry {self.cfg.run_id}` reopens it)")
+                self.exit_code = 0
                 return "EXITED"
             if not said_standing_by:
                 self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
@@ -3931,7 +3985,8 @@ class Worker:
         return "ACQUIRING"
 
     def state_stopping(self) -> str:
-        self.say("stopping: signal received")
+        why = "the run was cancelled" if self.cancelled else "worker stopped by a signal"
+        self.say(f"stopping: {why}")
         if self.keeper is not None:
             self.keeper.phase = "STOPPING"
         self.end_trainer(graceful=True)
@@ -3942,7 +3997,7 @@ class Worker:
                          f"{self.cfg.stop_grace_seconds:g} s")
                 self.sync.sync_now(trainer_stopped=True)
                 self.sync.wait_synced(sealed.iteration, self.cfg.stop_grace_seconds)
-            self.release("PREEMPTED", "worker stopped by a signal")
+            self.release("PREEMPTED", why)
         self.drop_lease()
         self.exit_code = 0
         return "EXITED"
@@ -5001,6 +5056,11 @@ class Stack:
                 self.report_spend(run)
                 if run.get("status") in ("COMPLETED", "FAILED"):
                     return self.finish(run["status"], run)
+                if run.get("status") == "CANCELLED":  # rent nothing more; its holder seals and uploads first
+                    if not run.get("holder"):
+                        return self.finish("CANCELLED", run)
+                    time.sleep(poll)
+                    continue
                 if run.get("holder"):
                     waiting_since = time.monotonic()
                 alive = self.live_pods()
@@ -5156,7 +5216,7 @@ class Stack:
                     f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
         self.report_spend(run)
         self.say(f"run {self.cfg.run.run_id} {status}: {self.spend_line()} on {len(self.state.pods)} pod(s)")
-        return 0 if status == "COMPLETED" else 1
+        return 1 if status == "FAILED" else 0
 
     def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
         """The pod whose removal would lose the run's last checkpoint: neither the Hub nor a
@@ -5437,29 +5497,35 @@ def commander_url_of(value: str | None) -> str:
     return url
 
 
+READING_SECRETS = ("RELAY_VIEWER_SECRET", "RELAY_SHARED_SECRET")  # reading needs no more than the viewer secret
+
+
 @dataclass
 class Reader:
-    """What `status` and `logs` read with: the client, and which secret it signs with (named in errors)."""
+    """What `status`, `logs`, `cancel` and `retry` ask with: the client, and which secret it
+    signs with (named in errors)."""
 
     client: CommanderClient
     secret_name: str
+    secret_names: tuple[str, ...]  # the ones it may use, the first set wins
 
 
-def reader_from_args(args: argparse.Namespace) -> Reader:
-    # Reading needs no more than the viewer secret: when it is set, it is the one used.
-    name = next((n for n in ("RELAY_VIEWER_SECRET", "RELAY_SHARED_SECRET") if os.environ.get(n)), "")
+def reader_from_args(args: argparse.Namespace, secret_names: tuple[str, ...] = READING_SECRETS) -> Reader:
+    name = next((n for n in secret_names if os.environ.get(n)), "")
     url = commander_url_of(args.commander_url)
     if args.ca_file and not url.startswith("https://"):
         raise UserError(f"--ca-file is for an https:// --commander-url, not {url}")
-    return Reader(CommanderClient(url, os.environ.get(name, "") if name else "", timeout=10, ca_file=args.ca_file), name)
+    return Reader(CommanderClient(url, os.environ.get(name, "") if name else "", timeout=10, ca_file=args.ca_file),
+                  name, secret_names)
 
 
-def fetch_json(reader: Reader, path: str, expect: str) -> dict:
-    """GET a commander document that has the key `expect`; any other answer is one line saying
-    what to do: the secret to set, or that the URL is not a relay commander at all."""
+def fetch_json(reader: Reader, path: str, expect: str, payload: dict | None = None) -> dict:
+    """GET (or with a payload, POST) a commander document that has the key `expect`; any other
+    answer is one line saying what to do: the secret to set, or that the URL is not a relay
+    commander at all."""
     client = reader.client
     try:
-        reply = client.get(path)
+        reply = client.get(path) if payload is None else client.post(path, payload)
         if reply.status == 200 and expect in reply.body:
             return reply.body
         health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
@@ -5470,12 +5536,33 @@ def fetch_json(reader: Reader, path: str, expect: str) -> dict:
                         "check --commander-url or RELAY_COMMANDER_URL")
     error = reply.body.get("error", "")
     if reply.status == 401 and not reader.secret_name:
-        raise UserError(f"the commander at {client.base_url} needs a secret: export RELAY_VIEWER_SECRET (reading only) "
-                        "or RELAY_SHARED_SECRET, as the commander has it")
+        names = " or ".join(f"{n} (reading only)" if n == "RELAY_VIEWER_SECRET" else n for n in reader.secret_names)
+        raise UserError(f"the commander at {client.base_url} needs a secret: export {names}, as the commander has it")
     if reply.status == 401:
         raise UserError(f"the commander at {client.base_url} refuses {reader.secret_name} ({error}): export the "
                         f"{reader.secret_name} the commander was started with")
     raise UserError(f"{client.base_url}{path}: HTTP {reply.status} {error}".rstrip())
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    """End a run: its holder stops gracefully, seals, uploads and hands it back; nobody takes over."""
+    reader = reader_from_args(args, ("RELAY_SHARED_SECRET",))  # a change: the viewer secret may not
+    run_id = checked_run_id(args.run_id, "RUN")
+    answer = fetch_json(reader, "/api/runs/cancel", "status", {"run_id": run_id})
+    holder = answer.get("holder")
+    print(f"run {run_id} CANCELLED" + (f": {holder} stops its trainer, seals and uploads its checkpoint, and hands "
+                                       "the run back (a supervising launch-stack then removes the pods)" if holder else ""))
+    return 0
+
+
+def run_retry(args: argparse.Namespace) -> int:
+    """A FAILED or CANCELLED run back to PENDING: the next worker resumes from its latest checkpoint."""
+    reader = reader_from_args(args, ("RELAY_SHARED_SECRET",))
+    run_id = checked_run_id(args.run_id, "RUN")
+    fetch_json(reader, "/api/runs/retry", "status", {"run_id": run_id})
+    print(f"run {run_id} is PENDING again: the next worker to ask resumes it from its latest checkpoint "
+          "(start one, or `relay.py launch-stack STACK --supervise`)")
+    return 0
 
 
 def checked_run_id(run_id: str, what: str) -> str:
@@ -5523,7 +5610,7 @@ def run_logs(args: argparse.Namespace) -> int:
                 print(item["line"])
             sys.stdout.flush()
             after = page["next"]
-            if not args.follow or page["status"] in ("COMPLETED", "FAILED"):
+            if not args.follow or page["status"] in ENDED_STATUSES:
                 return 0
             time.sleep(1.0)
     except KeyboardInterrupt:
@@ -5802,6 +5889,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
     p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_logs)
+
+    for name, func, words in (("cancel", run_cancel, "end a run: its holder stops gracefully, seals, uploads, hands it "
+                                                     "back; nobody takes over"),
+                              ("retry", run_retry, "a FAILED or CANCELLED run back to PENDING, resumed from its latest "
+                                                   "checkpoint")):
+        p = sub.add_parser(name, help=words)
+        p.add_argument("run_id", metavar="RUN")
+        p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
+        p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("launch-stack", help="start the commander and a Lium pod with a worker (stack.yaml)")
     p.add_argument("stack", metavar="STACK_YAML")

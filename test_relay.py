@@ -205,6 +205,56 @@ def test_a_trainer_that_keeps_crashing_ends_the_run_as_failed(cluster):
     assert late.wait(15) == 1
 
 
+def relay_cli(cluster: Cluster, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, RELAY, *args, "--commander-url", cluster.url], capture_output=True, text=True,
+                          timeout=30, env=cluster.env(**env))
+
+
+@pytest.mark.slow(12)
+def test_cancel_stops_the_holder_gracefully_keeps_its_checkpoint_and_no_standby_takes_over(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=3, secret=secret)
+    holder = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "3000"})
+    wait_for("a to hold the run and seal checkpoint 10", lambda: checkpoint_at_least(cluster, 10), 30)
+    standby = cluster.start_worker("b", env={"MOCK_MAX_STEPS": "3000"})
+    wait_for("b to stand by", lambda: "standing by" in cluster.log("b"), 15)
+    viewer_try = relay_cli(cluster, "cancel", "r1", RELAY_VIEWER_SECRET=secret + "-not-shared")
+    assert viewer_try.returncode == 2 and "needs a secret: export RELAY_SHARED_SECRET" in viewer_try.stderr
+    cancel = relay_cli(cluster, "cancel", "r1", RELAY_SHARED_SECRET=secret)
+    assert cancel.returncode == 0 and cancel.stdout.startswith("run r1 CANCELLED: a stops its trainer"), cancel.stderr
+    assert holder.wait(30) == 0 and standby.wait(30) == 0
+    assert "stopping: the run was cancelled" in cluster.log("a")
+    assert "run r1 is CANCELLED; nothing to do" in cluster.log("b")
+    run = cluster.run("r1")
+    assert (run["status"], run["holder"]) == ("CANCELLED", "")
+    assert [(lease["worker_id"], lease["why"]) for lease in run["leases"]] == [("a", "preempted: the run was cancelled")]
+    sealed = run["latest_checkpoint"]["iteration"]
+    assert sealed >= 10 and (cluster.tmp / "volume" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
+    assert not cluster.trainer_pids()
+
+
+@pytest.mark.slow(12)
+def test_a_failed_run_retried_goes_back_to_pending_and_the_next_worker_resumes_from_its_last_checkpoint(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    crashing = cluster.start_worker("a", trainer_command=f"{sys.executable} {RELAY} mock-trainer; exit 3",
+                                    max_trainer_restarts=0, env={"MOCK_MAX_STEPS": "12"})
+    assert crashing.wait(40) == 1
+    failed = cluster.run("r1")
+    assert failed["status"] == "FAILED" and failed["latest_checkpoint"]["iteration"] >= 10
+    early = relay_cli(cluster, "retry", "r2")
+    assert early.returncode == 2 and "unknown run 'r2'" in early.stderr
+    retry = relay_cli(cluster, "retry", "r1")
+    assert retry.returncode == 0 and retry.stdout.startswith("run r1 is PENDING again"), retry.stderr
+    assert cluster.run("r1")["status"] == "PENDING"
+    again = relay_cli(cluster, "retry", "r1")
+    assert again.returncode == 2 and "is PENDING: only a FAILED or CANCELLED run is retried" in again.stderr
+    assert cluster.start_worker("b", env={"MOCK_MAX_STEPS": "20"}).wait(40) == 0
+    run = cluster.run("r1")
+    assert (run["status"], run["step"], [lease["epoch"] for lease in run["leases"]]) == ("COMPLETED", 20, [1, 2])
+    resume = resumed_from(run, "b")[0]
+    assert int(resume.split("checkpoint ")[1].split()[0]) == failed["latest_checkpoint"]["iteration"], resume
+
+
 def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
     cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
     worker = cluster.start_worker("a", trainer_command="setsid sleep 300 & sleep 300", stall_timeout_seconds=1,
@@ -1767,6 +1817,22 @@ def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path
                                 env=lium_env(cluster, api), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     cluster.procs.append(proc)
     return proc, events
+
+
+@pytest.mark.slow(20)
+def test_a_cancelled_supervised_run_ends_with_its_pods_removed_after_its_holder_handed_it_back(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
+    assert relay_cli(cluster, "cancel", "r1").returncode == 0
+    assert supervisor.wait(60) == 0, events.read_text()
+    text = events.read_text()
+    assert "removed: the run is CANCELLED" in text and "run r1 CANCELLED: GPU spend $" in text, text
+    assert stack_pods(lium) == [] and "creating pod relay-r1-2" not in text
+    run = cluster.run("r1")
+    assert run["status"] == "CANCELLED" and run["leases"][-1]["why"] == "preempted: the run was cancelled"
+    sealed = run["latest_checkpoint"]["iteration"]  # on the volume, which outlives the pod
+    assert (lium.volume_folder() / "relay" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
 
 
 @pytest.mark.slow(24)
