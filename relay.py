@@ -804,6 +804,7 @@ RELEASE_STATUSES = ("COMPLETED", "FAILED", "PREEMPTED")
 ENDED_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")  # no worker is granted such a run (retry reopens the last two)
 STATE_FORMAT = "relay-commander-state"
 MAX_EVENTS = 200
+MAX_EVENT_CHARS = 1000
 MAX_LEASES_KEPT = 500
 MAX_LOSS_POINTS = 2000
 MAX_LOSS_POINTS_PER_RENEWAL = 100
@@ -840,7 +841,8 @@ METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless 
     "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
 }
 API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
-                 "/api/lease/release", "/api/job/report", "/api/runs/spend", "/api/runs/cancel", "/api/runs/retry")
+                 "/api/lease/release", "/api/job/report", "/api/runs/spend", "/api/runs/cancel", "/api/runs/retry",
+                 "/api/runs/event")
 
 
 def endpoint_label(path: str) -> str:
@@ -1511,6 +1513,15 @@ class Commander:
             run.gpu_spend = dict(spend, pods=body.int("pods") or 0, at=utc_now())
         return {"ok": True}
 
+    def record_event(self, body: Body) -> dict:
+        """launch-stack's word in the run's events: a pod it removed and how its worker log ended."""
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        message = body.str("msg", max_len=MAX_EVENT_CHARS)
+        run = self._run(run_id)
+        with self.durable_change(run_id):
+            run.add_event(f"launch-stack: {message}")
+        return {"ok": True}
+
     @staticmethod
     def _checkpoint_from(obj: Body | None) -> dict | None:
         if obj is None:
@@ -1614,6 +1625,7 @@ class Commander:
             ("POST", "/api/runs/spend"): self.record_spend,
             ("POST", "/api/runs/cancel"): self.cancel,
             ("POST", "/api/runs/retry"): self.retry,
+            ("POST", "/api/runs/event"): self.record_event,
         }
         if (method, path) in routes:
             body = Body(raw)
@@ -4132,6 +4144,28 @@ class BudgetReached(Exception):
     """relay.budget_usd allows no new pod."""
 
 
+class EveryPodWouldFail(Exception):
+    """A pod's worker failed for a reason the next pod would meet too (its config, an unreachable
+    commander): renting another would only bill again."""
+
+
+WORKER_LOG_TAIL_LINES = 40
+SUCCESS_MARKS = ("reached the commander", "lease granted", "standing by")  # the worker got past the commander
+
+
+def failure_every_pod_meets(lines: list[str]) -> str:
+    """Why a worker failed, from the end of its log, when that reason is not the pod's own: an
+    exit 2 (a configuration mistake: `relay: error: ...`), or a commander it never reached.
+    '' for anything else (a preemption, a crash of this pod's trainer)."""
+    errors = [line.split("relay: error: ", 1)[1] for line in lines if "relay: error: " in line]
+    if errors:
+        return errors[-1]
+    unreachable = [line for line in lines if "cannot reach the commander" in line]
+    if unreachable and not any(mark in line for line in lines for mark in SUCCESS_MARKS):
+        return unreachable[-1]
+    return ""
+
+
 @dataclass
 class Execution:
     """One `lium exec --json` result: the remote command's own exit code and output, or why
@@ -4753,7 +4787,7 @@ class Stack:
         if exc.data.get("pod_id"):  # rented, then failed (pod_not_ready ...): it bills until removed
             record.id = str(exc.data["pod_id"])
             self.state.save()
-            self.remove_pod(record, f"`lium up` failed after renting it ({exc.code or 'error'})")
+            self.remove_pod(record, f"`lium up` failed after renting it ({exc.code or 'error'})", has_worker=False)
             return False
         if exc.code not in RENT_UNANSWERED:
             record.state = "removed"  # nothing was rented
@@ -4804,12 +4838,41 @@ class Stack:
             if not ran.error and ran.exit_code != 255:  # 255: ssh's own failure, not the command's
                 return ran
             if time.monotonic() > give_up:
-                self.remove_pod(record, "it never answered over SSH")
+                self.remove_pod(record, "it never answered over SSH", has_worker=False)
                 raise LiumError(f"pod {record.label} did not answer `lium exec` within "
                                 f"{self.cfg.lium.ready_timeout_seconds:g} s: {ran.error}")
             time.sleep(self.cfg.lium.poll_interval_seconds)
 
-    def remove_pod(self, record: PodRecord, why: str) -> None:
+    def keep_worker_log(self, record: PodRecord) -> list[str]:
+        """The last lines of the pod's worker log, kept in a file of its own beside the stack
+        state (the pod's disk goes with the pod): `{state folder}/pods/{pod}.worker.log`."""
+        if self.dry_run or not record.id:
+            return []
+        ran = self.lium.exec(record.ref, f"tail -n {WORKER_LOG_TAIL_LINES} {shlex.quote(self.cfg.worker.remote_log_path)}",
+                             timeout=60)
+        if ran.error or ran.exit_code != 0:
+            return []
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.cfg.relay.state_path)), "pods")
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, f"{record.name}.worker.log"), ran.stdout.encode(), durable=False)
+        return ran.stdout.splitlines()
+
+    def tell_the_run(self, message: str) -> None:
+        """An event in the run's record (status, the page); a run no worker has asked for yet has none."""
+        with contextlib.suppress(CommanderUnreachable):
+            self.client.post("/api/runs/event", {"run_id": self.cfg.run.run_id, "msg": message[:MAX_EVENT_CHARS]},
+                             timeout=5)
+
+    def remove_pod(self, record: PodRecord, why: str, has_worker: bool = True) -> list[str]:
+        """Remove a pod, after keeping the end of its worker log (returned); its last lines go
+        to the run's events."""
+        tail = self.keep_worker_log(record) if has_worker else []
+        if tail:
+            self.tell_the_run(f"pod {record.name} removed ({why}); its worker log ended: " + " | ".join(tail[-3:]))
+        self.remove_pod_only(record, why)
+        return tail
+
+    def remove_pod_only(self, record: PodRecord, why: str) -> None:
         if not record.id:  # its `up` never said which pod it rented, and `lium ps` shows none of it
             record.state = "removed"
             self.state.save()
@@ -4915,9 +4978,24 @@ class Stack:
         if running:
             self.say(f"worker started on {record.label} (pid {pid}, log {worker.remote_log_path})")
         elif not self.dry_run:
-            self.say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'}); see "
-                     f"`lium exec {record.id} 'tail {worker.remote_log_path}'`")
+            self.say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'})")
+            self.check_for_a_failure_every_pod_meets(record, self.keep_worker_log(record))
         return self.worker_summary(pid, running)
+
+    def check_for_a_failure_every_pod_meets(self, record: PodRecord, tail: list[str]) -> None:
+        """Stop (EveryPodWouldFail) when the worker's log shows a reason the next pod would meet
+        too; the pod is removed first (it cannot work), its log kept."""
+        reason = failure_every_pod_meets(tail)
+        if not reason:
+            return
+        if record.state != "removed":
+            self.remove_pod_only(record, "its worker cannot work here")
+        kept = os.path.join(os.path.dirname(self.cfg.relay.state_path) or ".", "pods", f"{record.name}.worker.log")
+        message = (f"the worker on pod {record.name} failed for a reason every pod would meet: {reason}; no other pod "
+                   f"is rented (fix it, then run `relay.py launch-stack {self.cfg.path}` again; the end of its log: {kept})")
+        self.tell_the_run(message)
+        self.notify("worker_failed", message, pod=record.name, reason=reason, log_tail=tail[-10:])
+        raise EveryPodWouldFail(message)
 
     def worker_summary(self, pid: int | None, running: bool | None) -> dict:
         worker = self.cfg.worker
@@ -5066,12 +5144,14 @@ class Stack:
                 alive = self.live_pods()
                 if alive and time.monotonic() - waiting_since > relay.no_lease_grace_seconds:
                     for record in alive:
-                        self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker cannot work")
+                        tail = self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its "
+                                                       "worker cannot work")
+                        self.check_for_a_failure_every_pod_meets(record, tail)
                     alive = []
                 for record in self.silent_pods(run, alive):
-                    self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: it "
-                                            f"exited or cannot reach {self.cfg.run.commander_url} (see `lium exec {record.id} "
-                                            f"'tail {self.cfg.worker.remote_log_path}'`)")
+                    tail = self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: "
+                                                   f"it exited or cannot reach {self.cfg.run.commander_url}")
+                    self.check_for_a_failure_every_pod_meets(record, tail)
                     alive.remove(record)
                 if not alive and self.state.attempts >= relay.max_pods:
                     self.say(f"max_pods ({relay.max_pods}) reached and no pod is left ({self.spend_line()}): giving up on run "
@@ -5252,6 +5332,12 @@ def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
         if stack.state.live():  # e.g. the worker's setup failed on a rented pod: it bills until told
             stack.say(stack.pods_left_line())
         return 1
+    except EveryPodWouldFail as exc:
+        stack.say(str(exc))
+        if stack.state.live():
+            stack.say(stack.pods_left_line())
+        stack.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C while a pod is being rented or set up
         return stack.interrupted()
 

@@ -1833,6 +1833,35 @@ def test_a_cancelled_supervised_run_ends_with_its_pods_removed_after_its_holder_
     assert run["status"] == "CANCELLED" and run["leases"][-1]["why"] == "preempted: the run was cancelled"
     sealed = run["latest_checkpoint"]["iteration"]  # on the volume, which outlives the pod
     assert (lium.volume_folder() / "relay" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
+    # Before the pod went, the end of its worker log was kept, and its last lines are in the run's events.
+    assert "stopping: the run was cancelled" in (cluster.tmp / "launch" / "pods" / "relay-r1-1.worker.log").read_text()
+    assert any(e["msg"].startswith("launch-stack: pod relay-r1-1 removed (the run is CANCELLED); its worker log ended: ")
+               for e in run["events"]), run["events"]
+
+
+@pytest.mark.slow(10)
+def test_a_worker_config_error_costs_one_pod_whose_log_is_kept_and_stops_the_supervisor(cluster, lium, webhook):
+    # The worker refuses its configuration (here: no such file), as it would on every pod.
+    stack = write_stack(cluster, lium, relay={"max_pods": 5}, commander={"notify_url": webhook.url},
+                        worker={"command": f"{sys.executable} relay/relay.py worker relay/missing.yaml"})
+    result = launch_stack(cluster, lium, stack, "--supervise")
+    assert result.returncode == 2, result.stderr
+    assert "the worker on pod relay-r1-1 failed for a reason every pod would meet: relay/missing.yaml: cannot read" \
+        in result.stderr
+    assert [pod.name for pod in lium.removed] == ["relay-r1-1"] and stack_pods(lium) == []  # one pod, removed
+    kept = cluster.tmp / "launch" / "pods" / "relay-r1-1.worker.log"
+    assert "relay: error: relay/missing.yaml: cannot read" in kept.read_text()
+    message = wait_for("the supervisor's notification", lambda: webhook.events("worker_failed"), 10)[0]
+    assert message["pod"] == "relay-r1-1" and any("missing.yaml" in line for line in message["log_tail"])
+
+
+def test_only_a_failure_every_pod_would_meet_stops_the_supervisor():
+    assert relay.failure_every_pod_meets(["[worker a] starting", "relay: error: run.yaml: field 'mode' must be sft or rl"]) \
+        == "run.yaml: field 'mode' must be sft or rl"
+    unreachable = "[worker a] cannot reach the commander at http://203.0.113.9:8080: timed out; trying again for up to 50 s"
+    assert relay.failure_every_pod_meets(["[worker a] starting", unreachable]) == unreachable
+    assert relay.failure_every_pod_meets([unreachable, "[worker a] reached the commander at http://... after 9 s"]) == ""
+    assert relay.failure_every_pod_meets(["[worker a] lease granted, epoch 2", "[trainer] CUDA error: out of memory"]) == ""
 
 
 @pytest.mark.slow(24)
