@@ -909,6 +909,7 @@ class RunRecord:
     log_total: int = 0  # lines ever received: log_tail holds numbers log_total-len+1 .. log_total
     gpu_spend: dict | None = None  # what launch-stack last reported: spent_usd, budget_usd, pods, at
     trainer_restarts: int = 0  # over all leases: reports with status RESTARTING
+    total_steps: int = 0  # what the workers' run config says (0: unknown), for "step N/total"
 
     def current_lease(self) -> LeaseRecord | None:
         if self.holder and self.leases:
@@ -1271,6 +1272,7 @@ class Commander:
         worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
         mode = body.str("mode", choices=MODES)
         previous = body.str("previous_lease_token", required=False, max_len=128)
+        total_steps = body.int("total_steps")
         now = self.clock()
         run = self.runs.get(run_id)
         if run is not None and run.mode != mode:
@@ -1297,6 +1299,7 @@ class Commander:
                 run = self.runs[run_id] = RunRecord(run_id=run_id, mode=mode, created_at=utc_now())
                 run.add_event(f"run created by {worker_id} ({mode})")
             run.epoch += 1
+            run.total_steps = total_steps or run.total_steps
             run.holder = worker_id
             run.lease_token_sha256 = token_digest(token)
             run.status = "RUNNING"
@@ -1510,7 +1513,9 @@ class Commander:
             raise ApiError(400, "spent_usd and budget_usd must not be negative")
         run = self._run(run_id)
         with self.durable_change(run_id):
-            run.gpu_spend = dict(spend, pods=body.int("pods") or 0, at=utc_now())
+            # supervisor_pid: the supervisor's heartbeat (0: it stopped), so `status` can say whether one runs
+            run.gpu_spend = dict(spend, pods=body.int("pods") or 0, supervisor_pid=body.int("supervisor_pid") or 0,
+                                 at=utc_now())
         return {"ok": True}
 
     def record_event(self, body: Body) -> dict:
@@ -1787,10 +1792,14 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             return ROLE_VIEWER
         if not hmac.compare_digest(password.encode(), server.secret.encode()):
             raise ApiError(401, "wrong password")
-        if not server.shared_secret_over_basic:
+        # A request from a loopback address never crossed a network in clear: it came from this
+        # machine, or through an SSH tunnel (`ssh -L 8080:127.0.0.1:8080 box`), which encrypts.
+        # (A reverse proxy on this machine makes every request loopback: let it do the TLS.)
+        if not server.shared_secret_over_basic and not is_loopback(self.client_address[0]):
             raise ApiError(401, "the shared secret is refused here: this commander serves plain HTTP on a public "
                                 "address, where a password crosses the network readable by anyone, and this one "
-                                "can change every run. Open the page with RELAY_VIEWER_SECRET, or serve with "
+                                "can change every run. Open the page with RELAY_VIEWER_SECRET, through an SSH tunnel "
+                                "(ssh -L 8080:127.0.0.1:8080 this-box, then http://127.0.0.1:8080/), or serve with "
                                 "--tls-cert/--tls-key (docs/commander.md, 'TLS and roles')")
         return ROLE_SHARED
 
@@ -1841,9 +1850,11 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, how a dual-stack socket sees IPv4
+    return (mapped or address).is_loopback
 
 
 def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: float, insecure: bool,
@@ -1872,8 +1883,9 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if secret and not server.shared_secret_over_basic:
-        log("commander", f"plain HTTP on {host}: the page and /metrics take only the viewer secret "
-                         "(serve with --tls-cert/--tls-key to open them with the shared secret)")
+        log("commander", f"plain HTTP on {host}: from other machines the page and /metrics take only the viewer "
+                         "secret; the shared secret only from this machine or an SSH tunnel (or serve with "
+                         "--tls-cert/--tls-key)")
     set_process_name("relay-commander")
     stopping = threading.Event()
 
@@ -3750,6 +3762,8 @@ class Worker:
         while not self.stop_requested.is_set():
             sent = boottime()
             payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "mode": self.cfg.mode}
+            if self.cfg.total_steps:  # for "step N/total" in status and on the page
+                payload["total_steps"] = self.cfg.total_steps
             if self.previous_token:
                 payload["previous_lease_token"] = self.previous_token
             try:
@@ -4328,6 +4342,7 @@ class StackState:
         # The commander launch-stack started: its pid and start time (the pid file holds the pid
         # alone, for `kill $(cat commander.pid)`; the pair names one process for good).
         self.commander: dict = {}
+        self.supervisor: dict = {}  # the same for a `launch-stack --supervise` of this stack
         if persist and os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as handle:
@@ -4335,6 +4350,7 @@ class StackState:
                 self.attempts = int(data["attempts"])
                 self.pods = [PodRecord(**pod) for pod in data["pods"]]
                 self.commander = dict(data.get("commander") or {})
+                self.supervisor = dict(data.get("supervisor") or {})
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"stack state file {path} is unreadable ({exc}); move it away to start afresh") from None
             if data.get("run_id") != run_id:
@@ -4345,6 +4361,7 @@ class StackState:
         if self.persist:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts, "commander": self.commander,
+                                                "supervisor": self.supervisor,
                                                 "pods": [dataclasses.asdict(p) for p in self.pods]}, indent=1).encode())
 
     def live(self) -> list[PodRecord]:
@@ -4601,6 +4618,39 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
+def recorded_pid(pid_path: str, record: dict) -> int | None:
+    """The pid in a pid file (the pid alone), if that process still runs and is the one the
+    stack state recorded (pid and start time): a stale file whose pid the system gave to
+    another process names nobody, so nothing of anyone else's is adopted or killed."""
+    try:
+        with open(pid_path, encoding="utf-8") as handle:
+            fields = handle.read().split()
+        pid = int(fields[0])
+        started = int(fields[1]) if len(fields) > 1 else None  # (an older relay wrote the start time there)
+        if record:
+            started = int(record["start_ticks"]) if record.get("pid") == pid else -1
+        if started is not None and process_start_ticks(pid) != started:
+            return None
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+def stop_process(pid: int, signum: int, grace: float) -> None:
+    """Signal a process and wait for it to end; SIGKILL after `grace` seconds."""
+    os.kill(pid, signum)
+    give_up = time.monotonic() + grace
+    while time.monotonic() < give_up:
+        with contextlib.suppress(ChildProcessError):  # our own child: reap it, or its zombie looks alive
+            os.waitpid(pid, os.WNOHANG)
+        if process_start_ticks(pid) is None:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class CommanderProcess:
     """The commander launch-stack started, now or earlier (its pid file), which --supervise
@@ -4630,11 +4680,70 @@ class Stack:
         self.listing: list[dict] | None = None  # the `lium ps` rows of this poll, not yet used by a rent
         self.commander: CommanderProcess | None = None  # None: not ours to restart (another tool runs it)
         self.commander_silent_polls = 0
+        self._lock: Any = None  # the supervisor's lock file, held while this process supervises
         # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
         self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    # -- the supervisor process ------------------------------------------------------------
+
+    def supervisor_file(self, suffix: str) -> str:
+        """supervisor.pid / .log / .lock, beside the stack state."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.cfg.relay.state_path)), f"supervisor.{suffix}")
+
+    def become_the_supervisor(self) -> None:
+        """One supervisor per stack (two would rent for one run): a lock held for the process's
+        life; the pid file holds the pid alone, its start time goes to the stack state."""
+        os.makedirs(os.path.dirname(self.supervisor_file("lock")), exist_ok=True)
+        self._lock = open(self.supervisor_file("lock"), "a")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            running = recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
+            raise UserError(f"a supervisor of {self.cfg.path} already runs (pid {running}): `relay.py down "
+                            f"{self.cfg.path}` stops it") from None
+        self.state.supervisor = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())}
+        self.state.save()
+        atomic_write(self.supervisor_file("pid"), f"{os.getpid()}\n".encode())
+        # `down` (and systemd) stop it with SIGTERM: the way out Ctrl-C takes (pods left as they are)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def supervisor_pid(self) -> int | None:
+        return recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
+
+    def stop_supervisor(self) -> bool:
+        pid = self.supervisor_pid()
+        if pid is None:
+            return False
+        stop_process(pid, signal.SIGTERM, 30)
+        self.say(f"supervisor stopped (pid {pid})")
+        # What it rented meanwhile is in the state file it kept writing: read it again.
+        self.state = StackState(self.cfg.relay.state_path, self.cfg.run.run_id, persist=True)
+        return True
+
+    def detach(self) -> int:
+        """`--supervise --detach`: the supervisor in the background, in a session of its own
+        (closing the terminal does not end it), logging to supervisor.log."""
+        argv = [sys.executable, os.path.join(HERE, "relay.py"), "launch-stack", self.cfg.path, "--supervise", "--preflight-done"]
+        os.makedirs(os.path.dirname(self.supervisor_file("log")), exist_ok=True)
+        with open(self.supervisor_file("log"), "ab") as log_file:
+            os.chmod(self.supervisor_file("log"), 0o600)
+            child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        give_up = time.monotonic() + 30
+        while child.poll() is None and time.monotonic() < give_up:
+            if recorded_pid(self.supervisor_file("pid"), StackState(self.cfg.relay.state_path, self.cfg.run.run_id,
+                                                                     persist=True).supervisor) == child.pid:
+                print(f"supervisor started in the background (pid {child.pid}, log {self.supervisor_file('log')}); "
+                      f"`relay.py status --run {self.cfg.run.run_id}` shows it, `relay.py down {self.cfg.path}` stops it "
+                      "and removes the pods", flush=True)
+                return 0
+            time.sleep(0.1)
+        with open(self.supervisor_file("log"), encoding="utf-8", errors="replace") as log_file:
+            last = (log_file.read().strip().splitlines() or ["(empty log)"])[-1]
+        raise UserError(f"the background supervisor did not start: {last} (log {self.supervisor_file('log')})")
 
     # -- the commander -------------------------------------------------------------------
 
@@ -4647,22 +4756,8 @@ class Stack:
             return False
 
     def commander_pid(self) -> int | None:
-        """The pid in the pid file, if that process still runs and is the one we started: the
-        stack state holds its start time, so a stale file whose pid the system gave to another
-        process names nobody, and nothing of anyone else's is adopted or killed."""
-        try:
-            with open(self.cfg.commander.pid_path, encoding="utf-8") as handle:
-                fields = handle.read().split()
-            pid = int(fields[0])
-            started = int(fields[1]) if len(fields) > 1 else None  # (an older relay wrote the start time there)
-            if self.state.commander:
-                started = int(self.state.commander["start_ticks"]) if self.state.commander.get("pid") == pid else -1
-            if started is not None and process_start_ticks(pid) != started:
-                return None
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError, IndexError, KeyError, TypeError):
-            return None
+        """The commander launch-stack started, if it still runs (its pid file and the stack state)."""
+        return recorded_pid(self.cfg.commander.pid_path, self.state.commander)
 
     def ensure_commander(self) -> dict:
         group = self.cfg.commander
@@ -4719,16 +4814,7 @@ class Stack:
         pid = self.commander_pid()
         if pid is None:
             return False
-        os.kill(pid, signal.SIGTERM)
-        give_up = time.monotonic() + 10
-        while time.monotonic() < give_up:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        stop_process(pid, signal.SIGTERM, 10)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.commander.pid_path)
         self.state.commander = {}
@@ -5199,18 +5285,22 @@ class Stack:
 
     def interrupted(self) -> int:
         self.say(f"stopped supervising; {self.pods_left_line()}")
+        if self.state.supervisor.get("pid") == os.getpid():  # status: no supervisor any more
+            self.report_spend(self.run_record() or {}, supervising=False)
         return 130
 
     def notify(self, event: str, text: str, **fields: Any) -> None:
         """The supervisor's own events, to the same receiver as the commander's (notify_url)."""
         self.notifier.notify(event, f"relay launch-stack: {text}", self.cfg.run.run_id, **fields)
 
-    def report_spend(self, run: dict) -> None:
-        """Tell the commander the run's GPU spend when it changed (status and the page show it)."""
+    def report_spend(self, run: dict, supervising: bool = True) -> None:
+        """Tell the commander the run's GPU spend when it changed (status and the page show it),
+        and, while supervising, at least every 3 polls: the supervisor's heartbeat."""
         spend = {"run_id": self.cfg.run.run_id, "spent_usd": self.state.spent_usd(), "budget_usd": self.cfg.relay.budget_usd,
-                 "pods": len(self.state.pods)}
+                 "pods": len(self.state.pods), "supervisor_pid": os.getpid() if supervising else 0}
         last = run.get("gpu_spend") or {}
-        if not run or all(last.get(k) == spend[k] for k in ("spent_usd", "budget_usd", "pods")):
+        fresh = utc_now() - last.get("at", 0) < 3 * self.cfg.lium.poll_interval_seconds or not supervising
+        if not run or (fresh and all(last.get(k) == spend[k] for k in ("spent_usd", "budget_usd", "pods", "supervisor_pid"))):
             return
         with contextlib.suppress(CommanderUnreachable):
             self.client.post("/api/runs/spend", spend, timeout=5)
@@ -5294,7 +5384,7 @@ class Stack:
         removed = [record.name for record in live if record.state == "removed"]
         self.notify("run_finished", f"run {self.cfg.run.run_id} {status} at step {run.get('step')}; pods removed: "
                     f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
-        self.report_spend(run)
+        self.report_spend(run, supervising=False)
         self.say(f"run {self.cfg.run.run_id} {status}: {self.spend_line()} on {len(self.state.pods)} pod(s)")
         return 1 if status == "FAILED" else 0
 
@@ -5308,19 +5398,27 @@ class Stack:
         return None if any(p.name == sealer and p.has_volume for p in self.state.pods) else sealer
 
     def down(self) -> dict:
+        supervisor_stopped = self.stop_supervisor()  # first: it would rent a new pod for each one removed
         removed = []
         self.live_pods()  # finds the id of a pod whose `up` was cut short, and the spend of each
         for record in self.state.live():
             self.remove_pod(record, "relay.py down")
             removed.append(record.name)
-        return {"removed_pods": removed, "commander_stopped": self.stop_commander(), "spent_usd": self.state.spent_usd()}
+        return {"supervisor_stopped": supervisor_stopped, "removed_pods": removed, "commander_stopped": self.stop_commander(),
+                "spent_usd": self.state.spent_usd()}
 
 
-def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
+def run_launch_stack(path: str, supervise: bool, dry_run: bool, detach: bool = False, preflight_done: bool = False) -> int:
+    if detach and (not supervise or dry_run):
+        raise UserError("--detach goes with --supervise (and not --dry-run): it runs the supervisor in the background")
     stack = Stack(load_stack_config(path), dry_run)
-    failed = stack.preflight()
+    failed = 0 if preflight_done else stack.preflight()  # (a detached supervisor's parent made the checks)
     if failed and not dry_run:
         raise UserError(f"{failed} preflight check(s) failed (above): nothing was started or rented")
+    if detach:
+        return stack.detach()
+    if supervise and not dry_run:
+        stack.become_the_supervisor()
     try:
         summary = stack.launch()
         print(json.dumps(summary, indent=2), flush=True)
@@ -5367,15 +5465,32 @@ def age_text(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def step_text(run: dict) -> str:
+    return f"{run['step']}/{run['total_steps']}" if run.get("total_steps") else str(run["step"])
+
+
+def elapsed_seconds(run: dict, now: float) -> float:
+    """Since the run was created; an ended run's until it ended."""
+    end = (run.get("updated_at") or now) if run["status"] in ENDED_STATUSES else now
+    return end - run["created_at"]
+
+
 def run_rows(runs: list[dict]) -> list[list[str]]:
-    rows = [["RUN", "STATUS", "HOLDER", "EPOCH", "STEP", "CHECKPOINT", "HUB REVISION", "LEASE"]]
+    rows = [["RUN", "STATUS", "HOLDER", "EPOCH", "STEP", "ELAPSED", "GPU SPEND", "SUPERVISOR", "CHECKPOINT",
+             "HUB REVISION", "LEASE"]]
+    now = utc_now()
     for run in runs:
         ckpt = run.get("latest_checkpoint") or {}
         hub = run.get("hub") or {}
+        spend = run.get("gpu_spend") or {}
         lease = "-"
         if run.get("holder"):
             lease = f"age {age_text(run.get('lease_age_sec'))}, expires in {age_text(run.get('lease_expires_in_sec'))}"
-        rows.append([run["run_id"], run["status"], run.get("holder") or "-", str(run["epoch"]), str(run["step"]),
+        supervisor = "-"
+        if spend.get("supervisor_pid"):
+            supervisor = f"heard {age_text(now - spend['at'])} ago"
+        rows.append([run["run_id"], run["status"], run.get("holder") or "-", str(run["epoch"]), step_text(run),
+                     age_text(elapsed_seconds(run, now)), f"${spend['spent_usd']:.2f}" if spend else "-", supervisor,
                      str(ckpt.get("iteration", "-")), (hub.get("revision") or "-")[:12], lease])
     return rows
 
@@ -5389,6 +5504,21 @@ def spend_text(spend: dict) -> str:
     """launch-stack's last report of the run's GPU spend."""
     budget = f" of a ${spend['budget_usd']:.2f} budget" if spend.get("budget_usd") else ""
     return f"${spend['spent_usd']:.2f}{budget} on {spend['pods']} pod(s), Lium's estimate"
+
+
+SUPERVISOR_SILENT_SECONDS = 300  # a supervisor reports at least every 3 polls (10 s by default)
+
+
+def supervisor_text(spend: dict | None, now: float) -> str:
+    """Whether a `launch-stack --supervise` looks after the run, from its last report."""
+    if not spend:
+        return "none has reported (launch-stack --supervise reports here)"
+    if not spend.get("supervisor_pid"):
+        return f"none: the last one stopped {age_text(now - spend['at'])} ago"
+    heard = now - spend["at"]
+    gone = f": not heard for over {SUPERVISOR_SILENT_SECONDS // 60} minutes, is it still running?" \
+        if heard > SUPERVISOR_SILENT_SECONDS else ""
+    return f"pid {spend['supervisor_pid']}, last heard {age_text(heard)} ago{gone}"
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -5410,6 +5540,7 @@ def format_run_detail(run: dict) -> str:
         lines.append(f"hub sync failing: {run['sync_error']}")
     if run.get("gpu_spend"):
         lines.append(f"GPU spend: {spend_text(run['gpu_spend'])}")
+    lines.append(f"supervisor: {supervisor_text(run.get('gpu_spend'), utc_now())}")
     final = run.get("final_model")
     ended = (run.get("leases") or [{}])[-1].get("why") or ""
     if final:
@@ -5523,7 +5654,7 @@ def render_run_card(run: dict, now: float) -> str:
     hub = run.get("hub") or {}
     rate = steps_per_hour(run)
     facts = [("holder", run["holder"] or "-"), ("standing by", standbys_text(run)), ("epoch", run["epoch"]),
-             ("step", run["step"]),
+             ("step", step_text(run)), ("elapsed", age_text(elapsed_seconds(run, utc_now()))),
              ("steps/hour", f"{rate:.0f}" if rate is not None else "-"),
              ("loss", f"{run['loss']:.4g}" if run.get("loss") is not None else "-")]
     if run["holder"]:
@@ -5534,6 +5665,7 @@ def render_run_card(run: dict, now: float) -> str:
                           f"({age_text(now - hub['at'])} ago)" if hub else "-"))
     if run.get("gpu_spend"):
         facts.append(("GPU spend", spend_text(run["gpu_spend"])))
+    facts.append(("supervisor", supervisor_text(run.get("gpu_spend"), now)))
     rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in facts)
     if run.get("sync_error"):
         rows += f"<dt>hub sync</dt><dd class='error'>failing: {esc(run['sync_error'])}</dd>"
@@ -5686,10 +5818,15 @@ def run_logs(args: argparse.Namespace) -> int:
     """Print the trainer output the commander holds for a run; --follow keeps printing."""
     reader = reader_from_args(args)
     path = f"/api/runs/{checked_run_id(args.run_id, 'RUN')}/logs"
-    after = 0
+    if args.lines is not None and args.lines < 0:
+        raise UserError(f"-n {args.lines}: give a number of lines, 0 or more")
+    after, first_page = 0, True
     try:
         while True:
             page = fetch_json(reader, f"{path}?after={after}", "lines")
+            if first_page and args.lines is not None:  # -n N: the last N lines only, then (--follow) what comes
+                page["lines"], page["dropped"] = page["lines"][len(page["lines"]) - args.lines:] if args.lines else [], 0
+            first_page = False
             if page["dropped"]:
                 print(f"[... {page['dropped']} older lines are no longer kept by the commander ...]")
             for item in page["lines"]:
@@ -5973,6 +6110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN")
     p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    p.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="only the last N lines (then, with -f, new ones)")
     p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_logs)
 
@@ -5989,8 +6127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch-stack", help="start the commander and a Lium pod with a worker (stack.yaml)")
     p.add_argument("stack", metavar="STACK_YAML")
     p.add_argument("--supervise", action="store_true", help="stay and replace dead pods until the run ends")
-    p.add_argument("--dry-run", action="store_true", help="print every command, run none")
-    p.set_defaults(func=lambda a: run_launch_stack(a.stack, a.supervise, a.dry_run))
+    p.add_argument("--dry-run", action="store_true", help="print every check's result and every command, run none")
+    p.add_argument("--detach", action="store_true", help="with --supervise: supervise in the background (supervisor.log, "
+                                                         "supervisor.pid beside the stack state); `down` stops it")
+    p.add_argument("--preflight-done", action="store_true", help=argparse.SUPPRESS)  # the detached supervisor's own
+    p.set_defaults(func=lambda a: run_launch_stack(a.stack, a.supervise, a.dry_run, a.detach, a.preflight_done))
 
     p = sub.add_parser("down", help="remove the stack's pods and stop the commander it started")
     p.add_argument("stack", metavar="STACK_YAML")

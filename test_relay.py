@@ -459,17 +459,38 @@ def test_the_viewer_secret_opens_the_page_metrics_runs_and_logs_and_gets_401_on_
         assert result.returncode == 0, result.stderr
 
 
-def test_the_shared_secret_is_refused_for_basic_auth_on_a_public_address_without_tls(cluster):
+def this_machines_network_address() -> str:
+    """An address of this machine that is not loopback (its network interface's), or ''."""
+    found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return next((a for a in found if ":" not in a and not relay.is_loopback(a)), "")
+
+
+def test_on_plain_http_the_page_takes_the_shared_secret_over_loopback_only_and_the_viewer_secret_anywhere(cluster):
     secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
-    # Bound to every address, reached over loopback only.
+    # Bound to every address, as the README's setup (0.0.0.0, plain HTTP) has it.
     cluster.start_commander(lease=30, secret=secret, extra=("--host", "0.0.0.0"), env={"RELAY_VIEWER_SECRET": viewer})
-    for path in ("/", "/metrics"):
-        status, body, headers = raw_request(cluster, "GET", path, headers=basic_auth(secret))
-        assert status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
-        assert headers.get("WWW-Authenticate", "").startswith("Basic")
+    for path in ("/", "/metrics"):  # over loopback: this machine, or an SSH tunnel to it
+        assert raw_request(cluster, "GET", path, headers=basic_auth(secret))[0] == 200
         assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200
     assert cluster.client().get("/api/runs").status == 200  # signed requests never send the secret itself
-    assert "plain HTTP on 0.0.0.0" in cluster.log("commander")
+    assert "the shared secret only from this machine or an SSH tunnel" in cluster.log("commander")
+    address = this_machines_network_address()
+    if not address:
+        pytest.skip("this machine has no network address but loopback to arrive from")
+    # From the network (this machine's own address: the kernel delivers it here, it never leaves the machine):
+    # a password in clear, refused when it is the shared secret.
+    for path in ("/", "/metrics"):
+        conn = http.client.HTTPConnection(address, cluster.port, timeout=5)
+        conn.request("GET", path, headers=basic_auth(secret))
+        answer = conn.getresponse()
+        body = answer.read()
+        assert answer.status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
+        assert answer.getheader("WWW-Authenticate", "").startswith("Basic")
+        conn.close()
+        conn = http.client.HTTPConnection(address, cluster.port, timeout=5)
+        conn.request("GET", path, headers=basic_auth(viewer))
+        assert conn.getresponse().status == 200
+        conn.close()
 
 
 def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
@@ -701,6 +722,31 @@ def test_a_worker_that_cannot_reach_the_commander_says_so_at_once_and_again_whil
     cluster.start_commander(port=cluster.port)
     assert worker.wait(40) == 0, cluster.log("a")
     assert f"reached the commander at {cluster.url} after" in cluster.log("a")
+
+
+def test_status_shows_step_of_total_elapsed_time_gpu_spend_and_the_supervisor(cluster):
+    cluster.start_commander(lease=2)
+    assert cluster.start_worker("a", total_steps=10, env={"MOCK_MAX_STEPS": "10"}).wait(30) == 0
+    spend = {"run_id": "r1", "spent_usd": 1.5, "budget_usd": 0, "pods": 1, "supervisor_pid": 4242}  # as launch-stack reports
+    assert cluster.client().post("/api/runs/spend", spend).status == 200
+    table = relay_cli(cluster, "status")
+    header, row = (line.split("  ") for line in table.stdout.splitlines()[:2])
+    columns = dict(zip([h.strip() for h in header if h.strip()], [c.strip() for c in row if c.strip()], strict=False))
+    assert (columns["STEP"], columns["GPU SPEND"]) == ("10/10", "$1.50"), table.stdout
+    assert re.fullmatch(r"\d+s", columns["ELAPSED"]) and columns["SUPERVISOR"].startswith("heard "), table.stdout
+    detail = relay_cli(cluster, "status", "--run", "r1").stdout
+    assert "supervisor: pid 4242, last heard" in detail and "GPU spend: $1.50 on 1 pod(s)" in detail
+    assert cluster.client().post("/api/runs/spend", dict(spend, supervisor_pid=0)).status == 200  # it stopped
+    assert "supervisor: none: the last one stopped" in relay_cli(cluster, "status", "--run", "r1").stdout
+
+
+def test_logs_n_prints_only_the_last_lines(cluster):
+    cluster.start_commander(lease=2)
+    assert cluster.start_worker("a", env={"MOCK_MAX_STEPS": "20"}).wait(30) == 0
+    every = relay_cli(cluster, "logs", "r1").stdout.splitlines()
+    assert len(every) > 5
+    assert relay_cli(cluster, "logs", "r1", "-n", "3").stdout.splitlines() == every[-3:]
+    assert relay_cli(cluster, "logs", "r1", "-n", "0").stdout == ""
 
 
 # --------------------------------------------------------------------------- the mock trainer
@@ -1636,17 +1682,47 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
 # pods are sandboxes reached over real SSH.
 
 
-@pytest.fixture
-def lium(cluster):
-    from testing.lium_api import SSHD, LiumApi
+def skip_without_pods() -> None:
+    from testing.lium_api import SSHD
 
     if not os.path.exists(SSHD):
         pytest.skip("openssh-server is not installed (testing/install.sh): the stand-in's pods are reached over SSH")
     if os.geteuid() != 0:
         pytest.skip("the stand-in's pods bind-mount their folders in a mount namespace, which needs root")
+
+
+@pytest.fixture
+def lium(cluster):
+    from testing.lium_api import LiumApi
+
+    skip_without_pods()
     api = LiumApi(cluster.tmp / "lium-api", cluster.mark).start()
     try:
         yield api
+    finally:
+        api.stop()
+
+
+@pytest.mark.slow(8)
+def test_the_stand_ins_pods_see_a_test_python_that_lives_in_a_venv_under_tmp(cluster, tmp_path):
+    from testing.lium_api import EXECUTOR_ID, TEMPLATE_ID, LiumApi
+
+    skip_without_pods()
+    venv = tmp_path / "venv"  # /tmp/pytest-...: where a pod has a /tmp of its own
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = str(venv / "bin" / "python")
+    api = LiumApi(cluster.tmp / "venv-lium-api", cluster.mark, python=python).start()
+    try:
+        env = lium_env(cluster, api)
+        rented = subprocess.run(["lium", "up", EXECUTOR_ID, "--name", "venv-pod", "--template_id", TEMPLATE_ID, "-y", "--json"],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert rented.returncode == 0, rented.stderr
+        pod = json.loads(rented.stdout)["pod"]["id"]
+        ran = subprocess.run(["lium", "exec", pod, "--json", f"{python} -c 'import sys, yaml; print(sys.prefix)'"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        result = json.loads(ran.stdout)["results"][0]
+        assert (result["exit_code"], result["stdout"].strip()) == (0, str(venv)), result
     finally:
         api.stop()
 
@@ -1817,6 +1893,30 @@ def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path
                                 env=lium_env(cluster, api), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     cluster.procs.append(proc)
     return proc, events
+
+
+@pytest.mark.slow(25)
+def test_a_detached_supervisor_outlives_its_terminal_reports_itself_and_down_stops_it_then_the_pods(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    started = launch_stack(cluster, lium, stack, "--supervise", "--detach")
+    assert started.returncode == 0, started.stderr
+    pid = int(re.search(r"supervisor started in the background \(pid (\d+), log ", started.stdout).group(1))
+    launch = cluster.tmp / "launch"
+    assert (launch / "supervisor.pid").read_text() == f"{pid}\n" and os.getsid(pid) == pid  # its own session
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 60)
+    detail = wait_for("status to show the supervisor", lambda: (lambda out: out if f"supervisor: pid {pid}, last heard" in out
+                      else None)(relay_cli(cluster, "status", "--run", "r1").stdout), 30)
+    assert "GPU spend: $" in detail
+    second = launch_stack(cluster, lium, stack, "--supervise")
+    assert second.returncode == 2 and f"a supervisor of {stack} already runs (pid {pid})" in second.stderr
+    down = subprocess.run([sys.executable, RELAY, "down", stack], capture_output=True, text=True, timeout=120,
+                          cwd=cluster.tmp / "empty", env=lium_env(cluster, lium))
+    assert down.returncode == 0, down.stderr
+    summary = json.loads(down.stdout)
+    assert (summary["supervisor_stopped"], summary["removed_pods"], summary["commander_stopped"]) == (
+        True, ["relay-r1-1"], True)
+    assert relay.process_start_ticks(pid) is None and stack_pods(lium) == [] and not cluster.healthy()
+    assert "stopped supervising; pods left as they are" in (launch / "supervisor.log").read_text()
 
 
 @pytest.mark.slow(20)
