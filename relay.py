@@ -4384,6 +4384,7 @@ PLACEHOLDER = re.compile(r"YOUR_|\bCHANGE_?ME\b")  # what the shipped examples l
 EXAMPLE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
 EXAMPLE_DOMAIN = re.compile(r"(^|\.)example\.(com|net|org)$", re.I)
 MIN_SECRET_BYTES = 32
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 @dataclass
@@ -4523,8 +4524,10 @@ def lium_checks(cfg: StackConfig, lium: Lium) -> list[Check]:
                                                   f"{template.get('docker_image_tag')})") if template else
                   Check("lium.template_id", f"no template {group.template_id!r} among the {len(templates)} `lium templates` "
                                             "lists: use the id of your relay-trainer template (`lium templates --format json`)"))
-    if group.volume:
-        huid = group.volume.split(":", 1)[1]
+    huid = group.volume.split(":", 1)[1] if group.volume else ""
+    if UUID_RE.fullmatch(huid):  # `volumes list` shows HUIDs only
+        checks.append(Check("lium.volume", found=f"not checked: {huid} is an id; `lium volumes list` shows HUIDs"))
+    elif huid:
         listed = results["volumes"].returncode == 0 and re.search(rf"(?<!\S){re.escape(huid)}(?!\S)", results["volumes"].stdout)
         checks.append(Check("lium.volume", found=f"volume {huid} exists") if listed else
                       Check("lium.volume", f"no volume {huid!r} in `lium volumes list`: create one with `lium volumes new "
