@@ -19,7 +19,7 @@ RUN apt-get update \
 COPY docker/install_relay.sh /opt/relay/install_relay.sh
 RUN PYTHON=python3 RELAY_DIR=/opt/relay bash /opt/relay/install_relay.sh
 
-COPY relay.py launch_sft.sh launch_rl.sh /opt/relay/
+COPY relay.py launch_sft.sh launch_rl.sh slime_flags.txt /opt/relay/
 COPY docker/entrypoint.sh /opt/relay/entrypoint.sh
 RUN chmod 755 /opt/relay/launch_sft.sh /opt/relay/launch_rl.sh /opt/relay/entrypoint.sh
 
