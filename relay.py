@@ -5938,7 +5938,8 @@ def run_logs(args: argparse.Namespace) -> int:
                 print(item["line"])
             sys.stdout.flush()
             after = page["next"]
-            if not args.follow or page["status"] in ENDED_STATUSES:
+            # A cancelled run's holder still sends its last lines while it seals and uploads.
+            if not args.follow or (page["status"] in ENDED_STATUSES and not page["holder"]):
                 return 0
             time.sleep(1.0)
     except KeyboardInterrupt:
