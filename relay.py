@@ -3534,20 +3534,25 @@ def unknown_slime_flags(command: str, known: SlimeFlags) -> list[str]:
     return found
 
 
-def check_slime_flags(cfg: RunConfig) -> None:
-    """Refuse, before any lease, a slime command with a flag slime would silently drop."""
-    command = slime_command(cfg)
-    if not cfg.check_slime_flags or not slime_command_flags(command):
-        return
+def slime_flags_problem(command: str) -> str:
+    """What is wrong with the flags a command passes to slime ("" when nothing is, or when the
+    command runs no slime or the list is missing: then it says so in the log)."""
+    if not slime_command_flags(command):
+        return ""
     known = SlimeFlags.load()
     if known is None:
-        log("worker", f"{SLIME_FLAGS_FILE} is missing: the slime command's flags are not checked")
-        return
+        log("relay", f"{SLIME_FLAGS_FILE} is missing: the slime command's flags are not checked")
+        return ""
     unknown = unknown_slime_flags(command, known)
-    if unknown:
-        where = "trainer_command" if cfg.trainer_command else f"SLIME_{cfg.mode.upper()}_CMD"
-        raise UserError(f"{where}: slime does not know {', '.join(unknown)} and would drop it without a word; fix "
-                        f"the command, or set check_slime_flags: false for a slime build with flags of its own")
+    return (f"slime does not know {', '.join(unknown)} and would drop it without a word; fix the command, or set "
+            "check_slime_flags: false for a slime build with flags of its own") if unknown else ""
+
+
+def check_slime_flags(cfg: RunConfig) -> None:
+    """Refuse, before any lease, a slime command with a flag slime would silently drop."""
+    problem = slime_flags_problem(slime_command(cfg)) if cfg.check_slime_flags else ""
+    if problem:
+        raise UserError(f"{'trainer_command' if cfg.trainer_command else f'SLIME_{cfg.mode.upper()}_CMD'}: {problem}")
 
 
 def stop_ray_job() -> int:
@@ -4698,9 +4703,22 @@ def hub_checks(cfg: StackConfig) -> list[Check]:
     return [Check("run.hf_repo", found=f"{repo} is {'private' if private else 'public (allowed)'} and HF_TOKEN may write it")]
 
 
+def slime_checks(cfg: StackConfig) -> list[Check]:
+    """The slime command the pods will run passes slime only flags it knows (a typo would be
+    dropped without a word, days into the run)."""
+    name = f"SLIME_{cfg.run.mode.upper()}_CMD"
+    command = cfg.run.trainer_command or {**env_from_here(cfg.worker.env), **env_from_here(cfg.run.env)}.get(name, "")
+    if not cfg.run.check_slime_flags or not slime_command_flags(command):
+        return []
+    where = "run.trainer_command" if cfg.run.trainer_command else f"worker.env.{name}"
+    problem = slime_flags_problem(command)
+    return [Check(where, problem) if problem else
+            Check(where, found=f"slime knows all {len(set(slime_command_flags(command)))} flags of the command")]
+
+
 def preflight(cfg: StackConfig, lium: Lium) -> list[Check]:
     """Every check that needs no running commander, in the order a user fixes them."""
-    checks = placeholder_checks(cfg) + env_reference_checks(cfg) + secret_checks(cfg)
+    checks = placeholder_checks(cfg) + env_reference_checks(cfg) + secret_checks(cfg) + slime_checks(cfg)
     lium_base = urllib.parse.urlsplit(os.environ.get("LIUM_BASE_URL", "https://lium.io/api")).hostname or ""
     checks += public_url_checks(cfg, lium_is_remote=not is_loopback(lium_base))
     if shutil.which("lium") is None:

@@ -2549,7 +2549,8 @@ def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one
     stack = write_stack(cluster, lium, commander={"host": "0.0.0.0", "public_url": "http://YOUR_PUBLIC_IP:8080"},
                         lium={"template_id": "YOUR_TEMPLATE_ID", "node": "no-such-node"},
                         run={"hf_repo": HUB_REPO, "env": {"WANDB_API_KEY": "${TEST_UNSET_KEY}"}},  # no HF_TOKEN anywhere
-                        worker={"env": {"TRAINSTACK_HTTP_ENV_URL": "http://203.0.113.5:8000"}})
+                        worker={"env": {"TRAINSTACK_HTTP_ENV_URL": "http://203.0.113.5:8000",
+                                        "SLIME_SFT_CMD": "python3 train.py --save-intervall 20 $RELAY_SLIME_ARGS"}})
     result = launch_stack(cluster, lium, stack, "--supervise", RELAY_SHARED_SECRET="short", HF_TOKEN="")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -2558,9 +2559,10 @@ def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one
                        "worker.env.TRAINSTACK_HTTP_ENV_URL: 'http://203.0.113.5:8000' is a documentation address",
                        "RELAY_SHARED_SECRET: 5 bytes; a commander reachable from other machines needs at least 32",
                        "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set",
-                       "run.env.WANDB_API_KEY: ${TEST_UNSET_KEY} is not set where launch-stack runs"):
+                       "run.env.WANDB_API_KEY: ${TEST_UNSET_KEY} is not set where launch-stack runs",
+                       "worker.env.SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?)"):
         assert sum(field_name in line for line in lines) == 1, result.stderr
-    assert lines[-1] == "relay: error: 7 preflight check(s) failed (above): nothing was started or rented"
+    assert lines[-1] == "relay: error: 8 preflight check(s) failed (above): nothing was started or rented"
     assert rented_or_changed(lium) == [] and not cluster.healthy()
 
 

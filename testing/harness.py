@@ -284,16 +284,6 @@ class PidNamespace:
         return int(text) if text else None
 
 
-def start_ticks(pid: int) -> int | None:
-    """When a process started, in clock ticks after boot (None when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
-
-
 class TrainerOverlapMonitor:
     """Each trainer's life, judged exactly: when its first process was born and its last ended.
 
@@ -345,7 +335,7 @@ class TrainerOverlapMonitor:
     def _scan(self) -> None:
         while not self._stop.is_set():
             for pid, env in self.cluster.trainer_pids(self.run_id).items():
-                started = start_ticks(pid)
+                started = relay.process_start_ticks(pid)
                 if started is None or (pid, started) in self._seen:
                     continue
                 self._seen.add((pid, started))
