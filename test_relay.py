@@ -529,10 +529,35 @@ def test_the_viewer_secret_opens_the_page_metrics_runs_and_logs_and_gets_401_on_
         assert result.returncode == 0, result.stderr
 
 
-def this_machines_network_address() -> str:
-    """An address of this machine that is not loopback (its network interface's), or ''."""
-    found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
-    return next((a for a in found if ":" not in a and not relay.is_loopback(a)), "")
+# Arriving "from the network" without any traffic leaving loopback: a network namespace of the
+# test's own, whose loopback device also carries an address outside 127/8, with the commander
+# and its client both inside.  FROM_THE_NETWORK runs in it: the page asked for with each secret.
+NETWORK_ADDRESS = "192.0.2.10"
+FROM_THE_NETWORK = """
+import base64, http.client, json, os, subprocess, sys, time
+port = 8080  # the namespace's own: no other test's
+commander = subprocess.Popen([sys.executable, sys.argv[1], "serve", "--host", "0.0.0.0", "--port", str(port),
+                              "--state-path", sys.argv[2]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+try:
+    for _ in range(200):
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/api/health")
+            break
+        except OSError:
+            time.sleep(0.05)
+    answers = {}
+    for who in ("RELAY_SHARED_SECRET", "RELAY_VIEWER_SECRET"):
+        for path in ("/", "/metrics"):
+            conn = http.client.HTTPConnection(sys.argv[3], port, timeout=5)
+            auth = base64.b64encode(("u:" + os.environ[who]).encode()).decode()
+            conn.request("GET", path, headers={"Authorization": "Basic " + auth})
+            answer = conn.getresponse()
+            body = answer.read().decode(errors="replace")
+            answers[who + " " + path] = [answer.status, answer.getheader("WWW-Authenticate", ""), body[:300]]
+    print(json.dumps(answers))
+finally:
+    commander.kill()
+"""
 
 
 def test_on_plain_http_the_page_takes_the_shared_secret_over_loopback_only_and_the_viewer_secret_anywhere(cluster):
@@ -544,23 +569,21 @@ def test_on_plain_http_the_page_takes_the_shared_secret_over_loopback_only_and_t
         assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200
     assert cluster.client().get("/api/runs").status == 200  # signed requests never send the secret itself
     assert "the shared secret only from this machine or an SSH tunnel" in cluster.log("commander")
-    address = this_machines_network_address()
-    if not address:
-        pytest.skip("this machine has no network address but loopback to arrive from")
-    # From the network (this machine's own address: the kernel delivers it here, it never leaves the machine):
-    # a password in clear, refused when it is the shared secret.
+    # From the network: a password in clear, refused when it is the shared secret.
+    script = f"ip link set lo up && ip addr add {NETWORK_ADDRESS}/32 dev lo && exec \"$@\""
+    inside = subprocess.run(["unshare", "--net", "bash", "-c", script, "netns", sys.executable, "-c", FROM_THE_NETWORK,
+                             RELAY, str(cluster.tmp / "netns_state.json"), NETWORK_ADDRESS],
+                            capture_output=True, text=True, timeout=60, env={**cluster.env(), "RELAY_SHARED_SECRET": secret,
+                                                                              "RELAY_VIEWER_SECRET": viewer})
+    if inside.returncode != 0 and "unshare" in inside.stderr:
+        pytest.skip(f"no network namespace of our own here: {inside.stderr.strip()}")
+    answers = json.loads(inside.stdout.strip().splitlines()[-1])
     for path in ("/", "/metrics"):
-        conn = http.client.HTTPConnection(address, cluster.port, timeout=5)
-        conn.request("GET", path, headers=basic_auth(secret))
-        answer = conn.getresponse()
-        body = answer.read()
-        assert answer.status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
-        assert answer.getheader("WWW-Authenticate", "").startswith("Basic")
-        conn.close()
-        conn = http.client.HTTPConnection(address, cluster.port, timeout=5)
-        conn.request("GET", path, headers=basic_auth(viewer))
-        assert conn.getresponse().status == 200
-        conn.close()
+        status, challenge, body = answers[f"RELAY_SHARED_SECRET {path}"]
+        assert status == 401 and '{"error": "the shared secret is refused here' in body, body
+        assert "plain HTTP on a public address" in body
+        assert challenge.startswith("Basic")
+        assert answers[f"RELAY_VIEWER_SECRET {path}"][0] == 200
 
 
 def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
