@@ -148,6 +148,36 @@ def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_any
     assert worker_b.wait(30) == 0
 
 
+@pytest.mark.slow(45)
+def test_answers_held_back_past_the_margin_still_end_the_trainer_before_the_commander_lets_the_lease_go(cluster):
+    """The worker's deadline counts from when it SENT a renewal, never from the answer: the
+    commander's expiry counts from when it received it, which is later."""
+    from testing.wire_proxy import WireProxy
+
+    ttl = 15.0  # margin 3 s; a renewal every 5 s, each waiting up to 5 s for its answer
+    margin = relay.lease_margin(ttl)
+    cluster.start_commander(lease=ttl)
+    path = WireProxy(cluster.port).start()
+    path.answer_delay = margin + 1.2  # a deadline counted from the answer would outlive the commander's expiry
+    try:
+        with TrainerOverlapMonitor(cluster) as monitor:
+            cluster.start_worker("a", commander_url=path.url, env={"MOCK_STEP_SECONDS": "0.2", "MOCK_MAX_STEPS": "1000"})
+            wait_for("a to renew through the slow path", lambda: len(path.renewals_forwarded) >= 2, 60)
+            cluster.start_worker("b", env={"MOCK_MAX_STEPS": "1000"})
+            path.cut_after_next_renewal_answer()  # a believes that renewal; nothing of a's reaches the commander after
+            wait_for("the path to be cut", path.cut.is_set, 30)
+            wait_for("b to be granted the run", lambda: cluster.run("r1").get("holder") == "b", ttl + 20)
+            wait_for("a's trainer to have ended", lambda: "1" in monitor.ended, 10)
+        run = cluster.run("r1")
+    finally:
+        path.stop()
+    commander_expiry = path.renewals_forwarded[-1] + ttl  # the last renewal it received, plus the TTL
+    assert monitor.ended["1"] <= commander_expiry - margin / 2, "a's trainer outlived its deadline"
+    assert monitor.ended["1"] <= run["leases"][1]["started_at"]  # and so ended before b was granted the run
+    assert monitor.overlaps == []
+    assert run["leases"][0]["why"].startswith("expired")
+
+
 def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(cluster, reference):
     cluster.start_commander(lease=10)  # waiting for the lease to expire would take 10 s or more
     worker_a = cluster.start_worker("a", env=MID_RUN)
