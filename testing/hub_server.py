@@ -564,6 +564,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                 return self.error(412, "A commit has happened since. Please refresh and try again.")
             files = dict(repo.commits[head].files)
             new_bytes = 0
+            new_xet_files: dict[str, LfsObject] = {}  # the repo's from this commit on
             for item in lines[1:]:
                 value = item["value"]
                 if item["key"] == "file":
@@ -571,12 +572,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                     files[value["path"]] = Blob(len(data), hashlib.sha256(data).hexdigest(), data)
                     new_bytes += len(data)
                 elif item["key"] == "lfsFile":
-                    lfs_object = repo.lfs.get(value["oid"])
+                    lfs_object = repo.lfs.get(value["oid"]) or new_xet_files.get(value["oid"])
                     if lfs_object is None:  # not pushed through LFS: a file the client sent to the CAS?
                         xet = uploaded_to_cas.get(value["oid"])
                         if xet is None:
                             return self.error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
-                        lfs_object = repo.lfs[value["oid"]] = LfsObject(xet[1], xet_hash=xet[0])
+                        lfs_object = new_xet_files[value["oid"]] = LfsObject(xet[1], xet_hash=xet[0])
                         new_bytes += xet[1]
                     lfs_object.filename = lfs_object.filename or value["path"]
                     files[value["path"]] = Blob(lfs_object.size, value["oid"])
@@ -591,6 +592,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             if crowded:
                 return self.error(400, f"Too many files in folder {crowded[0] or '/'}: at most "
                                        f"{self.server.max_files_per_folder} files per folder")
+            repo.lfs.update(new_xet_files)
             oid = hashlib.sha1(f"{head}-{header['summary']}-{time.time()}-{len(repo.commits)}".encode()).hexdigest()
             repo.commits[oid] = Commit(oid, head, header["summary"], files)
             repo.branches[branch] = oid
