@@ -622,11 +622,21 @@ def hub():
         server.stop()
 
 
+@pytest.fixture(params=["xet", "lfs"])
+def transfer(request, cluster) -> str:
+    """A key Hub test on both paths (run.yaml hf_transfer): Xet, what production takes, and plain
+    LFS.  The other Hub tests take the harness's path (Xet; RELAY_TEST_HF_TRANSFER=lfs for a
+    whole pass on LFS)."""
+    cluster.hf_transfer = request.param
+    return request.param
+
+
 def hub_record(cluster: Cluster, run_id: str = "r1") -> dict:
     return cluster.run(run_id).get("hub") or {}
 
 
-def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference):
+def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference, transfer):
+    hub.lfs_patterns = ("*/model.json",)  # the model goes through Xet or LFS, not as a regular file
     cluster.hub = hub
     cluster.start_commander(lease=2)
     on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
@@ -641,6 +651,7 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     final = hub_record(cluster)
     assert final["iteration"] == 40
     assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000040/model.json"] == reference
+    assert ("runs/r1/ckpt/iter_0000040/model.json" in hub.xet_paths_at(HUB_REPO, final["revision"])) == (transfer == "xet")
     assert worker_b.wait(30) == 0
     assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
     assert f"af commit --repo {HUB_REPO} --revision {final['revision']} --chute-id" in cluster.log("b")
@@ -648,6 +659,68 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     assert hub.repos[HUB_REPO].private
     for name in ("a", "b", "commander"):
         assert hub.token not in cluster.log(name)
+
+
+def thread_nice_values(pid: int, prefix: str) -> dict[str, int]:
+    """The nice value of each thread of `pid` whose name starts with `prefix` (/proc/PID/task/TID/stat)."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            if name.startswith(prefix):
+                found[f"{name}/{tid}"] = int(fields[16])  # field 19 of stat, counted from the state (field 3)
+    return found
+
+
+def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_after_a_restore_and_an_upload(
+        cluster, hub):
+    hub.lfs_patterns = ("*/model.json",)
+    cluster.hub, cluster.hf_transfer = hub, "xet"
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    restored = hub_record(cluster)["iteration"]
+    # b restores through Xet on its main thread's behalf (hf_xet's pool is made then), then uploads.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), hf_xet_threads=3,
+                                    env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("b to upload a checkpoint after its restore",
+             lambda: hub_record(cluster).get("iteration", 0) > restored and "fetched checkpoint" in cluster.log("b"), 30)
+    nice = thread_nice_values(worker_b.pid, "hf-xet")
+    assert nice and set(nice.values()) == {relay.HUB_THREAD_NICENESS}, nice
+    assert len(nice) <= 3 + 2, nice  # hf_xet_threads workers, and its few blocking threads
+    assert thread_nice_values(worker_b.pid, "python") == {f"python/{worker_b.pid}": 0}  # lease renewals keep theirs
+
+
+@pytest.mark.parametrize("cas_status", [403, 503], ids=["the storage refuses", "the storage fails"])
+def test_a_xet_storage_refusal_waits_half_an_hour_and_says_why_while_a_failure_is_retried_soon(
+        cluster, hub, cas_status):
+    from testing.xet_cas import FailingCas
+
+    cas = FailingCas(cas_status).start()
+    try:
+        hub.cas_url, hub.lfs_patterns = cas.url, ("*/model.json",)
+        cluster.hub, cluster.hf_transfer = hub, "xet"
+        cluster.start_commander(lease=2)
+        # hf_xet retries each request itself (5 times, 3 s apart by default): once is enough here
+        worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.2, hf_final_sync_timeout_seconds=4,
+                                      env={"MOCK_MAX_STEPS": "20", "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "1"})
+        failing = wait_for("the storage's error on the run record", lambda: cluster.run("r1").get("sync_error") and
+                           cluster.run("r1"), 30)
+        assert worker.wait(40) == 0
+    finally:
+        cas.stop()
+    failures = re.findall(r"upload of checkpoint \d+ failed \((\d+) in a row\): (.*); retrying in (\d+) s", cluster.log("a"))
+    assert cluster.run("r1")["status"] == "COMPLETED" and not cluster.run("r1")["hub"]
+    if cas_status == 403:
+        assert "403 Forbidden" in failing["sync_error"], failing["sync_error"]
+        assert "a retry cannot fix this, next try in 30 min" in failing["sync_error"]
+        assert len(failures) <= 2 and cas.uploads() <= 2 * 3, failures  # the first refusal, one last try at the end
+    else:
+        assert "503" in failing["sync_error"] and "cannot fix" not in failing["sync_error"]
+        assert len(failures) >= 3 and [int(f[2]) for f in failures[:2]] == [2, 4], failures  # short retries
 
 
 def hub_downloads(hub) -> int:
@@ -826,7 +899,8 @@ def test_a_final_upload_that_outlasts_its_timeout_leaves_no_final_model_named_an
 
 
 @pytest.mark.slow(16)
-def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
+def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(
+        cluster, hub, transfer):
     from testing.hub_server import Fault
 
     hub.lfs_threshold = CKPT_BYTES // 2
@@ -845,7 +919,10 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     stale = ckpt_b / f"{relay.HUB_STAGING_PREFIX}{'0' * 40}"  # a download a killed worker left behind
     stale.mkdir(parents=True)
     (stale / "part.incomplete").write_bytes(b"x" * 1000)
-    hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    if transfer == "lfs":  # the checkpoint file's own download fails
+        hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    else:  # the Xet read token the checkpoint file needs is refused once (a regular file needs none)
+        hub.inject(Fault("/xet-read-token/", status=403))
     # No prefetch while standing by: this is about the restore's own download.
     worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, hf_prefetch=False, **on_hub)
     assert worker_b.wait(60) == 0
@@ -853,8 +930,13 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     assert resumed_from(cluster.run("r1"), "b")[0].startswith(f"b resumes from checkpoint {recorded['iteration']} in the Hub")
     fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
                                   if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
-    assert fetched["common.pt"] == 2 and fetched["relay_manifest.json"] == 1, fetched  # the failed file only
-    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert fetched["relay_manifest.json"] == 1, fetched
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched  # complete: not again
+    if transfer == "lfs":
+        assert fetched["common.pt"] == 2, fetched  # the failed file only
+    else:
+        tokens = [status for method, path, status in hub.requests if "/xet-read-token/" in path]
+        assert tokens == [403, 200] and fetched["common.pt"] == 0, (tokens, fetched)  # through Xet, not GET
     assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
 
 
@@ -863,7 +945,8 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import relay
 cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
-                                                hf_repo=sys.argv[2], l1_root=sys.argv[3]), "test")
+                                                hf_repo=sys.argv[2], l1_root=sys.argv[3], hf_transfer=sys.argv[5]),
+                                "test")
 ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
 os.makedirs(os.path.join(ckpt.path, "iter_0000001"))
 with open(os.path.join(ckpt.path, "iter_0000001", "common.pt"), "wb") as handle:
@@ -883,23 +966,30 @@ print(json.dumps(outcomes))
 """
 
 
+def upload_twice(cluster: Cluster, hub, transfer: str, size: int = CKPT_BYTES) -> subprocess.CompletedProcess:
+    """UPLOAD_TWICE in a process of its own (huggingface_hub reads HF_ENDPOINT at import)."""
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"))
+    return subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
+                           str(size), transfer], capture_output=True, text=True, env=env, timeout=60)
+
+
 @pytest.mark.parametrize("landed", [False, True], ids=["commit refused", "commit landed, answer lost"])
 def test_a_commit_retry_sends_no_file_twice_and_a_commit_that_landed_despite_an_error_is_not_repeated(
-        cluster, hub, landed):
+        cluster, hub, landed, transfer):
     from testing.hub_server import Fault
 
     hub.lfs_threshold = CKPT_BYTES // 2
     hub.inject(Fault("/commit/", status=504, after=landed))
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
-    result = subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
-                             str(CKPT_BYTES)], capture_output=True, text=True, env=env, timeout=60)
+    result = upload_twice(cluster, hub, transfer)
     assert result.returncode == 0, result.stderr
     failed, revision = json.loads(result.stdout.splitlines()[-1])
     assert failed.startswith("HTTP 504") and revision == hub.head(HUB_REPO)
-    assert "runs/r1/ckpt/iter_0000001/common.pt" in hub.lfs_paths_at(HUB_REPO, revision)
+    checkpoint_file = "runs/r1/ckpt/iter_0000001/common.pt"
+    assert checkpoint_file in hub.lfs_paths_at(HUB_REPO, revision)
+    assert (checkpoint_file in hub.xet_paths_at(HUB_REPO, revision)) == (transfer == "xet")
+    assert hub.preuploaded[checkpoint_file] == 1  # the retry reused the uploaded file: its bytes went once
     requests = collections.Counter((method, path.rsplit("/", 2)[-2]) for method, path, _ in hub.requests)
-    assert [method for method, _, _ in hub.requests].count("PUT") == 1  # the checkpoint's bytes went once
-    assert requests["POST", "objects"] == 1  # the retry reused the uploaded file: no second LFS request
+    assert [method for method, _, _ in hub.requests].count("PUT") == (transfer == "lfs")  # LFS: one PUT of the bytes
     assert requests["POST", "commit"] == (1 if landed else 2), requests
     assert ("had landed" in result.stderr + result.stdout) == landed
 
@@ -975,7 +1065,7 @@ def test_a_token_that_cannot_write_or_a_public_repo_stops_the_worker_before_any_
     hub.create(HUB_REPO, private=not public)
     cluster.start_commander(lease=2)
     config = cluster.write_config("a", hf_repo=HUB_REPO)
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"))
     result = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 2 and words in result.stderr, result.stderr

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import fnmatch
 import hashlib
 import http.server
 import json
@@ -168,6 +169,8 @@ class HubServer(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.cas_dir = tempfile.mkdtemp(prefix="hub-cas-")  # hf_xet's local:// CAS: chunks, xorbs, shards
         self.cas_url = cas_url or f"local://{self.cas_dir}"  # what a write token names (a faulty CAS for tests)
+        # Paths stored in LFS/Xet whatever their size, as a repo's .gitattributes says (`*.bin filter=lfs ...`)
+        self.lfs_patterns: tuple[str, ...] = ()
         self.xet_files: dict[str, tuple[str, int]] = {}  # sha256 -> (Xet hash, size), from the CAS's shards
         self._shards_read: set[str] = set()
         self.token, self.read_token = token, read_token
@@ -176,6 +179,7 @@ class HubServer(http.server.ThreadingHTTPServer):
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, int]] = []
+        self.preuploaded: collections.Counter[str] = collections.Counter()  # how often a file's upload was announced
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._counter = 0
@@ -224,6 +228,9 @@ class HubServer(http.server.ThreadingHTTPServer):
         with self.lock:
             self._counter += 1
             return hashlib.sha1(f"{seed}-{self._counter}-{time.time()}".encode()).hexdigest()
+
+    def stored_in_lfs(self, path: str, size: int) -> bool:
+        return size >= self.lfs_threshold or any(fnmatch.fnmatch(path, pattern) for pattern in self.lfs_patterns)
 
     def xet_file(self, sha256: str) -> tuple[str, int] | None:
         """The Xet hash and size of the file of this sha256 that a client uploaded to the CAS."""
@@ -463,8 +470,10 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             if role != "write":
                 return self.error(403, f"You don't have write access to {repo_id}")
             files = json.loads(body)["files"]
+            with self.server.lock:
+                self.server.preuploaded.update(f["path"] for f in files)
             self.reply(200, {"files": [{"path": f["path"], "shouldIgnore": False, "oid": None,
-                                        "uploadMode": "lfs" if f["size"] >= self.server.lfs_threshold else "regular"}
+                                        "uploadMode": "lfs" if self.server.stored_in_lfs(f["path"], f["size"]) else "regular"}
                                        for f in files]})
             return 200
         if action == "commit":
