@@ -661,15 +661,14 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
         assert hub.token not in cluster.log(name)
 
 
-def thread_nice_values(pid: int, prefix: str) -> dict[str, int]:
-    """The nice value of each thread of `pid` whose name starts with `prefix` (/proc/PID/task/TID/stat)."""
+def thread_nice_values(pid: int) -> dict[int, tuple[str, int]]:
+    """Thread id -> (name, nice value) of every thread of `pid` (/proc/PID/task/TID/stat)."""
     found = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
             name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-            if name.startswith(prefix):
-                found[f"{name}/{tid}"] = int(fields[16])  # field 19 of stat, counted from the state (field 3)
+            found[int(tid)] = (name, int(fields[16]))  # field 19 of stat, counted from the state (field 3)
     return found
 
 
@@ -688,10 +687,11 @@ def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_af
                                     env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
     wait_for("b to upload a checkpoint after its restore",
              lambda: hub_record(cluster).get("iteration", 0) > restored and "fetched checkpoint" in cluster.log("b"), 30)
-    nice = thread_nice_values(worker_b.pid, "hf-xet")
-    assert nice and set(nice.values()) == {relay.HUB_THREAD_NICENESS}, nice
-    assert len(nice) <= 3 + 2, nice  # hf_xet_threads workers, and its few blocking threads
-    assert thread_nice_values(worker_b.pid, "python") == {f"python/{worker_b.pid}": 0}  # lease renewals keep theirs
+    threads = thread_nice_values(worker_b.pid)
+    xet = [nice for name, nice in threads.values() if name.startswith(("hf-xet", "tracing-append"))]  # its log writer too
+    assert xet and set(xet) == {relay.HUB_THREAD_NICENESS}, threads
+    assert len(xet) <= 3 + 3, threads  # hf_xet_threads workers, its few blocking threads, its log writer
+    assert threads[worker_b.pid][1] == 0, threads  # the main thread (lease renewals start there) keeps its priority
 
 
 @pytest.mark.parametrize("cas_status", [403, 503], ids=["the storage refuses", "the storage fails"])
@@ -706,7 +706,8 @@ def test_a_xet_storage_refusal_waits_half_an_hour_and_says_why_while_a_failure_i
         cluster.start_commander(lease=2)
         # hf_xet retries each request itself (5 times, 3 s apart by default): once is enough here
         worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.2, hf_final_sync_timeout_seconds=4,
-                                      env={"MOCK_MAX_STEPS": "20", "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "1"})
+                                      env={"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1",
+                                           "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "1"})
         failing = wait_for("the storage's error on the run record", lambda: cluster.run("r1").get("sync_error") and
                            cluster.run("r1"), 30)
         assert worker.wait(40) == 0
@@ -720,7 +721,7 @@ def test_a_xet_storage_refusal_waits_half_an_hour_and_says_why_while_a_failure_i
         assert len(failures) <= 2 and cas.uploads() <= 2 * 3, failures  # the first refusal, one last try at the end
     else:
         assert "503" in failing["sync_error"] and "cannot fix" not in failing["sync_error"]
-        assert len(failures) >= 3 and [int(f[2]) for f in failures[:2]] == [2, 4], failures  # short retries
+        assert len(failures) >= 2 and [int(f[2]) for f in failures[:2]] == [2, 4], failures  # short retries
 
 
 def hub_downloads(hub) -> int:
