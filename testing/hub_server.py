@@ -11,7 +11,8 @@ section, 48-byte entries, metadata_ext holding the sha256) and the Hub's documen
 Model repos only, commits kept in memory as full snapshots.  Files of `lfs_threshold` bytes
 and more (10 MB, as on the Hub) are "lfs" in the preupload answer, and then take one of two
 paths, as on the Hub:
-- Xet (what huggingface_hub does whenever hf_xet is installed): the client asks
+- Xet (what huggingface_hub does whenever hf_xet is installed; 1.x first offers "xet" to the
+  LFS batch API, which chooses it as the Hub does): the client asks
   `xet-write-token/{rev}` (the JSON body for hf_xet, the X-Xet-* headers for the Python side)
   and hf_xet uploads chunks, xorbs and a shard to the CAS the token names.  The CAS is
   hf_xet's own `local://` store in a folder of this server's (`cas_dir`); the shard it
@@ -524,6 +525,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.error(404, f"Repository {repo_id} not found", "RepoNotFound")
         if role != "write" or payload.get("operation") != "upload":
             return self.error(403, f"You don't have write access to {repo_id}")
+        if "xet" in payload.get("transfers", []):  # huggingface_hub 1.x offers Xet here: the Hub takes it
+            if self.full(repo):
+                return self.error(403, STORAGE_LIMIT_ERROR)
+            self.reply(200, {"transfer": "xet", "hash_algo": "sha256",
+                             "objects": [{"oid": o["oid"], "size": o["size"]} for o in payload["objects"]]})
+            return 200
         missing = [o for o in payload["objects"] if o["oid"] not in repo.lfs]
         if self.over_quota(repo, sum(o["size"] for o in missing)):
             return self.error(403, STORAGE_LIMIT_ERROR)
