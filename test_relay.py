@@ -674,6 +674,8 @@ def thread_nice_values(pid: int) -> dict[int, tuple[str, int]]:
 
 def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_after_a_restore_and_an_upload(
         cluster, hub):
+    """...and hf_xet's cache and logs stay in a bounded folder on the volume, while the trainer's
+    environment keeps the user's own hf_xet settings."""
     hub.lfs_patterns = ("*/model.json",)
     cluster.hub, cluster.hf_transfer = hub, "xet"
     cluster.start_commander(lease=2)
@@ -684,7 +686,7 @@ def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_af
     restored = hub_record(cluster)["iteration"]
     # b restores through Xet on its main thread's behalf (hf_xet's pool is made then), then uploads.
     worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), hf_xet_threads=3,
-                                    env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+                                    env={"MOCK_STEP_SECONDS": "0.1", "HF_XET_HIGH_PERFORMANCE": "1"}, **on_hub)
     wait_for("b to upload a checkpoint after its restore",
              lambda: hub_record(cluster).get("iteration", 0) > restored and "fetched checkpoint" in cluster.log("b"), 30)
     threads = thread_nice_values(worker_b.pid)
@@ -692,6 +694,10 @@ def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_af
     assert xet and set(xet) == {relay.HUB_THREAD_NICENESS}, threads
     assert len(xet) <= 3 + 3, threads  # hf_xet_threads workers, its few blocking threads, its log writer
     assert threads[worker_b.pid][1] == 0, threads  # the main thread (lease renewals start there) keeps its priority
+    assert list((cluster.tmp / "pod-b" / "runs" / "r1" / "hf-xet" / "b" / "logs").glob("xet_*.log"))
+    assert not (cluster.tmp / "hf-home-b" / "xet").exists()  # nothing on the container disk
+    trainer_env = next(iter(cluster.trainer_pids(worker_id="b").values()))
+    assert trainer_env.get("HF_XET_HIGH_PERFORMANCE") == "1" and "TOKIO_WORKER_THREADS" not in trainer_env
 
 
 @pytest.mark.parametrize("cas_status", [403, 503], ids=["the storage refuses", "the storage fails"])
