@@ -672,6 +672,7 @@ def thread_nice_values(pid: int) -> dict[int, tuple[str, int]]:
     return found
 
 
+@pytest.mark.slow(12)
 def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_after_a_restore_and_an_upload(
         cluster, hub):
     """...and hf_xet's cache and logs stay in a bounded folder on the volume, while the trainer's
@@ -700,6 +701,7 @@ def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_af
     assert trainer_env.get("HF_XET_HIGH_PERFORMANCE") == "1" and "TOKIO_WORKER_THREADS" not in trainer_env
 
 
+@pytest.mark.slow(10)
 @pytest.mark.parametrize("cas_status", [403, 503], ids=["the storage refuses", "the storage fails"])
 def test_a_xet_storage_refusal_waits_half_an_hour_and_says_why_while_a_failure_is_retried_soon(
         cluster, hub, cas_status):
