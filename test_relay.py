@@ -955,8 +955,9 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
 
 
-@pytest.mark.slow(16)
-def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finished(cluster, hub):
+@pytest.mark.slow(20)
+def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finished_and_sweeps_its_remains(
+        cluster, hub):
     """hf_transfer: lfs, whose downloads the test Hub can slow down; on Xet the same folder and
     the same client code skip the files already complete (see the failed-download test)."""
     big = 400_000
@@ -974,11 +975,13 @@ def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finish
     staging = cluster.ckpt_dir(l1="pod-b") / f"{relay.HUB_STAGING_PREFIX}{recorded['revision']}"
     manifest = staging / "runs" / "r1" / "ckpt" / relay.iteration_dirname(recorded["iteration"]) / "relay_manifest.json"
     # One file at a time: the manifest, then the checkpoint file (then the dataset state).
-    wait_for("the checkpoint file in flight", lambda: manifest.exists() and [
-        p for p in staging.rglob("*.incomplete") if p.parent.name.startswith("iter_")], 30)
+    partial = wait_for("the checkpoint file in flight", lambda: manifest.exists() and [
+        p for p in staging.rglob("*.incomplete") if p.parent.name.startswith("iter_")], 30)[0]
     os.kill(worker_b.pid, signal.SIGKILL)
-    hub.download_bytes_per_second = 0.0
     worker_c = cluster.start_worker("c", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)  # the same volume
+    # b's partial file goes before c's download starts (c's own takes 4 s), not with the folder at the end
+    wait_for("b's partial file swept while c downloads", lambda: not partial.exists() and
+             "fetched checkpoint" not in cluster.log("c"), 30)
     assert worker_c.wait(60) == 0
     assert resumed_from(cluster.run("r1"), "c")[0].startswith(f"c resumes from checkpoint {recorded['iteration']} in the Hub")
     fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
@@ -986,7 +989,7 @@ def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finish
     assert fetched["relay_manifest.json"] == 1, fetched  # complete before the kill: not fetched again
     assert fetched["common.pt"] == 2, fetched  # the file in flight, from its start
     assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
-    assert not staging.exists()  # the partial file the kill left went with it
+    assert not staging.exists()
 
 
 UPLOAD_TWICE = """
