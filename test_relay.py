@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import http.server
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -77,15 +79,24 @@ def raw_request(cluster: Cluster, method: str, path: str, body: bytes = b"", hea
 # --------------------------------------------------------------------------- the demo
 
 
-def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path):
+def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path, reference):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, RELAY, "demo"], capture_output=True, text=True, env=env, timeout=90)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SIGKILL -> worker-a" in result.stdout
-    assert "worker-b took over" in result.stdout
-    assert "identical: the relayed run equals an uninterrupted run" in result.stdout
-    assert time.monotonic() - started < 60
+    result = subprocess.run([sys.executable, RELAY, "demo", "--keep"], capture_output=True, text=True, env=env,
+                            timeout=90)
+    kept = re.search(r"demo files kept in (\S+)", result.stdout)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SIGKILL -> worker-a" in result.stdout and "worker-b took over" in result.stdout
+        assert "identical: the relayed run equals an uninterrupted run" in result.stdout
+        # not on the demo's word: its relayed result against our own uninterrupted run
+        timeline = re.findall(r"epoch (\d+)\s+(worker-\w)\s+steps\s+(\d+) ->", result.stdout)
+        assert [(epoch, worker) for epoch, worker, _ in timeline] == [("1", "worker-a"), ("2", "worker-b")]
+        assert 0 < int(timeline[1][2]) < 40  # worker-b resumed mid-run, not from the start
+        relayed = Path(kept.group(1)) / "volume" / "runs" / "demo" / "ckpt" / relay.iteration_dirname(40)
+        assert (relayed / "model.json").read_bytes() == reference
+    finally:
+        if kept:
+            shutil.rmtree(kept.group(1), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- handoffs
@@ -107,7 +118,7 @@ def test_a_killed_worker_loses_its_trainer_and_a_standby_resumes_from_the_last_c
         wait_for("a's trainer to die with its worker", lambda: not cluster.trainer_pids(worker_id="a"), timeout=10)
         run = wait_for("the run to complete", lambda: completed(cluster), 30)
     assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
-    assert monitor.last_seen["1"] < run["leases"][1]["started_at"]
+    assert monitor.ended["1"] <= run["leases"][1]["started_at"]  # a's trainer ended before b was granted the run
     assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
     resumes = resumed_from(run, "b")
     assert resumes and "cold start" not in resumes[0], resumes
@@ -131,7 +142,7 @@ def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_any
         run = wait_for("the run to complete", lambda: completed(cluster), 30)
     assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
     assert {"1", "2"} <= monitor.epochs_seen
-    assert monitor.last_seen["1"] < run["leases"][1]["started_at"]
+    assert monitor.ended["1"] <= run["leases"][1]["started_at"]  # a's trainer ended before b was granted the run
     assert final_model(cluster) == reference
     assert worker_a.wait(30) == 0  # thawed, it finds its lease gone, stands by, sees COMPLETED
     assert worker_b.wait(30) == 0
@@ -144,14 +155,13 @@ def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(c
     cluster.start_worker("b")
     wait_for("b standing by", lambda: "standing by" in cluster.log("b"))
     assert [standby["worker_id"] for standby in cluster.run("r1")["standbys"]] == ["b"]
-    stopped = time.monotonic()
     worker_a.send_signal(signal.SIGTERM)
     wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
-    takeover = time.monotonic() - stopped
-    assert takeover < 5.0, f"takeover took {takeover:.1f}s with a 10 s lease"
     assert worker_a.wait(30) == 0
     run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    # released, not expired: b's grant came with a's release, not after its 10 s (bench_relay.py takeover: the time)
     assert run["leases"][0]["why"].startswith("preempted")
+    assert run["leases"][1]["started_at"] - run["leases"][0]["ended_at"] < 10
     assert final_model(cluster) == reference
 
 
@@ -201,6 +211,79 @@ def test_a_trainer_that_keeps_crashing_ends_the_run_as_failed(cluster):
     assert "[trainer] boom" in log and "trainer exited with status 3" in log
     late = cluster.start_worker("late", trainer_command="exit 3")
     assert late.wait(15) == 1
+
+
+def relay_cli(cluster: Cluster, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, RELAY, *args, "--commander-url", cluster.url], capture_output=True, text=True,
+                          timeout=30, env=cluster.env(**env))
+
+
+@pytest.mark.slow(12)
+def test_cancel_stops_the_holder_gracefully_keeps_its_checkpoint_and_no_standby_takes_over(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=3, secret=secret)
+    holder = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "3000"})
+    wait_for("a to hold the run and seal checkpoint 10", lambda: checkpoint_at_least(cluster, 10), 30)
+    standby = cluster.start_worker("b", env={"MOCK_MAX_STEPS": "3000"})
+    wait_for("b to stand by", lambda: "standing by" in cluster.log("b"), 15)
+    viewer_try = relay_cli(cluster, "cancel", "r1", RELAY_VIEWER_SECRET=secret + "-not-shared")
+    assert viewer_try.returncode == 2 and "needs a secret: export RELAY_SHARED_SECRET" in viewer_try.stderr
+    cancel = relay_cli(cluster, "cancel", "r1", RELAY_SHARED_SECRET=secret)
+    assert cancel.returncode == 0 and cancel.stdout.startswith("run r1 CANCELLED: a stops its trainer"), cancel.stderr
+    assert holder.wait(30) == 0 and standby.wait(30) == 0
+    assert "stopping: the run was cancelled" in cluster.log("a")
+    assert "run r1 is CANCELLED; nothing to do" in cluster.log("b")
+    run = cluster.run("r1")
+    assert (run["status"], run["holder"]) == ("CANCELLED", "")
+    assert [(lease["worker_id"], lease["why"]) for lease in run["leases"]] == [("a", "preempted: the run was cancelled")]
+    sealed = run["latest_checkpoint"]["iteration"]
+    assert sealed >= 10 and (cluster.tmp / "volume" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
+    assert not cluster.trainer_pids()
+
+
+@pytest.mark.slow(12)
+def test_a_failed_run_retried_goes_back_to_pending_and_the_next_worker_resumes_from_its_last_checkpoint(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    crashing = cluster.start_worker("a", trainer_command=f"{sys.executable} {RELAY} mock-trainer; exit 3",
+                                    max_trainer_restarts=0, env={"MOCK_MAX_STEPS": "12"})
+    assert crashing.wait(40) == 1
+    failed = cluster.run("r1")
+    assert failed["status"] == "FAILED" and failed["latest_checkpoint"]["iteration"] >= 10
+    early = relay_cli(cluster, "retry", "r2")
+    assert early.returncode == 2 and "unknown run 'r2'" in early.stderr
+    retry = relay_cli(cluster, "retry", "r1")
+    assert retry.returncode == 0 and retry.stdout.startswith("run r1 is PENDING again"), retry.stderr
+    assert cluster.run("r1")["status"] == "PENDING"
+    again = relay_cli(cluster, "retry", "r1")
+    assert again.returncode == 2 and "is PENDING: only a FAILED or CANCELLED run is retried" in again.stderr
+    assert cluster.start_worker("b", env={"MOCK_MAX_STEPS": "20"}).wait(40) == 0
+    run = cluster.run("r1")
+    assert (run["status"], run["step"], [lease["epoch"] for lease in run["leases"]]) == ("COMPLETED", 20, [1, 2])
+    resume = resumed_from(run, "b")[0]
+    assert int(resume.split("checkpoint ")[1].split()[0]) == failed["latest_checkpoint"]["iteration"], resume
+
+
+def watchdog_of(worker: int) -> int | None:
+    for pid, info in relay.process_table().items():
+        with contextlib.suppress(OSError):
+            if info.ppid == worker and not info.zombie and open(f"/proc/{pid}/comm").read().strip() == "relay-watchdog":
+                return pid
+    return None
+
+
+def test_a_dead_watchdog_is_replaced_and_the_trainer_never_runs_without_one(cluster, reference):
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", env=MID_RUN)
+    first = set(wait_for("a trainer", lambda: cluster.trainer_pids(), 20))
+    dead = wait_for("a's watchdog", lambda: watchdog_of(worker.pid), 10)
+    os.kill(dead, signal.SIGKILL)
+    wait_for("the unguarded trainer to be stopped", lambda: not first & set(cluster.trainer_pids()), 10)
+    second = set(wait_for("a trainer started again", lambda: cluster.trainer_pids(), 20))
+    wait_for("a new watchdog (its name set once Python has started)",
+             lambda: watchdog_of(worker.pid) not in (None, dead), 10)
+    assert not first & second
+    assert worker.wait(60) == 0 and final_model(cluster) == reference
+    assert "the watchdog died: stopping the trainer" in cluster.log("a")
 
 
 def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
@@ -299,6 +382,45 @@ def test_a_release_records_the_checkpoint_and_last_lines_a_lost_report_would_hav
     run = cluster.run("r1")
     assert (run["status"], run["step"], run["latest_checkpoint"]["iteration"]) == ("COMPLETED", 40, 40)
     assert run["latest_checkpoint"]["manifest_sha256"] == "c" * 64 and run["log_tail"] == ["step 40/40 loss 0.1"]
+
+
+class RedirectingServer(http.server.ThreadingHTTPServer):
+    """Answers every request with a 307 to `target` (a commander that moved, or a trap)."""
+
+    def __init__(self, target: str) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                self.send_response(307)
+                self.send_header("Location", target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET  # noqa: N815
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+
+def test_a_redirect_is_never_followed_by_a_worker_or_status(cluster, tmp_path):
+    cluster.start_commander(lease=30, secret="r" * 40)
+    trap = RedirectingServer(cluster.url)  # followed, the signed request would reach a real commander
+    try:
+        elsewhere = f"http://127.0.0.1:{trap.server_address[1]}"
+        env = {**cluster.env(), "RELAY_SHARED_SECRET": cluster.secret}
+        status = subprocess.run([sys.executable, RELAY, "status", "--commander-url", elsewhere], capture_output=True,
+                                text=True, timeout=30, env=env)
+        config = cluster.write_config("a", commander_url=elsewhere, commander_wait_seconds=1)
+        worker = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
+                                timeout=60, env=env)
+    finally:
+        trap.shutdown()
+        trap.server_close()
+    assert status.returncode == 2 and worker.returncode == 2, status.stderr + worker.stderr
+    assert "Traceback" not in status.stderr + worker.stderr
+    assert cluster.runs()["runs"] == []  # nothing reached the commander the redirect pointed at
 
 
 def test_requests_without_a_valid_fresh_signature_get_401(cluster):
@@ -407,17 +529,38 @@ def test_the_viewer_secret_opens_the_page_metrics_runs_and_logs_and_gets_401_on_
         assert result.returncode == 0, result.stderr
 
 
-def test_the_shared_secret_is_refused_for_basic_auth_on_a_public_address_without_tls(cluster):
+def this_machines_network_address() -> str:
+    """An address of this machine that is not loopback (its network interface's), or ''."""
+    found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return next((a for a in found if ":" not in a and not relay.is_loopback(a)), "")
+
+
+def test_on_plain_http_the_page_takes_the_shared_secret_over_loopback_only_and_the_viewer_secret_anywhere(cluster):
     secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
-    # Bound to every address, reached over loopback only.
+    # Bound to every address, as the README's setup (0.0.0.0, plain HTTP) has it.
     cluster.start_commander(lease=30, secret=secret, extra=("--host", "0.0.0.0"), env={"RELAY_VIEWER_SECRET": viewer})
-    for path in ("/", "/metrics"):
-        status, body, headers = raw_request(cluster, "GET", path, headers=basic_auth(secret))
-        assert status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
-        assert headers.get("WWW-Authenticate", "").startswith("Basic")
+    for path in ("/", "/metrics"):  # over loopback: this machine, or an SSH tunnel to it
+        assert raw_request(cluster, "GET", path, headers=basic_auth(secret))[0] == 200
         assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200
     assert cluster.client().get("/api/runs").status == 200  # signed requests never send the secret itself
-    assert "plain HTTP on 0.0.0.0" in cluster.log("commander")
+    assert "the shared secret only from this machine or an SSH tunnel" in cluster.log("commander")
+    address = this_machines_network_address()
+    if not address:
+        pytest.skip("this machine has no network address but loopback to arrive from")
+    # From the network (this machine's own address: the kernel delivers it here, it never leaves the machine):
+    # a password in clear, refused when it is the shared secret.
+    for path in ("/", "/metrics"):
+        conn = http.client.HTTPConnection(address, cluster.port, timeout=5)
+        conn.request("GET", path, headers=basic_auth(secret))
+        answer = conn.getresponse()
+        body = answer.read()
+        assert answer.status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
+        assert answer.getheader("WWW-Authenticate", "").startswith("Basic")
+        conn.close()
+        conn = http.client.HTTPConnection(address, cluster.port, timeout=5)
+        conn.request("GET", path, headers=basic_auth(viewer))
+        assert conn.getresponse().status == 200
+        conn.close()
 
 
 def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
@@ -471,6 +614,67 @@ def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cl
     assert open(cluster.state_path, "rb").read() == state_before
     assert view() == before
     assert cluster.healthy()
+
+
+def test_a_commander_that_cannot_write_its_state_file_answers_503_and_acknowledges_nothing_it_did_not_keep(cluster):
+    # Past RLIMIT_FSIZE every write fails with EFBIG, as on a full disk (Python ignores SIGXFSZ).
+    cluster.start_commander(lease=30, wrap=("prlimit", "--fsize=24000", "--"))
+    client = cluster.client()
+    acquired, refused = [], None
+    for n in range(200):
+        reply = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w", "mode": "sft"})
+        if reply.status != 200:
+            refused = (f"r{n}", reply)
+            break
+        acquired.append(f"r{n}")
+    assert refused is not None and refused[1].status == 503
+    assert "cannot write its state file" in refused[1].body["error"]
+    assert sorted(run["run_id"] for run in cluster.runs()["runs"]) == sorted(acquired)  # rolled back
+    assert cluster.run(refused[0]) == {}
+    cluster.commander.kill()
+    cluster.commander.wait(10)
+    cluster.start_commander(lease=30)  # no limit now: the file on disk is whole and holds what was acknowledged
+    assert sorted(run["run_id"] for run in cluster.runs()["runs"]) == sorted(acquired)
+
+
+def test_the_state_file_keeps_only_a_hash_of_each_lease_token(cluster):
+    cluster.start_commander(lease=30)
+    token = cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    state = Path(cluster.state_path).read_text()
+    assert token not in state and relay.token_digest(token) in state
+
+
+@pytest.mark.slow(15)
+def test_the_commander_keeps_at_most_200_events_500_leases_and_2000_loss_points_thinned_over_the_whole_run(cluster):
+    cluster.start_commander(lease=30)
+    client = cluster.client()
+    for n in range(510):  # each lease adds events of its own
+        worker = f"w{n % 2}"
+        token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": worker, "mode": "sft"}).body["lease_token"]
+        if n < 509:
+            assert client.post("/api/lease/release", {"run_id": "r1", "worker_id": worker, "lease_token": token,
+                                                      "status": "PREEMPTED"}).status == 200
+    for batch in range(30):  # 3000 loss points, 100 a renewal
+        points = [[batch * 100 + i, 1.0 / (batch * 100 + i + 1)] for i in range(100)]
+        assert client.post("/api/lease/renew", {"run_id": "r1", "worker_id": worker, "lease_token": token,
+                                                "step": batch * 100 + 99, "losses": points}).status == 200
+    run = cluster.run("r1")
+    assert len(run["events"]) == 200 and len(run["leases"]) == 500
+    steps = [step for step, _ in run["losses"]]
+    assert 1000 <= len(steps) <= 2000 and steps == sorted(steps)
+    assert steps[0] < 100 and steps[-1] == 2999  # thinned across the run, not cut to its last part
+
+
+def test_a_signed_request_from_the_future_is_refused(cluster):
+    cluster.start_commander(lease=30, secret="s" * 40)
+    body = json.dumps({"run_id": "r1", "worker_id": "w", "mode": "sft"}).encode()
+    stamp, nonce = str(int(time.time()) + 400), uuid.uuid4().hex
+    signature = relay.request_signature(cluster.secret, stamp, nonce, "POST", "/api/lease/acquire", body)
+    status, answer, _ = raw_request(cluster, "POST", "/api/lease/acquire", body, {
+        "X-Relay-Timestamp": stamp, "X-Relay-Nonce": nonce, "X-Relay-Signature": signature,
+        "X-Relay-Protocol": str(getattr(relay, "PROTOCOL", 1)), "Content-Type": "application/json"})
+    assert status == 401 and "X-Relay-Timestamp" in json.loads(answer)["error"]
+    assert cluster.run("r1") == {}
 
 
 def test_commander_state_is_private_and_a_corrupt_state_file_stops_it_with_a_clear_error(cluster):
@@ -554,7 +758,8 @@ def test_unreadable_yaml_and_an_unreachable_commander_exit_2_without_a_traceback
     for path, words in ((broken, "not valid YAML"), (missing, "cannot read"), (unreachable, "cannot reach")):
         result = subprocess.run([sys.executable, RELAY, "worker", str(path)], capture_output=True, text=True, timeout=20)
         assert result.returncode == 2 and words in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and str(path) in result.stderr or "127.0.0.1:9" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert str(path) in result.stderr or "127.0.0.1:9" in result.stderr  # names what to fix
 
 
 def test_the_seed_rollout_pattern_is_converted_to_one_slime_can_format(tmp_path):
@@ -585,6 +790,95 @@ def test_status_shows_runs_as_a_table_and_as_json(cluster):
     down = subprocess.run([sys.executable, RELAY, "status", "--commander-url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=20)
     assert down.returncode == 2 and "cannot reach" in down.stderr
+
+
+def test_status_and_logs_name_the_secret_to_set_and_take_a_url_without_a_scheme_or_from_the_environment(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret, env={"RELAY_VIEWER_SECRET": viewer})
+    assert cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).status == 200
+    bare = f"127.0.0.1:{cluster.port}"  # no scheme: http:// is meant
+
+    def relay_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, RELAY, *args], capture_output=True, text=True, timeout=20, env=cluster.env(**env))
+
+    no_secret = relay_cli("status", "--commander-url", bare)
+    assert no_secret.returncode == 2, no_secret.stderr
+    assert no_secret.stderr == (f"relay: error: the commander at http://{bare} needs a secret: export RELAY_VIEWER_SECRET "
+                                "(reading only) or RELAY_SHARED_SECRET, as the commander has it\n")
+    wrong = relay_cli("logs", "r1", "--commander-url", bare, RELAY_VIEWER_SECRET="not-" + viewer)
+    assert wrong.returncode == 2 and wrong.stderr.startswith(
+        f"relay: error: the commander at http://{bare} refuses RELAY_VIEWER_SECRET ("), wrong.stderr
+    assert wrong.stderr.strip().endswith("export the RELAY_VIEWER_SECRET the commander was started with")
+    from_env = relay_cli("status", "--run", "r1", RELAY_COMMANDER_URL=bare, RELAY_VIEWER_SECRET=viewer)
+    assert from_env.returncode == 0 and "w1" in from_env.stdout, from_env.stderr
+
+
+def test_status_says_a_url_that_is_not_a_relay_commander_is_not_one_without_showing_its_page(tmp_path):
+    class AnyPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # a web server that answers every path with a page
+            page = b"<html><body>Welcome to nginx!</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnyPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = subprocess.run([sys.executable, RELAY, "status", "--commander-url", url], capture_output=True, text=True,
+                                timeout=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"relay: error: {url} is not a relay commander (it answered /api/runs with HTTP 200): "
+                             "check --commander-url or RELAY_COMMANDER_URL\n")
+
+
+@pytest.mark.slow(14)
+def test_a_worker_that_cannot_reach_the_commander_says_so_at_once_and_again_while_it_waits(cluster):
+    from testing.harness import free_port
+
+    cluster.port = free_port()
+    cluster.url = f"http://127.0.0.1:{cluster.port}"  # nothing listens there yet
+    worker = cluster.start_worker("a", commander_wait_seconds=60, env={"MOCK_MAX_STEPS": "5"})
+    first = f"cannot reach the commander at {cluster.url}: [Errno 111] Connection refused; trying again for up to"
+    wait_for("the worker to say it cannot reach the commander", lambda: first in cluster.log("a"), 10)
+    wait_for("the worker to say it again", lambda: re.search(r"Connection refused; trying again .*\(for \d+ s now\)",
+                                                             cluster.log("a")), 20)
+    cluster.start_commander(port=cluster.port)
+    assert worker.wait(40) == 0, cluster.log("a")
+    assert f"reached the commander at {cluster.url} after" in cluster.log("a")
+
+
+def test_status_shows_step_of_total_elapsed_time_gpu_spend_and_the_supervisor(cluster):
+    cluster.start_commander(lease=2)
+    assert cluster.start_worker("a", total_steps=10, env={"MOCK_MAX_STEPS": "10"}).wait(30) == 0
+    spend = {"run_id": "r1", "spent_usd": 1.5, "budget_usd": 0, "pods": 1, "supervisor_pid": 4242}  # as launch-stack reports
+    assert cluster.client().post("/api/runs/spend", spend).status == 200
+    table = relay_cli(cluster, "status")
+    header, row = (line.split("  ") for line in table.stdout.splitlines()[:2])
+    columns = dict(zip([h.strip() for h in header if h.strip()], [c.strip() for c in row if c.strip()], strict=False))
+    assert (columns["STEP"], columns["GPU SPEND"]) == ("10/10", "$1.50"), table.stdout
+    assert re.fullmatch(r"\d+s", columns["ELAPSED"]) and columns["SUPERVISOR"].startswith("heard "), table.stdout
+    detail = relay_cli(cluster, "status", "--run", "r1").stdout
+    assert "supervisor: pid 4242, last heard" in detail and "GPU spend: $1.50 on 1 pod(s)" in detail
+    assert cluster.client().post("/api/runs/spend", dict(spend, supervisor_pid=0)).status == 200  # it stopped
+    assert "supervisor: none: the last one stopped" in relay_cli(cluster, "status", "--run", "r1").stdout
+
+
+def test_logs_n_prints_only_the_last_lines(cluster):
+    cluster.start_commander(lease=2)
+    assert cluster.start_worker("a", env={"MOCK_MAX_STEPS": "20"}).wait(30) == 0
+    every = relay_cli(cluster, "logs", "r1").stdout.splitlines()
+    assert len(every) > 5
+    assert relay_cli(cluster, "logs", "r1", "-n", "3").stdout.splitlines() == every[-3:]
+    assert relay_cli(cluster, "logs", "r1", "-n", "0").stdout == ""
 
 
 # --------------------------------------------------------------------------- the mock trainer
@@ -1269,11 +1563,12 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
     child = int(beat.name.split("-")[1])
     try:
         assert child not in cluster.trainer_pids(), "setproctitle hides the child's environment"
+        in_cgroup = "trainer started in its own cgroup" in cluster.log("a")
+        assert in_cgroup == (cgroup == "on" and cgroups_here()), "the stop under test is the one this case names"
         ppid = int(open(f"/proc/{child}/stat").read().rsplit(") ", 1)[1].split()[1])
         assert ppid == worker.pid, "its parent exited: it is the worker's (a child subreaper), not init's"
         wait_for("15 rollouts, 3 s: the watchdog has recorded the tree since the child started",
                  lambda: cluster.run("r1").get("step", 0) >= 15, 20)
-        stopped = time.monotonic()
         worker.send_signal({"sigterm": signal.SIGTERM, "lease lost": signal.SIGSTOP, "worker killed": signal.SIGKILL}[how])
         try:
             wait_for("every trainer process to be gone, the renamed child too",
@@ -1281,14 +1576,20 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
         finally:
             if how == "lease lost":
                 worker.send_signal(signal.SIGCONT)
-        assert time.monotonic() - stopped < 8
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)  # the harness finds test processes by environment: not this one
 
 
+def cgroups_here() -> bool:
+    """Whether this machine lets the worker make a trainer's cgroup (most containers do not)."""
+    probe = relay.make_trainer_cgroup(f"probe-{uuid.uuid4().hex}")
+    relay.remove_cgroup(probe)
+    return bool(probe)
+
+
 def test_a_trainer_starts_in_its_cgroup_from_a_worker_holding_dozens_of_open_files(cluster):
-    if relay.cgroup2_home() is None or not os.access(relay.cgroup2_home(), os.W_OK):
+    if not cgroups_here():
         pytest.skip("needs a writable cgroup v2 hierarchy to make the trainer's cgroup in")
     # After a Xet prefetch the worker holds many files: its pipe to the trainer's launcher is
     # then numbered 10 or more, which dash cannot name in a redirection.
@@ -1694,20 +1995,49 @@ def test_a_notify_url_hears_of_a_handoff_a_completion_a_sync_error_and_a_run_lef
 def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook):
     webhook.hang = True
     cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
-    client = cluster.client()
+    # A request that waited for the receiver would wait its 10 s: the client gives up at 5 s.
+    assert relay.NOTIFY_TIMEOUT_SECONDS > 5
+    client = relay.CommanderClient(cluster.url, timeout=5)
     held = client.post("/api/lease/acquire", {"run_id": "held", "worker_id": "w0", "mode": "sft"}).body
-    slowest = 0.0
     for n in range(40):  # each run's completion is a message the receiver never takes
-        started = time.monotonic()
         token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
         assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w1", "lease_token": token,
                                                   "status": "COMPLETED"}).status == 200
         renewal = client.post("/api/lease/renew", {"run_id": "held", "worker_id": "w0", "lease_token": held["lease_token"],
                                                    "step": n})
         assert renewal.status == 200
-        slowest = max(slowest, time.monotonic() - started)
-    assert slowest < 1.0, f"an acquire, a release and a renewal took {slowest:.2f}s with a hanging receiver"
     wait_for("the commander to be stuck on the hanging receiver", lambda: webhook.hung >= 1, 10)
+
+
+def complete_runs(cluster: Cluster, first: int, count: int) -> None:
+    """Runs r{first}... acquired and completed at once: one "completed" notification each."""
+    client = cluster.client()
+    for n in range(first, first + count):
+        token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+        assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w", "lease_token": token,
+                                                  "status": "COMPLETED"}).status == 200
+
+
+def test_a_receiver_too_slow_for_the_queue_loses_the_oldest_notifications_and_gets_the_newest(cluster, webhook):
+    webhook.hang = True
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
+    complete_runs(cluster, 0, 1)
+    wait_for("the first notification to hang in the receiver", lambda: webhook.hung == 1, 10)
+    complete_runs(cluster, 1, relay.NOTIFY_QUEUE_SIZE + 29)  # 29 more than the queue holds
+    webhook.release()  # the hanging request ends unanswered: tried again
+    done = wait_for("the queue to drain", lambda: len(webhook.events("completed")) >= relay.NOTIFY_QUEUE_SIZE + 1, 60)
+    delivered = [message["run_id"] for message in webhook.events("completed")]
+    assert delivered == ["r0"] + [f"r{n}" for n in range(30, relay.NOTIFY_QUEUE_SIZE + 30)], done  # r1..r29 went
+    assert "29 notifications dropped: the receiver is too slow" in cluster.log("commander")
+
+
+def test_a_notification_the_receiver_refuses_with_a_4xx_is_not_sent_again(cluster, webhook):
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url + "-removed"})
+    complete_runs(cluster, 0, 3)
+    wait_for("three refusals in the log",
+             lambda: cluster.log("commander").count("not delivered: the receiver answered 404") == 3, 20)
+    assert webhook.posts == 3 and webhook.messages == []
+    assert webhook.url not in cluster.log("commander")  # the URL is a secret
 
 
 def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
@@ -1795,17 +2125,47 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
 # pods are sandboxes reached over real SSH.
 
 
-@pytest.fixture
-def lium(cluster):
-    from testing.lium_api import SSHD, LiumApi
+def skip_without_pods() -> None:
+    from testing.lium_api import SSHD
 
     if not os.path.exists(SSHD):
         pytest.skip("openssh-server is not installed (testing/install.sh): the stand-in's pods are reached over SSH")
     if os.geteuid() != 0:
         pytest.skip("the stand-in's pods bind-mount their folders in a mount namespace, which needs root")
+
+
+@pytest.fixture
+def lium(cluster):
+    from testing.lium_api import LiumApi
+
+    skip_without_pods()
     api = LiumApi(cluster.tmp / "lium-api", cluster.mark).start()
     try:
         yield api
+    finally:
+        api.stop()
+
+
+@pytest.mark.slow(8)
+def test_the_stand_ins_pods_see_a_test_python_that_lives_in_a_venv_under_tmp(cluster, tmp_path):
+    from testing.lium_api import EXECUTOR_ID, TEMPLATE_ID, LiumApi
+
+    skip_without_pods()
+    venv = tmp_path / "venv"  # /tmp/pytest-...: where a pod has a /tmp of its own
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = str(venv / "bin" / "python")
+    api = LiumApi(cluster.tmp / "venv-lium-api", cluster.mark, python=python).start()
+    try:
+        env = lium_env(cluster, api)
+        rented = subprocess.run(["lium", "up", EXECUTOR_ID, "--name", "venv-pod", "--template_id", TEMPLATE_ID, "-y", "--json"],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert rented.returncode == 0, rented.stderr
+        pod = json.loads(rented.stdout)["pod"]["id"]
+        ran = subprocess.run(["lium", "exec", pod, "--json", f"{python} -c 'import sys, yaml; print(sys.prefix)'"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        result = json.loads(ran.stdout)["results"][0]
+        assert (result["exit_code"], result["stdout"].strip()) == (0, str(venv)), result
     finally:
         api.stop()
 
@@ -1868,10 +2228,14 @@ def launch_stack(cluster: Cluster, api, stack: str, *flags: str, **env: str) -> 
 
 @pytest.mark.slow(24)
 def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster, lium):
-    secret = "stack-secret-" + uuid.uuid4().hex
-    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8})  # a whole 8-GPU node
+    secret, wandb_key, trainer_token = ("stack-secret-" + uuid.uuid4().hex, "wandb-" + uuid.uuid4().hex,
+                                        "token-" + uuid.uuid4().hex)
+    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8},  # a whole 8-GPU node
+                        worker={"env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1", "WANDB_API_KEY": "${TEST_WANDB}"}},
+                        run={"env": {"TRAINER_TOKEN": "${TEST_TRAINER_TOKEN}", "PLAIN": "shown"}})
     cluster.secret = secret
-    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret)
+    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret, TEST_WANDB=wandb_key,
+                          TEST_TRAINER_TOKEN=trainer_token)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["commander"]["url"] == cluster.url and isinstance(summary["commander"]["pid"], int)
@@ -1887,7 +2251,10 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert stat.S_IMODE(run_yaml.stat().st_mode) == 0o600 and stat.S_IMODE(relay_env.stat().st_mode) == 0o600
     config = json.loads(run_yaml.read_text())
     assert (config["worker_id"], config["commander_url"], config["relay_shared_secret"]) == ("relay-r1-1", cluster.url, "")
-    assert secret in relay_env.read_text()
+    # ${NAME} values come from launch-stack's environment and travel in the 0600 relay.env only
+    assert {f"RELAY_SHARED_SECRET={secret}", f"WANDB_API_KEY={wandb_key}", f"TRAINER_TOKEN={trainer_token}"} <= set(
+        relay_env.read_text().splitlines())
+    assert config["env"] == {"PLAIN": "shown"}
     assert int((home / "relay" / "worker.pid").read_text()) == summary["worker"]["pid"]
     for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):
         assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
@@ -1971,6 +2338,75 @@ def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path
     return proc, events
 
 
+@pytest.mark.slow(25)
+def test_a_detached_supervisor_outlives_its_terminal_reports_itself_and_down_stops_it_then_the_pods(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    started = launch_stack(cluster, lium, stack, "--supervise", "--detach")
+    assert started.returncode == 0, started.stderr
+    pid = int(re.search(r"supervisor started in the background \(pid (\d+), log ", started.stdout).group(1))
+    launch = cluster.tmp / "launch"
+    assert (launch / "supervisor.pid").read_text() == f"{pid}\n" and os.getsid(pid) == pid  # its own session
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 60)
+    detail = wait_for("status to show the supervisor", lambda: (lambda out: out if f"supervisor: pid {pid}, last heard" in out
+                      else None)(relay_cli(cluster, "status", "--run", "r1").stdout), 30)
+    assert "GPU spend: $" in detail
+    second = launch_stack(cluster, lium, stack, "--supervise")
+    assert second.returncode == 2 and f"a supervisor of {stack} already runs (pid {pid})" in second.stderr
+    down = subprocess.run([sys.executable, RELAY, "down", stack], capture_output=True, text=True, timeout=120,
+                          cwd=cluster.tmp / "empty", env=lium_env(cluster, lium))
+    assert down.returncode == 0, down.stderr
+    summary = json.loads(down.stdout)
+    assert (summary["supervisor_stopped"], summary["removed_pods"], summary["commander_stopped"]) == (
+        True, ["relay-r1-1"], True)
+    assert relay.process_start_ticks(pid) is None and stack_pods(lium) == [] and not cluster.healthy()
+    assert "stopped supervising; pods left as they are" in (launch / "supervisor.log").read_text()
+
+
+@pytest.mark.slow(20)
+def test_a_cancelled_supervised_run_ends_with_its_pods_removed_after_its_holder_handed_it_back(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
+    assert relay_cli(cluster, "cancel", "r1").returncode == 0
+    assert supervisor.wait(60) == 0, events.read_text()
+    text = events.read_text()
+    assert "removed: the run is CANCELLED" in text and "run r1 CANCELLED: GPU spend $" in text, text
+    assert stack_pods(lium) == [] and "creating pod relay-r1-2" not in text
+    run = cluster.run("r1")
+    assert run["status"] == "CANCELLED" and run["leases"][-1]["why"] == "preempted: the run was cancelled"
+    sealed = run["latest_checkpoint"]["iteration"]  # on the volume, which outlives the pod
+    assert (lium.volume_folder() / "relay" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
+    # Before the pod went, the end of its worker log was kept, and its last lines are in the run's events.
+    assert "stopping: the run was cancelled" in (cluster.tmp / "launch" / "pods" / "relay-r1-1.worker.log").read_text()
+    assert any(e["msg"].startswith("launch-stack: pod relay-r1-1 removed (the run is CANCELLED); its worker log ended: ")
+               for e in run["events"]), run["events"]
+
+
+@pytest.mark.slow(10)
+def test_a_worker_config_error_costs_one_pod_whose_log_is_kept_and_stops_the_supervisor(cluster, lium, webhook):
+    # The worker refuses its configuration (here: no such file), as it would on every pod.
+    stack = write_stack(cluster, lium, relay={"max_pods": 5}, commander={"notify_url": webhook.url},
+                        worker={"command": f"{sys.executable} relay/relay.py worker relay/missing.yaml"})
+    result = launch_stack(cluster, lium, stack, "--supervise")
+    assert result.returncode == 2, result.stderr
+    assert "the worker on pod relay-r1-1 failed for a reason every pod would meet: relay/missing.yaml: cannot read" \
+        in result.stderr
+    assert [pod.name for pod in lium.removed] == ["relay-r1-1"] and stack_pods(lium) == []  # one pod, removed
+    kept = cluster.tmp / "launch" / "pods" / "relay-r1-1.worker.log"
+    assert "relay: error: relay/missing.yaml: cannot read" in kept.read_text()
+    message = wait_for("the supervisor's notification", lambda: webhook.events("worker_failed"), 10)[0]
+    assert message["pod"] == "relay-r1-1" and any("missing.yaml" in line for line in message["log_tail"])
+
+
+def test_only_a_failure_every_pod_would_meet_stops_the_supervisor():
+    assert relay.failure_every_pod_meets(["[worker a] starting", "relay: error: run.yaml: field 'mode' must be sft or rl"]) \
+        == "run.yaml: field 'mode' must be sft or rl"
+    unreachable = "[worker a] cannot reach the commander at http://203.0.113.9:8080: timed out; trying again for up to 50 s"
+    assert relay.failure_every_pod_meets(["[worker a] starting", unreachable]) == unreachable
+    assert relay.failure_every_pod_meets([unreachable, "[worker a] reached the commander at http://... after 9 s"]) == ""
+    assert relay.failure_every_pod_meets(["[worker a] lease granted, epoch 2", "[trainer] CUDA error: out of memory"]) == ""
+
+
 @pytest.mark.slow(24)
 def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_completes_on_its_first_lease(cluster, lium):
     # A 10 s lease: the worker's deadline (8 s after a renewal) outlasts the restart with room on a loaded machine.
@@ -1979,11 +2415,11 @@ def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_comp
     supervisor, events = supervise(cluster, lium, stack)
     wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
     pid_path = cluster.tmp / "launch" / "commander.pid"
-    killed = int(pid_path.read_text().split()[0])  # the pid, then its start time
+    killed = int(pid_path.read_text())
     os.kill(killed, signal.SIGKILL)
     assert supervisor.wait(90) == 0, events.read_text()
     assert f"the commander (pid {killed}) is gone: starting it again" in events.read_text(), events.read_text()
-    assert int(pid_path.read_text().split()[0]) != killed
+    assert int(pid_path.read_text()) != killed
     run = cluster.run("r1")
     assert run["status"] == "COMPLETED" and run["step"] == 60
     assert [(lease["epoch"], lease["worker_id"]) for lease in run["leases"]] == [(1, "relay-r1-1")]  # no lease lost
@@ -2004,6 +2440,23 @@ def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_aga
     run = cluster.run("r1")
     assert (run["holder"], run["epoch"]) == ("w1", 1)  # the lease survived the restart
     assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in capsys.readouterr().err
+
+
+def test_the_commander_pid_file_holds_the_pid_alone_and_a_reused_pid_is_never_signalled(cluster, lium, monkeypatch):
+    monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commander it starts is this test's to clean up
+    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium)))
+    pid = stack.start_commander()
+    pid_path = cluster.tmp / "launch" / "commander.pid"
+    assert pid_path.read_text() == f"{pid}\n"  # so `kill $(cat commander.pid)` signals it and nothing else
+    state = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())
+    assert state["commander"] == {"pid": pid, "start_ticks": relay.process_start_ticks(pid)}
+    assert stack.stop_commander() and not cluster.healthy()
+    stranger = subprocess.Popen(["sleep", "60"])  # a process that got the dead commander's pid, as it were
+    cluster.procs.append(stranger)
+    pid_path.write_text(f"{stranger.pid}\n")
+    stack.state.commander = {"pid": stranger.pid, "start_ticks": relay.process_start_ticks(stranger.pid) - 1}
+    assert stack.commander_pid() is None and not stack.stop_commander()
+    assert stranger.poll() is None
 
 
 def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) -> str:
@@ -2180,6 +2633,7 @@ def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, li
     ({"relay": {"max_pods": 0}}, "relay: field 'max_pods'"),
     ({"relay": {"hot_standby": True}}, "relay: field 'hot_standby' needs run.hf_repo"),
     ({"pods": {}}, "unknown group 'pods'"),
+    ({"lium": {"volum": "id:x"}}, "lium: unknown field 'volum' (did you mean 'volume'?)"),
     ({"run": {"worker_id": "me"}}, "run: field 'worker_id' is set by launch-stack"),
 ])
 def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(cluster, lium, groups, words):
@@ -2190,11 +2644,26 @@ def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(clus
     assert lium.requests == [] and not cluster.healthy()
 
 
+def test_a_stack_yaml_in_the_flat_layout_gets_one_error_naming_the_group_of_every_field(tmp_path):
+    flat = tmp_path / "stack.yaml"  # the earlier project's layout: every field at the top level
+    flat.write_text("public_url: http://198.51.100.1:8080\ntemplate_id: T\nvolume: id:V\nrun_id: r1\nmode: sft\n"
+                    "env: {A: b}\nlium: {node: N, public_url: x}\nrelais: {}\n")
+    result = subprocess.run([sys.executable, RELAY, "launch-stack", str(flat), "--dry-run"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr == (
+        f"relay: error: {flat}: fields out of their group: public_url -> commander.public_url; template_id -> "
+        "lium.template_id; volume -> lium.volume; run_id -> run.run_id; mode -> run.mode; env -> run.env or worker.env; "
+        "lium.public_url -> commander.public_url; unknown group 'relais' (did you mean 'relay'?) (the groups: "
+        "commander, lium, run, worker, relay)\n")
+
+
 def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster, lium):
     secret = "dry-secret-" + uuid.uuid4().hex
     stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8, "ttl": "6h"},
-                        relay={"budget_usd": 500})
-    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret)
+                        relay={"budget_usd": 500}, worker={"env": {"WANDB_API_KEY": "${TEST_WANDB}"}})
+    wandb_key = "wandb-" + uuid.uuid4().hex
+    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret, TEST_WANDB=wandb_key)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1",
@@ -2204,8 +2673,72 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
                   "relay/launch_rl.sh, relay/slime_flags.txt, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
                   "nohup setsid"):
         assert words in out, out
-    assert secret not in out + result.stderr
-    assert lium.requests == [] and not cluster.healthy()
+    assert secret not in out + result.stderr and wandb_key not in out + result.stderr
+    for words in ("preflight ok: LIUM_API_KEY: Lium accepts it",
+                  f"preflight ok: worker.env.WANDB_API_KEY: ${{TEST_WANDB}} is set here (*** {len(wandb_key)} characters", "preflight ok: lium.template_id: template relay-trainer",
+                  f"preflight ok: lium.volume: volume {lium.volume_huid()} exists", "preflight ok: lium.gpu: 1 node(s) offer 8 H200",
+                  "preflight ok: commander.public_url: nothing answers there yet"):
+        assert words in out, out
+    assert rented_or_changed(lium) == [] and not cluster.healthy()
+
+
+def rented_or_changed(api) -> list[tuple[str, str]]:
+    """What the stand-in was asked that rents, removes or changes anything (all but reads)."""
+    return [request for request in api.requests if request[0] != "GET"]
+
+
+def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one_line_per_field(cluster, lium):
+    stack = write_stack(cluster, lium, commander={"host": "0.0.0.0", "public_url": "http://YOUR_PUBLIC_IP:8080"},
+                        lium={"template_id": "YOUR_TEMPLATE_ID", "node": "no-such-node"},
+                        run={"hf_repo": HUB_REPO, "env": {"WANDB_API_KEY": "${TEST_UNSET_KEY}"}},  # no HF_TOKEN anywhere
+                        worker={"env": {"TRAINSTACK_HTTP_ENV_URL": "http://203.0.113.5:8000",
+                                        "SLIME_SFT_CMD": "python3 train.py --save-intervall 20 $RELAY_SLIME_ARGS"}})
+    result = launch_stack(cluster, lium, stack, "--supervise", RELAY_SHARED_SECRET="short", HF_TOKEN="")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    for field_name in ("commander.public_url: 'http://YOUR_PUBLIC_IP:8080' is a placeholder",
+                       "lium.template_id: 'YOUR_TEMPLATE_ID' is a placeholder",
+                       "worker.env.TRAINSTACK_HTTP_ENV_URL: 'http://203.0.113.5:8000' is a documentation address",
+                       "RELAY_SHARED_SECRET: 5 bytes; a commander reachable from other machines needs at least 32",
+                       "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set",
+                       "run.env.WANDB_API_KEY: ${TEST_UNSET_KEY} is not set where launch-stack runs",
+                       "worker.env.SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?)"):
+        assert sum(field_name in line for line in lines) == 1, result.stderr
+    assert lines[-1] == "relay: error: 8 preflight check(s) failed (above): nothing was started or rented"
+    assert rented_or_changed(lium) == [] and not cluster.healthy()
+
+
+def test_a_dry_run_with_a_refused_lium_key_says_so_prints_the_plan_and_exits_2(cluster, lium):
+    lium.api_key = "the-real-key"  # lium_env gives the CLI another one
+    result = launch_stack(cluster, lium, write_stack(cluster, lium), "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "preflight: LIUM_API_KEY: Lium refuses it (" in result.stdout and "Invalid API key" in result.stdout
+    assert "would run: lium up " in result.stdout  # the plan all the same
+    assert rented_or_changed(lium) == []
+
+
+def test_a_commander_that_does_not_answer_at_public_url_stops_launch_stack_before_any_rent(cluster, lium):
+    from testing.harness import free_port
+
+    elsewhere = f"http://127.0.0.1:{free_port()}"  # not where the commander listens
+    result = launch_stack(cluster, lium, write_stack(cluster, lium, commander={"public_url": elsewhere}))
+    assert result.returncode == 2, result.stderr
+    assert f"preflight: commander.public_url: cannot reach the commander at {elsewhere}" in result.stderr
+    assert rented_or_changed(lium) == [] and not cluster.healthy()  # the commander it started is stopped again
+
+
+@pytest.mark.parametrize("problem", ["read-only token", "public repo"])
+def test_the_preflight_refuses_an_hf_token_that_cannot_write_and_a_public_repo(cluster, lium, hub, problem):
+    if problem == "public repo":
+        hub.create(HUB_REPO, private=False)
+    token = hub.read_token if problem == "read-only token" else hub.token
+    stack = write_stack(cluster, lium, run={"hf_repo": HUB_REPO}, worker={"env": {"HF_ENDPOINT": hub.url}})
+    result = launch_stack(cluster, lium, stack, "--dry-run", HF_TOKEN=token)
+    assert result.returncode == 2, result.stdout
+    expected = ("preflight: HF_TOKEN: a read-only token cannot create tester/relay-ckpt" if problem == "read-only token"
+                else "preflight: run.hf_repo: tester/relay-ckpt is a PUBLIC repo")
+    assert expected in result.stdout, result.stdout
+    assert token not in result.stdout + result.stderr
 
 
 @pytest.mark.slow(23)
@@ -2231,11 +2764,13 @@ def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pod
     wait_for("the pod's processes to be gone", lambda: not cluster.trainer_pids(), 10)
 
 
-def test_the_shipped_example_configs_are_valid():
+def test_the_shipped_example_configs_are_valid_and_the_preflight_refuses_their_placeholders():
     root = os.path.dirname(RELAY)
     assert relay.load_run_config(os.path.join(root, "run.yaml.example")).run_id == "lium-demo-sft"
     for name in ("stack.yaml.example", "examples/stack.liveweb_sft.example.yaml", "examples/stack.liveweb_rl.example.yaml"):
         stack = relay.load_stack_config(os.path.join(root, name))
+        refused = {check.what for check in relay.placeholder_checks(stack)}
+        assert {"commander.public_url", "lium.template_id", "lium.volume", "run.hf_repo"} <= refused, (name, refused)
         command = stack.worker.env.get("SLIME_SFT_CMD", "") + stack.worker.env.get("SLIME_RL_CMD", "")
         if "liveweb" in name:
             assert "$RELAY_SLIME_ARGS" in command and "--save-interval" in command
