@@ -79,6 +79,7 @@ WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
 HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 SHA1_RE = re.compile(r"[0-9a-f]{40}\Z")
 MODES = ("sft", "rl")
+HUB_TRANSFERS = ("xet", "lfs")
 
 
 class UserError(Exception):
@@ -276,6 +277,8 @@ class RunConfig:
     hf_allow_public: bool = False
     hf_keep_last_checkpoints: int = 2
     hf_final_sync_timeout_seconds: float = 1800.0
+    hf_transfer: str = "xet"  # how checkpoint files travel: "xet" (hf_xet, what the Hub prefers) or "lfs"
+    hf_xet_threads: int = 4  # hf_xet's worker threads: what a pod's CPUs can spare beside the trainer
     relay_shared_secret: str = ""
     save_rollout_trajectories: bool = False
     rollout_trajectory_subdir: str = "rollout"
@@ -320,6 +323,10 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
         raise bad("worker_id", "must match [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
     if cfg.hf_repo and not HF_REPO_RE.match(cfg.hf_repo):
         raise bad("hf_repo", f"must look like 'user/repo', not {cfg.hf_repo!r}")
+    if cfg.hf_transfer not in HUB_TRANSFERS:
+        raise bad("hf_transfer", f"must be 'xet' or 'lfs', not {cfg.hf_transfer!r}")
+    if not 1 <= cfg.hf_xet_threads <= 64:
+        raise bad("hf_xet_threads", "must be between 1 and 64")
     sub = cfg.rollout_trajectory_subdir
     if not sub or sub.startswith("/") or ".." in sub.split("/") or sub == "ckpt" or sub.startswith("ckpt/"):
         raise bad("rollout_trajectory_subdir", "must be a relative folder inside the run's folder (not ckpt)")
@@ -2176,6 +2183,74 @@ TRAJECTORIES_PER_FOLDER = 1000  # the Hub takes at most 10,000 files per folder
 HUB_STAGING_PREFIX = ".hub-download-"  # + the revision: a download's folder in L1, kept until it completes
 HUB_THREAD_NICENESS = 10  # the Hub sync thread's nice value: the trainer's CPU work comes first
 HUB_STUCK_RETRY_SECONDS = 1800.0  # after an error a retry cannot fix (quota, permission): a few requests an hour
+# hf_xet's footprint off the trainer's back (its defaults: a 16 GB shard cache kept 3 weeks, 250 MB
+# of logs, 1.6 GB of download buffer growing to 6.3 GB).  Consecutive checkpoints share almost no
+# chunks, so a large shard cache buys nothing; a restore streams file by file.
+XET_SHARD_CACHE_BYTES = 1_000_000_000
+XET_LOG_BYTES = 50_000_000
+XET_DOWNLOAD_BUFFER_BYTES = 512_000_000
+XET_DOWNLOAD_BUFFER_PER_FILE_BYTES = 256_000_000
+# The worker's own values of what configure_hub_client() changes (None: unset), given back to the
+# trainer, whose own huggingface_hub must see the user's choices, not relay's.
+USER_HUB_ENVIRONMENT: dict[str, str | None] = {}
+
+
+def hub_client_environment(cfg: RunConfig) -> dict[str, str | None]:
+    """What relay's huggingface_hub and hf_xet read from the environment (None: removed).
+
+    hf_transfer "lfs" disables Xet, "xet" takes it even if the user's environment disabled it.
+    hf_xet's cache and logs live in a folder of this worker's under the run's folder on the
+    volume, bounded, never on the container disk; its download buffer is sized for a pod whose
+    RAM is the trainer's; HF_XET_HIGH_PERFORMANCE (all cores, 64 GB+ of RAM) is never on; its
+    thread pool has hf_xet_threads threads (tokio's default is one per core)."""
+    folder = os.path.join(cfg.run_dir, "hf-xet", cfg.worker_id)
+    return {
+        "HF_HUB_DISABLE_XET": "1" if cfg.hf_transfer == "lfs" else None,
+        "HF_XET_CACHE": folder,
+        "HF_XET_SHARD_CACHE_SIZE_LIMIT": str(XET_SHARD_CACHE_BYTES),
+        "HF_XET_LOG_DEST": os.path.join(folder, "logs") + os.sep,  # a folder: hf_xet rotates and prunes it
+        "HF_XET_LOG_DIR_MAX_SIZE": str(XET_LOG_BYTES),
+        "HF_XET_RECONSTRUCTION_DOWNLOAD_BUFFER_SIZE": str(XET_DOWNLOAD_BUFFER_BYTES),
+        "HF_XET_RECONSTRUCTION_DOWNLOAD_BUFFER_LIMIT": str(XET_DOWNLOAD_BUFFER_BYTES),
+        "HF_XET_RECONSTRUCTION_DOWNLOAD_BUFFER_PERFILE_SIZE": str(XET_DOWNLOAD_BUFFER_PER_FILE_BYTES),
+        "HF_XET_HIGH_PERFORMANCE": None,
+        "TOKIO_WORKER_THREADS": str(cfg.hf_xet_threads),
+    }
+
+
+def configure_hub_client(cfg: RunConfig) -> None:
+    """Put hub_client_environment() in this process's environment.  Called before
+    huggingface_hub is first imported: it reads HF_HUB_DISABLE_XET once, at import (hf_xet
+    reads its knobs when its session starts, at the first transfer)."""
+    for name, value in hub_client_environment(cfg).items():
+        USER_HUB_ENVIRONMENT.setdefault(name, os.environ.get(name))
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def at_low_priority(work: Callable[[], Any]) -> Any:
+    """Run `work` on a thread of its own at the Hub's low priority and return what it returns
+    (or raise what it raised).  Every call that can move checkpoint bytes goes through here or
+    runs on the (equally niced) sync thread: the threads the client starts for it, hf_xet's
+    pool included (created by the first thread that transfers, inheriting its nice value),
+    then never run at the trainer's priority, whichever of restore, prefetch or sync came first."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        yield_cpu_to_the_trainer()
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="hub-transfer", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class HubStore:
@@ -2203,6 +2278,7 @@ class HubStore:
         if self.dry_run:
             log("hub", f"hf_dry_run: nothing will be sent to the Hub (repo {self.repo})")
             return
+        configure_hub_client(self.cfg)
         try:
             import huggingface_hub  # noqa: PLC0415  (only workers with hf_repo need it)
         except ImportError:
@@ -2251,8 +2327,8 @@ class HubStore:
         """
         base = f"{self.prefix}/ckpt"
         manifest_in_repo = f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json"
-        files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
-        files += [(f"{self.prefix}/{trajectory_path_in_repo(os.path.relpath(path, self.cfg.run_dir))}", path)
+        files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel), manifest.files[rel][1]) for rel in sorted(manifest.files)]
+        files += [(f"{self.prefix}/{trajectory_path_in_repo(os.path.relpath(path, self.cfg.run_dir))}", path, "")
                   for path in trajectories]
         extra = [(manifest_in_repo, manifest.to_bytes()), (f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode())]
         if self.dry_run:
@@ -2295,16 +2371,17 @@ class HubStore:
             self.free_storage(revision, protected)
         return revision
 
-    def operations(self, files: list[tuple[str, str]], extra: list[tuple[str, bytes]]) -> list[Any]:
-        """Additions for a commit, reusing those of a failed attempt whose file has not changed."""
-        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+    def operations(self, files: list[tuple[str, str, str]], extra: list[tuple[str, bytes]]) -> list[Any]:
+        """Additions for a commit, reusing those of a failed attempt whose file has not changed.
+        `files`: (path in repo, local path, its sha256 if the manifest has it, else '')."""
         fresh: dict[str, tuple[tuple, Any]] = {}
-        for path_in_repo, source in files:
+        for path_in_repo, source, sha256 in files:
             stat = os.stat(source)
             key = (source, stat.st_size, stat.st_mtime_ns)
             cached = self.reusable.get(path_in_repo)
-            fresh[path_in_repo] = (key, cached[1] if cached and cached[0] == key else CommitOperationAdd(path_in_repo, source))
+            fresh[path_in_repo] = (key, cached[1] if cached and cached[0] == key else file_addition(path_in_repo, source, sha256))
         self.reusable = fresh
+        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
         return [op for _, op in fresh.values()] + [CommitOperationAdd(path, data) for path, data in extra]
 
     def checkpoints_at(self, revision: str) -> tuple[set[int], set[str]]:
@@ -2398,19 +2475,29 @@ class HubStore:
     def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
         """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified.
 
-        The staging folder is named after the revision and kept when an attempt fails: the
-        client skips the files already complete there and resumes a partial one, so a new
-        attempt (or a new worker on this volume) does not start from zero.
+        What resumes: the staging folder is named after the revision and kept when an attempt
+        fails or the worker is killed, and the client skips every file already complete there;
+        files are fetched one at a time, so a kill loses at most the file in flight.  A partial
+        file is never resumed (huggingface_hub 2.x writes it under a unique name and deletes it
+        on failure, on both paths; 1.x's plain LFS path resumes it by Range): what a SIGKILL
+        leaves of it (`*.incomplete`) is deleted and never counted as fetched.
         """
+        return at_low_priority(lambda: self._download(record, ckpt, should_abort))
+
+    def _download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
         from huggingface_hub import snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
         staging = self.staging_dir(ckpt, revision)
         os.makedirs(staging, exist_ok=True)
+        for folder, _, names in os.walk(staging):  # a killed download's partial files: no attempt resumes them
+            for name in names:
+                if name.endswith(".incomplete"):
+                    os.remove(os.path.join(folder, name))
         manifest = self.fetch_manifest(record, staging)
         check_free_space(ckpt.path, manifest.total_bytes - folder_bytes(staging),
                          f"fetching checkpoint {iteration} ({manifest.total_bytes} bytes)", self.cfg)
-        snapshot_download(record["repo"], revision=revision, local_dir=staging,
+        snapshot_download(record["repo"], revision=revision, local_dir=staging, max_workers=1,
                           allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
         for rel in sorted(manifest.files):
             target = os.path.join(ckpt.path, rel)
@@ -2434,6 +2521,22 @@ class HubStore:
                 if name.startswith(HUB_STAGING_PREFIX) and name != f"{HUB_STAGING_PREFIX}{keep_revision}":
                     log("hub", f"removing the unfinished download {name} (not the recorded revision)")
                     shutil.rmtree(os.path.join(ckpt.path, name), ignore_errors=True)
+
+
+def file_addition(path_in_repo: str, source: str, sha256: str) -> Any:
+    """A CommitOperationAdd of a local file that carries its sha256 when the manifest has it.
+
+    Sealing hashed every checkpoint file already: with huggingface_hub 2.x, whose operations
+    hash lazily (`upload_info.is_hashed`), neither the LFS path (which hashes before its batch
+    request) nor hf_xet (which takes a known sha256 instead of computing it while chunking)
+    reads the file for its sha256 again, on the first attempt or any retry.  1.x hashes the
+    whole file when the operation is made: there nothing is saved.  Safe because a sealed
+    checkpoint's files never change (a changed one would not match its manifest on restore)."""
+    from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+    operation = CommitOperationAdd(path_in_repo, source)
+    if sha256 and not getattr(operation.upload_info, "is_hashed", True):
+        operation.upload_info.sha256 = bytes.fromhex(sha256)
+    return operation
 
 
 def folder_bytes(path: str) -> int:
@@ -2685,11 +2788,22 @@ def hub_retry_after(exc: BaseException) -> float | None:
     return max(0.0, *waits) if waits else None
 
 
+# How hf_xet words a refusal of its storage side (the CAS): its errors carry no HTTP response,
+# only a type (PermissionError for an authentication failure) and a message such as "HTTP status
+# client error (403 Forbidden)" (xet-core error.rs, as hf_xet 1.8 raises them).
+XET_REFUSAL_RE = re.compile(r"\b(401|402|403)\b|unauthori[sz]ed|forbidden|quota|storage limit", re.IGNORECASE)
+
+
 def hub_error_is_permanent(exc: BaseException) -> bool:
     """An answer a retry cannot change: a bad token or lost permission (401, 403), no payment or
     the storage quota (402, 403), no such repo (404), a limit of the repo such as 10,000 files
-    per folder (400).  A person must act; until then a try every HUB_STUCK_RETRY_SECONDS."""
-    return hub_status(exc) in (400, 401, 402, 403, 404)
+    per folder (400); from hf_xet, which has no status code, a PermissionError or a message
+    saying the same.  A person must act; until then a try every HUB_STUCK_RETRY_SECONDS.
+    Anything else from hf_xet (a dropped connection, a 5xx, a timeout) is transient."""
+    status = hub_status(exc)
+    if status is not None:
+        return status in (400, 401, 402, 403, 404)
+    return isinstance(exc, PermissionError) or bool(XET_REFUSAL_RE.search(str(exc)))
 
 
 def hub_error_text(exc: BaseException) -> str:
@@ -3389,6 +3503,11 @@ def trainer_argv(cfg: RunConfig) -> list[str]:
 def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None, ckpt_dir: str,
                         tag: str, gpus: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RELAY_SHARED_SECRET"}
+    for name, value in USER_HUB_ENVIRONMENT.items():  # the trainer's Hub client is the user's, not relay's
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     env.update(cfg.env)
     pattern = os.path.join(cfg.rollout_dir, cfg.rollout_trajectory_pattern)
     keep_rollouts = cfg.mode == "rl" and cfg.save_rollout_trajectories

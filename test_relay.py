@@ -969,11 +969,21 @@ def hub():
         server.stop()
 
 
+@pytest.fixture(params=["xet", "lfs"])
+def transfer(request, cluster) -> str:
+    """A key Hub test on both paths (run.yaml hf_transfer): Xet, what production takes, and plain
+    LFS.  The other Hub tests take the harness's path (Xet; RELAY_TEST_HF_TRANSFER=lfs for a
+    whole pass on LFS)."""
+    cluster.hf_transfer = request.param
+    return request.param
+
+
 def hub_record(cluster: Cluster, run_id: str = "r1") -> dict:
     return cluster.run(run_id).get("hub") or {}
 
 
-def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference):
+def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference, transfer):
+    hub.lfs_patterns = ("*/model.json",)  # the model goes through Xet or LFS, not as a regular file
     cluster.hub = hub
     cluster.start_commander(lease=2)
     on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
@@ -988,6 +998,7 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     final = hub_record(cluster)
     assert final["iteration"] == 40
     assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000040/model.json"] == reference
+    assert ("runs/r1/ckpt/iter_0000040/model.json" in hub.xet_paths_at(HUB_REPO, final["revision"])) == (transfer == "xet")
     assert worker_b.wait(30) == 0
     assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
     assert f"af commit --repo {HUB_REPO} --revision {final['revision']} --chute-id" in cluster.log("b")
@@ -995,6 +1006,83 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     assert hub.repos[HUB_REPO].private
     for name in ("a", "b", "commander"):
         assert hub.token not in cluster.log(name)
+
+
+def thread_nice_values(pid: int) -> dict[int, tuple[str, int]]:
+    """Thread id -> (name, nice value) of every thread of `pid` (/proc/PID/task/TID/stat)."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            found[int(tid)] = (name, int(fields[16]))  # field 19 of stat, counted from the state (field 3)
+    return found
+
+
+@pytest.mark.slow(12)
+def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_after_a_restore_and_an_upload(
+        cluster, hub):
+    """...and hf_xet's cache and logs stay in a bounded folder on the volume, while the trainer's
+    environment keeps the user's own hf_xet settings."""
+    hub.lfs_patterns = ("*/model.json",)
+    cluster.hub, cluster.hf_transfer = hub, "xet"
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    restored = hub_record(cluster)["iteration"]
+    # b restores through Xet on its main thread's behalf (hf_xet's pool is made then), then uploads.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), hf_xet_threads=3,
+                                    env={"MOCK_STEP_SECONDS": "0.1", "HF_XET_HIGH_PERFORMANCE": "1"}, **on_hub)
+    wait_for("b to upload a checkpoint after its restore",
+             lambda: hub_record(cluster).get("iteration", 0) > restored and "fetched checkpoint" in cluster.log("b"), 30)
+    threads = thread_nice_values(worker_b.pid)
+    xet = [nice for name, nice in threads.values() if name.startswith(("hf-xet", "tracing-append"))]  # its log writer too
+    assert xet and set(xet) == {relay.HUB_THREAD_NICENESS}, threads
+    assert len(xet) <= 3 + 3, threads  # hf_xet_threads workers, its few blocking threads, its log writer
+    assert threads[worker_b.pid][1] == 0, threads  # the main thread (lease renewals start there) keeps its priority
+    assert list((cluster.tmp / "pod-b" / "runs" / "r1" / "hf-xet" / "b" / "logs").glob("xet_*.log"))
+    assert not (cluster.tmp / "hf-home-b" / "xet").exists()  # nothing on the container disk
+    trainer_env = next(iter(cluster.trainer_pids(worker_id="b").values()))
+    assert trainer_env.get("HF_XET_HIGH_PERFORMANCE") == "1" and "TOKIO_WORKER_THREADS" not in trainer_env
+
+
+@pytest.mark.slow(10)
+@pytest.mark.parametrize("cas_status", [403, 503], ids=["the storage refuses", "the storage fails"])
+def test_a_xet_storage_refusal_waits_half_an_hour_and_says_why_while_a_failure_is_retried_soon(
+        cluster, hub, cas_status):
+    from testing.xet_cas import FailingCas
+
+    cas = FailingCas(cas_status).start()
+    try:
+        hub.cas_url, hub.lfs_patterns = cas.url, ("*/model.json",)
+        cluster.hub, cluster.hf_transfer = hub, "xet"
+        cluster.start_commander(lease=2)
+        # hf_xet retries each request itself (5 times, 3 s apart by default): once is enough here
+        worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.2,
+                                      env={"MOCK_MAX_STEPS": "2000", "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "1"})
+        failing = wait_for("the storage's error on the run record", lambda: cluster.run("r1").get("sync_error") and
+                           cluster.run("r1"), 30)
+        first_failure = time.monotonic()
+        if cas_status == 403:  # long enough for the short retries (2 s, then 4 s) to have happened
+            wait_for("6 s of training after the refusal", lambda: time.monotonic() > first_failure + 6 and
+                     cluster.run("r1")["step"] > failing["step"] + 20, 30)
+        else:
+            wait_for("a second failure", lambda: "failed (2 in a row)" in cluster.log("a"), 30)
+        worker.send_signal(signal.SIGTERM)  # one last try, as at any stop
+        assert worker.wait(30) == 0
+    finally:
+        cas.stop()
+    failures = re.findall(r"upload of checkpoint \d+ failed \((\d+) in a row\): (.*); retrying in (\d+) s", cluster.log("a"))
+    assert not cluster.run("r1")["hub"]
+    if cas_status == 403:
+        assert "403 Forbidden" in failing["sync_error"], failing["sync_error"]
+        assert "a retry cannot fix this, next try in 30 min" in failing["sync_error"]
+        assert len(failures) <= 2 and cas.uploads() <= 2 * 3, failures  # the first refusal, the last try at the stop
+    else:
+        assert "503" in failing["sync_error"] and "cannot fix" not in failing["sync_error"]
+        assert [int(f[2]) for f in failures[:2]] == [2, 4], failures  # the short retries
 
 
 def hub_downloads(hub) -> int:
@@ -1173,7 +1261,8 @@ def test_a_final_upload_that_outlasts_its_timeout_leaves_no_final_model_named_an
 
 
 @pytest.mark.slow(16)
-def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
+def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(
+        cluster, hub, transfer):
     from testing.hub_server import Fault
 
     hub.lfs_threshold = CKPT_BYTES // 2
@@ -1192,7 +1281,10 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     stale = ckpt_b / f"{relay.HUB_STAGING_PREFIX}{'0' * 40}"  # a download a killed worker left behind
     stale.mkdir(parents=True)
     (stale / "part.incomplete").write_bytes(b"x" * 1000)
-    hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    if transfer == "lfs":  # the checkpoint file's own download fails
+        hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    else:  # the Xet read token the checkpoint file needs is refused once (a regular file needs none)
+        hub.inject(Fault("/xet-read-token/", status=403))
     # No prefetch while standing by: this is about the restore's own download.
     worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, hf_prefetch=False, **on_hub)
     assert worker_b.wait(60) == 0
@@ -1200,9 +1292,51 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     assert resumed_from(cluster.run("r1"), "b")[0].startswith(f"b resumes from checkpoint {recorded['iteration']} in the Hub")
     fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
                                   if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
-    assert fetched["common.pt"] == 2 and fetched["relay_manifest.json"] == 1, fetched  # the failed file only
-    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert fetched["relay_manifest.json"] == 1, fetched
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched  # complete: not again
+    if transfer == "lfs":
+        assert fetched["common.pt"] == 2, fetched  # the failed file only
+    else:
+        tokens = [status for method, path, status in hub.requests if "/xet-read-token/" in path]
+        assert tokens == [403, 200] and fetched["common.pt"] == 0, (tokens, fetched)  # through Xet, not GET
     assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
+
+
+@pytest.mark.slow(20)
+def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finished_and_sweeps_its_remains(
+        cluster, hub):
+    """hf_transfer: lfs, whose downloads the test Hub can slow down; on Xet the same folder and
+    the same client code skip the files already complete (see the failed-download test)."""
+    big = 400_000
+    hub.lfs_threshold = big // 2
+    cluster.hub, cluster.hf_transfer = hub, "lfs"  # hub.download_bytes_per_second paces the plain HTTP path
+    cluster.start_commander(lease=2)
+    knobs = slime_env(FAKE_NUM_ROLLOUT="8", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(big), FAKE_STEP_SECONDS="0.5")
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2, "hf_prefetch": False}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    wait_for("checkpoint 3 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 3, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    recorded = hub_record(cluster)
+    hub.download_bytes_per_second = big / 4  # the checkpoint file takes 4 s: b is killed while it is in flight
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)
+    staging = cluster.ckpt_dir(l1="pod-b") / f"{relay.HUB_STAGING_PREFIX}{recorded['revision']}"
+    manifest = staging / "runs" / "r1" / "ckpt" / relay.iteration_dirname(recorded["iteration"]) / "relay_manifest.json"
+    # One file at a time: the manifest, then the checkpoint file (then the dataset state).
+    partial = wait_for("the checkpoint file in flight", lambda: manifest.exists() and [
+        p for p in staging.rglob("*.incomplete") if p.parent.name.startswith("iter_")], 30)[0]
+    os.kill(worker_b.pid, signal.SIGKILL)
+    worker_c = cluster.start_worker("c", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)  # the same volume
+    # b's partial file goes before c's download starts (c's own takes 4 s), not with the folder at the end
+    wait_for("b's partial file swept while c downloads", lambda: not partial.exists() and
+             "fetched checkpoint" not in cluster.log("c"), 30)
+    assert worker_c.wait(60) == 0
+    assert resumed_from(cluster.run("r1"), "c")[0].startswith(f"c resumes from checkpoint {recorded['iteration']} in the Hub")
+    fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
+                                  if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
+    assert fetched["relay_manifest.json"] == 1, fetched  # complete before the kill: not fetched again
+    assert fetched["common.pt"] == 2, fetched  # the file in flight, from its start
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert not staging.exists()
 
 
 UPLOAD_TWICE = """
@@ -1210,7 +1344,8 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import relay
 cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
-                                                hf_repo=sys.argv[2], l1_root=sys.argv[3]), "test")
+                                                hf_repo=sys.argv[2], l1_root=sys.argv[3], hf_transfer=sys.argv[5]),
+                                "test")
 ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
 os.makedirs(os.path.join(ckpt.path, "iter_0000001"))
 with open(os.path.join(ckpt.path, "iter_0000001", "common.pt"), "wb") as handle:
@@ -1230,23 +1365,30 @@ print(json.dumps(outcomes))
 """
 
 
+def upload_twice(cluster: Cluster, hub, transfer: str, size: int = CKPT_BYTES) -> subprocess.CompletedProcess:
+    """UPLOAD_TWICE in a process of its own (huggingface_hub reads HF_ENDPOINT at import)."""
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"))
+    return subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
+                           str(size), transfer], capture_output=True, text=True, env=env, timeout=60)
+
+
 @pytest.mark.parametrize("landed", [False, True], ids=["commit refused", "commit landed, answer lost"])
 def test_a_commit_retry_sends_no_file_twice_and_a_commit_that_landed_despite_an_error_is_not_repeated(
-        cluster, hub, landed):
+        cluster, hub, landed, transfer):
     from testing.hub_server import Fault
 
     hub.lfs_threshold = CKPT_BYTES // 2
     hub.inject(Fault("/commit/", status=504, after=landed))
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
-    result = subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
-                             str(CKPT_BYTES)], capture_output=True, text=True, env=env, timeout=60)
+    result = upload_twice(cluster, hub, transfer)
     assert result.returncode == 0, result.stderr
     failed, revision = json.loads(result.stdout.splitlines()[-1])
     assert failed.startswith("HTTP 504") and revision == hub.head(HUB_REPO)
-    assert "runs/r1/ckpt/iter_0000001/common.pt" in hub.lfs_paths_at(HUB_REPO, revision)
+    checkpoint_file = "runs/r1/ckpt/iter_0000001/common.pt"
+    assert checkpoint_file in hub.lfs_paths_at(HUB_REPO, revision)
+    assert (checkpoint_file in hub.xet_paths_at(HUB_REPO, revision)) == (transfer == "xet")
+    assert hub.preuploaded[checkpoint_file] == 1  # the retry reused the uploaded file: its bytes went once
     requests = collections.Counter((method, path.rsplit("/", 2)[-2]) for method, path, _ in hub.requests)
-    assert [method for method, _, _ in hub.requests].count("PUT") == 1  # the checkpoint's bytes went once
-    assert requests["POST", "objects"] == 1  # the retry reused the uploaded file: no second LFS request
+    assert [method for method, _, _ in hub.requests].count("PUT") == (transfer == "lfs")  # LFS: one PUT of the bytes
     assert requests["POST", "commit"] == (1 if landed else 2), requests
     assert ("had landed" in result.stderr + result.stdout) == landed
 
@@ -1322,7 +1464,7 @@ def test_a_token_that_cannot_write_or_a_public_repo_stops_the_worker_before_any_
     hub.create(HUB_REPO, private=not public)
     cluster.start_commander(lease=2)
     config = cluster.write_config("a", hf_repo=HUB_REPO)
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"))
     result = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 2 and words in result.stderr, result.stderr

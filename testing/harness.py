@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT))
 import relay  # noqa: E402
 
 RELAY = str(ROOT / "relay.py")
+# The path the workers' Hub uploads and downloads take (run.yaml hf_transfer): Xet, as in
+# production, unless RELAY_TEST_HF_TRANSFER=lfs asks for a pass on the plain LFS path.
+HF_TRANSFER = os.environ.get("RELAY_TEST_HF_TRANSFER", "xet")
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
@@ -119,6 +122,7 @@ class Cluster:
         self.ca_file = ""  # what clients verify an https:// commander with
         self.commander: subprocess.Popen | None = None
         self.hub: Any = None  # a testing.hub_server.HubServer the workers talk to, if any
+        self.hf_transfer = HF_TRANSFER  # run.yaml hf_transfer of the workers it starts
         self.state_path = str(tmp / "commander_state.json")
 
     # -- processes ---------------------------------------------------------------------------
@@ -201,7 +205,8 @@ class Cluster:
 
     def write_config(self, worker_id: str, run_id: str = "r1", **fields: Any) -> Path:
         config = {"commander_url": self.url, "run_id": run_id, "worker_id": worker_id, "mode": "sft",
-                  "l1_root": str(self.tmp / "volume"), "stop_grace_seconds": 2, "commander_wait_seconds": 10}
+                  "l1_root": str(self.tmp / "volume"), "stop_grace_seconds": 2, "commander_wait_seconds": 10,
+                  "hf_transfer": self.hf_transfer}
         config.update(fields)
         path = self.tmp / f"{worker_id}.yaml"
         path.write_text(json.dumps(config))
@@ -214,9 +219,7 @@ class Cluster:
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
         if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
-            # HF_HUB_DISABLE_XET: the test Hub speaks plain LFS (huggingface_hub would use Xet)
             worker_env.update(HF_ENDPOINT=self.hub.url, HF_TOKEN=self.hub.token, HF_HUB_DISABLE_TELEMETRY="1",
-                              HF_HUB_DISABLE_XET="1",
                               HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
