@@ -1147,6 +1147,9 @@ def test_the_recorded_revision_holds_its_checkpoint_and_a_stale_commit_on_the_br
     assert resumed_from(run, "b")[0].startswith(
         f"b resumes from checkpoint {recorded['iteration']} in the Hub at {recorded['revision'][:12]}")
     assert final_model(cluster, l1="pod-b") == reference
+    # b's first commit named the recorded revision as its parent: the Hub said 412, b re-based
+    assert [status for method, path, status in hub.requests if "/commit/" in path].count(412) == 1
+    assert "the branch moved past" in cluster.log("b")
 
 
 @pytest.mark.slow(22)
@@ -1300,6 +1303,8 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
         tokens = [status for method, path, status in hub.requests if "/xet-read-token/" in path]
         assert tokens == [403, 200] and fetched["common.pt"] == 0, (tokens, fetched)  # through Xet, not GET
     assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
+    # what b restored was exact: its run ends with the weights of an uninterrupted one
+    assert (ckpt_b / relay.iteration_dirname(11) / "common.pt").read_bytes() == fake_slime_checkpoint(12, CKPT_BYTES)
 
 
 @pytest.mark.slow(20)
@@ -1337,6 +1342,8 @@ def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finish
     assert fetched["common.pt"] == 2, fetched  # the file in flight, from its start
     assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
     assert not staging.exists()
+    final = cluster.ckpt_dir(l1="pod-b") / relay.iteration_dirname(7) / "common.pt"
+    assert final.read_bytes() == fake_slime_checkpoint(8, big)  # no byte of b's partial file in c's weights
 
 
 UPLOAD_TWICE = """
@@ -1476,6 +1483,16 @@ def test_a_token_that_cannot_write_or_a_public_repo_stops_the_worker_before_any_
 # --------------------------------------------------------------------------- slime as the trainer
 
 FAKE_SLIME = f"{sys.executable} {os.path.join(os.path.dirname(RELAY), 'testing', 'fake_slime.py')}"
+
+
+def fake_slime_checkpoint(num_rollout: int, size: int) -> bytes:
+    """The common.pt the slime stand-in writes after `num_rollout` rollouts of an uninterrupted run."""
+    from testing.fake_slime import BASE_WEIGHTS, next_weights, weights_file
+
+    weights = BASE_WEIGHTS
+    for rollout in range(num_rollout):
+        weights = next_weights(weights, rollout)
+    return weights_file(weights, size)
 
 
 def slime_env(**knobs: str) -> dict[str, str]:
