@@ -2618,12 +2618,19 @@ class HubSync:
     def synced_iteration(self) -> int:
         return (self.synced or {}).get("iteration", -1)
 
+    def trajectories_left(self) -> bool:
+        """The trainer has stopped and trajectories it wrote are not on the Hub yet: those of
+        its last seconds, too new for an upload that started while it ran (they had not
+        settled), go up with the final checkpoint (again, if it is there already)."""
+        return self.trainer_stopped and bool(self.finished_trajectories())
+
     def wait_synced(self, iteration: int, timeout: float) -> bool:
-        """True once `iteration` is on the Hub; False at the timeout, on losing the lease, or
-        when an attempt after sync_now() met an error that a retry cannot fix."""
+        """True once `iteration` is on the Hub (with every trajectory, once the trainer has
+        stopped); False at the timeout, on losing the lease, or when an attempt after
+        sync_now() met an error that a retry cannot fix."""
         give_up = boottime() + timeout
         with self._synced_changed:
-            while self.synced_iteration() < iteration:
+            while self.synced_iteration() < iteration or self.trajectories_left():
                 left = give_up - boottime()
                 if left <= 0 or not self.still_ours() or (self.stuck and not self.requested):
                     return False
@@ -2642,7 +2649,7 @@ class HubSync:
                 self.requested = False  # a sync_now() from here on asks for one more attempt
             try:
                 newest = self.ckpt.newest_sealed()
-                if newest is None or newest.iteration <= self.synced_iteration():
+                if newest is None or (newest.iteration <= self.synced_iteration() and not self.trajectories_left()):
                     self.next_attempt = boottime() + self.cfg.hf_sync_interval_seconds
                     continue
                 self._upload(newest)
