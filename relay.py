@@ -1064,6 +1064,47 @@ class Body:
         return [x[:max_len] for x in value]
 
 
+STATE_FIELD_TYPES: dict[str, tuple[type, ...]] = {  # a field's annotation -> what JSON may hold there
+    "str": (str,), "int": (int,), "float": (int, float), "float | None": (int, float, type(None)),
+    "dict | None": (dict, type(None)), "list": (list,)}
+
+
+def checked_record(cls: type, data: Any, where: str) -> Any:
+    """A state-file record whose every field has the type its annotation says (ValueError naming
+    the field otherwise): a wrong type stops the commander at start, not in a request later."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} is not an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        if name not in fields:
+            raise ValueError(f"{where} has an unknown field '{name}'")
+        kinds = STATE_FIELD_TYPES[str(fields[name].type)]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{where}.{name} is a {type(value).__name__}, not {fields[name].type}")
+    return cls(**data)
+
+
+def checked_run_record(run_id: str, data: Any) -> RunRecord:
+    where = f"runs.{run_id}"
+    run = checked_record(RunRecord, data, where)
+    if run.run_id != run_id or not RUN_ID_RE.match(run_id):
+        raise ValueError(f"{where}.run_id is {run.run_id!r}")
+    if run.status not in RUN_STATUSES or run.mode not in MODES:
+        raise ValueError(f"{where}: status {run.status!r} or mode {run.mode!r} is not one the commander knows")
+    for i, lease in enumerate(run.leases):
+        checked_record(LeaseRecord, lease, f"{where}.leases[{i}]")
+    if not all(isinstance(e, dict) and isinstance(e.get("at"), (int, float)) and isinstance(e.get("msg"), str)
+               for e in run.events):
+        raise ValueError(f"{where}.events must be a list of {{at, msg}}")
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) for x in p) for p in run.losses):
+        raise ValueError(f"{where}.losses must be a list of [step, loss]")
+    if not all(isinstance(line, str) for line in run.log_tail):
+        raise ValueError(f"{where}.log_tail must be a list of strings")
+    if run.holder and not run.leases:
+        raise ValueError(f"{where} has a holder but no lease")
+    return run
+
+
 class StateStore:
     """The commander's JSON state file: atomic, durable, 0600, exclusive to one commander."""
 
@@ -1089,13 +1130,7 @@ class StateStore:
                 data = json.load(handle)
             if data.get("format") != STATE_FORMAT or not isinstance(data.get("runs"), dict):
                 raise ValueError("not a relay commander state file")
-            runs = {}
-            for run_id, record in data["runs"].items():
-                run = RunRecord(**record)
-                for lease in run.leases:
-                    LeaseRecord(**lease)
-                runs[run_id] = run
-            return runs
+            return {run_id: checked_run_record(run_id, record) for run_id, record in data["runs"].items()}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"state file {self.path} is corrupt ({exc}); refusing to start. "
                             "Restore it from a backup or move it away to start empty.") from None
@@ -3818,7 +3853,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         interval = self.lease.ttl / 3
         next_renewal = self.lease.sent_at + interval
-        complained = False
+        complained = told_unsigned = False
         while not self._stop.is_set():
             now = boottime()
             if now >= self.deadline:
@@ -3833,7 +3868,13 @@ class LeaseKeeper:
                        "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
             try:
                 reply = self.client.post("/api/lease/renew", payload, timeout=max(0.2, min(interval, self.deadline - sent)))
-            except CommanderUnreachable as exc:  # an unsigned answer among them: no answer
+            except CommanderUnsigned as exc:  # no answer: said once a lease (someone may forge every one)
+                if not told_unsigned:
+                    log("worker", str(exc))
+                    told_unsigned = True
+                next_renewal = boottime() + min(1.0, interval / 2)
+                continue
+            except CommanderUnreachable as exc:
                 if not complained:
                     log("worker", f"renewal failed, retrying until the lease deadline: {exc}")
                     complained = True

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -108,10 +109,16 @@ class Cluster:
         env.update(extra)
         return env
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, module: str = "",
+              file_limit: int | None = None) -> subprocess.Popen:
+        """relay.py with `args` (or `python -m module`, a far side or attacker in testing/), with
+        at most `file_limit` open files if given (soft and hard: it cannot raise it)."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
-        proc = subprocess.Popen([sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env or self.env(), start_new_session=True, cwd=self.tmp)
+        env = dict(env or self.env(), PYTHONPATH=str(ROOT)) if module else env or self.env()
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))) if file_limit else None
+        proc = subprocess.Popen([sys.executable, *(["-m", module] if module else [RELAY]), *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.tmp,
+                                preexec_fn=limit)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
@@ -146,12 +153,14 @@ class Cluster:
     # -- commander ---------------------------------------------------------------------------
 
     def start_commander(self, lease: float = 2, secret: str = "", port: int | None = None,
-                        extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
+                        extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                        file_limit: int | None = None) -> str:
         self.secret = secret
         self.port = port or self.port or free_port()
         env = self.env(**(env or {}), **({"RELAY_SHARED_SECRET": secret} if secret else {}))
         self.commander = self.spawn("commander", ["serve", "--port", str(self.port), "--lease-seconds", str(lease),
-                                                  "--state-path", self.state_path, *extra], env)
+                                                  "--state-path", self.state_path, *extra], env,
+                                    file_limit=file_limit)
         self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         wait_for("the commander to answer /api/health", self.healthy, 15)
         return self.url
