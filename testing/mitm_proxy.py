@@ -5,10 +5,11 @@ the path can do to the relay's answers.  It follows the relay protocol as it cro
     python -m testing.mitm_proxy --port PORT --commander URL [--switch FILE] [--mode MODE]
 
 Modes, applied while forging is on (always, or while FILE exists; otherwise it only forwards):
-  attack:          a renewal or report is answered with a forged 409 every other time (the
-                   commander never sees it); a "denied" acquire answer becomes a grant with a
-                   made-up token; every lease_expires_in_sec it forwards is stretched to 3600 s
-                   (the commander's signature header, if any, is passed on, no longer matching).
+  attack:          renewals (and reports), every other one: answered with a forged 409 (the
+                   commander never sees the request), or forwarded with lease_expires_in_sec
+                   stretched to 3600 s (the commander's signature header passed on, no longer
+                   matching); the others forwarded untouched.  A "denied" acquire answer becomes a grant with a
+                   made-up token.  (Forging every answer would only be dropping them all.)
   old-commander:   answers lose X-Relay-Response-Signature and /api/health loses its "protocol",
                    as a commander older than protocol 2 answers.
 Each forgery prints one line (`forged 409`, `forged grant`, `stretched ttl`) for tests to count.
@@ -17,6 +18,7 @@ Each forgery prints one line (`forged 409`, `forged grant`, `stretched ttl`) for
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import http.server
 import itertools
@@ -36,7 +38,7 @@ class Proxy(http.server.ThreadingHTTPServer):
         target = urllib.parse.urlsplit(commander)
         self.target = (target.hostname, target.port)
         self.switch, self.mode = switch, mode
-        self.turn = itertools.count()
+        self.turns = collections.defaultdict(itertools.count)  # per path: 0 forged 409, 2 stretched, odd untouched
         self.print_lock = threading.Lock()
 
     def forging(self) -> bool:
@@ -63,8 +65,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def relay(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
         forging, mode = self.server.forging(), self.server.mode
-        if forging and mode == "attack" and self.path in ("/api/lease/renew", "/api/job/report") \
-                and next(self.server.turn) % 2 == 0:
+        turn = next(self.server.turns[self.path]) % 4 if self.path in ("/api/lease/renew", "/api/job/report") else 2
+        if forging and mode == "attack" and turn == 0:
             self.server.say("forged 409")
             self.answer(409, json.dumps(FORGED_409).encode(), {})
             return
@@ -80,7 +82,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         finally:
             upstream.close()
-        if forging:
+        if forging and turn == 2:
             status, data, headers = self.forge(status, data, headers, mode)
         self.answer(status, data, headers)
 
