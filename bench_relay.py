@@ -194,14 +194,14 @@ def bench_hostile(tmp: Path) -> list[tuple[str, str, str]]:
 def renewal_latencies(url: str, ca_file: str, keep_alive: bool, count: int = 300) -> tuple[float, float]:
     """p50 and p99 (ms) of one worker's renewals, back to back, over its kept-alive connection
     or a new one each time (the client before keep-alive)."""
-    client = relay.CommanderClient(url, SECRET, ca_file=ca_file)
-    token = client.post("/api/lease/acquire", {"run_id": "tls", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    client, run_id = relay.CommanderClient(url, SECRET, ca_file=ca_file), f"r-{keep_alive}"
+    token = client.post("/api/lease/acquire", {"run_id": run_id, "worker_id": "w", "mode": "sft"}).body["lease_token"]
     latencies = []
     for step in range(count):
         if not keep_alive:
             client._drop_connection()  # noqa: SLF001 (what every renewal cost before keep-alive)
         started = time.perf_counter()
-        client.post("/api/lease/renew", {"run_id": "tls", "worker_id": "w", "lease_token": token, "step": step})
+        client.post("/api/lease/renew", {"run_id": run_id, "worker_id": "w", "lease_token": token, "step": step})
         latencies.append((time.perf_counter() - started) * 1000)
     latencies.sort()
     return latencies[count // 2], latencies[int(count * 0.99)]

@@ -577,6 +577,8 @@ def validate_lium_group(lium: LiumGroup, where: str) -> None:
 # request) replayed later does not verify.  Dropping or delaying answers stays possible, as
 # it always was, and it only makes a worker give its lease up early: safe.  An authentic
 # request that was replayed gets an unsigned 401, since its nonce was answered already.
+# Without a shared secret (loopback, or --insecure on a private network) nothing is signed
+# and answers are believed: there is no secret to tell the commander from anyone else.
 
 PROTOCOL = 2  # requests carry it in X-Relay-Protocol, /api/health says it: old peers fail with a clear error
 AUTH_MAX_SKEW_SECONDS = 300
@@ -1898,8 +1900,11 @@ class CommanderHTTPServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that vanished mid-answer: nothing to tell anyone (and no traceback on stderr).
-        pass
+        # A client that vanished mid-answer is nothing to tell anyone; anything else is a bug,
+        # said in one line (the stdlib would print a traceback for each).
+        problem = sys.exc_info()[1]
+        if not isinstance(problem, OSError):
+            log("commander", f"connection from {client_address[0]} failed: {type(problem).__name__}: {problem}")
 
 
 _OVER_CAPACITY = b'{"error": "the commander has too many connections open; try again"}'
