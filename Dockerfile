@@ -1,6 +1,6 @@
 # Lium template image for relay-trainer: slime's published image plus relay.py.
 #   docker build -t USER/relay-trainer:0.3.0 . && docker push USER/relay-trainer:0.3.0
-# then register USER/relay-trainer:0.3.0 as a Lium template (README, "Docker image").
+# then register USER/relay-trainer:0.3.0 as a Lium template (docs/slime.md, "Docker image").
 # Pin the slime release you train with: --build-arg SLIME_IMAGE=slimerl/slime:<tag>
 ARG SLIME_IMAGE=slimerl/slime:nightly-dev-20260804a-cu129
 FROM ${SLIME_IMAGE}
@@ -19,7 +19,7 @@ RUN apt-get update \
 COPY docker/install_relay.sh /opt/relay/install_relay.sh
 RUN PYTHON=python3 RELAY_DIR=/opt/relay bash /opt/relay/install_relay.sh
 
-COPY relay.py launch_sft.sh launch_rl.sh /opt/relay/
+COPY relay.py launch_sft.sh launch_rl.sh slime_flags.txt /opt/relay/
 COPY docker/entrypoint.sh /opt/relay/entrypoint.sh
 RUN chmod 755 /opt/relay/launch_sft.sh /opt/relay/launch_rl.sh /opt/relay/entrypoint.sh
 

@@ -12,6 +12,7 @@ fi
 # The command starts its own Ray cluster as slime's scripts do (README, "slime"): its job API
 # on 127.0.0.1:$RELAY_RAY_DASHBOARD_PORT, its job submitted as $RELAY_RAY_JOB_ID.
 export RELAY_RAY_DASHBOARD_PORT="${RELAY_RAY_DASHBOARD_PORT:-8265}"
+export PYTHONUNBUFFERED=1  # as slime's scripts: the trainer's lines reach the worker as printed
 export RELAY_RAY_JOB_ID="relay-${RELAY_RUN_ID:-run}-${RELAY_LEASE_EPOCH:-0}-$$"
 
 # On SIGTERM the worker signals this script alone and waits: slime's own stop step runs first,

@@ -25,6 +25,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import difflib
 import errno
 import fcntl
 import functools
@@ -258,7 +259,7 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
 
 @dataclass
 class RunConfig:
-    """run.yaml: what one worker needs to relay one run.  README.md documents every field."""
+    """run.yaml: what one worker needs to relay one run.  docs/worker.md documents every field."""
 
     commander_url: str
     run_id: str
@@ -285,6 +286,7 @@ class RunConfig:
     trainer_command: str = ""
     commander_wait_seconds: float = 60.0
     commander_ca_file: str = ""  # CA that signed an https:// commander's certificate (default: the system's)
+    check_slime_flags: bool = True  # a slime command's flags against slime_flags.txt, before any lease
     max_lease_seconds: float = 600.0  # the longest lease TTL this worker believes, whatever an answer says
     env: dict = field(default_factory=dict)
 
@@ -1641,7 +1643,7 @@ class Commander:
 
     @staticmethod
     def format_metrics(series: dict[str, list[tuple[str, float]]]) -> str:
-        """The Prometheus text format (README, 'Metrics')."""
+        """The Prometheus text format (docs/commander.md, 'Metrics')."""
         lines = []
         for name, (kind, text) in METRICS.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
@@ -2044,7 +2046,7 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             raise ApiError(401, "the shared secret is refused here: this commander serves plain HTTP on a public "
                                 "address, where a password crosses the network readable by anyone, and this one "
                                 "can change every run. Open the page with RELAY_VIEWER_SECRET, or serve with "
-                                "--tls-cert/--tls-key (README, 'TLS and roles')")
+                                "--tls-cert/--tls-key (docs/commander.md, 'TLS and roles')")
         return ROLE_SHARED
 
     def _handle(self, method: str) -> None:
@@ -3573,10 +3575,12 @@ class TrainerProcess:
     passed through line by line."""
 
     # Joins the cgroup before exec, so the launcher's first child is already born inside it,
-    # and says on the pipe whose fd is $1 whether it could (a cgroup we may create but not
-    # move into, as without delegation, must not be trusted to hold the trainer).
-    JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&"$1"; fi; '
-                   'eval "exec $1>&-"; shift; exec "$@"')
+    # and says whether it could (a cgroup we may create but not move into, as without
+    # delegation, must not be trusted to hold the trainer) on a pipe handed over as its stdin:
+    # fd 0, because dash (/bin/sh on Debian and Ubuntu) takes only single-digit descriptors in
+    # a redirection, and a worker holding ten open files would pass a pipe numbered 10 or more.
+    JOIN_CGROUP = ('if { echo $$ > "$0/cgroup.procs"; } 2>/dev/null; then echo joined >&0; fi; '
+                   'exec "$@" </dev/null')
 
     def __init__(self, argv: list[str], env: dict[str, str], progress: Progress, cwd: str, watchdog_pid: int,
                  on_exit: Callable[[], None]) -> None:
@@ -3585,11 +3589,11 @@ class TrainerProcess:
         cgroup = make_trainer_cgroup(tag)
         joined_r, joined_w = os.pipe() if cgroup else (-1, -1)
         if cgroup:
-            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, str(joined_w), *argv]
+            argv = ["sh", "-c", self.JOIN_CGROUP, cgroup, *argv]
         try:
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                         pass_fds=(joined_w,) if cgroup else ())
+            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=joined_w if cgroup else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                         close_fds=True)
         finally:
             if cgroup:
                 os.close(joined_w)
@@ -3674,7 +3678,7 @@ def trainer_argv(cfg: RunConfig) -> list[str]:
 
 
 def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None, ckpt_dir: str,
-                        tag: str) -> dict[str, str]:
+                        tag: str, gpus: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RELAY_SHARED_SECRET"}
     env.update(cfg.env)
     pattern = os.path.join(cfg.rollout_dir, cfg.rollout_trajectory_pattern)
@@ -3695,6 +3699,10 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
         "RELAY_ROLLOUT_PATTERN": pattern if keep_rollouts else "",
         "RELAY_SLIME_ARGS": slime_args,
         "RELAY_PYTHON": sys.executable,
+        # What `nvidia-smi -L` lists (0 when it lists none): slime's scripts size `ray start
+        # --num-gpus` and `--actor-num-gpus-per-node` from it, so a command never hard-codes
+        # a count that a smaller pod would not have.
+        "RELAY_NUM_GPUS": str(gpus or 0),
         TRAINER_TAG_ENV: tag,
     })
     # One Weights & Biases run per relayed run: every restart, on any pod, resumes the same
@@ -3717,27 +3725,120 @@ def gpus_on_this_pod() -> int | None:
 
 def gpus_slime_asks_for(command: str) -> int | None:
     """`--actor-num-gpus-per-node` of a slime command (slime's default, 8, when a command that
-    runs slime's train.py or train_async.py leaves it out); None when not a number we can read."""
+    runs slime's train.py or train_async.py leaves it out); None when not a number we can read
+    (`$RELAY_NUM_GPUS`: the pod's own count)."""
     given = re.search(r"--actor-num-gpus-per-node[= ]+(\S+)", command)
     if given:
         return int(given.group(1)) if given.group(1).isdigit() else None
     return 8 if re.search(r"\btrain(?:_async)?\.py\b", command) else None
 
 
-def gpu_shortfall(cfg: RunConfig) -> str:
-    """One line when the pod has fewer GPUs than slime will wait for, else "".
+def gpus_ray_advertises(command: str) -> int | None:
+    """`ray start ... --num-gpus N` of a command, when N is a number."""
+    given = re.search(r"\bray start\b[^&;|]*?--num-gpus[= ]+(\d+)\b", command)
+    return int(given.group(1)) if given else None
 
-    slime's placement group waits forever for GPUs that are not there (logging every 30 s),
-    so saying it at start saves the user a stall timeout's worth of billing to find out.
+
+def slime_command(cfg: RunConfig) -> str:
+    return cfg.trainer_command or cfg.env.get(f"SLIME_{cfg.mode.upper()}_CMD",
+                                              os.environ.get(f"SLIME_{cfg.mode.upper()}_CMD", ""))
+
+
+def gpu_shortfall(cfg: RunConfig, have: int | None) -> str:
+    """One line when the command asks for GPUs this pod (`have`, from nvidia-smi) lacks, else "".
+
+    Fewer GPUs registered with Ray than slime asks for: its placement group waits forever
+    (logging every 30 s).  More registered than the pod has (`ray start --num-gpus 8` on a
+    2-GPU pod): the placement succeeds and the job fails on CUDA.  Saying it at start saves
+    the user a stall timeout's worth of billing to find out.
     """
-    command = cfg.trainer_command or cfg.env.get(f"SLIME_{cfg.mode.upper()}_CMD",
-                                                  os.environ.get(f"SLIME_{cfg.mode.upper()}_CMD", ""))
+    command = slime_command(cfg)
+    if have is None:
+        return ("nvidia-smi lists no GPU on this pod: RELAY_NUM_GPUS is 0" if "RELAY_NUM_GPUS" in command else "")
+    advertised = gpus_ray_advertises(command)
+    if advertised is not None and advertised > have:
+        return (f"this pod has {have} GPUs but `ray start --num-gpus {advertised}` registers {advertised} with Ray: "
+                f"slime's placement will succeed and its job fail on CUDA; use --num-gpus $RELAY_NUM_GPUS")
     wanted = gpus_slime_asks_for(command)
-    have = gpus_on_this_pod() if wanted else None
-    if wanted is None or have is None or have >= wanted:
+    if wanted is None or have >= wanted:
         return ""
     return (f"this pod has {have} GPUs but slime asks for {wanted} (--actor-num-gpus-per-node): its placement "
-            f"group will wait forever and the stall timeout will end the trainer; set --actor-num-gpus-per-node {have}")
+            f"group will wait forever and the stall timeout will end the trainer; "
+            f"use --actor-num-gpus-per-node $RELAY_NUM_GPUS")
+
+
+# slime drops a flag it does not know without a word (each of its parsers runs with
+# parse_known_args), so `--lerning-rate 1e-5` trains days at the default rate.  The flags it
+# accepts, read from slime's, Megatron's and SGLang's sources at the versions slime's image
+# pins, are in slime_flags.txt beside relay.py (tools/make_slime_flags.py makes it).
+SLIME_FLAGS_FILE = os.path.join(HERE, "slime_flags.txt")
+SLIME_ENTRY_POINTS = ("train.py", "train_async.py")
+SHELL_COMMAND_ENDS = {"&&", "||", ";", "|", "&", ";;"}
+
+
+@dataclass
+class SlimeFlags:
+    exact: set[str]  # every flag slime accepts
+    by_prefix: list[str]  # those on parsers with allow_abbrev: a unique prefix of one is that flag
+
+    @classmethod
+    def load(cls, path: str = SLIME_FLAGS_FILE) -> "SlimeFlags | None":
+        try:
+            with open(path) as handle:
+                lines = [line.split() for line in handle if line.startswith("--")]
+        except OSError:
+            return None
+        return cls({words[0] for words in lines}, [words[0] for words in lines if words[1:] == ["prefix"]])
+
+    def accepts(self, flag: str) -> bool:
+        return flag in self.exact or sum(known.startswith(flag) for known in self.by_prefix) == 1
+
+
+def slime_command_flags(command: str) -> list[str]:
+    """The flags a shell command passes to slime's train.py / train_async.py (words after the
+    script up to the end of that simple command; `--x=v` is `--x`; words built from a
+    variable, such as $RELAY_SLIME_ARGS or "${MODEL_ARGS[@]}", are not known before run time)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes: bash -c will say so itself
+        return []
+    flags, in_slime = [], False
+    for word in words:
+        if word in SHELL_COMMAND_ENDS:
+            in_slime = False
+        elif os.path.basename(word) in SLIME_ENTRY_POINTS:
+            in_slime = True
+        elif in_slime and word.startswith("--") and "$" not in word:
+            flags.append(word.split("=", 1)[0])
+    return flags
+
+
+def unknown_slime_flags(command: str, known: SlimeFlags) -> list[str]:
+    """Each flag of the command slime would drop, with the nearest one it knows."""
+    found = []
+    for flag in dict.fromkeys(slime_command_flags(command)):
+        if not known.accepts(flag):
+            near = difflib.get_close_matches(flag, known.exact, n=1, cutoff=0.75)
+            found.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
+    return found
+
+
+def check_slime_flags(cfg: RunConfig) -> None:
+    """Refuse, before any lease, a slime command with a flag slime would silently drop."""
+    command = slime_command(cfg)
+    if not cfg.check_slime_flags or not slime_command_flags(command):
+        return
+    known = SlimeFlags.load()
+    if known is None:
+        log("worker", f"{SLIME_FLAGS_FILE} is missing: the slime command's flags are not checked")
+        return
+    unknown = unknown_slime_flags(command, known)
+    if unknown:
+        where = "trainer_command" if cfg.trainer_command else f"SLIME_{cfg.mode.upper()}_CMD"
+        raise UserError(f"{where}: slime does not know {', '.join(unknown)} and would drop it without a word; fix "
+                        f"the command, or set check_slime_flags: false for a slime build with flags of its own")
 
 
 def stop_ray_job() -> int:
@@ -3762,7 +3863,7 @@ def stop_ray_job() -> int:
     except (OSError, ValueError, http.client.HTTPException) as exc:
         status = (f"not stopped ({getattr(exc, 'reason', exc)}): the command must start Ray's dashboard on "
                   "127.0.0.1:$RELAY_RAY_DASHBOARD_PORT and submit with `ray job submit --submission-id "
-                  "$RELAY_RAY_JOB_ID` (README, slime)")
+                  "$RELAY_RAY_JOB_ID` (docs/slime.md)")
     print(f"launch script: Ray job {job_id} is {status}", flush=True)
     return 0
 
@@ -3931,7 +4032,8 @@ class Worker:
         self.restarts = 0
         self.crash_reason = ""
         # Asked once, before any lease (nvidia-smi may take seconds): the pod's GPUs do not change.
-        self.gpu_warning = gpu_shortfall(cfg)
+        self.gpus = gpus_on_this_pod()
+        self.gpu_warning = gpu_shortfall(cfg, self.gpus)
         self.told_unsigned = False
         self.exit_code = 0
 
@@ -4232,7 +4334,7 @@ class Worker:
         # Armed before the trainer exists: if the worker dies in between, the watchdog's end
         # of file still finds the trainer by its tag.
         self.watchdog.arm(tag, self.keeper.deadline)
-        env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag)
+        env = trainer_environment(self.cfg, self.lease.epoch, self.resume_iteration, self.ckpt.path, tag, self.gpus)
         self.progress.last_advance = boottime()
         self.progress.placement_wait = ""
         if self.gpu_warning:  # said at the first start only
@@ -4296,7 +4398,7 @@ class Worker:
             if not warned_no_checkpoint and last_progress == started and boottime() - started > NO_CHECKPOINT_WARNING_SECONDS:
                 warned_no_checkpoint = True
                 self.say(f"WARNING: the trainer has run {NO_CHECKPOINT_WARNING_SECONDS / 3600:.0f} h without a checkpoint; "
-                         "slime saves nothing without --save-interval (see README, 'slime')")
+                         "slime saves nothing without --save-interval (see docs/slime.md)")
                 self.report(msg=f"{self.cfg.worker_id}: no checkpoint after {NO_CHECKPOINT_WARNING_SECONDS:.0f} s")
             # Judged by progress, not output: slime stuck in placement logs every 30 s forever.
             quiet = boottime() - self.progress.last_advance
@@ -4420,6 +4522,7 @@ class Worker:
 
 def run_worker(config_path: str) -> int:
     cfg = load_run_config(config_path)
+    check_slime_flags(cfg)
     if not cfg.trainer_command and not os.path.exists(os.path.join(HERE, f"launch_{cfg.mode}.sh")):
         raise UserError(f"launch_{cfg.mode}.sh is not next to relay.py ({HERE}); copy it there or set trainer_command")
     try:
@@ -4953,7 +5056,7 @@ class Stack:
         env_path = os.path.join(os.path.dirname(worker.remote_config_path), "relay.env")
         folders = {os.path.dirname(p) or "." for p in (worker.remote_config_path, worker.remote_log_path,
                                                        worker.remote_pid_path)} | {worker.remote_workdir}
-        code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh"]
+        code_files = ["relay.py", "launch_sft.sh", "launch_rl.sh", "slime_flags.txt"]
         local_hashes = {name: sha256_file(os.path.join(HERE, name)) for name in code_files}
         in_image = [os.path.join(worker.image_relay_dir, f) for f in code_files]
         remote_code = [os.path.join(worker.remote_workdir, f) for f in code_files]

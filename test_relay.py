@@ -78,15 +78,24 @@ def raw_request(cluster: Cluster, method: str, path: str, body: bytes = b"", hea
 # --------------------------------------------------------------------------- the demo
 
 
-def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path):
+def test_demo_relays_a_run_through_a_kill_and_proves_the_result_equals_an_uninterrupted_run(tmp_path, reference):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "MOCK_"))}
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, RELAY, "demo"], capture_output=True, text=True, env=env, timeout=90)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SIGKILL -> worker-a" in result.stdout
-    assert "worker-b took over" in result.stdout
-    assert "identical: the relayed run equals an uninterrupted run" in result.stdout
-    assert time.monotonic() - started < 60
+    result = subprocess.run([sys.executable, RELAY, "demo", "--keep"], capture_output=True, text=True, env=env,
+                            timeout=90)
+    kept = re.search(r"demo files kept in (\S+)", result.stdout)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SIGKILL -> worker-a" in result.stdout and "worker-b took over" in result.stdout
+        assert "identical: the relayed run equals an uninterrupted run" in result.stdout
+        # not on the demo's word: its relayed result against our own uninterrupted run
+        timeline = re.findall(r"epoch (\d+)\s+(worker-\w)\s+steps\s+(\d+) ->", result.stdout)
+        assert [(epoch, worker) for epoch, worker, _ in timeline] == [("1", "worker-a"), ("2", "worker-b")]
+        assert 0 < int(timeline[1][2]) < 40  # worker-b resumed mid-run, not from the start
+        relayed = Path(kept.group(1)) / "volume" / "runs" / "demo" / "ckpt" / relay.iteration_dirname(40)
+        assert (relayed / "model.json").read_bytes() == reference
+    finally:
+        if kept:
+            shutil.rmtree(kept.group(1), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- handoffs
@@ -145,14 +154,13 @@ def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(c
     cluster.start_worker("b")
     wait_for("b standing by", lambda: "standing by" in cluster.log("b"))
     assert [standby["worker_id"] for standby in cluster.run("r1")["standbys"]] == ["b"]
-    stopped = time.monotonic()
     worker_a.send_signal(signal.SIGTERM)
     wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
-    takeover = time.monotonic() - stopped
-    assert takeover < 5.0, f"takeover took {takeover:.1f}s with a 10 s lease"
     assert worker_a.wait(30) == 0
     run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    # released, not expired: b's grant came with a's release, not after its 10 s (bench_relay.py takeover: the time)
     assert run["leases"][0]["why"].startswith("preempted")
+    assert run["leases"][1]["started_at"] - run["leases"][0]["ended_at"] < 10
     assert final_model(cluster) == reference
 
 
@@ -705,7 +713,8 @@ def test_unreadable_yaml_and_an_unreachable_commander_exit_2_without_a_traceback
     for path, words in ((broken, "not valid YAML"), (missing, "cannot read"), (unreachable, "cannot reach")):
         result = subprocess.run([sys.executable, RELAY, "worker", str(path)], capture_output=True, text=True, timeout=20)
         assert result.returncode == 2 and words in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and str(path) in result.stderr or "127.0.0.1:9" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert str(path) in result.stderr or "127.0.0.1:9" in result.stderr  # names what to fix
 
 
 def test_the_seed_rollout_pattern_is_converted_to_one_slime_can_format(tmp_path):
@@ -1248,6 +1257,17 @@ def test_a_pod_with_fewer_gpus_than_slime_waits_for_is_named_at_start_and_ends_a
     assert any("this pod has 2 GPUs" in event["msg"] for event in run["events"])
 
 
+def test_the_trainer_is_told_the_pods_gpu_count_and_a_command_registering_more_with_ray_is_named_at_start(cluster):
+    cluster.start_commander(lease=2)
+    worker = cluster.start_worker("a", trainer_command=(
+        ': ray start --head --num-gpus 8;'  # what a command fixing 8 GPUs would run, on this 2-GPU pod
+        ' printf %s "$RELAY_NUM_GPUS" > "$RELAY_CKPT_DIR/../gpus.txt"'),
+        env={"FAKE_GPU_COUNT": "2", "PATH": f"{FAKE_CLIS}:{os.environ['PATH']}"})
+    assert worker.wait(30) == 0
+    assert (cluster.tmp / "volume" / "runs" / "r1" / "gpus.txt").read_text() == "2"
+    assert "this pod has 2 GPUs but `ray start --num-gpus 8` registers 8 with Ray" in cluster.log("a")
+
+
 def process_alive(pid: int) -> bool:
     try:
         return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
@@ -1267,11 +1287,12 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
     child = int(beat.name.split("-")[1])
     try:
         assert child not in cluster.trainer_pids(), "setproctitle hides the child's environment"
+        in_cgroup = "trainer started in its own cgroup" in cluster.log("a")
+        assert in_cgroup == (cgroup == "on" and cgroups_here()), "the stop under test is the one this case names"
         ppid = int(open(f"/proc/{child}/stat").read().rsplit(") ", 1)[1].split()[1])
         assert ppid == worker.pid, "its parent exited: it is the worker's (a child subreaper), not init's"
         wait_for("15 rollouts, 3 s: the watchdog has recorded the tree since the child started",
                  lambda: cluster.run("r1").get("step", 0) >= 15, 20)
-        stopped = time.monotonic()
         worker.send_signal({"sigterm": signal.SIGTERM, "lease lost": signal.SIGSTOP, "worker killed": signal.SIGKILL}[how])
         try:
             wait_for("every trainer process to be gone, the renamed child too",
@@ -1279,30 +1300,58 @@ def test_stopping_a_slime_trainer_leaves_no_process_behind_even_renamed_in_a_new
         finally:
             if how == "lease lost":
                 worker.send_signal(signal.SIGCONT)
-        assert time.monotonic() - stopped < 8
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)  # the harness finds test processes by environment: not this one
 
 
+def cgroups_here() -> bool:
+    """Whether this machine lets the worker make a trainer's cgroup (most containers do not)."""
+    probe = relay.make_trainer_cgroup(f"probe-{uuid.uuid4().hex}")
+    relay.remove_cgroup(probe)
+    return bool(probe)
+
+
+def test_a_trainer_starts_in_its_cgroup_from_a_worker_holding_dozens_of_open_files(cluster):
+    if not cgroups_here():
+        pytest.skip("needs a writable cgroup v2 hierarchy to make the trainer's cgroup in")
+    # After a Xet prefetch the worker holds many files: its pipe to the trainer's launcher is
+    # then numbered 10 or more, which dash cannot name in a redirection.
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", open_files=40, env={"RELAY_TRAINER_CGROUP": "on"})
+    assert worker.wait(60) == 0, cluster.log("a")
+    assert "trainer started in its own cgroup" in cluster.log("a")
+    assert cluster.run("r1")["status"] == "COMPLETED"
+
+
 # --------------------------------------------------------------------------- slime on a real Ray cluster
 
 def expected_ray_slime_weights(ref_load: str, num_rollout: int) -> str:
+    """The weights of an uninterrupted run: trained on batch 0, 1, ... in order."""
     from testing.fake_slime_ray import base_weights, next_weights
 
     weights = base_weights(ref_load)
-    for rollout in range(num_rollout):
-        weights = next_weights(weights, rollout)
+    for batch in range(num_rollout):
+        weights = next_weights(weights, batch)
     return weights
 
 
-@pytest.mark.slow(95)
-@pytest.mark.timeout(420)  # two Ray clusters start, 30-60 s each on a loaded 2-core machine
-def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and_a_relayed_run_ends_exactly(cluster):
+def trained_batches(cluster: Cluster, iteration: int) -> list[int]:
+    """The global batches the slime stand-in's checkpoint `iteration` was trained on, in order."""
+    return json.loads((cluster.ckpt_dir() / relay.iteration_dirname(iteration) / "trained_batches.json").read_text())
+
+
+def needs_ray_in_a_pid_namespace() -> None:
     if shutil.which("ray") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
         pytest.skip("needs Ray's CLI (requirements-test.txt) and a private PID namespace (unshare)")
+
+
+@pytest.mark.slow(130)
+@pytest.mark.timeout(540)  # three Ray clusters start, 30-60 s each on a loaded 2-core machine
+def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_and_a_run_relayed_twice_trains_every_batch_once(cluster):
+    needs_ray_in_a_pid_namespace()
     (cluster.tmp / "base_torch_dist").mkdir()
-    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]  # short: Ray's socket paths
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(3)]  # short: Ray's socket paths
     try:
         cluster.start_commander(lease=5)
         settings = {"total_steps": 12, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
@@ -1328,23 +1377,77 @@ def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_leaving_nothing_and
         assert run["status"] == "PREEMPTED" and run["step"] == max(rollouts)  # the rollout id, not the train step
         assert f"WANDB_RUN_ID={relay.wandb_run_id('r1')}" in log
         assert re.search(r"launch script: Ray job relay-r1-1-\d+ is STOPPED", log)  # slime's stop step, first
+        a_sealed = run["latest_checkpoint"]["iteration"]
 
         b = cluster.start_worker_in_pid_namespace("b", env=ray_slime_env(cluster.tmp, ray_dirs[1]), **settings)
-        wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
-        assert b.exit_code() == 0 and not b.processes()
+        wait_for("worker b to seal a later checkpoint", lambda: checkpoint_at_least(cluster, a_sealed + 2), 240)
+        os.kill(b.worker, signal.SIGTERM)
+        wait_for("worker b to exit and leave nothing", lambda: b.exit_code() is not None and not b.processes(), 40)
+        c = cluster.start_worker_in_pid_namespace("c", env=ray_slime_env(cluster.tmp, ray_dirs[2]), **settings)
+        wait_for("worker c to finish the run", lambda: c.exit_code() is not None, 240)
+        assert b.exit_code() == 0 and c.exit_code() == 0 and not c.processes()
         run = cluster.run("r1")
         assert run["status"] == "COMPLETED" and run["latest_checkpoint"]["iteration"] == 11
+        assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b", "c"]
         assert resumed_from(run, "b")[0].startswith("b resumes from checkpoint ")
+        # train.py resumes on the batch after the last saved one: two handoffs, every batch once, in order
+        assert trained_batches(cluster, 11) == list(range(12))
         ckpt = cluster.ckpt_dir()
         final = (ckpt / relay.iteration_dirname(11) / "common.pt").read_text()
         assert final == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 12)
-        both = log + re.sub(r"\x1b\[[0-9;]*m", "", cluster.log("b"))
+        every = log + "".join(re.sub(r"\x1b\[[0-9;]*m", "", cluster.log(name)) for name in "bc")
         for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():  # --async-save's order
-            assert both.index(f"wrote dataset state {iteration} ") < both.index(
+            assert every.index(f"wrote dataset state {iteration} ") < every.index(
                 f"successfully saved checkpoint from iteration {iteration} ")
     finally:
         for ray_dir in ray_dirs:
             shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.slow(75)
+@pytest.mark.timeout(420)
+def test_slimes_train_async_form_would_skip_a_batch_at_every_handoff_which_is_why_sft_runs_train_py(cluster):
+    needs_ray_in_a_pid_namespace()
+    (cluster.tmp / "base_torch_dist").mkdir()
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]
+    try:
+        cluster.start_commander(lease=5)
+        settings = {"total_steps": 6, "stop_grace_seconds": 30, "stall_timeout_seconds": 900}
+        env = ray_slime_env(cluster.tmp, ray_dirs[0], num_rollout=6, extra="--fake-train-async")
+        a = cluster.start_worker_in_pid_namespace("a", env=env, **settings)
+        wait_for("worker a to seal a checkpoint", lambda: checkpoint_at_least(cluster, 1), 240)
+        os.kill(a.worker, signal.SIGTERM)
+        wait_for("worker a to exit", lambda: a.exit_code() is not None and not a.processes(), 40)
+        resumed = cluster.run("r1")["latest_checkpoint"]["iteration"]
+        env = ray_slime_env(cluster.tmp, ray_dirs[1], num_rollout=6, extra="--fake-train-async")
+        b = cluster.start_worker_in_pid_namespace("b", env=env, **settings)
+        wait_for("worker b to finish the run", lambda: b.exit_code() is not None, 240)
+        assert b.exit_code() == 0 and cluster.run("r1")["status"] == "COMPLETED"
+        # generate(N + 1) ran before save(N): the data position saved at N had consumed batch N + 1
+        assert trained_batches(cluster, 5) == [batch for batch in range(7) if batch != resumed + 1]
+    finally:
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.slow(40)
+@pytest.mark.timeout(300)
+def test_a_command_registering_gpus_the_pod_lacks_is_named_at_start_and_its_job_fails_on_cuda(cluster):
+    needs_ray_in_a_pid_namespace()
+    (cluster.tmp / "base_torch_dist").mkdir()
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        cluster.start_commander(lease=5, extra=("--max-failed-leases", "1"))
+        env = ray_slime_env(cluster.tmp, ray_dir, gpus=2)  # slime's own scripts with a fixed 8, on a 2-GPU pod
+        env["SLIME_SFT_CMD"] = env["SLIME_SFT_CMD"].replace("$RELAY_NUM_GPUS", "8")
+        a = cluster.start_worker_in_pid_namespace("a", env=env, max_trainer_restarts=0, stop_grace_seconds=30)
+        wait_for("worker a to give up", lambda: a.exit_code() is not None, 240)
+        log = cluster.log("a")
+        assert a.exit_code() == 1 and cluster.run("r1")["status"] == "FAILED"
+        assert "this pod has 2 GPUs but `ray start --num-gpus 8` registers 8 with Ray" in log
+        assert "CUDA error: invalid device ordinal" in log  # Ray placed the job on GPUs that are not there
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):
@@ -1388,7 +1491,7 @@ def test_a_trainer_exiting_0_before_the_configured_total_is_a_failure_not_comple
     assert "before total_steps 12" in cluster.log("a")
 
 
-def test_relay_slime_args_are_what_the_readme_promises(cluster):
+def test_relay_slime_args_are_what_the_docs_promise(cluster):
     cluster.start_commander(lease=2)
     worker = cluster.start_worker("a", mode="rl", save_rollout_trajectories=True,
                                   trainer_command='printf %s "$RELAY_SLIME_ARGS" > "$RELAY_CKPT_DIR/../args.txt"')
@@ -1397,15 +1500,15 @@ def test_relay_slime_args_are_what_the_readme_promises(cluster):
     ckpt = run_dir / "ckpt"
     assert (run_dir / "args.txt").read_text() == (
         f"--load {ckpt} --save {ckpt} --save-debug-rollout-data {run_dir}/rollout/rollout_{{rollout_id}}.pt")
-    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
-    assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in readme
+    worker_page = open(os.path.join(os.path.dirname(RELAY), "docs", "worker.md")).read()
+    assert "| `RELAY_SLIME_ARGS` | `--load DIR --save DIR [--save-debug-rollout-data PATTERN]` |" in worker_page
 
 
-def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
+def test_the_documented_slime_commands_start_slime_as_its_own_scripts_do():
     import yaml
 
-    readme = open(os.path.join(os.path.dirname(RELAY), "README.md")).read()
-    section = readme.split("\n## slime\n", 1)[1].split("\n## ", 1)[0]
+    slime_page = open(os.path.join(os.path.dirname(RELAY), "docs", "slime.md")).read()
+    section = slime_page.split("\n## Starting slime\n", 1)[1].split("\n## ", 1)[0]
     configs = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
     commands = {config["mode"]: config["env"][f"SLIME_{config['mode'].upper()}_CMD"] for config in configs}
     assert set(commands) == {"sft", "rl"}
@@ -1419,22 +1522,68 @@ def test_the_readme_slime_commands_start_slime_as_its_own_scripts_do():
                        "--dashboard-port $RELAY_RAY_DASHBOARD_PORT", "ray job submit",
                        "--address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT", "--submission-id $RELAY_RAY_JOB_ID",
                        "--runtime-env-json", '"CUDA_DEVICE_MAX_CONNECTIONS": "1"', "--ref-load ",
-                       "--actor-num-gpus-per-node ", "--global-batch-size ", "--save-interval ", "$RELAY_SLIME_ARGS"):
+                       "--global-batch-size ", "--save-interval ", "$RELAY_SLIME_ARGS",
+                       # GPUs from the pod, never a fixed count a smaller pod would not have
+                       "--num-gpus $RELAY_NUM_GPUS", "--actor-num-gpus-per-node $RELAY_NUM_GPUS",
+                       # Megatron's default dropout is 0.1; slime's scripts turn it off
+                       "--attention-dropout 0.0", "--hidden-dropout 0.0"):
             assert needed in command, f"{mode} command lacks {needed}"
+        assert not re.search(r"--(?:num-gpus|actor-num-gpus-per-node|num-gpus-per-node)[= ]+\d", command), mode
         runtime_env = re.search(r"--runtime-env-json '([^']*)'", command).group(1)
         assert json.loads(runtime_env)["env_vars"]["PYTHONPATH"]
         assert "pkill" not in command  # slime's scripts' broad kills have no place under a worker
     for command in (commands["rl"], examples["stack.liveweb_rl.example.yaml"]):
         assert "--colocate" in command or "--rollout-num-gpus " in command
-    for flag in ("train_async.py", "--loss-type sft_loss", "--calculate-per-token-loss",
-                 "--disable-compute-advantages-and-returns", "--debug-train-only"):
-        assert flag in commands["sft"]
-    for script in ("launch_sft.sh", "launch_rl.sh"):  # they give the commands the two variables they use
+        for flag in ("--num-gpus-per-node $RELAY_NUM_GPUS", "--prompt-data ", "--rm-type "):  # engines, data, reward
+            assert flag in command
+    for command in (commands["sft"], examples["stack.liveweb_sft.example.yaml"]):
+        # train.py: train_async.py saves the data position after prefetching the next batch
+        assert "python3 train.py " in command and "train_async.py" not in command
+        for flag in ("--loss-type sft_loss", "--calculate-per-token-loss", "--disable-compute-advantages-and-returns",
+                     "--debug-train-only", "--prompt-data "):
+            assert flag in command
+        assert "--custom-generate-function-path" not in command  # SFT's rollout never reads it
+    for script in ("launch_sft.sh", "launch_rl.sh"):  # they give the commands the variables they use
         text = open(os.path.join(os.path.dirname(RELAY), script)).read()
         assert "export RELAY_RAY_DASHBOARD_PORT=" in text and "export RELAY_RAY_JOB_ID=" in text
+        assert "export PYTHONUNBUFFERED=1" in text
     dockerfile = open(os.path.join(os.path.dirname(RELAY), "Dockerfile")).read()
     tag = re.search(r"^ARG SLIME_IMAGE=slimerl/slime:nightly-dev-(\d{8})", dockerfile, re.M)
     assert tag and tag.group(1) >= "20260804", "slime images before 2026-08-04 restart at rollout 0"
+
+
+def test_a_misspelled_slime_flag_stops_the_worker_at_start_with_one_line_before_any_lease(cluster):
+    cluster.start_commander(lease=2)
+    command = (f"{FAKE_SLIME} && python3 train.py --actor-num-gpus-per-node $RELAY_NUM_GPUS --save-intervall 20 "
+               "--sglang-mem-frac 0.7 --lr=1e-5 $RELAY_SLIME_ARGS")
+    worker = cluster.start_worker("a", env={"SLIME_SFT_CMD": command})
+    assert worker.wait(30) == 2
+    lines = cluster.log("a").strip().splitlines()
+    # --sglang-mem-frac is a prefix slime's SGLang parser takes; --lr=... is --lr
+    assert lines == ["relay: error: SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?) "
+                     "and would drop it without a word; fix the command, or set check_slime_flags: false for a "
+                     "slime build with flags of its own"]
+    assert cluster.run("r1") == {} and "Traceback" not in cluster.log("a")  # never asked for a lease
+    cluster.start_worker("b", check_slime_flags=False, env={"SLIME_SFT_CMD": command, "FAKE_NUM_ROLLOUT": "3"})
+    wait_for("b, told not to check, to train", lambda: cluster.run("r1").get("holder") == "b", 20)
+
+
+def test_every_flag_of_the_documented_slime_commands_is_one_slime_accepts():
+    import yaml
+
+    known = relay.SlimeFlags.load()
+    assert known is not None and len(known.exact) > 1000  # slime's, Megatron's and SGLang's, as pinned
+    root = os.path.dirname(RELAY)
+    slime_page = open(os.path.join(root, "docs", "slime.md")).read()
+    commands = [yaml.safe_load(block)["env"] for block in re.findall(r"```yaml\n(.*?)```", slime_page, re.S)]
+    commands = [env[name] for env in commands for name in env if name.startswith("SLIME_")]
+    for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml"):
+        env = yaml.safe_load(open(os.path.join(root, "examples", name)))["worker"]["env"]
+        commands += [env[key] for key in env if key.startswith("SLIME_")]
+    assert len(commands) == 4
+    for command in commands:
+        assert len(relay.slime_command_flags(command)) > 15
+        assert relay.unknown_slime_flags(command, known) == []
 
 
 def test_the_launch_scripts_and_the_image_pass_static_checks():
@@ -1570,19 +1719,17 @@ def test_a_notify_url_hears_of_a_handoff_a_completion_a_sync_error_and_a_run_lef
 def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook):
     webhook.hang = True
     cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
-    client = cluster.client()
+    # A request that waited for the receiver would wait its 10 s: the client gives up at 5 s.
+    assert relay.NOTIFY_TIMEOUT_SECONDS > 5
+    client = relay.CommanderClient(cluster.url, timeout=5)
     held = client.post("/api/lease/acquire", {"run_id": "held", "worker_id": "w0", "mode": "sft"}).body
-    slowest = 0.0
     for n in range(40):  # each run's completion is a message the receiver never takes
-        started = time.monotonic()
         token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w1", "mode": "sft"}).body["lease_token"]
         assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w1", "lease_token": token,
                                                   "status": "COMPLETED"}).status == 200
         renewal = client.post("/api/lease/renew", {"run_id": "held", "worker_id": "w0", "lease_token": held["lease_token"],
                                                    "step": n})
         assert renewal.status == 200
-        slowest = max(slowest, time.monotonic() - started)
-    assert slowest < 1.0, f"an acquire, a release and a renewal took {slowest:.2f}s with a hanging receiver"
     wait_for("the commander to be stuck on the hanging receiver", lambda: webhook.hung >= 1, 10)
 
 
@@ -2077,7 +2224,7 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
                   f"would run: lium up --gpu H200 -c 8 --name relay-r1-1 --template_id {relay_template()} --timeout 60 "
                   f"--volume id:{lium.volume_huid()} --ttl 6h --budget 500.00 -y --json",
                   "would run: lium scp <id of relay-r1-1> <generated tar of relay/relay.py, relay/launch_sft.sh, "
-                  "relay/launch_rl.sh, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
+                  "relay/launch_rl.sh, relay/slime_flags.txt, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
                   "nohup setsid"):
         assert words in out, out
     assert secret not in out + result.stderr
@@ -2088,7 +2235,7 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
 def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pods_and_the_commander(cluster, lium):
     image = cluster.tmp / "image"  # the pod's image has relay at /opt/relay, as the Dockerfile puts it
     image.mkdir()
-    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh"):
+    for name in ("relay.py", "launch_sft.sh", "launch_rl.sh", "slime_flags.txt"):
         shutil.copy2(os.path.join(os.path.dirname(RELAY), name), image / name)
     lium.image_dirs["/opt/relay"] = image
     stack = write_stack(cluster, lium, worker={"image_relay_dir": "/opt/relay",
@@ -2114,9 +2261,11 @@ def test_the_shipped_example_configs_are_valid():
         stack = relay.load_stack_config(os.path.join(root, name))
         command = stack.worker.env.get("SLIME_SFT_CMD", "") + stack.worker.env.get("SLIME_RL_CMD", "")
         if "liveweb" in name:
-            assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
             assert "$RELAY_SLIME_ARGS" in command and "--save-interval" in command
-            assert {"LIVEWEB_ARENA_ROOT", "TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL", "PYTHONPATH"} <= set(stack.worker.env)
+            assert {"LIVEWEB_ARENA_ROOT", "PYTHONPATH"} <= set(stack.worker.env)
+        if "liveweb_rl" in name:  # RL generates in LiveWeb-Arena's environment (SFT trains on its trajectories)
+            assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
+            assert {"TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL"} <= set(stack.worker.env)
 
 
 # --------------------------------------------------------------------------- fuzzing and models

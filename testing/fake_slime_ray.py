@@ -1,12 +1,25 @@
 #!/usr/bin/env python3
-"""A stand-in for slime's train.py as it runs on a REAL Ray cluster, CPU only.
+"""A stand-in for slime's train.py (and train_async.py) as they run on a REAL Ray cluster, CPU only.
 
-Follows THUDM/slime main (August 2026): train.py, slime/utils/arguments.py (cold start),
-slime/backends/megatron_utils/{actor,model}.py and slime/observability/{logging_utils,
-train_metric_utils}.py (log lines), Megatron's checkpoint layout and --async-save order.
-Launched the way slime's scripts launch train.py: `ray start --head`, then
-`ray job submit --runtime-env-json ... -- python3 fake_slime_ray.py ARGS`.
+Follows THUDM/slime main (August 2026, 624b824): train.py, train_async.py,
+slime/ray/placement_group.py (placement, then RolloutManager.load(start - 1)),
+slime/ray/rollout.py (RolloutManager: a sequential Ray actor holding the data source),
+slime/rollout/data_source.py (sample_offset, saved in place by torch.save),
+slime/utils/arguments.py (cold start), slime/backends/megatron_utils/{actor,model}.py and
+slime/observability/{logging_utils,train_metric_utils}.py (log lines), Megatron's checkpoint
+layout and --async-save order.  Launched the way slime's scripts launch train.py:
+`ray start --head`, then `ray job submit --runtime-env-json ... -- python3 fake_slime_ray.py ARGS`.
 
+  - placement as slime's: a placement group of actor-num-nodes x actor-num-gpus-per-node GPU
+    bundles, waited for forever while Ray has fewer GPUs (saying so every
+    --fake-placement-log-seconds; slime: 30 s); once placed, a request for more GPUs than the
+    pod has (`nvidia-smi -L`: Ray advertised GPUs that are not there) fails as CUDA does;
+  - a `RolloutManager` actor (sequential, as slime's) owns the data position: `generate(N)`
+    takes the next global batch, `save(N)` writes rollout/global_dataset_state_dict_N.pt in
+    place, `load(start - 1)` reads it back at a resume (missing: from batch 0, as slime does);
+  - train.py's loop: generate(N), train, save; --fake-train-async is train_async.py's loop,
+    which queues generate(N + 1) BEFORE save(N) on that same actor, so the data position
+    saved at N has already consumed batch N + 1;
   - the driver creates a `MegatronTrainRayActor`, whose log lines reach the job's output with
     both prefixes, Ray's `(MegatronTrainRayActor pid=N) ` and logging's
     `[time] train_metric_utils.py:135 - `: `rollout N: {...}`, then
@@ -16,17 +29,20 @@ Launched the way slime's scripts launch train.py: `ray start --head`, then
   - cold start as slime's arguments.py: no tracker in --load and no --ref-load is an
     assertion error; no tracker and --ref-load starts at rollout 0 from the base weights;
     tracker `release` starts at rollout 1; tracker N resumes from iter_N at N + 1;
-  - the "model" is a SHA-256 chain over the rollouts from the base weights, so a relayed
-    run ends with exactly the weights an uninterrupted one does;
+  - the "model" is a SHA-256 chain over the batches trained on, from the base weights, and
+    each checkpoint keeps the list of those batches (iter_N/trained_batches.json): a relayed
+    run ends with exactly the weights of an uninterrupted one only if it trained on every
+    batch once, in order;
   - saves every --save-interval rollouts and at the last one: iter_N/common.pt, the tracker,
-    then rollout/global_dataset_state_dict_N.pt; with --async-save the tracker of N is
-    written only when the next save starts (or at the end), after the dataset state of N.
+    then the dataset state of N; with --async-save the tracker of N is written only when the
+    next save starts (or at the end), after the dataset state of N.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -34,6 +50,7 @@ import sys
 import time
 
 import ray
+from ray.util.placement_group import placement_group
 
 # slime's configure_logger prints `%(filename)s:%(lineno)d`; the stand-in names slime's files.
 LOG_FORMAT = "[%(asctime)s] %(where)s - %(message)s"
@@ -54,36 +71,74 @@ def log(where: str, message: str) -> None:
     logger.info(message, extra={"where": where})
 
 
-def next_weights(weights: str, rollout: int) -> str:
-    return hashlib.sha256(f"{weights}:{rollout}".encode()).hexdigest()
+def next_weights(weights: str, batch: int) -> str:
+    return hashlib.sha256(f"{weights}:{batch}".encode()).hexdigest()
 
 
 def base_weights(ref_load: str) -> str:
     return hashlib.sha256(f"base weights of {os.path.basename(ref_load.rstrip('/'))}".encode()).hexdigest()
 
 
+def gpus_on_this_pod() -> int:
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
+
+
+@ray.remote(num_cpus=1)
+class RolloutManager:
+    """slime's RolloutManager with its data source: one global batch per rollout."""
+
+    def __init__(self, load: str, save: str) -> None:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+        self.load_dir, self.save_dir, self.sample_offset = load, save, 0
+
+    def load(self, rollout: int) -> None:
+        path = os.path.join(self.load_dir, "rollout", f"global_dataset_state_dict_{rollout}.pt")
+        if not os.path.exists(path):
+            log("data_source.py:146", f"Checkpoint {path} does not exist.")
+            return
+        with open(path) as handle:
+            self.sample_offset = json.load(handle)["sample_offset"]
+        log("data_source.py:150", f"load metadata from {path}")
+
+    def generate(self, rollout: int) -> int:
+        batch, self.sample_offset = self.sample_offset, self.sample_offset + 1
+        return batch
+
+    def save(self, rollout: int) -> None:
+        os.makedirs(os.path.join(self.save_dir, "rollout"), exist_ok=True)
+        with open(os.path.join(self.save_dir, "rollout", f"global_dataset_state_dict_{rollout}.pt"), "w") as handle:
+            json.dump({"sample_offset": self.sample_offset}, handle)  # in place, as torch.save writes it
+        log("data_source.py:118", f"wrote dataset state {rollout} at {time.time():.3f}")
+
+
 @ray.remote(num_cpus=1)
 class MegatronTrainRayActor:
-    def __init__(self, save: str, steps_per_rollout: int, step_seconds: float) -> None:
+    def __init__(self, save: str, steps_per_rollout: int, step_seconds: float, gpus: int) -> None:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+        if gpus > gpus_on_this_pod():  # Ray placed bundles for GPUs this pod does not have
+            raise RuntimeError("CUDA error: invalid device ordinal")
         self.save_dir, self.steps, self.step_seconds = save, steps_per_rollout, step_seconds
         heartbeat = os.path.join(save, "..", f"sglang-heartbeat-{os.getpid()}")
         self.engine = subprocess.Popen([sys.executable, "-c", SGLANG_CHILD, heartbeat])
 
-    def train(self, rollout: int, weights: str) -> str:
+    def train(self, rollout: int, weights: str, batch: int) -> str:
         log("train_metric_utils.py:135",
-            f"rollout {rollout}: {{'rollout/raw_reward': {0.1 * rollout:.3f}, 'rollout/step': {rollout}}}")
+            f"rollout {rollout}: {{'rollout/raw_reward': {0.1 * rollout:.3f}, 'rollout/step': {rollout}, "
+            f"'rollout/batch': {batch}}}")
         for step in range(rollout * self.steps, (rollout + 1) * self.steps):
             time.sleep(self.step_seconds)
             log("model.py:918", f"step {step}: {{'train/loss': {1.0 / (rollout + 1):.4f}, 'train/grad_norm': 1.0, "
                                 f"'train/step': {step}}}")
-        return next_weights(weights, rollout)
+        return next_weights(weights, batch)
 
-    def save(self, rollout: int, weights: str, write_tracker: bool) -> None:
+    def save(self, rollout: int, weights: str, batches: list[int], write_tracker: bool) -> None:
         folder = os.path.join(self.save_dir, f"iter_{rollout:07d}")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "common.pt"), "w") as handle:
             handle.write(weights)
+        with open(os.path.join(folder, "trained_batches.json"), "w") as handle:
+            json.dump(batches, handle)
         if write_tracker:
             self.finalize(rollout)
 
@@ -94,17 +149,31 @@ class MegatronTrainRayActor:
         log("checkpointing.py:541", f"successfully saved checkpoint from iteration {rollout} to {self.save_dir}")
 
 
-def start_point(args: argparse.Namespace) -> tuple[int, str]:
-    """slime's cold start and resume rules: the first rollout and the weights it starts from."""
+def start_point(args: argparse.Namespace) -> tuple[int, str, list[int]]:
+    """slime's cold start and resume rules: the first rollout, the weights it starts from and
+    the batches those weights were trained on."""
     tracker = os.path.join(args.load, TRACKER)
     text = open(tracker).read().strip() if os.path.exists(tracker) else ""
     if not text:
         assert args.ref_load is not None, f"args.load {args.load} has no checkpoint and --ref-load is not set"
-        return 0, base_weights(args.ref_load)
+        return 0, base_weights(args.ref_load), []
     if text == "release":
-        return 1, base_weights(os.path.join(args.load, "release"))
-    with open(os.path.join(args.load, f"iter_{int(text):07d}", "common.pt")) as handle:
-        return int(text) + 1, handle.read()
+        return 1, base_weights(os.path.join(args.load, "release")), []
+    folder = os.path.join(args.load, f"iter_{int(text):07d}")
+    with open(os.path.join(folder, "common.pt")) as weights, open(os.path.join(folder, "trained_batches.json")) as batches:
+        return int(text) + 1, weights.read(), json.load(batches)
+
+
+def place(gpus: int, log_every: float) -> None:
+    """slime's create_placement_groups: wait, for ever, until Ray has the GPUs."""
+    group = placement_group([{"GPU": 1, "CPU": 0}] * gpus)
+    waited = 0.0
+    while not group.wait(timeout_seconds=log_every):
+        waited += log_every
+        have = ray.cluster_resources().get("GPU", 0)
+        log("placement_group.py:64", f"Waiting for placement group of {gpus} GPUs (elapsed {waited:.0f}s): "
+                                     f"{have:.0f} GPUs registered with Ray, {ray.available_resources().get('GPU', 0):.0f} "
+                                     "available.")
 
 
 def main() -> int:
@@ -116,28 +185,41 @@ def main() -> int:
     parser.add_argument("--num-rollout", type=int, required=True)
     parser.add_argument("--save-interval", type=int)
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--actor-num-nodes", type=int, default=1)
+    parser.add_argument("--actor-num-gpus-per-node", type=int, default=8)
     parser.add_argument("--rollout-batch-size", type=int, default=8)
     parser.add_argument("--n-samples-per-prompt", type=int, default=1)
     parser.add_argument("--global-batch-size", type=int, default=2)
     parser.add_argument("--fake-step-seconds", type=float, default=0.05)
-    args, _ = parser.parse_known_args()  # model, optimizer, Ray placement arguments: not simulated
-    start, weights = start_point(args)
+    parser.add_argument("--fake-placement-log-seconds", type=float, default=30)
+    parser.add_argument("--fake-train-async", action="store_true", help="train_async.py's loop")
+    args, _ = parser.parse_known_args()  # model, optimizer, SGLang arguments: not simulated
+    start, weights, batches = start_point(args)
     log("train.py:21", f"starting at rollout {start} of {args.num_rollout} (WANDB_RUN_ID={os.environ.get('WANDB_RUN_ID')})")
     ray.init()
+    gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
+    place(gpus, args.fake_placement_log_seconds)
+    manager = RolloutManager.remote(args.load, args.save)
     steps = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
-    actor = MegatronTrainRayActor.remote(args.save, steps, args.fake_step_seconds)
+    actor = MegatronTrainRayActor.remote(args.save, steps, args.fake_step_seconds, gpus)
+    ray.get(manager.load.remote(start - 1))
     pending = None  # --async-save: the save whose tracker is not written yet
+    prefetched = manager.generate.remote(start) if args.fake_train_async and start < args.num_rollout else None
     for rollout in range(start, args.num_rollout):
-        weights = ray.get(actor.train.remote(rollout, weights))
+        if args.fake_train_async:  # train_async.py: take the prefetched batch, queue the next one at once
+            batch = ray.get(prefetched)
+            if rollout + 1 < args.num_rollout:
+                prefetched = manager.generate.remote(rollout + 1)
+        else:
+            batch = ray.get(manager.generate.remote(rollout))
+        weights = ray.get(actor.train.remote(rollout, weights, batch))
+        batches = [*batches, batch]
         if args.save_interval and ((rollout + 1) % args.save_interval == 0 or rollout == args.num_rollout - 1):
             if pending is not None:
                 ray.get(actor.finalize.remote(pending))
-            ray.get(actor.save.remote(rollout, weights, not args.async_save))
+            ray.get(actor.save.remote(rollout, weights, batches, not args.async_save))
             pending = rollout if args.async_save else None
-            os.makedirs(os.path.join(args.save, "rollout"), exist_ok=True)
-            with open(os.path.join(args.save, "rollout", f"global_dataset_state_dict_{rollout}.pt"), "w") as handle:
-                handle.write(f"consumed {rollout + 1} rollouts")
-            log("data_source.py:118", f"wrote dataset state {rollout} at {time.time():.3f}")
+            ray.get(manager.save.remote(rollout))
     if pending is not None:
         ray.get(actor.finalize.remote(pending))
     return 0

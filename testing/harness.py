@@ -8,6 +8,7 @@ processes this test started, found through /proc/PID/environ, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -43,10 +44,27 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float = 30.0, int
         time.sleep(interval)
 
 
+# Ports a test hands to a process it starts.  A port the kernel picked (bind to 0) is free
+# only until the process binds it, and meanwhile another pytest-xdist worker may be handed the
+# same: so each worker draws from a block of its own below the kernel's ephemeral range
+# (32768 and up, where bind-to-0 and outgoing connections land), never twice in a session,
+# skipping any port something else holds.
+PORT_BLOCK, PORT_BLOCKS, FIRST_PORT = 1500, 8, 20000
+_ports_drawn = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = FIRST_PORT + PORT_BLOCK * (int(worker[2:] or 0) % PORT_BLOCKS)
+    for _ in range(PORT_BLOCK):
+        port = base + next(_ports_drawn) % PORT_BLOCK
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port left in {base}..{base + PORT_BLOCK - 1}")
 
 
 def environ_of(pid: int) -> dict[str, str]:
@@ -62,11 +80,12 @@ def environ_of(pid: int) -> dict[str, str]:
 RAY_SLIME = str(ROOT / "testing" / "fake_slime_ray.py")
 
 
-def ray_slime_env(tmp: Path, ray_dir: str) -> dict[str, str]:
+def ray_slime_env(tmp: Path, ray_dir: str, num_rollout: int = 12, gpus: int = 2, extra: str = "") -> dict[str, str]:
     """The README's SFT command with the stand-in for slime's train.py, on loopback and private
     ports (other tests' Ray clusters may run on this machine): `ray start --head` with its temp
-    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`.  `tmp/base_torch_dist`
-    is its --ref-load."""
+    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`, on a pod whose
+    `nvidia-smi -L` lists `gpus` GPUs.  `tmp/base_torch_dist` is its --ref-load; `extra` more
+    of slime's arguments."""
     dashboard = free_port()
     ports = " ".join(f"--{name} {free_port()}" for name in (
         "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
@@ -75,14 +94,16 @@ def ray_slime_env(tmp: Path, ray_dir: str) -> dict[str, str]:
     runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
                                            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
     command = (
-        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus 0 --disable-usage-stats "
+        f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus $RELAY_NUM_GPUS --disable-usage-stats "
         f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
         f"--temp-dir {ray_dir} && "
         f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
         f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
-        f"--actor-num-gpus-per-node 1 --ref-load {tmp / 'base_torch_dist'} --num-rollout 12 --save-interval 2 "
-        f"--async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 $RELAY_SLIME_ARGS")
-    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard)}
+        f"--actor-num-gpus-per-node $RELAY_NUM_GPUS --ref-load {tmp / 'base_torch_dist'} --num-rollout {num_rollout} "
+        f"--save-interval 2 --async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 "
+        f"{extra} $RELAY_SLIME_ARGS")
+    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard), "FAKE_GPU_COUNT": str(gpus),
+            "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
 
 
 class Cluster:
@@ -109,14 +130,18 @@ class Cluster:
         env.update(extra)
         return env
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, module: str = "",
-              file_limit: int | None = None) -> subprocess.Popen:
-        """relay.py with `args` (or `python -m module`, a far side or attacker in testing/), with
-        at most `file_limit` open files if given (soft and hard: it cannot raise it)."""
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, open_files: int = 0,
+              module: str = "", file_limit: int | None = None) -> subprocess.Popen:
+        """relay.py with `args`, or `python -m module` (a far side or attacker in testing/).
+        `open_files`: the process starts holding that many more open files (fds 3 and up),
+        as a worker does after a Hub prefetch; `file_limit`: it may open at most that many
+        (soft and hard limit: it cannot raise it)."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
         env = dict(env or self.env(), PYTHONPATH=str(ROOT)) if module else env or self.env()
+        hold = ["bash", "-c", 'for fd in $(seq 3 "$0"); do eval "exec $fd</dev/null"; done; exec "$@"',
+                str(2 + open_files)] if open_files else []
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))) if file_limit else None
-        proc = subprocess.Popen([sys.executable, *(["-m", module] if module else [RELAY]), *args], stdout=log,
+        proc = subprocess.Popen([*hold, sys.executable, *(["-m", module] if module else [RELAY]), *args], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.tmp,
                                 preexec_fn=limit)
         proc.name = name  # type: ignore[attr-defined]
@@ -192,7 +217,7 @@ class Cluster:
         return path
 
     def start_worker(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
-                     **fields: Any) -> subprocess.Popen:
+                     open_files: int = 0, **fields: Any) -> subprocess.Popen:
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
         if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
@@ -202,7 +227,7 @@ class Cluster:
                               HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
-        return self.spawn(worker_id, ["worker", str(config)], worker_env)
+        return self.spawn(worker_id, ["worker", str(config)], worker_env, open_files)
 
     def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                                       **fields: Any) -> "PidNamespace":

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from testing.harness import free_port
+
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 TEMPLATE_ID = "6f1c3b8e-2a45-4c1e-9a57-0d3e5b7c9f11"
@@ -55,12 +57,6 @@ SANDBOX_DIRS = ("/root", "/workspace", "/tmp")
 
 def utc_iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, timezone.utc).isoformat()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
