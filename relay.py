@@ -1703,7 +1703,7 @@ ROLE_SHARED, ROLE_VIEWER = "shared", "viewer"
 BASIC_AUTH_PATHS = ("/", "/metrics")  # what a browser or Prometheus opens with a password
 MIN_PUBLIC_SECRET_BYTES = 32
 
-# What a connection may cost before it proved anything (README docs/commander.md, "On the
+# What a connection may cost before it proved anything (docs/commander.md, "On the
 # public internet"); the figures are those of well-kept servers (nginx, gunicorn, uvicorn).
 TLS_HANDSHAKE_SECONDS = 10.0  # for the whole handshake (the ssl module keeps one deadline)
 REQUEST_READ_SECONDS = 10.0  # request line, headers and body, from the request's first byte
