@@ -8,8 +8,8 @@ section 5.1 frames it; they are sent whole or cut short, as an attacker sends th
 
 idle: connect and say nothing; drip: a request's header bytes, one every 0.5 s, never the end;
 half-tls: the first bytes of a ClientHello, then nothing; tls-idle: a whole TLS handshake,
-then nothing; big-headers: 1 MB of header lines; big-bodies: headers announcing a 256 KiB
-body, then all of it but the last byte.  A connection the commander closes is opened again,
+then nothing; big-headers: 6 MB of header lines (as much of it as the socket takes);
+big-bodies: headers announcing a 256 KiB body, then all of it but the last byte.  A connection the commander closes is opened again,
 so the pressure lasts `seconds`.  Prints `holding N` once every connection was tried, and at
 the end one JSON line: how many were opened, answered 503 (over the cap), answered 4xx, and
 closed by the commander, and the longest a dripping connection lived.
@@ -65,7 +65,7 @@ class Hostile:
         if kind == "half-tls":
             self.send(connection, CLIENT_HELLO_START)
         elif kind == "big-headers":
-            self.send(connection, b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 8000) for i in range(128)))
+            self.send(connection, b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 60000) for i in range(100)))
         elif kind == "big-bodies":
             self.send(connection, b"POST /api/lease/renew HTTP/1.1\r\nContent-Length: 262144\r\n\r\n" + b"c" * 262143)
         self.selector.register(sock, selectors.EVENT_READ, connection)
