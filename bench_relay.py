@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | hostile | tls | takeover | slime-stop | footprint | hub | standby
+    python bench_relay.py renewals   # one part: renewals | hostile | tls | viewers | takeover | slime-stop | footprint | hub | standby
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -191,10 +191,55 @@ def bench_hostile(tmp: Path) -> list[tuple[str, str, str]]:
              f"quiet: {quiet['rate']:.0f}/s (p50 {quiet['p50']:.1f} ms, p99 {quiet['p99']:.1f} ms)")]
 
 
+VIEWER_RUNS, VIEWERS = 40, 16
+
+
+def bench_viewers(tmp: Path) -> list[tuple[str, str, str]]:
+    """One worker's renewals while 16 viewers reload the page of 40 full runs in a loop: the
+    commander's lock is held to copy the records, not to render them."""
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_commander(lease=600, secret=SECRET)
+        client = cluster.client()
+        for n in range(VIEWER_RUNS):  # each run with a full loss curve and log window
+            held = {"run_id": f"v{n}", "worker_id": f"w{n}"}
+            token = client.post("/api/lease/acquire", dict(held, mode="sft")).body["lease_token"]
+            for batch in range(20):
+                client.post("/api/lease/renew", dict(held, lease_token=token, step=batch * 100 + 99, log_lines=[
+                    f"step {batch} " + "x" * 100] * 10, losses=[[batch * 100 + i, 1.0 / (i + 1)] for i in range(100)]))
+        started = time.perf_counter()
+        client.get("/")
+        page_ms = (time.perf_counter() - started) * 1000
+        quiet = renewal_latencies(cluster.url, "", True)
+        stop = threading.Event()
+        pages = []
+
+        def view() -> None:
+            viewer = cluster.client()
+            while not stop.is_set():
+                viewer.get("/")
+                pages.append(1)
+
+        viewers = [threading.Thread(target=view) for _ in range(VIEWERS)]
+        for thread in viewers:
+            thread.start()
+        try:
+            busy = renewal_latencies(cluster.url, "", True)
+        finally:
+            stop.set()
+            for thread in viewers:
+                thread.join()
+    finally:
+        cluster.close()
+    return [(f"renewal latency, one worker, {VIEWERS} viewers reloading the page of {VIEWER_RUNS} full runs",
+             f"p50 {busy[0]:.2f} ms, p99 {busy[1]:.2f} ms ({len(pages)} pages served meanwhile)",
+             f"no viewers: p50 {quiet[0]:.2f} ms, p99 {quiet[1]:.2f} ms; one page {page_ms:.0f} ms")]
+
+
 def renewal_latencies(url: str, ca_file: str, keep_alive: bool, count: int = 300) -> tuple[float, float]:
     """p50 and p99 (ms) of one worker's renewals, back to back, over its kept-alive connection
     or a new one each time (the client before keep-alive)."""
-    client, run_id = relay.CommanderClient(url, SECRET, ca_file=ca_file), f"r-{keep_alive}"
+    client, run_id = relay.CommanderClient(url, SECRET, ca_file=ca_file), f"r-{keep_alive}-{time.monotonic()}"
     token = client.post("/api/lease/acquire", {"run_id": run_id, "worker_id": "w", "mode": "sft"}).body["lease_token"]
     latencies = []
     for step in range(count):
@@ -525,7 +570,7 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
 
 # --------------------------------------------------------------------------- main
 
-PARTS = {"renewals": bench_renewals, "hostile": bench_hostile, "tls": bench_tls, "takeover": bench_takeover,
+PARTS = {"renewals": bench_renewals, "hostile": bench_hostile, "tls": bench_tls, "viewers": bench_viewers, "takeover": bench_takeover,
          "slime-stop": bench_slime_stop, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
 
 

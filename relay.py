@@ -1714,6 +1714,7 @@ MAX_HEADER_BYTES = 32 << 10  # request line and headers together
 MAX_CONNECTIONS = 1024  # open at once; a connection over the cap gets a fast 503
 RESERVED_FILES = 64  # descriptors kept for the state file, the notifier and the 503 itself
 MAX_BODY_BYTES_IN_FLIGHT = 16 << 20  # bodies being read at once (a renewal is a few KB)
+VIEW_SLOTS = 2  # pages, metrics and run records made at once (the handler's _handle says why)
 BASIC_AUTH_MAX_DELAY_SECONDS = 60.0
 MAX_ADDRESSES_TRACKED = 4096
 
@@ -1844,6 +1845,7 @@ class CommanderHTTPServer(http.server.ThreadingHTTPServer):
         self.max_connections = max_connections
         self.connections = 0
         self.body_bytes = 0  # being read now, over all connections
+        self.view_slots = threading.BoundedSemaphore(VIEW_SLOTS)
         self.counts_lock = threading.Lock()
         if tls is not None:
             # The handshake happens on the request's own thread (finish_request), so a client
@@ -1962,7 +1964,7 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         """The stdlib parser's refusals (bad request line, headers too large) as JSON, and the
         connection closed after them."""
         self.close_connection = True
-        self._send(code, {"error": explain or message or http.HTTPStatus(code).phrase}, "")
+        self._send(code, encode_answer({"error": explain or message or http.HTTPStatus(code).phrase}), "")
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -2069,30 +2071,30 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
                 return
             self._authenticate(method, body, path)
             if method == "GET" and path == "/api/health":
-                status, payload = 200, {"ok": True, "version": VERSION, "protocol": PROTOCOL}
+                status, answer = 200, encode_answer({"ok": True, "version": VERSION, "protocol": PROTOCOL})
             else:
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                status, payload = self.server.commander.dispatch(method, path, body, query)
+                # Views (the page, metrics, run records) are made VIEW_SLOTS at a time: making
+                # one holds the GIL, and 16 viewers doing so at once made every renewal wait
+                # its turn behind them (p50 230 ms, bench_relay.py viewers).
+                with self.server.view_slots if method == "GET" else contextlib.nullcontext():
+                    status, payload = self.server.commander.dispatch(method, path, body, query)
+                    answer = encode_answer(payload)
         except ApiError as exc:
-            status, payload = exc.status, {"error": exc.message}
+            status, answer = exc.status, encode_answer({"error": exc.message})
         except OSError:  # the body's deadline passed, or the client went away
             self.close_connection = True
             return
         except Exception as exc:  # a bug must not take the commander down or leak a trace
             log("commander", f"internal error on {method} {path}: {type(exc).__name__}: {exc}")
-            status, payload = 500, {"error": "internal error"}
+            status, answer = 500, encode_answer({"error": "internal error"})
         finally:
             self.server.release_body(reserved)
         self.server.commander.count_request(path, status)
-        self._send(status, payload, path)
+        self._send(status, answer, path)
 
-    def _send(self, status: int, payload: dict | str | Document, path: str) -> None:
-        if isinstance(payload, Document):
-            data, ctype = payload.text.encode(), payload.content_type
-        elif isinstance(payload, str):
-            data, ctype = payload.encode(), "text/html; charset=utf-8"
-        else:
-            data, ctype = json.dumps(payload).encode(), "application/json"
+    def _send(self, status: int, answer: tuple[bytes, str], path: str) -> None:
+        data, ctype = answer
         self.connection.settimeout(WRITE_SECONDS)  # sendall keeps one deadline for the whole answer
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -2117,6 +2119,15 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+
+def encode_answer(payload: dict | str | Document) -> tuple[bytes, str]:
+    """An answer's bytes and content type: JSON, the page (a str) or a Document."""
+    if isinstance(payload, Document):
+        return payload.text.encode(), payload.content_type
+    if isinstance(payload, str):
+        return payload.encode(), "text/html; charset=utf-8"
+    return json.dumps(payload).encode(), "application/json"
 
 
 def is_loopback(host: str) -> bool:
