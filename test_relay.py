@@ -636,6 +636,19 @@ def test_a_man_in_the_middle_forging_409s_grants_and_long_ttls_neither_stops_a_r
     assert 1 <= cluster.log("a").count("without the commander's signature was ignored") <= 3  # once per thread
 
 
+def test_a_frozen_worker_trusts_no_longer_lease_than_its_run_allows_whatever_the_commander_grants(cluster):
+    cluster.start_commander(lease=30)
+    worker = cluster.start_worker("a", env=MID_RUN, max_lease_seconds=2)
+    wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+    assert "the commander grants 30 s leases; this worker trusts 2 s" in cluster.log("a")
+    os.kill(worker.pid, signal.SIGSTOP)  # the worker alone: its watchdog holds a deadline of at most 2 s
+    try:
+        wait_for("the watchdog to kill the trainer", lambda: not cluster.trainer_pids(worker_id="a"), timeout=10)
+        assert cluster.run("r1")["holder"] == "a"  # the commander's 30 s lease still runs
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+
 def test_an_old_worker_and_an_old_commander_are_refused_with_an_error_naming_the_protocol(cluster):
     secret = "s-" + uuid.uuid4().hex
     cluster.start_commander(lease=5, secret=secret)
