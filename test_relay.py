@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -540,6 +541,41 @@ def test_wrong_page_passwords_are_slowed_down_per_address_and_the_server_header_
     wait_for("the pause after one wrong password to pass",
              lambda: raw_request(cluster, "GET", "/", headers=basic_auth(secret))[0] == 200, 5)
     assert headers["Server"] == "relay-commander" and "Python" not in str(headers)
+
+
+@pytest.mark.slow(15)
+def test_idle_connections_are_closed_after_seconds_also_after_a_tls_handshake_and_a_dripping_one_at_its_deadline(
+        cluster, tmp_path):
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    cluster.ca_file = cert
+    cluster.start_commander(lease=30, secret="s-" + uuid.uuid4().hex, extra=("--tls-cert", cert, "--tls-key", key))
+    context = ssl.create_default_context(cafile=cert)
+    opened = time.monotonic()
+    idle = context.wrap_socket(socket.create_connection(("127.0.0.1", cluster.port)), server_hostname="127.0.0.1")
+    drip = context.wrap_socket(socket.create_connection(("127.0.0.1", cluster.port)), server_hostname="127.0.0.1")
+    request = b"POST /api/lease/renew HTTP/1.1\r\nHost: c\r\nX-Padding: " + b"a" * 1000
+    closed_after: dict[str, float] = {}
+    for sent in range(len(request)):  # a byte every 0.2 s: a deadline per byte would never pass
+        for name, sock in (("idle", idle), ("drip", drip)):
+            sock.settimeout(0.01 if name not in closed_after else None)
+            if name in closed_after:
+                continue
+            try:
+                if sock.recv(100) == b"":
+                    closed_after[name] = time.monotonic() - opened
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_after[name] = time.monotonic() - opened
+        if len(closed_after) == 2 or time.monotonic() - opened > 40:
+            break
+        with contextlib.suppress(OSError):
+            drip.sendall(request[sent:sent + 1])
+        time.sleep(0.2)
+    assert set(closed_after) == {"idle", "drip"}, closed_after
+    assert closed_after["idle"] < closed_after["drip"] < 30, closed_after  # 5 s idle, 10 s for a whole request
 
 
 def via_client(client: relay.CommanderClient, run_id: str = "r1") -> dict:
