@@ -445,27 +445,59 @@ def mock_run_seconds(tmp: Path, name: str) -> float:
     return time.perf_counter() - started
 
 
+def hub_path_figures(tmp: Path, endpoint: str, token: str, transfer: str, out: multiprocessing.Queue) -> None:
+    """In a fresh interpreter (huggingface_hub reads HF_HUB_DISABLE_XET once, at import): the
+    upload time of the checkpoint in `tmp` on one path, and the mock trainer's time alone and
+    while uploads run back to back."""
+    os.environ.update(HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HOME=str(tmp / f"hf-home-{transfer}"),
+                      HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+
+    def fresh_store(n: int) -> relay.HubStore:
+        """A store on a new repo: it lacks every file, so an upload sends all the bytes."""
+        cfg = relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="bench", mode="sft", hf_transfer=transfer,
+                              hf_repo=f"tester/bench-{transfer}-{n}", l1_root=str(tmp / "l1"))
+        store = relay.HubStore(cfg)
+        store.check()
+        return store
+
+    store = fresh_store(0)
+    ckpt = relay.CheckpointDir(store.cfg.run_dir, require_dataset_state=False)
+    manifest = ckpt.load_manifest(1)
+    started = time.perf_counter()
+    store.upload(ckpt, manifest, [], None, "bench", lambda: True)
+    upload = time.perf_counter() - started
+    alone = min(mock_run_seconds(tmp, f"alone-{transfer}-{n}") for n in range(2))
+    uploading = threading.Event()
+
+    def upload_in_a_loop() -> None:
+        relay.yield_cpu_to_the_trainer()  # as the worker's Hub sync thread does
+        n = 0
+        while not uploading.is_set():
+            n += 1
+            fresh_store(n).upload(ckpt, manifest, [], None, "bench", lambda: True)
+
+    uploader = threading.Thread(target=upload_in_a_loop)
+    uploader.start()
+    try:
+        with_sync = min(mock_run_seconds(tmp, f"sync-{transfer}-{n}") for n in range(2))
+    finally:
+        uploading.set()
+        uploader.join()
+    out.put((upload, alone, with_sync))
+
+
 def bench_hub(tmp: Path) -> list[tuple[str, str, str]]:
+    """Both paths side by side, each in a process of its own, against one local Hub server.
+    Xet's CAS is hf_xet's local:// store: its chunking, compression and writes run in the
+    uploading process (as on a pod), its network leg is a folder."""
     token = "hf_bench_token_0123456789"
     ports: multiprocessing.Queue = multiprocessing.Queue()
     server = multiprocessing.Process(target=serve_hub, args=(ports, token), daemon=True)
     server.start()
+    rows = []
     try:
-        # Files of 10 MB and more take the LFS path (sha256, batch API, one PUT each); the local
-        # server speaks plain LFS, so the client must not use hf_xet.
-        os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{ports.get(timeout=10)}", HF_TOKEN=token,
-                          HF_HOME=str(tmp / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
-
-        def fresh_store(n: int) -> relay.HubStore:
-            """A store on a new repo: it lacks every LFS object, so an upload sends all the bytes."""
-            cfg = relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="bench", mode="sft",
-                                  hf_repo=f"tester/bench-{n}", l1_root=str(tmp / "l1"))
-            store = relay.HubStore(cfg)
-            store.check()
-            return store
-
-        store = fresh_store(0)
-        cfg = store.cfg
+        endpoint = f"http://127.0.0.1:{ports.get(timeout=10)}"
+        cfg = relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="bench", mode="sft", l1_root=str(tmp / "l1"))
         ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
         shard_dir = Path(ckpt.path) / relay.iteration_dirname(1)
         shard_dir.mkdir(parents=True)
@@ -474,41 +506,29 @@ def bench_hub(tmp: Path) -> list[tuple[str, str, str]]:
         (Path(ckpt.path) / relay.TRACKER_FILE).write_text("1\n")
         manifest = ckpt.seal(1, 1, "bench")
         started = time.perf_counter()
-        store.upload(ckpt, manifest, [], None, "bench", lambda: True)
-        upload = time.perf_counter() - started
-        started = time.perf_counter()
         shutil.copytree(shard_dir, tmp / "copy")
         copy = time.perf_counter() - started
-
-        alone = min(mock_run_seconds(tmp, f"alone-{n}") for n in range(2))
-        uploading = threading.Event()
-
-        def upload_in_a_loop() -> None:
-            relay.yield_cpu_to_the_trainer()  # as the worker's Hub sync thread does
-            n = 0
-            while not uploading.is_set():
-                n += 1
-                fresh_store(n).upload(ckpt, manifest, [], None, "bench", lambda: True)
-
-        uploader = threading.Thread(target=upload_in_a_loop)
-        uploader.start()
-        try:
-            with_sync = min(mock_run_seconds(tmp, f"sync-{n}") for n in range(2))
-        finally:
-            uploading.set()
-            uploader.join()
+        mb = manifest.total_bytes / (1 << 20)
+        spawn = multiprocessing.get_context("spawn")
+        for transfer, how in (("xet", "hf_xet: chunking, dedup, xorbs to a local:// CAS, one commit"),
+                              ("lfs", "sha256 given by the manifest, batch API, 3 PUTs, one commit")):
+            results: multiprocessing.Queue = spawn.Queue()
+            child = spawn.Process(target=hub_path_figures, args=(tmp, endpoint, token, transfer, results))
+            child.start()
+            upload, alone, with_sync = results.get(timeout=1800)
+            child.join()
+            rows += [
+                (f"Hub upload of a {mb:.0f} MB checkpoint, hf_transfer: {transfer} ({how}; local server)",
+                 f"{mb / upload:.0f} MB/s ({upload:.1f} s)",
+                 f"plain file copy {mb / copy:.0f} MB/s ({copy:.2f} s); ratio {copy / upload:.2f}"),
+                (f"mock trainer, 60 GPU-like steps, while {transfer} uploads run back to back",
+                 f"{with_sync:.2f} s ({100 * (with_sync / alone - 1):+.1f}%)",
+                 f"without a sync {alone:.2f} s; target within 2%"),
+            ]
     finally:
         server.terminate()
         server.join()
-    mb = manifest.total_bytes / (1 << 20)
-    return [
-        (f"Hub upload of a {mb:.0f} MB checkpoint (LFS path: sha256, batch API, 3 PUTs, one commit; local server)",
-         f"{mb / upload:.0f} MB/s ({upload:.1f} s)",
-         f"plain file copy {mb / copy:.0f} MB/s ({copy:.2f} s); ratio {copy / upload:.2f}"),
-        ("mock trainer, 60 GPU-like steps, while a sync runs",
-         f"{with_sync:.2f} s ({100 * (with_sync / alone - 1):+.1f}%)",
-         f"without a sync {alone:.2f} s; target within 2%"),
-    ]
+    return rows
 
 
 # --------------------------------------------------------------------------- a ready standby
@@ -538,6 +558,7 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
     server = multiprocessing.Process(target=serve_hub, args=(ports, token, POD_DOWNLOAD_MB_PER_S * (1 << 20)), daemon=True)
     server.start()
     cluster = Cluster(tmp)
+    cluster.hf_transfer = "lfs"  # the pod's download rate is held by the server, which Xet's local CAS bypasses
     cluster.hub = types.SimpleNamespace(url=f"http://127.0.0.1:{ports.get(timeout=10)}", token=token)
     (tmp / "trainer.py").write_text(BIG_CHECKPOINT_TRAINER)
     common = {"hf_repo": "tester/bench-standby", "require_dataset_state": False, "hf_sync_interval_seconds": 1,

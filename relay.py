@@ -21,6 +21,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import concurrent.futures
 import copy
 import ctypes
 import dataclasses
@@ -80,6 +81,7 @@ WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
 HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 SHA1_RE = re.compile(r"[0-9a-f]{40}\Z")
 MODES = ("sft", "rl")
+HUB_TRANSFERS = ("xet", "lfs")
 
 
 class UserError(Exception):
@@ -233,6 +235,11 @@ def _check_type(where: str, name: str, value: Any, kind: type) -> Any:
     return value
 
 
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build `cls` from a mapping, naming the field of the first mistake.
 
@@ -246,7 +253,8 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
-        raise UserError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(fields))})")
+        raise UserError(f"{where}: unknown field {', '.join(f'{k!r}{did_you_mean(k, list(fields))}' for k in unknown)} "
+                        f"(known: {', '.join(sorted(fields))})")
     values = {}
     for name, spec in fields.items():
         if name in data and data[name] is not None:
@@ -271,6 +279,8 @@ class RunConfig:
     hf_allow_public: bool = False
     hf_keep_last_checkpoints: int = 2
     hf_final_sync_timeout_seconds: float = 1800.0
+    hf_transfer: str = "xet"  # how checkpoint files travel: "xet" (hf_xet, what the Hub prefers) or "lfs"
+    hf_xet_threads: int = 4  # hf_xet's worker threads: what a pod's CPUs can spare beside the trainer
     relay_shared_secret: str = ""
     save_rollout_trajectories: bool = False
     rollout_trajectory_subdir: str = "rollout"
@@ -316,6 +326,10 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
         raise bad("worker_id", "must match [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
     if cfg.hf_repo and not HF_REPO_RE.match(cfg.hf_repo):
         raise bad("hf_repo", f"must look like 'user/repo', not {cfg.hf_repo!r}")
+    if cfg.hf_transfer not in HUB_TRANSFERS:
+        raise bad("hf_transfer", f"must be 'xet' or 'lfs', not {cfg.hf_transfer!r}")
+    if not 1 <= cfg.hf_xet_threads <= 64:
+        raise bad("hf_xet_threads", "must be between 1 and 64")
     sub = cfg.rollout_trajectory_subdir
     if not sub or sub.startswith("/") or ".." in sub.split("/") or sub == "ckpt" or sub.startswith("ckpt/"):
         raise bad("rollout_trajectory_subdir", "must be a relative folder inside the run's folder (not ckpt)")
@@ -471,13 +485,52 @@ class StackConfig:
 STACK_GROUPS = ("commander", "lium", "run", "worker", "relay")
 
 
+# run.yaml fields a stack does not take, and where the stack says the same
+STACK_SETS = {"commander_url": "commander.public_url", "worker_id": "(launch-stack: the pod's name)"}
+
+
+def stack_group_classes() -> dict[str, type]:
+    return {"commander": CommanderGroup, "lium": LiumGroup, "run": RunConfig, "worker": WorkerGroup, "relay": RelayGroup}
+
+
+def homes_of(name: str) -> list[str]:
+    """Where a stack.yaml field of this name belongs (several groups may have it: env, state_path)."""
+    if name in STACK_SETS:
+        return [STACK_SETS[name]]
+    return [f"{group}.{name}" for group, cls in stack_group_classes().items()
+            if name in {f.name for f in dataclasses.fields(cls)}]
+
+
+def check_stack_layout(path: str, data: dict) -> None:
+    """One error for every field out of its group: the earlier project's flat layout puts all of
+    them at the top level, and naming one per try would take a user a dozen tries."""
+    misplaced, unknown = [], []
+    for key in data:
+        if key in STACK_GROUPS:
+            continue
+        homes = homes_of(str(key))
+        if homes:
+            misplaced.append(f"{key} -> {' or '.join(homes)}")
+        else:
+            unknown.append(f"'{key}'{did_you_mean(str(key), STACK_GROUPS)}")
+    for group, cls in stack_group_classes().items():
+        fields = data.get(group)
+        own = {f.name for f in dataclasses.fields(cls)}
+        for key in fields if isinstance(fields, dict) else ():
+            homes = [home for home in homes_of(str(key)) if not home.startswith(f"{group}.")]
+            if key not in own and homes:
+                misplaced.append(f"{group}.{key} -> {' or '.join(homes)}")
+    if misplaced or unknown:
+        parts = [f"fields out of their group: {'; '.join(misplaced)}"] if misplaced else []
+        parts += [f"unknown group {', '.join(unknown)} (the groups: {', '.join(STACK_GROUPS)})"] if unknown else []
+        raise UserError(f"{path}: {'; '.join(parts)}")
+
+
 def load_stack_config(path: str) -> StackConfig:
     data = load_yaml_file(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected the groups {', '.join(STACK_GROUPS)}")
-    unknown = sorted(str(k) for k in data if k not in STACK_GROUPS)
-    if unknown:
-        raise UserError(f"{path}: unknown group '{unknown[0]}' (known: {', '.join(STACK_GROUPS)})")
+    check_stack_layout(path, data)
     if not isinstance(data.get("lium"), dict):
         raise UserError(f"{path}: missing group 'lium' (it needs at least template_id)")
     commander = build_dataclass(CommanderGroup, data.get("commander"), f"{path}: commander")
@@ -814,6 +867,33 @@ class CommanderClient:
         return self.request("GET", path, None, timeout)
 
 
+def is_relay_commander(reply: Reply) -> bool:
+    """What a relay commander's GET /api/health answers (it needs no secret)."""
+    return reply.status == 200 and reply.body.get("ok") is True and "version" in reply.body
+
+
+class Complaint:
+    """A problem said at once, then again every `every` seconds while it lasts: a worker that
+    says nothing for a minute looks like one that works."""
+
+    def __init__(self, say: Callable[[str], None], every: float = 30.0) -> None:
+        self.say, self.every = say, every
+        self.since: float | None = None
+        self.last = -math.inf
+
+    def still(self, text: str) -> None:
+        now = boottime()
+        self.since = now if self.since is None else self.since
+        if now - self.last >= self.every:
+            self.say(text if self.last == -math.inf else f"{text} (for {now - self.since:.0f} s now)")
+            self.last = now
+
+    def over(self, text: str) -> None:
+        if self.since is not None:
+            self.say(f"{text} after {boottime() - self.since:.0f} s")
+        self.since, self.last = None, -math.inf
+
+
 def _json_or_error(raw: bytes) -> dict:
     try:
         value = json.loads(raw or b"{}")
@@ -835,10 +915,12 @@ def _json_or_error(raw: bytes) -> dict:
 # margin, on its own clock.  Only durations cross the wire, so clock offsets never matter,
 # and the worker (and its watchdog) always give up before the commander re-grants.
 
-RUN_STATUSES = ("PENDING", "RUNNING", "PREEMPTED", "FAILED", "COMPLETED")
+RUN_STATUSES = ("PENDING", "RUNNING", "PREEMPTED", "FAILED", "COMPLETED", "CANCELLED")
 RELEASE_STATUSES = ("COMPLETED", "FAILED", "PREEMPTED")
+ENDED_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")  # no worker is granted such a run (retry reopens the last two)
 STATE_FORMAT = "relay-commander-state"
 MAX_EVENTS = 200
+MAX_EVENT_CHARS = 1000
 MAX_LEASES_KEPT = 500
 MAX_LOSS_POINTS = 2000
 MAX_LOSS_POINTS_PER_RENEWAL = 100
@@ -861,7 +943,7 @@ def standby_poll_seconds(lease_seconds: float) -> float:
 
 
 METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless it says otherwise
-    "relay_run_status": ("gauge", "1 for the run's status (PENDING, RUNNING, PREEMPTED, FAILED, COMPLETED), 0 for the others."),
+    "relay_run_status": ("gauge", "1 for the run's status (PENDING, RUNNING, PREEMPTED, FAILED, COMPLETED, CANCELLED), 0 for the others."),
     "relay_run_step": ("gauge", "Last training step reported."),
     "relay_run_epoch": ("gauge", "Lease epoch (grants so far)."),
     "relay_run_handoffs": ("gauge", "Leases that went to a different worker than the one before."),
@@ -875,7 +957,8 @@ METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless 
     "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
 }
 API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
-                 "/api/lease/release", "/api/job/report", "/api/runs/spend")
+                 "/api/lease/release", "/api/job/report", "/api/runs/spend", "/api/runs/cancel", "/api/runs/retry",
+                 "/api/runs/event")
 
 
 def endpoint_label(path: str) -> str:
@@ -942,6 +1025,7 @@ class RunRecord:
     log_total: int = 0  # lines ever received: log_tail holds numbers log_total-len+1 .. log_total
     gpu_spend: dict | None = None  # what launch-stack last reported: spent_usd, budget_usd, pods, at
     trainer_restarts: int = 0  # over all leases: reports with status RESTARTING
+    total_steps: int = 0  # what the workers' run config says (0: unknown), for "step N/total"
 
     def snapshot(self) -> dict:
         """The record as a dict that later changes do not reach.  Lists are copied; what they
@@ -1305,7 +1389,7 @@ class Commander:
         if run.holder and self.expires.get(run.run_id, 0.0) <= now:
             with self.durable_change(run.run_id):
                 run.end_lease("expired", utc_now())
-                run.status = "PREEMPTED"
+                run.status = "CANCELLED" if run.status == "CANCELLED" else "PREEMPTED"
                 self.expires.pop(run.run_id, None)
 
     def expire_due_leases(self) -> None:
@@ -1351,11 +1435,12 @@ class Commander:
         worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
         mode = body.str("mode", choices=MODES)
         previous = body.str("previous_lease_token", required=False, max_len=128)
+        total_steps = body.int("total_steps")
         now = self.clock()
         run = self.runs.get(run_id)
         if run is not None and run.mode != mode:
             raise ApiError(409, f"run '{run_id}' is a {run.mode} run, this worker is configured for {mode}")
-        if run is not None and run.status in ("COMPLETED", "FAILED"):
+        if run is not None and run.status in ENDED_STATUSES:
             return {"status": run.status.lower(), "run_id": run_id}
         if run is not None and run.holder:
             self._expire_if_due(run, now)
@@ -1377,6 +1462,7 @@ class Commander:
                 run = self.runs[run_id] = RunRecord(run_id=run_id, mode=mode, created_at=utc_now())
                 run.add_event(f"run created by {worker_id} ({mode})")
             run.epoch += 1
+            run.total_steps = total_steps or run.total_steps
             run.holder = worker_id
             run.lease_token_sha256 = token_digest(token)
             run.status = "RUNNING"
@@ -1411,7 +1497,10 @@ class Commander:
         self.expires[run_id] = self.clock() + self.lease_seconds
         run.updated_at = utc_now()
         self._record_progress(run, step, loss, phase, lines, losses)
-        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds}
+        # A cancelled run's holder is told on its renewal: it stops its trainer gracefully,
+        # seals, uploads and releases, keeping its lease meanwhile (its watchdog must not kill).
+        cancel = {"cancel": True} if run.status == "CANCELLED" else {}
+        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds, **cancel}
 
     def _record_progress(self, run: RunRecord, step: int | None, loss: float | None, phase: str,
                          lines: list[str], losses: list[list] | None = None) -> None:
@@ -1460,14 +1549,14 @@ class Commander:
                 run.status = "COMPLETED"
                 run.worker_phase = "DONE"
                 run.add_event(f"run completed at step {run.step}{final_model_words(run, reason)}")
-            elif status == "FAILED":
+            elif status == "FAILED" and run.status != "CANCELLED":
                 run.failed_leases = 1 if progressed else run.failed_leases + 1
                 if run.failed_leases >= self.max_failed_leases:
                     run.status = "FAILED"
                     run.add_event(f"run failed: {run.failed_leases} consecutive leases ended FAILED without progress")
                 else:
                     run.status = "PENDING"
-            else:
+            elif run.status != "CANCELLED":  # a cancelled run stays so when its holder hands it back
                 run.status = "PREEMPTED"
         if run.status == "COMPLETED":
             final = final_model_of(run) or {}
@@ -1514,6 +1603,39 @@ class Commander:
                                  worker_id=run.holder)
         return {"ok": True, "epoch": run.epoch}
 
+    def cancel(self, body: Body) -> dict:
+        """End a run by the user's word: no worker is granted it again (until a retry); its
+        holder, told on its next renewal, stops gracefully and hands it back."""
+        run = self._run(body.str("run_id", pattern=RUN_ID_RE))
+        if run.status == "COMPLETED":
+            raise ApiError(409, f"run '{run.run_id}' is COMPLETED: there is nothing to cancel")
+        if run.status != "CANCELLED":
+            with self.durable_change(run.run_id):
+                run.status = "CANCELLED"
+                run.updated_at = utc_now()
+                run.add_event(f"cancelled at step {run.step}" + (f"; {run.holder} stops its trainer, seals, uploads "
+                                                                  "and hands the run back" if run.holder else ""))
+            self.notifier.notify("cancelled", f"relay run {run.run_id} CANCELLED at step {run.step}", run.run_id,
+                                 step=run.step, holder=run.holder)
+        return {"ok": True, "status": run.status, "holder": run.holder}
+
+    def retry(self, body: Body) -> dict:
+        """A FAILED or CANCELLED run back to PENDING, with its epochs, lease history and
+        checkpoints: the next worker resumes from its latest checkpoint."""
+        run = self._run(body.str("run_id", pattern=RUN_ID_RE))
+        if run.status not in ("FAILED", "CANCELLED"):
+            raise ApiError(409, f"run '{run.run_id}' is {run.status}: only a FAILED or CANCELLED run is retried")
+        if run.holder:
+            raise ApiError(409, f"run '{run.run_id}' is still held by {run.holder}, which is stopping: retry once it "
+                                "has handed the run back")
+        with self.durable_change(run.run_id):
+            before, run.status, run.failed_leases = run.status, "PENDING", 0
+            run.updated_at = utc_now()
+            resume = (run.latest_checkpoint or {}).get("iteration")
+            run.add_event(f"retried ({before} -> PENDING) at step {run.step}; the next worker resumes from "
+                          + (f"checkpoint {resume}" if resume is not None else "a cold start"))
+        return {"ok": True, "status": run.status}
+
     def notify_handoff(self, run: RunRecord, previous_holder: str) -> None:
         """The run went to another worker: it resumes from the recorded checkpoint, so the steps
         the previous holder made after it are done again."""
@@ -1554,7 +1676,18 @@ class Commander:
             raise ApiError(400, "spent_usd and budget_usd must not be negative")
         run = self._run(run_id)
         with self.durable_change(run_id):
-            run.gpu_spend = dict(spend, pods=body.int("pods") or 0, at=utc_now())
+            # supervisor_pid: the supervisor's heartbeat (0: it stopped), so `status` can say whether one runs
+            run.gpu_spend = dict(spend, pods=body.int("pods") or 0, supervisor_pid=body.int("supervisor_pid") or 0,
+                                 at=utc_now())
+        return {"ok": True}
+
+    def record_event(self, body: Body) -> dict:
+        """launch-stack's word in the run's events: a pod it removed and how its worker log ended."""
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        message = body.str("msg", max_len=MAX_EVENT_CHARS)
+        run = self._run(run_id)
+        with self.durable_change(run_id):
+            run.add_event(f"launch-stack: {message}")
         return {"ok": True}
 
     @staticmethod
@@ -1654,7 +1787,7 @@ class Commander:
     @staticmethod
     def seconds_without_holder(run: RunRecord, wall: float) -> float:
         """0 while held or finished; else since the last lease ended (or the run was created)."""
-        if run.holder or run.status in ("COMPLETED", "FAILED"):
+        if run.holder or run.status in ENDED_STATUSES:
             return 0.0
         return wall - (run.leases[-1]["ended_at"] if run.leases else run.created_at)
 
@@ -1665,6 +1798,9 @@ class Commander:
             ("POST", "/api/lease/release"): self.release,
             ("POST", "/api/job/report"): self.report,
             ("POST", "/api/runs/spend"): self.record_spend,
+            ("POST", "/api/runs/cancel"): self.cancel,
+            ("POST", "/api/runs/retry"): self.retry,
+            ("POST", "/api/runs/event"): self.record_event,
         }
         if (method, path) in routes:
             body = Body(raw)
@@ -2044,10 +2180,14 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             server.backoff.failed(address, now)
             raise ApiError(401, "wrong password")
         server.backoff.succeeded(address)
-        if not server.shared_secret_over_basic:
+        # A request from a loopback address never crossed a network in clear: it came from this
+        # machine, or through an SSH tunnel (`ssh -L 8080:127.0.0.1:8080 box`), which encrypts.
+        # (A reverse proxy on this machine makes every request loopback: let it do the TLS.)
+        if not server.shared_secret_over_basic and not is_loopback(self.client_address[0]):
             raise ApiError(401, "the shared secret is refused here: this commander serves plain HTTP on a public "
                                 "address, where a password crosses the network readable by anyone, and this one "
-                                "can change every run. Open the page with RELAY_VIEWER_SECRET, or serve with "
+                                "can change every run. Open the page with RELAY_VIEWER_SECRET, through an SSH tunnel "
+                                "(ssh -L 8080:127.0.0.1:8080 this-box, then http://127.0.0.1:8080/), or serve with "
                                 "--tls-cert/--tls-key (docs/commander.md, 'TLS and roles')")
         return ROLE_SHARED
 
@@ -2134,9 +2274,11 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, how a dual-stack socket sees IPv4
+    return (mapped or address).is_loopback
 
 
 def raise_file_limit() -> int:
@@ -2187,8 +2329,9 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if secret and not server.shared_secret_over_basic:
-        log("commander", f"plain HTTP on {host}: the page and /metrics take only the viewer secret "
-                         "(serve with --tls-cert/--tls-key to open them with the shared secret)")
+        log("commander", f"plain HTTP on {host}: from other machines the page and /metrics take only the viewer "
+                         "secret; the shared secret only from this machine or an SSH tunnel (or serve with "
+                         "--tls-cert/--tls-key)")
     set_process_name("relay-commander")
     stopping = threading.Event()
 
@@ -2478,6 +2621,74 @@ TRAJECTORIES_PER_FOLDER = 1000  # the Hub takes at most 10,000 files per folder
 HUB_STAGING_PREFIX = ".hub-download-"  # + the revision: a download's folder in L1, kept until it completes
 HUB_THREAD_NICENESS = 10  # the Hub sync thread's nice value: the trainer's CPU work comes first
 HUB_STUCK_RETRY_SECONDS = 1800.0  # after an error a retry cannot fix (quota, permission): a few requests an hour
+# hf_xet's footprint off the trainer's back (its defaults: a 16 GB shard cache kept 3 weeks, 250 MB
+# of logs, 1.6 GB of download buffer growing to 6.3 GB).  Consecutive checkpoints share almost no
+# chunks, so a large shard cache buys nothing; a restore streams file by file.
+XET_SHARD_CACHE_BYTES = 1_000_000_000
+XET_LOG_BYTES = 50_000_000
+XET_DOWNLOAD_BUFFER_BYTES = 512_000_000
+XET_DOWNLOAD_BUFFER_PER_FILE_BYTES = 256_000_000
+# The worker's own values of what configure_hub_client() changes (None: unset), given back to the
+# trainer, whose own huggingface_hub must see the user's choices, not relay's.
+USER_HUB_ENVIRONMENT: dict[str, str | None] = {}
+
+
+def hub_client_environment(cfg: RunConfig) -> dict[str, str | None]:
+    """What relay's huggingface_hub and hf_xet read from the environment (None: removed).
+
+    hf_transfer "lfs" disables Xet, "xet" takes it even if the user's environment disabled it.
+    hf_xet's cache and logs live in a folder of this worker's under the run's folder on the
+    volume, bounded, never on the container disk; its download buffer is sized for a pod whose
+    RAM is the trainer's; HF_XET_HIGH_PERFORMANCE (all cores, 64 GB+ of RAM) is never on; its
+    thread pool has hf_xet_threads threads (tokio's default is one per core)."""
+    folder = os.path.join(cfg.run_dir, "hf-xet", cfg.worker_id)
+    return {
+        "HF_HUB_DISABLE_XET": "1" if cfg.hf_transfer == "lfs" else None,
+        "HF_XET_CACHE": folder,
+        "HF_XET_SHARD_CACHE_SIZE_LIMIT": str(XET_SHARD_CACHE_BYTES),
+        "HF_XET_LOG_DEST": os.path.join(folder, "logs") + os.sep,  # a folder: hf_xet rotates and prunes it
+        "HF_XET_LOG_DIR_MAX_SIZE": str(XET_LOG_BYTES),
+        "HF_XET_RECONSTRUCTION_DOWNLOAD_BUFFER_SIZE": str(XET_DOWNLOAD_BUFFER_BYTES),
+        "HF_XET_RECONSTRUCTION_DOWNLOAD_BUFFER_LIMIT": str(XET_DOWNLOAD_BUFFER_BYTES),
+        "HF_XET_RECONSTRUCTION_DOWNLOAD_BUFFER_PERFILE_SIZE": str(XET_DOWNLOAD_BUFFER_PER_FILE_BYTES),
+        "HF_XET_HIGH_PERFORMANCE": None,
+        "TOKIO_WORKER_THREADS": str(cfg.hf_xet_threads),
+    }
+
+
+def configure_hub_client(cfg: RunConfig) -> None:
+    """Put hub_client_environment() in this process's environment.  Called before
+    huggingface_hub is first imported: it reads HF_HUB_DISABLE_XET once, at import (hf_xet
+    reads its knobs when its session starts, at the first transfer)."""
+    for name, value in hub_client_environment(cfg).items():
+        USER_HUB_ENVIRONMENT.setdefault(name, os.environ.get(name))
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def at_low_priority(work: Callable[[], Any]) -> Any:
+    """Run `work` on a thread of its own at the Hub's low priority and return what it returns
+    (or raise what it raised).  Every call that can move checkpoint bytes goes through here or
+    runs on the (equally niced) sync thread: the threads the client starts for it, hf_xet's
+    pool included (created by the first thread that transfers, inheriting its nice value),
+    then never run at the trainer's priority, whichever of restore, prefetch or sync came first."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        yield_cpu_to_the_trainer()
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="hub-transfer", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class HubStore:
@@ -2505,6 +2716,7 @@ class HubStore:
         if self.dry_run:
             log("hub", f"hf_dry_run: nothing will be sent to the Hub (repo {self.repo})")
             return
+        configure_hub_client(self.cfg)
         try:
             import huggingface_hub  # noqa: PLC0415  (only workers with hf_repo need it)
         except ImportError:
@@ -2553,8 +2765,8 @@ class HubStore:
         """
         base = f"{self.prefix}/ckpt"
         manifest_in_repo = f"{base}/{iteration_dirname(manifest.iteration)}/relay_manifest.json"
-        files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel)) for rel in sorted(manifest.files)]
-        files += [(f"{self.prefix}/{trajectory_path_in_repo(os.path.relpath(path, self.cfg.run_dir))}", path)
+        files = [(f"{base}/{rel}", os.path.join(ckpt.path, rel), manifest.files[rel][1]) for rel in sorted(manifest.files)]
+        files += [(f"{self.prefix}/{trajectory_path_in_repo(os.path.relpath(path, self.cfg.run_dir))}", path, "")
                   for path in trajectories]
         extra = [(manifest_in_repo, manifest.to_bytes()), (f"{base}/{TRACKER_FILE}", f"{manifest.iteration}\n".encode())]
         if self.dry_run:
@@ -2597,16 +2809,17 @@ class HubStore:
             self.free_storage(revision, protected)
         return revision
 
-    def operations(self, files: list[tuple[str, str]], extra: list[tuple[str, bytes]]) -> list[Any]:
-        """Additions for a commit, reusing those of a failed attempt whose file has not changed."""
-        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+    def operations(self, files: list[tuple[str, str, str]], extra: list[tuple[str, bytes]]) -> list[Any]:
+        """Additions for a commit, reusing those of a failed attempt whose file has not changed.
+        `files`: (path in repo, local path, its sha256 if the manifest has it, else '')."""
         fresh: dict[str, tuple[tuple, Any]] = {}
-        for path_in_repo, source in files:
+        for path_in_repo, source, sha256 in files:
             stat = os.stat(source)
             key = (source, stat.st_size, stat.st_mtime_ns)
             cached = self.reusable.get(path_in_repo)
-            fresh[path_in_repo] = (key, cached[1] if cached and cached[0] == key else CommitOperationAdd(path_in_repo, source))
+            fresh[path_in_repo] = (key, cached[1] if cached and cached[0] == key else file_addition(path_in_repo, source, sha256))
         self.reusable = fresh
+        from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
         return [op for _, op in fresh.values()] + [CommitOperationAdd(path, data) for path, data in extra]
 
     def checkpoints_at(self, revision: str) -> tuple[set[int], set[str]]:
@@ -2700,19 +2913,29 @@ class HubStore:
     def download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
         """Fetch checkpoint record['iteration'] at exactly revision record['revision'] into L1, verified.
 
-        The staging folder is named after the revision and kept when an attempt fails: the
-        client skips the files already complete there and resumes a partial one, so a new
-        attempt (or a new worker on this volume) does not start from zero.
+        What resumes: the staging folder is named after the revision and kept when an attempt
+        fails or the worker is killed, and the client skips every file already complete there;
+        files are fetched one at a time, so a kill loses at most the file in flight.  A partial
+        file is never resumed (huggingface_hub 2.x writes it under a unique name and deletes it
+        on failure, on both paths; 1.x's plain LFS path resumes it by Range): what a SIGKILL
+        leaves of it (`*.incomplete`) is deleted and never counted as fetched.
         """
+        return at_low_priority(lambda: self._download(record, ckpt, should_abort))
+
+    def _download(self, record: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> Manifest:
         from huggingface_hub import snapshot_download  # noqa: PLC0415
         iteration, revision = record["iteration"], record["revision"]
         base = f"{self.prefix}/ckpt"
         staging = self.staging_dir(ckpt, revision)
         os.makedirs(staging, exist_ok=True)
+        for folder, _, names in os.walk(staging):  # a killed download's partial files: no attempt resumes them
+            for name in names:
+                if name.endswith(".incomplete"):
+                    os.remove(os.path.join(folder, name))
         manifest = self.fetch_manifest(record, staging)
         check_free_space(ckpt.path, manifest.total_bytes - folder_bytes(staging),
                          f"fetching checkpoint {iteration} ({manifest.total_bytes} bytes)", self.cfg)
-        snapshot_download(record["repo"], revision=revision, local_dir=staging,
+        snapshot_download(record["repo"], revision=revision, local_dir=staging, max_workers=1,
                           allow_patterns=[f"{base}/{rel}" for rel in manifest.files])
         for rel in sorted(manifest.files):
             target = os.path.join(ckpt.path, rel)
@@ -2736,6 +2959,22 @@ class HubStore:
                 if name.startswith(HUB_STAGING_PREFIX) and name != f"{HUB_STAGING_PREFIX}{keep_revision}":
                     log("hub", f"removing the unfinished download {name} (not the recorded revision)")
                     shutil.rmtree(os.path.join(ckpt.path, name), ignore_errors=True)
+
+
+def file_addition(path_in_repo: str, source: str, sha256: str) -> Any:
+    """A CommitOperationAdd of a local file that carries its sha256 when the manifest has it.
+
+    Sealing hashed every checkpoint file already: with huggingface_hub 2.x, whose operations
+    hash lazily (`upload_info.is_hashed`), neither the LFS path (which hashes before its batch
+    request) nor hf_xet (which takes a known sha256 instead of computing it while chunking)
+    reads the file for its sha256 again, on the first attempt or any retry.  1.x hashes the
+    whole file when the operation is made: there nothing is saved.  Safe because a sealed
+    checkpoint's files never change (a changed one would not match its manifest on restore)."""
+    from huggingface_hub import CommitOperationAdd  # noqa: PLC0415
+    operation = CommitOperationAdd(path_in_repo, source)
+    if sha256 and not getattr(operation.upload_info, "is_hashed", True):
+        operation.upload_info.sha256 = bytes.fromhex(sha256)
+    return operation
 
 
 def folder_bytes(path: str) -> int:
@@ -2987,11 +3226,22 @@ def hub_retry_after(exc: BaseException) -> float | None:
     return max(0.0, *waits) if waits else None
 
 
+# How hf_xet words a refusal of its storage side (the CAS): its errors carry no HTTP response,
+# only a type (PermissionError for an authentication failure) and a message such as "HTTP status
+# client error (403 Forbidden)" (xet-core error.rs, as hf_xet 1.8 raises them).
+XET_REFUSAL_RE = re.compile(r"\b(401|402|403)\b|unauthori[sz]ed|forbidden|quota|storage limit", re.IGNORECASE)
+
+
 def hub_error_is_permanent(exc: BaseException) -> bool:
     """An answer a retry cannot change: a bad token or lost permission (401, 403), no payment or
     the storage quota (402, 403), no such repo (404), a limit of the repo such as 10,000 files
-    per folder (400).  A person must act; until then a try every HUB_STUCK_RETRY_SECONDS."""
-    return hub_status(exc) in (400, 401, 402, 403, 404)
+    per folder (400); from hf_xet, which has no status code, a PermissionError or a message
+    saying the same.  A person must act; until then a try every HUB_STUCK_RETRY_SECONDS.
+    Anything else from hf_xet (a dropped connection, a 5xx, a timeout) is transient."""
+    status = hub_status(exc)
+    if status is not None:
+        return status in (400, 401, 402, 403, 404)
+    return isinstance(exc, PermissionError) or bool(XET_REFUSAL_RE.search(str(exc)))
 
 
 def hub_error_text(exc: BaseException) -> str:
@@ -3691,6 +3941,11 @@ def trainer_argv(cfg: RunConfig) -> list[str]:
 def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None, ckpt_dir: str,
                         tag: str, gpus: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RELAY_SHARED_SECRET"}
+    for name, value in USER_HUB_ENVIRONMENT.items():  # the trainer's Hub client is the user's, not relay's
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     env.update(cfg.env)
     pattern = os.path.join(cfg.rollout_dir, cfg.rollout_trajectory_pattern)
     keep_rollouts = cfg.mode == "rl" and cfg.save_rollout_trajectories
@@ -3836,20 +4091,25 @@ def unknown_slime_flags(command: str, known: SlimeFlags) -> list[str]:
     return found
 
 
-def check_slime_flags(cfg: RunConfig) -> None:
-    """Refuse, before any lease, a slime command with a flag slime would silently drop."""
-    command = slime_command(cfg)
-    if not cfg.check_slime_flags or not slime_command_flags(command):
-        return
+def slime_flags_problem(command: str) -> str:
+    """What is wrong with the flags a command passes to slime ("" when nothing is, or when the
+    command runs no slime or the list is missing: then it says so in the log)."""
+    if not slime_command_flags(command):
+        return ""
     known = SlimeFlags.load()
     if known is None:
-        log("worker", f"{SLIME_FLAGS_FILE} is missing: the slime command's flags are not checked")
-        return
+        log("relay", f"{SLIME_FLAGS_FILE} is missing: the slime command's flags are not checked")
+        return ""
     unknown = unknown_slime_flags(command, known)
-    if unknown:
-        where = "trainer_command" if cfg.trainer_command else f"SLIME_{cfg.mode.upper()}_CMD"
-        raise UserError(f"{where}: slime does not know {', '.join(unknown)} and would drop it without a word; fix "
-                        f"the command, or set check_slime_flags: false for a slime build with flags of its own")
+    return (f"slime does not know {', '.join(unknown)} and would drop it without a word; fix the command, or set "
+            "check_slime_flags: false for a slime build with flags of its own") if unknown else ""
+
+
+def check_slime_flags(cfg: RunConfig) -> None:
+    """Refuse, before any lease, a slime command with a flag slime would silently drop."""
+    problem = slime_flags_problem(slime_command(cfg)) if cfg.check_slime_flags else ""
+    if problem:
+        raise UserError(f"{'trainer_command' if cfg.trainer_command else f'SLIME_{cfg.mode.upper()}_CMD'}: {problem}")
 
 
 def stop_ray_job() -> int:
@@ -3946,10 +4206,10 @@ class LeaseKeeper:
     """
 
     def __init__(self, client: CommanderClient, cfg: RunConfig, lease: Lease, progress: Progress,
-                 watchdog: Watchdog, on_lost: Callable[[str], None]) -> None:
+                 watchdog: Watchdog, on_lost: Callable[[str], None], on_cancel: Callable[[], None]) -> None:
         self.client, self.cfg, self.lease, self.progress = client, cfg, lease, progress
         self.watchdog = watchdog
-        self.on_lost = on_lost
+        self.on_lost, self.on_cancel = on_lost, on_cancel
         self.deadline = lease.sent_at + lease.ttl - lease_margin(lease.ttl)
         self.phase = "RESTORING"
         self.lost = threading.Event()
@@ -4003,6 +4263,8 @@ class LeaseKeeper:
                 self.watchdog.extend(self.deadline)
                 next_renewal = sent + interval
                 complained = False
+                if reply.body.get("cancel"):  # the user cancelled the run: stop as on SIGTERM, lease kept
+                    self.on_cancel()
             elif reply.status == 409:
                 self.lose(f"the commander refused the renewal: {reply.body.get('error', '')}")
                 return
@@ -4047,6 +4309,7 @@ class Worker:
         self.gpu_warning = gpu_shortfall(cfg, self.gpus)
         self.told_unsigned = False
         self.exit_code = 0
+        self.cancelled = False  # the commander said the run is cancelled (on a renewal)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -4054,6 +4317,13 @@ class Worker:
         log(f"worker {self.cfg.worker_id}", message)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_requested.set()
+        self.wake.set()
+
+    def _on_cancel(self) -> None:
+        # On the keeper's thread, at every renewal while the run is cancelled: the main loop
+        # stops the trainer gracefully, seals, uploads and releases, as on SIGTERM.
+        self.cancelled = True
         self.stop_requested.set()
         self.wake.set()
 
@@ -4135,13 +4405,23 @@ class Worker:
 
     def wait_for_commander(self) -> None:
         """A commander nobody can reach at start, one of another protocol, or one that does not
-        know this worker's secret is a configuration mistake: exit 2.  (Only here, before any
-        lease, is an unsigned answer read at all: to say why the worker cannot start.)"""
+        know this worker's secret is a configuration mistake: exit 2.  Said at the first failed
+        try, naming the URL and the reason, and again every 10 s meanwhile.  (Only here, before
+        any lease, is an unsigned answer read at all: to say why the worker cannot start.)"""
         give_up = boottime() + self.cfg.commander_wait_seconds
-        where = f"{self.cfg.commander_url}/api/health"
+        complaint = Complaint(self.say, every=10.0)
+        url = self.cfg.commander_url
         while True:
             try:
                 reply = self.client.get("/api/health", timeout=5)
+                if is_relay_commander(reply):
+                    self.refuse_to_start(reply, "")
+                    complaint.over(f"reached the commander at {url}")
+                    return
+                if reply.status < 500:  # (a 5xx may be a proxy whose commander is restarting)
+                    raise UserError(f"{url} is not a relay commander (its /api/health answered HTTP {reply.status}): "
+                                    "commander_url in the run config")
+                problem = f"{url}/api/health answered HTTP {reply.status}"
             except CommanderNotTrusted as exc:
                 raise UserError(str(exc)) from None
             except CommanderUnsigned as exc:
@@ -4150,13 +4430,10 @@ class Worker:
                 problem = str(exc)
             except CommanderUnreachable as exc:
                 problem = str(exc)
-            else:
-                if reply.status == 200:
-                    self.refuse_to_start(reply, "")
-                    return
-                problem = f"{where} answered {reply.status}"
             if boottime() >= give_up or self.stop_requested.is_set():
                 raise UserError(f"{problem} (commander_url in the run config)")
+            complaint.still(f"{problem}; trying again for up to {give_up - boottime():.0f} s more "
+                            "(commander_wait_seconds)")
             self.stop_requested.wait(1.0)
 
     def refuse_to_start(self, reply: Reply, unsigned: str) -> None:
@@ -4188,10 +4465,13 @@ class Worker:
         return self.exit_code
 
     def state_acquiring(self) -> str:
-        complained = False
+        complaint = Complaint(self.say)
+        said_standing_by = False
         while not self.stop_requested.is_set():
             sent = boottime()
             payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "mode": self.cfg.mode}
+            if self.cfg.total_steps:  # for "step N/total" in status and on the page
+                payload["total_steps"] = self.cfg.total_steps
             if self.previous_token:
                 payload["previous_lease_token"] = self.previous_token
             try:
@@ -4199,11 +4479,10 @@ class Worker:
             except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
                 raise UserError(str(exc)) from None
             except CommanderUnreachable as exc:  # an unsigned answer among them: an unsigned grant is no grant
-                if not complained:
-                    self.say(f"{exc}; retrying")
-                    complained = True
+                complaint.still(f"{exc}; retrying")
                 self.stop_requested.wait(2.0)
                 continue
+            complaint.over(f"reached the commander at {self.cfg.commander_url} again")
             body = reply.body
             if reply.status in (401, 403):
                 raise UserError(f"the commander refused this worker: {body.get('error', '')} "
@@ -4220,7 +4499,7 @@ class Worker:
                 self.previous_token = self.lease.token
                 self.say(f"lease granted, epoch {self.lease.epoch}")
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
-                                          self._on_lease_lost)
+                                          self._on_lease_lost, self._on_cancel)
                 self.restarts = 0
                 return "RESTORING"
             if status == "completed":
@@ -4228,12 +4507,17 @@ class Worker:
                 self.exit_code = 0
                 return "EXITED"
             if status == "failed":
-                self.say(f"run {self.cfg.run_id} is FAILED; not retrying (see `relay.py status --run {self.cfg.run_id}`)")
+                self.say(f"run {self.cfg.run_id} is FAILED (see `relay.py status --run {self.cfg.run_id}`; "
+                         f"`relay.py retry {self.cfg.run_id}` reopens it)")
                 self.exit_code = 1
                 return "EXITED"
-            if not complained:
+            if status == "cancelled":
+                self.say(f"run {self.cfg.run_id} is CANCELLED; nothing to do (`relay.py retry {self.cfg.run_id}` reopens it)")
+                self.exit_code = 0
+                return "EXITED"
+            if not said_standing_by:
                 self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
-                complained = True
+                said_standing_by = True
             if self.prefetch is not None and isinstance(body.get("hub"), dict):
                 sealed = self.ckpt.sealed_iterations()
                 self.prefetch.offer(body["hub"], sealed[-1] if sealed else -1)
@@ -4438,7 +4722,8 @@ class Worker:
         return "ACQUIRING"
 
     def state_stopping(self) -> str:
-        self.say("stopping: signal received")
+        why = "the run was cancelled" if self.cancelled else "worker stopped by a signal"
+        self.say(f"stopping: {why}")
         if self.keeper is not None:
             self.keeper.phase = "STOPPING"
         self.end_trainer(graceful=True)
@@ -4449,7 +4734,7 @@ class Worker:
                          f"{self.cfg.stop_grace_seconds:g} s")
                 self.sync.sync_now(trainer_stopped=True)
                 self.sync.wait_synced(sealed.iteration, self.cfg.stop_grace_seconds)
-            self.release("PREEMPTED", "worker stopped by a signal")
+            self.release("PREEMPTED", why)
         self.drop_lease()
         self.exit_code = 0
         return "EXITED"
@@ -4585,6 +4870,28 @@ class BudgetReached(Exception):
     """relay.budget_usd allows no new pod."""
 
 
+class EveryPodWouldFail(Exception):
+    """A pod's worker failed for a reason the next pod would meet too (its config, an unreachable
+    commander): renting another would only bill again."""
+
+
+WORKER_LOG_TAIL_LINES = 40
+SUCCESS_MARKS = ("reached the commander", "lease granted", "standing by")  # the worker got past the commander
+
+
+def failure_every_pod_meets(lines: list[str]) -> str:
+    """Why a worker failed, from the end of its log, when that reason is not the pod's own: an
+    exit 2 (a configuration mistake: `relay: error: ...`), or a commander it never reached.
+    '' for anything else (a preemption, a crash of this pod's trainer)."""
+    errors = [line.split("relay: error: ", 1)[1] for line in lines if "relay: error: " in line]
+    if errors:
+        return errors[-1]
+    unreachable = [line for line in lines if "cannot reach the commander" in line]
+    if unreachable and not any(mark in line for line in lines for mark in SUCCESS_MARKS):
+        return unreachable[-1]
+    return ""
+
+
 @dataclass
 class Execution:
     """One `lium exec --json` result: the remote command's own exit code and output, or why
@@ -4609,12 +4916,25 @@ class Lium:
         if self.dry_run:
             print(f"would run: {shlex.join(['lium', *args])}", flush=True)
             return subprocess.CompletedProcess(args, 0, "", "")
-        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json", LIUM_SELF_UPDATE_DISABLE="1")
+        return self.query(*args, timeout=timeout)
+
+    def query(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """A `lium` call, made in a dry run too (the preflight's, which only read).  A wide terminal:
+        `volumes list` prints a table only, whose columns would fold at 80."""
+        env = dict(os.environ, LIUM_NONINTERACTIVE="1", LIUM_OUTPUT="json", LIUM_SELF_UPDATE_DISABLE="1", COLUMNS="250")
         try:
             return subprocess.run(["lium", *args], capture_output=True, text=True, timeout=timeout, env=env,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(args, 124, "", f"lium {args[0]} did not answer within {timeout:.0f} s")
+
+    @staticmethod
+    def json_rows(result: subprocess.CompletedProcess) -> list[dict]:
+        """The rows of a `--format json` listing ([] when it failed or printed something else)."""
+        with contextlib.suppress(ValueError):
+            rows = json.loads(result.stdout or "[]") if result.returncode == 0 else []
+            return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+        return []
 
     @staticmethod
     def envelope(result: subprocess.CompletedProcess) -> dict:
@@ -4731,12 +5051,18 @@ class StackState:
         self.path, self.run_id, self.persist = path, run_id, persist
         self.attempts = 0
         self.pods: list[PodRecord] = []
+        # The commander launch-stack started: its pid and start time (the pid file holds the pid
+        # alone, for `kill $(cat commander.pid)`; the pair names one process for good).
+        self.commander: dict = {}
+        self.supervisor: dict = {}  # the same for a `launch-stack --supervise` of this stack
         if persist and os.path.exists(path):
             try:
                 with open(path, encoding="utf-8") as handle:
                     data = json.load(handle)
                 self.attempts = int(data["attempts"])
                 self.pods = [PodRecord(**pod) for pod in data["pods"]]
+                self.commander = dict(data.get("commander") or {})
+                self.supervisor = dict(data.get("supervisor") or {})
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"stack state file {path} is unreadable ({exc}); move it away to start afresh") from None
             if data.get("run_id") != run_id:
@@ -4746,7 +5072,8 @@ class StackState:
     def save(self) -> None:
         if self.persist:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts,
+            atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts, "commander": self.commander,
+                                                "supervisor": self.supervisor,
                                                 "pods": [dataclasses.asdict(p) for p in self.pods]}, indent=1).encode())
 
     def live(self) -> list[PodRecord]:
@@ -4755,6 +5082,255 @@ class StackState:
     def spent_usd(self) -> float:
         """The run's GPU spend so far, every pod it rented together (Lium's estimate)."""
         return round(sum(pod.spent_usd for pod in self.pods), 2)
+
+
+# -- preflight: nothing is rented that cannot work ----------------------------------------
+#
+# A pod rented for a stack that cannot work bills until the supervisor gives up on it
+# (no_lease_grace_seconds), and the reason is in a log that goes with the pod.  So every
+# check that can be made from this box is made before the first rent, and each failure is
+# one line naming the field and the fix.
+
+PLACEHOLDER = re.compile(r"YOUR_|\bCHANGE_?ME\b")  # what the shipped examples leave for the user to fill in
+# RFC 5737's documentation networks and RFC 2606's example domains: never a real commander
+EXAMPLE_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
+EXAMPLE_DOMAIN = re.compile(r"(^|\.)example\.(com|net|org)$", re.I)
+MIN_SECRET_BYTES = 32
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass
+class Check:
+    """One preflight check: what it looked at (a field or a secret), and its problem ('' if none)."""
+
+    what: str
+    problem: str = ""
+    found: str = ""  # what was found, when it passed (or why it was not checked)
+
+    def line(self) -> str:
+        if self.problem:
+            return f"preflight: {self.what}: {self.problem}"
+        return f"preflight ok: {self.what}: {self.found or 'ok'}"
+
+
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def env_reference(value: str) -> str | None:
+    """NAME when a worker.env / run.env value is exactly ${NAME}: taken from launch-stack's own
+    environment.  Only a whole value: `$VAR` and `${VAR}` inside a command are the pod shell's."""
+    match = ENV_REFERENCE.fullmatch(value)
+    return match.group(1) if match else None
+
+
+def env_from_here(env: dict) -> dict[str, str]:
+    """An env map with its ${NAME} values taken from this process's environment."""
+    return {key: os.environ.get(name, "") if (name := env_reference(value)) else value for key, value in env.items()}
+
+
+def env_reference_checks(cfg: StackConfig) -> list[Check]:
+    """Each ${NAME} of worker.env and run.env is set here (its value is never printed)."""
+    checks = []
+    for group, env in (("worker.env", cfg.worker.env), ("run.env", cfg.run.env)):
+        for key, value in env.items():
+            name = env_reference(value)
+            if name and not os.environ.get(name):
+                checks.append(Check(f"{group}.{key}", f"${{{name}}} is not set where launch-stack runs: export {name}=..."))
+            elif name:
+                checks.append(Check(f"{group}.{key}", found=f"${{{name}}} is set here (*** {len(os.environ[name])} "
+                                                           "characters; it travels in the pod's 0600 relay.env)"))
+    return checks
+
+
+def is_example_host(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return any(ipaddress.ip_address(host) in net for net in EXAMPLE_NETWORKS)
+    return bool(EXAMPLE_DOMAIN.search(host))
+
+
+def placeholder_checks(cfg: StackConfig) -> list[Check]:
+    """Every field still holding a placeholder of the examples (YOUR_..., a documentation address)."""
+    checks = []
+    groups = {"commander": cfg.commander, "lium": cfg.lium, "run": cfg.run, "worker": cfg.worker}
+    for group, record in groups.items():
+        for name, value in dataclasses.asdict(record).items():
+            if group == "run" and name in ("commander_url", "worker_id", "relay_shared_secret"):
+                continue  # set by launch-stack, not by the user
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            for key, text in items:
+                where = f"{group}.{name}{f'.{key}' if key else ''}"
+                host = urllib.parse.urlsplit(text).hostname or "" if isinstance(text, str) and "://" in text else ""
+                if isinstance(text, str) and PLACEHOLDER.search(text):
+                    checks.append(Check(where, f"{text!r} is a placeholder of the example: put your own value there"))
+                elif host and is_example_host(host):
+                    checks.append(Check(where, f"{text!r} is a documentation address ({host}), not a real one: "
+                                               "put your own there"))
+    return checks
+
+
+def secret_checks(cfg: StackConfig) -> list[Check]:
+    """A commander that listens beyond loopback needs a long shared secret."""
+    public_host = urllib.parse.urlsplit(cfg.run.commander_url).hostname or ""
+    if is_loopback(cfg.commander.host) and is_loopback(public_host):
+        return []
+    fix = "export RELAY_SHARED_SECRET=\"$(python3 -c 'import secrets; print(secrets.token_hex(32))')\""
+    size = len(cfg.secret.encode())
+    if not size:
+        return [Check("RELAY_SHARED_SECRET", f"not set, and the commander at {cfg.run.commander_url} is reachable from "
+                                             f"other machines: {fix}")]
+    if size < MIN_SECRET_BYTES:
+        return [Check("RELAY_SHARED_SECRET", f"{size} bytes; a commander reachable from other machines needs at least "
+                                             f"{MIN_SECRET_BYTES}: {fix}")]
+    return [Check("RELAY_SHARED_SECRET", found=f"{size} bytes")]
+
+
+def public_url_checks(cfg: StackConfig, lium_is_remote: bool) -> list[Check]:
+    """commander.public_url names a host that resolves, and one a pod on Lium can reach."""
+    url = cfg.run.commander_url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if is_example_host(host) or PLACEHOLDER.search(url):
+        return []  # said by placeholder_checks
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, parts.port or 80, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError) as exc:
+        return [Check("commander.public_url", f"host {host!r} does not resolve ({exc}): set the address pods reach "
+                                              "this machine at")]
+    if lium_is_remote and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return [Check("commander.public_url", f"{url} is a loopback address, which no Lium pod can reach: set "
+                                              "commander.host: 0.0.0.0 and public_url: http://THIS_MACHINES_PUBLIC_IP:PORT")]
+    return [Check("commander.public_url", found=f"{host} resolves to {', '.join(addresses)}")]
+
+
+def commander_answer_check(url: str, ca_file: str) -> Check:
+    """GET /api/health at the URL the pods will use, from this box."""
+    client = CommanderClient(url, timeout=5, ca_file=ca_file)
+    try:
+        reply = client.get("/api/health")
+    except CommanderUnreachable as exc:
+        return Check("commander.public_url", f"{exc}: pods would not reach it either; set public_url to an address of "
+                                             "this machine that is open to the internet (firewall, port)")
+    if not is_relay_commander(reply):
+        return Check("commander.public_url", f"{url} answers, but not as a relay commander (HTTP {reply.status}): "
+                                             "another service has that address or port")
+    return Check("commander.public_url", found=f"{url}/api/health answers from this box (relay {reply.body['version']})")
+
+
+def lium_checks(cfg: StackConfig, lium: Lium) -> list[Check]:
+    """The key works, and the template, volume and node (or GPU type) exist: read with the real CLI,
+    the calls side by side (each is about a second of CPU)."""
+    group = cfg.lium
+    calls = {"key": ("whoami", "--json"), "templates": ("templates", "--format", "json"), "nodes": ("ls", "--format", "json")}
+    if group.volume:
+        calls["volumes"] = ("volumes", "list")
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        futures = {name: pool.submit(lium.query, *args) for name, args in calls.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    if results["key"].returncode != 0:
+        return [Check("LIUM_API_KEY", f"Lium refuses it ({Lium.error_text(results['key'])}): export LIUM_API_KEY with a "
+                                      "key of your lium.io account (or run `lium init`)")]
+    checks = [Check("LIUM_API_KEY", found="Lium accepts it")]
+    templates = Lium.json_rows(results["templates"])
+    template = next((row for row in templates if group.template_id in (row.get("id"), row.get("huid"))), None)
+    checks.append(Check("lium.template_id", found=f"template {template.get('name')} ({template.get('docker_image')}:"
+                                                  f"{template.get('docker_image_tag')})") if template else
+                  Check("lium.template_id", f"no template {group.template_id!r} among the {len(templates)} `lium templates` "
+                                            "lists: use the id of your relay-trainer template (`lium templates --format json`)"))
+    huid = group.volume.split(":", 1)[1] if group.volume else ""
+    if UUID_RE.fullmatch(huid):  # `volumes list` shows HUIDs only
+        checks.append(Check("lium.volume", found=f"not checked: {huid} is an id; `lium volumes list` shows HUIDs"))
+    elif huid:
+        listed = results["volumes"].returncode == 0 and re.search(rf"(?<!\S){re.escape(huid)}(?!\S)", results["volumes"].stdout)
+        checks.append(Check("lium.volume", found=f"volume {huid} exists") if listed else
+                      Check("lium.volume", f"no volume {huid!r} in `lium volumes list`: create one with `lium volumes new "
+                                           "NAME` and use the HUID it lists"))
+    nodes = Lium.json_rows(results["nodes"])
+    if group.node:
+        node = next((row for row in nodes if group.node in (row.get("id"), row.get("huid"))), None)
+        checks.append(Check("lium.node", found=f"node {node.get('huid')} ({node.get('config')}, "
+                                              f"${node.get('price_per_hour')}/h)") if node else
+                      Check("lium.node", f"no node {group.node!r} among the {len(nodes)} `lium ls` shows (rented by "
+                                         "someone else, or a typo): pick one from `lium ls`, or set lium.gpu instead"))
+    else:
+        kinds = {str(row.get("gpu_type")).lower() for row in nodes}
+        offering = [row for row in nodes if str(row.get("gpu_type")).lower() == group.gpu.lower()
+                    and int(row.get("available_gpu_count") or 0) >= group.gpu_count]
+        if offering:
+            checks.append(Check("lium.gpu", found=f"{len(offering)} node(s) offer {group.gpu_count} {group.gpu}, from "
+                                                 f"${min(float(r.get('price_per_hour') or 0) for r in offering):g}/h"))
+        elif group.gpu.lower() in kinds:
+            checks.append(Check("lium.gpu", f"no node has {group.gpu_count} free {group.gpu} now (`lium ls --gpu "
+                                            f"{group.gpu}`): lower lium.gpu_count, pick another GPU type, or wait"))
+        else:
+            checks.append(Check("lium.gpu", f"no node offers GPU type {group.gpu!r} (`lium ls` shows "
+                                            f"{', '.join(sorted(kinds)) or 'none'}): use one of those"))
+    return checks
+
+
+def hub_checks(cfg: StackConfig) -> list[Check]:
+    """run.hf_repo set: the token the pods will get is here, may write the repo, and the repo is
+    private (unless allowed).  Read only: a missing repo is created by the worker, private."""
+    repo = cfg.run.hf_repo
+    if not repo or cfg.run.hf_dry_run:
+        return []
+    worker_env = env_from_here(cfg.worker.env)
+    token = os.environ.get("HF_TOKEN") or worker_env.get("HF_TOKEN", "")
+    if not token:
+        return [Check("HF_TOKEN", f"run.hf_repo is {repo} but HF_TOKEN is not set where launch-stack runs (it is what "
+                                  "the pods get): export HF_TOKEN=hf_... (a token with write access)")]
+    try:
+        import huggingface_hub  # noqa: PLC0415  (only stacks with hf_repo need it)
+    except ImportError:
+        return [Check("run.hf_repo", "checking the repo needs huggingface_hub here: pip install huggingface_hub")]
+    endpoint = worker_env.get("HF_ENDPOINT") or os.environ.get("HF_ENDPOINT") or None
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+    try:
+        role = ((api.whoami().get("auth") or {}).get("accessToken") or {}).get("role", "")
+    except Exception as exc:  # noqa: BLE001  (the client raises many types; all mean "this token cannot be used")
+        return [Check("HF_TOKEN", f"the Hub refuses it ({hub_error_text(exc)}): export a valid token")]
+    from huggingface_hub.errors import RepositoryNotFoundError  # noqa: PLC0415
+
+    try:
+        private = api.repo_info(repo).private
+    except RepositoryNotFoundError:
+        if role == "read":
+            return [Check("HF_TOKEN", f"a read-only token cannot create {repo}: use a token with write access")]
+        return [Check("run.hf_repo", found=f"{repo} does not exist yet: the first worker creates it, private")]
+    except Exception as exc:  # noqa: BLE001
+        return [Check("run.hf_repo", f"{repo}: {hub_error_text(exc)}")]
+    try:
+        api.auth_check(repo, write=True)
+    except Exception as exc:  # noqa: BLE001  (any answer but yes means no upload will work)
+        return [Check("HF_TOKEN", f"it cannot write to {repo} ({hub_error_text(exc)}): use a token with write access")]
+    if not private and not cfg.run.hf_allow_public:
+        return [Check("run.hf_repo", f"{repo} is a PUBLIC repo: checkpoints uploaded there are published; make it "
+                                     "private, or set run.hf_allow_public: true")]
+    return [Check("run.hf_repo", found=f"{repo} is {'private' if private else 'public (allowed)'} and HF_TOKEN may write it")]
+
+
+def slime_checks(cfg: StackConfig) -> list[Check]:
+    """The slime command the pods will run passes slime only flags it knows (a typo would be
+    dropped without a word, days into the run)."""
+    name = f"SLIME_{cfg.run.mode.upper()}_CMD"
+    command = cfg.run.trainer_command or {**env_from_here(cfg.worker.env), **env_from_here(cfg.run.env)}.get(name, "")
+    if not cfg.run.check_slime_flags or not slime_command_flags(command):
+        return []
+    where = "run.trainer_command" if cfg.run.trainer_command else f"worker.env.{name}"
+    problem = slime_flags_problem(command)
+    return [Check(where, problem) if problem else
+            Check(where, found=f"slime knows all {len(set(slime_command_flags(command)))} flags of the command")]
+
+
+def preflight(cfg: StackConfig, lium: Lium) -> list[Check]:
+    """Every check that needs no running commander, in the order a user fixes them."""
+    checks = placeholder_checks(cfg) + env_reference_checks(cfg) + secret_checks(cfg) + slime_checks(cfg)
+    lium_base = urllib.parse.urlsplit(os.environ.get("LIUM_BASE_URL", "https://lium.io/api")).hostname or ""
+    checks += public_url_checks(cfg, lium_is_remote=not is_loopback(lium_base))
+    if shutil.which("lium") is None:
+        checks.append(Check("lium", "the lium command is not installed: pip install lium.io (and set LIUM_API_KEY)"))
+    else:
+        checks += lium_checks(cfg, lium)
+    return checks + hub_checks(cfg)
 
 
 COMMANDER_SILENT_POLLS = 3  # unanswered polls of a commander whose process lives before it is restarted
@@ -4768,6 +5344,39 @@ def process_start_ticks(pid: int) -> int | None:
             return int(handle.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def recorded_pid(pid_path: str, record: dict) -> int | None:
+    """The pid in a pid file (the pid alone), if that process still runs and is the one the
+    stack state recorded (pid and start time): a stale file whose pid the system gave to
+    another process names nobody, so nothing of anyone else's is adopted or killed."""
+    try:
+        with open(pid_path, encoding="utf-8") as handle:
+            fields = handle.read().split()
+        pid = int(fields[0])
+        started = int(fields[1]) if len(fields) > 1 else None  # (an older relay wrote the start time there)
+        if record:
+            started = int(record["start_ticks"]) if record.get("pid") == pid else -1
+        if started is not None and process_start_ticks(pid) != started:
+            return None
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+def stop_process(pid: int, signum: int, grace: float) -> None:
+    """Signal a process and wait for it to end; SIGKILL after `grace` seconds."""
+    os.kill(pid, signum)
+    give_up = time.monotonic() + grace
+    while time.monotonic() < give_up:
+        with contextlib.suppress(ChildProcessError):  # our own child: reap it, or its zombie looks alive
+            os.waitpid(pid, os.WNOHANG)
+        if process_start_ticks(pid) is None:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -4799,11 +5408,70 @@ class Stack:
         self.listing: list[dict] | None = None  # the `lium ps` rows of this poll, not yet used by a rent
         self.commander: CommanderProcess | None = None  # None: not ours to restart (another tool runs it)
         self.commander_silent_polls = 0
+        self._lock: Any = None  # the supervisor's lock file, held while this process supervises
         # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
         self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    # -- the supervisor process ------------------------------------------------------------
+
+    def supervisor_file(self, suffix: str) -> str:
+        """supervisor.pid / .log / .lock, beside the stack state."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.cfg.relay.state_path)), f"supervisor.{suffix}")
+
+    def become_the_supervisor(self) -> None:
+        """One supervisor per stack (two would rent for one run): a lock held for the process's
+        life; the pid file holds the pid alone, its start time goes to the stack state."""
+        os.makedirs(os.path.dirname(self.supervisor_file("lock")), exist_ok=True)
+        self._lock = open(self.supervisor_file("lock"), "a")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            running = recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
+            raise UserError(f"a supervisor of {self.cfg.path} already runs (pid {running}): `relay.py down "
+                            f"{self.cfg.path}` stops it") from None
+        self.state.supervisor = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())}
+        self.state.save()
+        atomic_write(self.supervisor_file("pid"), f"{os.getpid()}\n".encode())
+        # `down` (and systemd) stop it with SIGTERM: the way out Ctrl-C takes (pods left as they are)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def supervisor_pid(self) -> int | None:
+        return recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
+
+    def stop_supervisor(self) -> bool:
+        pid = self.supervisor_pid()
+        if pid is None:
+            return False
+        stop_process(pid, signal.SIGTERM, 30)
+        self.say(f"supervisor stopped (pid {pid})")
+        # What it rented meanwhile is in the state file it kept writing: read it again.
+        self.state = StackState(self.cfg.relay.state_path, self.cfg.run.run_id, persist=True)
+        return True
+
+    def detach(self) -> int:
+        """`--supervise --detach`: the supervisor in the background, in a session of its own
+        (closing the terminal does not end it), logging to supervisor.log."""
+        argv = [sys.executable, os.path.join(HERE, "relay.py"), "launch-stack", self.cfg.path, "--supervise", "--preflight-done"]
+        os.makedirs(os.path.dirname(self.supervisor_file("log")), exist_ok=True)
+        with open(self.supervisor_file("log"), "ab") as log_file:
+            os.chmod(self.supervisor_file("log"), 0o600)
+            child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        give_up = time.monotonic() + 30
+        while child.poll() is None and time.monotonic() < give_up:
+            if recorded_pid(self.supervisor_file("pid"), StackState(self.cfg.relay.state_path, self.cfg.run.run_id,
+                                                                     persist=True).supervisor) == child.pid:
+                print(f"supervisor started in the background (pid {child.pid}, log {self.supervisor_file('log')}); "
+                      f"`relay.py status --run {self.cfg.run.run_id}` shows it, `relay.py down {self.cfg.path}` stops it "
+                      "and removes the pods", flush=True)
+                return 0
+            time.sleep(0.1)
+        with open(self.supervisor_file("log"), encoding="utf-8", errors="replace") as log_file:
+            last = (log_file.read().strip().splitlines() or ["(empty log)"])[-1]
+        raise UserError(f"the background supervisor did not start: {last} (log {self.supervisor_file('log')})")
 
     # -- the commander -------------------------------------------------------------------
 
@@ -4816,19 +5484,8 @@ class Stack:
             return False
 
     def commander_pid(self) -> int | None:
-        """The pid in the pid file, if that process still runs.  The file holds the pid and its
-        start time: a stale file whose pid the system gave to another process names nobody,
-        so nothing of anyone else's is adopted or killed."""
-        try:
-            with open(self.cfg.commander.pid_path, encoding="utf-8") as handle:
-                fields = handle.read().split()
-            pid = int(fields[0])
-            if len(fields) > 1 and process_start_ticks(pid) != int(fields[1]):
-                return None  # (a file of an older relay holds the pid alone)
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError, IndexError):
-            return None
+        """The commander launch-stack started, if it still runs (its pid file and the stack state)."""
+        return recorded_pid(self.cfg.commander.pid_path, self.state.commander)
 
     def ensure_commander(self) -> dict:
         group = self.cfg.commander
@@ -4868,8 +5525,9 @@ class Stack:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
         self.commander = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
-        started = "" if self.commander.started is None else f" {self.commander.started}"
-        atomic_write(group.pid_path, f"{proc.pid}{started}\n".encode())
+        self.state.commander = {"pid": proc.pid, "start_ticks": self.commander.started}
+        self.state.save()
+        atomic_write(group.pid_path, f"{proc.pid}\n".encode())
         give_up = time.monotonic() + group.wait_seconds
         while not self.commander_healthy():
             if proc.poll() is not None or time.monotonic() > give_up:
@@ -4884,18 +5542,11 @@ class Stack:
         pid = self.commander_pid()
         if pid is None:
             return False
-        os.kill(pid, signal.SIGTERM)
-        give_up = time.monotonic() + 10
-        while time.monotonic() < give_up:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        stop_process(pid, signal.SIGTERM, 10)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.cfg.commander.pid_path)
+        self.state.commander = {}
+        self.state.save()
         self.say(f"commander stopped (pid {pid})")
         return True
 
@@ -4950,7 +5601,7 @@ class Stack:
         if exc.data.get("pod_id"):  # rented, then failed (pod_not_ready ...): it bills until removed
             record.id = str(exc.data["pod_id"])
             self.state.save()
-            self.remove_pod(record, f"`lium up` failed after renting it ({exc.code or 'error'})")
+            self.remove_pod(record, f"`lium up` failed after renting it ({exc.code or 'error'})", has_worker=False)
             return False
         if exc.code not in RENT_UNANSWERED:
             record.state = "removed"  # nothing was rented
@@ -5001,12 +5652,41 @@ class Stack:
             if not ran.error and ran.exit_code != 255:  # 255: ssh's own failure, not the command's
                 return ran
             if time.monotonic() > give_up:
-                self.remove_pod(record, "it never answered over SSH")
+                self.remove_pod(record, "it never answered over SSH", has_worker=False)
                 raise LiumError(f"pod {record.label} did not answer `lium exec` within "
                                 f"{self.cfg.lium.ready_timeout_seconds:g} s: {ran.error}")
             time.sleep(self.cfg.lium.poll_interval_seconds)
 
-    def remove_pod(self, record: PodRecord, why: str) -> None:
+    def keep_worker_log(self, record: PodRecord) -> list[str]:
+        """The last lines of the pod's worker log, kept in a file of its own beside the stack
+        state (the pod's disk goes with the pod): `{state folder}/pods/{pod}.worker.log`."""
+        if self.dry_run or not record.id:
+            return []
+        ran = self.lium.exec(record.ref, f"tail -n {WORKER_LOG_TAIL_LINES} {shlex.quote(self.cfg.worker.remote_log_path)}",
+                             timeout=60)
+        if ran.error or ran.exit_code != 0:
+            return []
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.cfg.relay.state_path)), "pods")
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, f"{record.name}.worker.log"), ran.stdout.encode(), durable=False)
+        return ran.stdout.splitlines()
+
+    def tell_the_run(self, message: str) -> None:
+        """An event in the run's record (status, the page); a run no worker has asked for yet has none."""
+        with contextlib.suppress(CommanderUnreachable):
+            self.client.post("/api/runs/event", {"run_id": self.cfg.run.run_id, "msg": message[:MAX_EVENT_CHARS]},
+                             timeout=5)
+
+    def remove_pod(self, record: PodRecord, why: str, has_worker: bool = True) -> list[str]:
+        """Remove a pod, after keeping the end of its worker log (returned); its last lines go
+        to the run's events."""
+        tail = self.keep_worker_log(record) if has_worker else []
+        if tail:
+            self.tell_the_run(f"pod {record.name} removed ({why}); its worker log ended: " + " | ".join(tail[-3:]))
+        self.remove_pod_only(record, why)
+        return tail
+
+    def remove_pod_only(self, record: PodRecord, why: str) -> None:
         if not record.id:  # its `up` never said which pod it rented, and `lium ps` shows none of it
             record.state = "removed"
             self.state.save()
@@ -5029,12 +5709,16 @@ class Stack:
     def pod_run_config(self, pod: str) -> bytes:
         run = dataclasses.asdict(self.cfg.run)
         run.update(worker_id=pod, relay_shared_secret="")  # the secret travels in relay.env only
+        # (and so do run.env's ${NAME} values: the trainer inherits the worker's environment)
+        run["env"] = {key: value for key, value in run["env"].items() if env_reference(value) is None}
         if self.cfg.commander.tls_ca_file:  # uploaded beside the run config (deploy_worker)
             run["commander_ca_file"] = COMMANDER_CA_FILENAME
         return json.dumps(run, indent=1).encode()
 
     def pod_secrets(self) -> bytes:
-        values = dict(self.cfg.worker.env)
+        values = env_from_here(self.cfg.worker.env)
+        values.update({key: value for key, value in env_from_here(self.cfg.run.env).items()
+                       if env_reference(self.cfg.run.env[key])})
         if self.cfg.secret:
             values["RELAY_SHARED_SECRET"] = self.cfg.secret
         if self.cfg.run.hf_repo and os.environ.get("HF_TOKEN"):
@@ -5108,9 +5792,24 @@ class Stack:
         if running:
             self.say(f"worker started on {record.label} (pid {pid}, log {worker.remote_log_path})")
         elif not self.dry_run:
-            self.say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'}); see "
-                     f"`lium exec {record.id} 'tail {worker.remote_log_path}'`")
+            self.say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'})")
+            self.check_for_a_failure_every_pod_meets(record, self.keep_worker_log(record))
         return self.worker_summary(pid, running)
+
+    def check_for_a_failure_every_pod_meets(self, record: PodRecord, tail: list[str]) -> None:
+        """Stop (EveryPodWouldFail) when the worker's log shows a reason the next pod would meet
+        too; the pod is removed first (it cannot work), its log kept."""
+        reason = failure_every_pod_meets(tail)
+        if not reason:
+            return
+        if record.state != "removed":
+            self.remove_pod_only(record, "its worker cannot work here")
+        kept = os.path.join(os.path.dirname(self.cfg.relay.state_path) or ".", "pods", f"{record.name}.worker.log")
+        message = (f"the worker on pod {record.name} failed for a reason every pod would meet: {reason}; no other pod "
+                   f"is rented (fix it, then run `relay.py launch-stack {self.cfg.path}` again; the end of its log: {kept})")
+        self.tell_the_run(message)
+        self.notify("worker_failed", message, pod=record.name, reason=reason, log_tail=tail[-10:])
+        raise EveryPodWouldFail(message)
 
     def worker_summary(self, pid: int | None, running: bool | None) -> dict:
         worker = self.cfg.worker
@@ -5165,8 +5864,40 @@ class Stack:
         self.state.save()
         return alive
 
+    def preflight(self) -> int:
+        """The checks before anything starts: in a dry run each result (on stdout, with the plan),
+        else each failure (stderr).  How many failed; a field's first problem is its only one
+        (a placeholder template id is not found by Lium either)."""
+        failed: dict[str, Check] = {}
+        checks = preflight(self.cfg, self.lium)
+        for check in checks:
+            if check.problem:
+                failed.setdefault(check.what, check)
+        for check in checks:
+            if self.dry_run and (not check.problem or failed[check.what] is check):
+                print(check.line(), flush=True)
+            elif check.problem and failed[check.what] is check:
+                print(check.line(), file=sys.stderr, flush=True)
+        return len(failed)
+
+    def public_url_answers(self, started_now: bool) -> None:
+        """The commander answers at public_url from this box, before any rent: a pod gets that URL.
+        A commander started for this launch is stopped again when it does not."""
+        group = self.cfg.commander
+        check = commander_answer_check(self.cfg.run.commander_url, group.tls_ca_file)
+        if self.dry_run:
+            if check.problem:
+                check = Check(check.what, found="nothing answers there yet: launch-stack starts the commander, then "
+                                                "checks this before renting")
+            print(check.line(), flush=True)
+        elif check.problem:
+            if started_now:
+                self.stop_commander()
+            raise UserError(check.line())
+
     def launch(self) -> dict:
         commander = self.ensure_commander()
+        self.public_url_answers(started_now=self.commander is not None and self.commander.popen is not None)
         alive = self.live_pods()
         if alive:
             self.say(f"pod {alive[-1].label} of this stack is already running: not renting another")
@@ -5217,17 +5948,24 @@ class Stack:
                 self.report_spend(run)
                 if run.get("status") in ("COMPLETED", "FAILED"):
                     return self.finish(run["status"], run)
+                if run.get("status") == "CANCELLED":  # rent nothing more; its holder seals and uploads first
+                    if not run.get("holder"):
+                        return self.finish("CANCELLED", run)
+                    time.sleep(poll)
+                    continue
                 if run.get("holder"):
                     waiting_since = time.monotonic()
                 alive = self.live_pods()
                 if alive and time.monotonic() - waiting_since > relay.no_lease_grace_seconds:
                     for record in alive:
-                        self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker cannot work")
+                        tail = self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its "
+                                                       "worker cannot work")
+                        self.check_for_a_failure_every_pod_meets(record, tail)
                     alive = []
                 for record in self.silent_pods(run, alive):
-                    self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: it "
-                                            f"exited or cannot reach {self.cfg.run.commander_url} (see `lium exec {record.id} "
-                                            f"'tail {self.cfg.worker.remote_log_path}'`)")
+                    tail = self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: "
+                                                   f"it exited or cannot reach {self.cfg.run.commander_url}")
+                    self.check_for_a_failure_every_pod_meets(record, tail)
                     alive.remove(record)
                 if not alive and self.state.attempts >= relay.max_pods:
                     self.say(f"max_pods ({relay.max_pods}) reached and no pod is left ({self.spend_line()}): giving up on run "
@@ -5275,18 +6013,22 @@ class Stack:
 
     def interrupted(self) -> int:
         self.say(f"stopped supervising; {self.pods_left_line()}")
+        if self.state.supervisor.get("pid") == os.getpid():  # status: no supervisor any more
+            self.report_spend(self.run_record() or {}, supervising=False)
         return 130
 
     def notify(self, event: str, text: str, **fields: Any) -> None:
         """The supervisor's own events, to the same receiver as the commander's (notify_url)."""
         self.notifier.notify(event, f"relay launch-stack: {text}", self.cfg.run.run_id, **fields)
 
-    def report_spend(self, run: dict) -> None:
-        """Tell the commander the run's GPU spend when it changed (status and the page show it)."""
+    def report_spend(self, run: dict, supervising: bool = True) -> None:
+        """Tell the commander the run's GPU spend when it changed (status and the page show it),
+        and, while supervising, at least every 3 polls: the supervisor's heartbeat."""
         spend = {"run_id": self.cfg.run.run_id, "spent_usd": self.state.spent_usd(), "budget_usd": self.cfg.relay.budget_usd,
-                 "pods": len(self.state.pods)}
+                 "pods": len(self.state.pods), "supervisor_pid": os.getpid() if supervising else 0}
         last = run.get("gpu_spend") or {}
-        if not run or all(last.get(k) == spend[k] for k in ("spent_usd", "budget_usd", "pods")):
+        fresh = utc_now() - last.get("at", 0) < 3 * self.cfg.lium.poll_interval_seconds or not supervising
+        if not run or (fresh and all(last.get(k) == spend[k] for k in ("spent_usd", "budget_usd", "pods", "supervisor_pid"))):
             return
         with contextlib.suppress(CommanderUnreachable):
             self.client.post("/api/runs/spend", spend, timeout=5)
@@ -5370,9 +6112,9 @@ class Stack:
         removed = [record.name for record in live if record.state == "removed"]
         self.notify("run_finished", f"run {self.cfg.run.run_id} {status} at step {run.get('step')}; pods removed: "
                     f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
-        self.report_spend(run)
+        self.report_spend(run, supervising=False)
         self.say(f"run {self.cfg.run.run_id} {status}: {self.spend_line()} on {len(self.state.pods)} pod(s)")
-        return 0 if status == "COMPLETED" else 1
+        return 1 if status == "FAILED" else 0
 
     def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
         """The pod whose removal would lose the run's last checkpoint: neither the Hub nor a
@@ -5384,25 +6126,44 @@ class Stack:
         return None if any(p.name == sealer and p.has_volume for p in self.state.pods) else sealer
 
     def down(self) -> dict:
+        supervisor_stopped = self.stop_supervisor()  # first: it would rent a new pod for each one removed
         removed = []
         self.live_pods()  # finds the id of a pod whose `up` was cut short, and the spend of each
         for record in self.state.live():
             self.remove_pod(record, "relay.py down")
             removed.append(record.name)
-        return {"removed_pods": removed, "commander_stopped": self.stop_commander(), "spent_usd": self.state.spent_usd()}
+        return {"supervisor_stopped": supervisor_stopped, "removed_pods": removed, "commander_stopped": self.stop_commander(),
+                "spent_usd": self.state.spent_usd()}
 
 
-def run_launch_stack(path: str, supervise: bool, dry_run: bool) -> int:
+def run_launch_stack(path: str, supervise: bool, dry_run: bool, detach: bool = False, preflight_done: bool = False) -> int:
+    if detach and (not supervise or dry_run):
+        raise UserError("--detach goes with --supervise (and not --dry-run): it runs the supervisor in the background")
     stack = Stack(load_stack_config(path), dry_run)
+    failed = 0 if preflight_done else stack.preflight()  # (a detached supervisor's parent made the checks)
+    if failed and not dry_run:
+        raise UserError(f"{failed} preflight check(s) failed (above): nothing was started or rented")
+    if detach:
+        return stack.detach()
+    if supervise and not dry_run:
+        stack.become_the_supervisor()
     try:
         summary = stack.launch()
         print(json.dumps(summary, indent=2), flush=True)
-        return stack.supervise() if supervise and not dry_run else 0
+        if dry_run:
+            return 2 if failed else 0
+        return stack.supervise() if supervise else 0
     except (LiumError, BudgetReached) as exc:
         stack.say(str(exc))
         if stack.state.live():  # e.g. the worker's setup failed on a rented pod: it bills until told
             stack.say(stack.pods_left_line())
         return 1
+    except EveryPodWouldFail as exc:
+        stack.say(str(exc))
+        if stack.state.live():
+            stack.say(stack.pods_left_line())
+        stack.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C while a pod is being rented or set up
         return stack.interrupted()
 
@@ -5432,15 +6193,32 @@ def age_text(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def step_text(run: dict) -> str:
+    return f"{run['step']}/{run['total_steps']}" if run.get("total_steps") else str(run["step"])
+
+
+def elapsed_seconds(run: dict, now: float) -> float:
+    """Since the run was created; an ended run's until it ended."""
+    end = (run.get("updated_at") or now) if run["status"] in ENDED_STATUSES else now
+    return end - run["created_at"]
+
+
 def run_rows(runs: list[dict]) -> list[list[str]]:
-    rows = [["RUN", "STATUS", "HOLDER", "EPOCH", "STEP", "CHECKPOINT", "HUB REVISION", "LEASE"]]
+    rows = [["RUN", "STATUS", "HOLDER", "EPOCH", "STEP", "ELAPSED", "GPU SPEND", "SUPERVISOR", "CHECKPOINT",
+             "HUB REVISION", "LEASE"]]
+    now = utc_now()
     for run in runs:
         ckpt = run.get("latest_checkpoint") or {}
         hub = run.get("hub") or {}
+        spend = run.get("gpu_spend") or {}
         lease = "-"
         if run.get("holder"):
             lease = f"age {age_text(run.get('lease_age_sec'))}, expires in {age_text(run.get('lease_expires_in_sec'))}"
-        rows.append([run["run_id"], run["status"], run.get("holder") or "-", str(run["epoch"]), str(run["step"]),
+        supervisor = "-"
+        if spend.get("supervisor_pid"):
+            supervisor = f"heard {age_text(now - spend['at'])} ago"
+        rows.append([run["run_id"], run["status"], run.get("holder") or "-", str(run["epoch"]), step_text(run),
+                     age_text(elapsed_seconds(run, now)), f"${spend['spent_usd']:.2f}" if spend else "-", supervisor,
                      str(ckpt.get("iteration", "-")), (hub.get("revision") or "-")[:12], lease])
     return rows
 
@@ -5454,6 +6232,21 @@ def spend_text(spend: dict) -> str:
     """launch-stack's last report of the run's GPU spend."""
     budget = f" of a ${spend['budget_usd']:.2f} budget" if spend.get("budget_usd") else ""
     return f"${spend['spent_usd']:.2f}{budget} on {spend['pods']} pod(s), Lium's estimate"
+
+
+SUPERVISOR_SILENT_SECONDS = 300  # a supervisor reports at least every 3 polls (10 s by default)
+
+
+def supervisor_text(spend: dict | None, now: float) -> str:
+    """Whether a `launch-stack --supervise` looks after the run, from its last report."""
+    if not spend:
+        return "none has reported (launch-stack --supervise reports here)"
+    if not spend.get("supervisor_pid"):
+        return f"none: the last one stopped {age_text(now - spend['at'])} ago"
+    heard = now - spend["at"]
+    gone = f": not heard for over {SUPERVISOR_SILENT_SECONDS // 60} minutes, is it still running?" \
+        if heard > SUPERVISOR_SILENT_SECONDS else ""
+    return f"pid {spend['supervisor_pid']}, last heard {age_text(heard)} ago{gone}"
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -5475,6 +6268,7 @@ def format_run_detail(run: dict) -> str:
         lines.append(f"hub sync failing: {run['sync_error']}")
     if run.get("gpu_spend"):
         lines.append(f"GPU spend: {spend_text(run['gpu_spend'])}")
+    lines.append(f"supervisor: {supervisor_text(run.get('gpu_spend'), utc_now())}")
     final = run.get("final_model")
     ended = (run.get("leases") or [{}])[-1].get("why") or ""
     if final:
@@ -5588,7 +6382,7 @@ def render_run_card(run: dict, now: float) -> str:
     hub = run.get("hub") or {}
     rate = steps_per_hour(run)
     facts = [("holder", run["holder"] or "-"), ("standing by", standbys_text(run)), ("epoch", run["epoch"]),
-             ("step", run["step"]),
+             ("step", step_text(run)), ("elapsed", age_text(elapsed_seconds(run, utc_now()))),
              ("steps/hour", f"{rate:.0f}" if rate is not None else "-"),
              ("loss", f"{run['loss']:.4g}" if run.get("loss") is not None else "-")]
     if run["holder"]:
@@ -5599,6 +6393,7 @@ def render_run_card(run: dict, now: float) -> str:
                           f"({age_text(now - hub['at'])} ago)" if hub else "-"))
     if run.get("gpu_spend"):
         facts.append(("GPU spend", spend_text(run["gpu_spend"])))
+    facts.append(("supervisor", supervisor_text(run.get("gpu_spend"), now)))
     rows = "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in facts)
     if run.get("sync_error"):
         rows += f"<dt>hub sync</dt><dd class='error'>failing: {esc(run['sync_error'])}</dd>"
@@ -5630,22 +6425,90 @@ def render_status_page(view: dict) -> str:
             f"<div id='runs'>{cards}</div><script>{PAGE_SCRIPT}</script></body></html>")
 
 
-def client_from_args(args: argparse.Namespace) -> CommanderClient:
-    # Reading needs no more than the viewer secret: when it is set, it is the one used.
-    secret = os.environ.get("RELAY_VIEWER_SECRET") or os.environ.get("RELAY_SHARED_SECRET", "")
-    if args.ca_file and not args.commander_url.startswith("https://"):
-        raise UserError(f"--ca-file is for an https:// --commander-url, not {args.commander_url}")
-    return CommanderClient(args.commander_url, secret, timeout=10, ca_file=args.ca_file)
+DEFAULT_COMMANDER_URL = "http://127.0.0.1:8080"
 
 
-def fetch_json(client: CommanderClient, path: str) -> dict:
+def commander_url_of(value: str | None) -> str:
+    """--commander-url, else RELAY_COMMANDER_URL, else the local default; `host:port` means http://."""
+    url = (value or os.environ.get("RELAY_COMMANDER_URL") or DEFAULT_COMMANDER_URL).strip()
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urllib.parse.urlsplit(url)
     try:
-        reply = client.get(path)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--commander-url {value or url!r} is not a commander URL: give http://HOST:PORT (or HOST:PORT)")
+    return url
+
+
+READING_SECRETS = ("RELAY_VIEWER_SECRET", "RELAY_SHARED_SECRET")  # reading needs no more than the viewer secret
+
+
+@dataclass
+class Reader:
+    """What `status`, `logs`, `cancel` and `retry` ask with: the client, and which secret it
+    signs with (named in errors)."""
+
+    client: CommanderClient
+    secret_name: str
+    secret_names: tuple[str, ...]  # the ones it may use, the first set wins
+
+
+def reader_from_args(args: argparse.Namespace, secret_names: tuple[str, ...] = READING_SECRETS) -> Reader:
+    name = next((n for n in secret_names if os.environ.get(n)), "")
+    url = commander_url_of(args.commander_url)
+    if args.ca_file and not url.startswith("https://"):
+        raise UserError(f"--ca-file is for an https:// --commander-url, not {url}")
+    return Reader(CommanderClient(url, os.environ.get(name, "") if name else "", timeout=10, ca_file=args.ca_file),
+                  name, secret_names)
+
+
+def fetch_json(reader: Reader, path: str, expect: str, payload: dict | None = None) -> dict:
+    """GET (or with a payload, POST) a commander document that has the key `expect`; any other
+    answer is one line saying what to do: the secret to set, or that the URL is not a relay
+    commander at all."""
+    client = reader.client
+    try:
+        reply = client.get(path) if payload is None else client.post(path, payload)
+        if reply.status == 200 and expect in reply.body:
+            return reply.body
+        health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
     except CommanderUnreachable as exc:
         raise UserError(str(exc)) from None
-    if reply.status != 200:
-        raise UserError(f"{client.base_url}{path}: {reply.status} {reply.body.get('error', '')}")
-    return reply.body
+    if not is_relay_commander(health):
+        raise UserError(f"{client.base_url} is not a relay commander (it answered {path} with HTTP {reply.status}): "
+                        "check --commander-url or RELAY_COMMANDER_URL")
+    error = reply.body.get("error", "")
+    if reply.status == 401 and not reader.secret_name:
+        names = " or ".join(f"{n} (reading only)" if n == "RELAY_VIEWER_SECRET" else n for n in reader.secret_names)
+        raise UserError(f"the commander at {client.base_url} needs a secret: export {names}, as the commander has it")
+    if reply.status == 401:
+        raise UserError(f"the commander at {client.base_url} refuses {reader.secret_name} ({error}): export the "
+                        f"{reader.secret_name} the commander was started with")
+    raise UserError(f"{client.base_url}{path}: HTTP {reply.status} {error}".rstrip())
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    """End a run: its holder stops gracefully, seals, uploads and hands it back; nobody takes over."""
+    reader = reader_from_args(args, ("RELAY_SHARED_SECRET",))  # a change: the viewer secret may not
+    run_id = checked_run_id(args.run_id, "RUN")
+    answer = fetch_json(reader, "/api/runs/cancel", "status", {"run_id": run_id})
+    holder = answer.get("holder")
+    print(f"run {run_id} CANCELLED" + (f": {holder} stops its trainer, seals and uploads its checkpoint, and hands "
+                                       "the run back (a supervising launch-stack then removes the pods)" if holder else ""))
+    return 0
+
+
+def run_retry(args: argparse.Namespace) -> int:
+    """A FAILED or CANCELLED run back to PENDING: the next worker resumes from its latest checkpoint."""
+    reader = reader_from_args(args, ("RELAY_SHARED_SECRET",))
+    run_id = checked_run_id(args.run_id, "RUN")
+    fetch_json(reader, "/api/runs/retry", "status", {"run_id": run_id})
+    print(f"run {run_id} is PENDING again: the next worker to ask resumes it from its latest checkpoint "
+          "(start one, or `relay.py launch-stack STACK --supervise`)")
+    return 0
 
 
 def checked_run_id(run_id: str, what: str) -> str:
@@ -5654,25 +6517,26 @@ def checked_run_id(run_id: str, what: str) -> str:
     return run_id
 
 
-def status_text(client: CommanderClient, args: argparse.Namespace) -> str:
+def status_text(reader: Reader, args: argparse.Namespace) -> str:
     if args.run:
-        run = fetch_json(client, f"/api/runs/{checked_run_id(args.run, '--run')}")
+        run = fetch_json(reader, f"/api/runs/{checked_run_id(args.run, '--run')}", "run_id")
         return json.dumps(run, indent=2) if args.json else format_run_detail(run)
-    view = fetch_json(client, "/api/runs")
+    view = fetch_json(reader, "/api/runs", "runs")
     if args.json:
         return json.dumps(view, indent=2)
-    return format_table(run_rows(view["runs"])) if view["runs"] else f"no runs yet on {client.base_url}"
+    return format_table(run_rows(view["runs"])) if view["runs"] else f"no runs yet on {reader.client.base_url}"
 
 
 def run_status(args: argparse.Namespace) -> int:
-    client = client_from_args(args)
+    reader = reader_from_args(args)
     if not args.watch:
-        print(status_text(client, args))
+        print(status_text(reader, args))
         return 0
     try:
         while True:
-            text = status_text(client, args)
-            print(f"\033[H\033[2J{text}\n\n{client.base_url} · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", flush=True)
+            text = status_text(reader, args)
+            print(f"\033[H\033[2J{text}\n\n{reader.client.base_url} · {time.strftime('%H:%M:%S')} · Ctrl-C to stop",
+                  flush=True)
             time.sleep(2)
     except KeyboardInterrupt:
         return 0
@@ -5680,19 +6544,25 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     """Print the trainer output the commander holds for a run; --follow keeps printing."""
-    client = client_from_args(args)
+    reader = reader_from_args(args)
     path = f"/api/runs/{checked_run_id(args.run_id, 'RUN')}/logs"
-    after = 0
+    if args.lines is not None and args.lines < 0:
+        raise UserError(f"-n {args.lines}: give a number of lines, 0 or more")
+    after, first_page = 0, True
     try:
         while True:
-            page = fetch_json(client, f"{path}?after={after}")
+            page = fetch_json(reader, f"{path}?after={after}", "lines")
+            if first_page and args.lines is not None:  # -n N: the last N lines only, then (--follow) what comes
+                page["lines"], page["dropped"] = page["lines"][len(page["lines"]) - args.lines:] if args.lines else [], 0
+            first_page = False
             if page["dropped"]:
                 print(f"[... {page['dropped']} older lines are no longer kept by the commander ...]")
             for item in page["lines"]:
                 print(item["line"])
             sys.stdout.flush()
             after = page["next"]
-            if not args.follow or page["status"] in ("COMPLETED", "FAILED"):
+            # A cancelled run's holder still sends its last lines while it seals and uploads.
+            if not args.follow or (page["status"] in ENDED_STATUSES and not page["holder"]):
                 return 0
             time.sleep(1.0)
     except KeyboardInterrupt:
@@ -5958,7 +6828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: run_worker(a.config))
 
     p = sub.add_parser("status", help="show the commander's runs")
-    p.add_argument("--commander-url", default="http://127.0.0.1:8080")
+    p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
     p.add_argument("--run", default="", help="one run in detail: its lease timeline and events")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
@@ -5967,16 +6837,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="the trainer output the commander holds for a run (no SSH needed)")
     p.add_argument("run_id", metavar="RUN")
-    p.add_argument("--commander-url", default="http://127.0.0.1:8080")
+    p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    p.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="only the last N lines (then, with -f, new ones)")
     p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
     p.set_defaults(func=run_logs)
+
+    for name, func, words in (("cancel", run_cancel, "end a run: its holder stops gracefully, seals, uploads, hands it "
+                                                     "back; nobody takes over"),
+                              ("retry", run_retry, "a FAILED or CANCELLED run back to PENDING, resumed from its latest "
+                                                   "checkpoint")):
+        p = sub.add_parser(name, help=words)
+        p.add_argument("run_id", metavar="RUN")
+        p.add_argument("--commander-url", default=None, help=f"default: RELAY_COMMANDER_URL, else {DEFAULT_COMMANDER_URL}")
+        p.add_argument("--ca-file", default="", help="CA that signed an https:// commander's certificate")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("launch-stack", help="start the commander and a Lium pod with a worker (stack.yaml)")
     p.add_argument("stack", metavar="STACK_YAML")
     p.add_argument("--supervise", action="store_true", help="stay and replace dead pods until the run ends")
-    p.add_argument("--dry-run", action="store_true", help="print every command, run none")
-    p.set_defaults(func=lambda a: run_launch_stack(a.stack, a.supervise, a.dry_run))
+    p.add_argument("--dry-run", action="store_true", help="print every check's result and every command, run none")
+    p.add_argument("--detach", action="store_true", help="with --supervise: supervise in the background (supervisor.log, "
+                                                         "supervisor.pid beside the stack state); `down` stops it")
+    p.add_argument("--preflight-done", action="store_true", help=argparse.SUPPRESS)  # the detached supervisor's own
+    p.set_defaults(func=lambda a: run_launch_stack(a.stack, a.supervise, a.dry_run, a.detach, a.preflight_done))
 
     p = sub.add_parser("down", help="remove the stack's pods and stop the commander it started")
     p.add_argument("stack", metavar="STACK_YAML")

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import dataclasses
 import http.client
+import http.server
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -118,7 +120,7 @@ def test_a_killed_worker_loses_its_trainer_and_a_standby_resumes_from_the_last_c
         wait_for("a's trainer to die with its worker", lambda: not cluster.trainer_pids(worker_id="a"), timeout=10)
         run = wait_for("the run to complete", lambda: completed(cluster), 30)
     assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
-    assert monitor.last_seen["1"] < run["leases"][1]["started_at"]
+    assert monitor.ended["1"] <= run["leases"][1]["started_at"]  # a's trainer ended before b was granted the run
     assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
     resumes = resumed_from(run, "b")
     assert resumes and "cold start" not in resumes[0], resumes
@@ -142,10 +144,40 @@ def test_a_frozen_worker_has_its_trainer_killed_before_the_run_is_granted_to_any
         run = wait_for("the run to complete", lambda: completed(cluster), 30)
     assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
     assert {"1", "2"} <= monitor.epochs_seen
-    assert monitor.last_seen["1"] < run["leases"][1]["started_at"]
+    assert monitor.ended["1"] <= run["leases"][1]["started_at"]  # a's trainer ended before b was granted the run
     assert final_model(cluster) == reference
     assert worker_a.wait(30) == 0  # thawed, it finds its lease gone, stands by, sees COMPLETED
     assert worker_b.wait(30) == 0
+
+
+@pytest.mark.slow(45)
+def test_answers_held_back_past_the_margin_still_end_the_trainer_before_the_commander_lets_the_lease_go(cluster):
+    """The worker's deadline counts from when it SENT a renewal, never from the answer: the
+    commander's expiry counts from when it received it, which is later."""
+    from testing.wire_proxy import WireProxy
+
+    ttl = 15.0  # margin 3 s; a renewal every 5 s, each waiting up to 5 s for its answer
+    margin = relay.lease_margin(ttl)
+    cluster.start_commander(lease=ttl)
+    path = WireProxy(cluster.port).start()
+    path.answer_delay = margin + 1.2  # a deadline counted from the answer would outlive the commander's expiry
+    try:
+        with TrainerOverlapMonitor(cluster) as monitor:
+            cluster.start_worker("a", commander_url=path.url, env={"MOCK_STEP_SECONDS": "0.2", "MOCK_MAX_STEPS": "1000"})
+            wait_for("a to renew through the slow path", lambda: len(path.renewals_forwarded) >= 2, 60)
+            cluster.start_worker("b", env={"MOCK_MAX_STEPS": "1000"})
+            path.cut_after_next_renewal_answer()  # a believes that renewal; nothing of a's reaches the commander after
+            wait_for("the path to be cut", path.cut.is_set, 30)
+            wait_for("b to be granted the run", lambda: cluster.run("r1").get("holder") == "b", ttl + 20)
+            wait_for("a's trainer to have ended", lambda: "1" in monitor.ended, 10)
+        run = cluster.run("r1")
+    finally:
+        path.stop()
+    commander_expiry = path.renewals_forwarded[-1] + ttl  # the last renewal it received, plus the TTL
+    assert monitor.ended["1"] <= commander_expiry - margin / 2, "a's trainer outlived its deadline"
+    assert monitor.ended["1"] <= run["leases"][1]["started_at"]  # and so ended before b was granted the run
+    assert monitor.overlaps == []
+    assert run["leases"][0]["why"].startswith("expired")
 
 
 def test_sigterm_releases_the_lease_so_a_standby_takes_over_well_under_the_ttl(cluster, reference):
@@ -211,6 +243,79 @@ def test_a_trainer_that_keeps_crashing_ends_the_run_as_failed(cluster):
     assert "[trainer] boom" in log and "trainer exited with status 3" in log
     late = cluster.start_worker("late", trainer_command="exit 3")
     assert late.wait(15) == 1
+
+
+def relay_cli(cluster: Cluster, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, RELAY, *args, "--commander-url", cluster.url], capture_output=True, text=True,
+                          timeout=30, env=cluster.env(**env))
+
+
+@pytest.mark.slow(12)
+def test_cancel_stops_the_holder_gracefully_keeps_its_checkpoint_and_no_standby_takes_over(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=3, secret=secret)
+    holder = cluster.start_worker("a", env={"MOCK_MAX_STEPS": "3000"})
+    wait_for("a to hold the run and seal checkpoint 10", lambda: checkpoint_at_least(cluster, 10), 30)
+    standby = cluster.start_worker("b", env={"MOCK_MAX_STEPS": "3000"})
+    wait_for("b to stand by", lambda: "standing by" in cluster.log("b"), 15)
+    viewer_try = relay_cli(cluster, "cancel", "r1", RELAY_VIEWER_SECRET=secret + "-not-shared")
+    assert viewer_try.returncode == 2 and "needs a secret: export RELAY_SHARED_SECRET" in viewer_try.stderr
+    cancel = relay_cli(cluster, "cancel", "r1", RELAY_SHARED_SECRET=secret)
+    assert cancel.returncode == 0 and cancel.stdout.startswith("run r1 CANCELLED: a stops its trainer"), cancel.stderr
+    assert holder.wait(30) == 0 and standby.wait(30) == 0
+    assert "stopping: the run was cancelled" in cluster.log("a")
+    assert "run r1 is CANCELLED; nothing to do" in cluster.log("b")
+    run = cluster.run("r1")
+    assert (run["status"], run["holder"]) == ("CANCELLED", "")
+    assert [(lease["worker_id"], lease["why"]) for lease in run["leases"]] == [("a", "preempted: the run was cancelled")]
+    sealed = run["latest_checkpoint"]["iteration"]
+    assert sealed >= 10 and (cluster.tmp / "volume" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
+    assert not cluster.trainer_pids()
+
+
+@pytest.mark.slow(12)
+def test_a_failed_run_retried_goes_back_to_pending_and_the_next_worker_resumes_from_its_last_checkpoint(cluster):
+    cluster.start_commander(lease=2, extra=("--max-failed-leases", "1"))
+    crashing = cluster.start_worker("a", trainer_command=f"{sys.executable} {RELAY} mock-trainer; exit 3",
+                                    max_trainer_restarts=0, env={"MOCK_MAX_STEPS": "12"})
+    assert crashing.wait(40) == 1
+    failed = cluster.run("r1")
+    assert failed["status"] == "FAILED" and failed["latest_checkpoint"]["iteration"] >= 10
+    early = relay_cli(cluster, "retry", "r2")
+    assert early.returncode == 2 and "unknown run 'r2'" in early.stderr
+    retry = relay_cli(cluster, "retry", "r1")
+    assert retry.returncode == 0 and retry.stdout.startswith("run r1 is PENDING again"), retry.stderr
+    assert cluster.run("r1")["status"] == "PENDING"
+    again = relay_cli(cluster, "retry", "r1")
+    assert again.returncode == 2 and "is PENDING: only a FAILED or CANCELLED run is retried" in again.stderr
+    assert cluster.start_worker("b", env={"MOCK_MAX_STEPS": "20"}).wait(40) == 0
+    run = cluster.run("r1")
+    assert (run["status"], run["step"], [lease["epoch"] for lease in run["leases"]]) == ("COMPLETED", 20, [1, 2])
+    resume = resumed_from(run, "b")[0]
+    assert int(resume.split("checkpoint ")[1].split()[0]) == failed["latest_checkpoint"]["iteration"], resume
+
+
+def watchdog_of(worker: int) -> int | None:
+    for pid, info in relay.process_table().items():
+        with contextlib.suppress(OSError):
+            if info.ppid == worker and not info.zombie and open(f"/proc/{pid}/comm").read().strip() == "relay-watchdog":
+                return pid
+    return None
+
+
+def test_a_dead_watchdog_is_replaced_and_the_trainer_never_runs_without_one(cluster, reference):
+    cluster.start_commander(lease=3)
+    worker = cluster.start_worker("a", env=MID_RUN)
+    first = set(wait_for("a trainer", lambda: cluster.trainer_pids(), 20))
+    dead = wait_for("a's watchdog", lambda: watchdog_of(worker.pid), 10)
+    os.kill(dead, signal.SIGKILL)
+    wait_for("the unguarded trainer to be stopped", lambda: not first & set(cluster.trainer_pids()), 10)
+    second = set(wait_for("a trainer started again", lambda: cluster.trainer_pids(), 20))
+    wait_for("a new watchdog (its name set once Python has started)",
+             lambda: watchdog_of(worker.pid) not in (None, dead), 10)
+    assert not first & second
+    assert worker.wait(60) == 0 and final_model(cluster) == reference
+    assert "the watchdog died: stopping the trainer" in cluster.log("a")
 
 
 def test_a_stalled_trainer_is_killed_with_everything_it_started(cluster):
@@ -309,6 +414,45 @@ def test_a_release_records_the_checkpoint_and_last_lines_a_lost_report_would_hav
     run = cluster.run("r1")
     assert (run["status"], run["step"], run["latest_checkpoint"]["iteration"]) == ("COMPLETED", 40, 40)
     assert run["latest_checkpoint"]["manifest_sha256"] == "c" * 64 and run["log_tail"] == ["step 40/40 loss 0.1"]
+
+
+class RedirectingServer(http.server.ThreadingHTTPServer):
+    """Answers every request with a 307 to `target` (a commander that moved, or a trap)."""
+
+    def __init__(self, target: str) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                self.send_response(307)
+                self.send_header("Location", target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_GET  # noqa: N815
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+
+def test_a_redirect_is_never_followed_by_a_worker_or_status(cluster, tmp_path):
+    cluster.start_commander(lease=30, secret="r" * 40)
+    trap = RedirectingServer(cluster.url)  # followed, the signed request would reach a real commander
+    try:
+        elsewhere = f"http://127.0.0.1:{trap.server_address[1]}"
+        env = {**cluster.env(), "RELAY_SHARED_SECRET": cluster.secret}
+        status = subprocess.run([sys.executable, RELAY, "status", "--commander-url", elsewhere], capture_output=True,
+                                text=True, timeout=30, env=env)
+        config = cluster.write_config("a", commander_url=elsewhere, commander_wait_seconds=1)
+        worker = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
+                                timeout=60, env=env)
+    finally:
+        trap.shutdown()
+        trap.server_close()
+    assert status.returncode == 2 and worker.returncode == 2, status.stderr + worker.stderr
+    assert "Traceback" not in status.stderr + worker.stderr
+    assert cluster.runs()["runs"] == []  # nothing reached the commander the redirect pointed at
 
 
 def test_requests_without_a_valid_fresh_signature_get_401(cluster):
@@ -419,17 +563,61 @@ def test_the_viewer_secret_opens_the_page_metrics_runs_and_logs_and_gets_401_on_
         assert result.returncode == 0, result.stderr
 
 
-def test_the_shared_secret_is_refused_for_basic_auth_on_a_public_address_without_tls(cluster):
+# Arriving "from the network" without any traffic leaving loopback: a network namespace of the
+# test's own, whose loopback device also carries an address outside 127/8, with the commander
+# and its client both inside.  FROM_THE_NETWORK runs in it: the page asked for with each secret.
+NETWORK_ADDRESS = "192.0.2.10"
+FROM_THE_NETWORK = """
+import base64, http.client, json, os, subprocess, sys, time
+port = 8080  # the namespace's own: no other test's
+commander = subprocess.Popen([sys.executable, sys.argv[1], "serve", "--host", "0.0.0.0", "--port", str(port),
+                              "--state-path", sys.argv[2]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+try:
+    for _ in range(200):
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/api/health")
+            break
+        except OSError:
+            time.sleep(0.05)
+    answers = {}
+    for who in ("RELAY_SHARED_SECRET", "RELAY_VIEWER_SECRET"):
+        for path in ("/", "/metrics"):
+            conn = http.client.HTTPConnection(sys.argv[3], port, timeout=5)
+            auth = base64.b64encode(("u:" + os.environ[who]).encode()).decode()
+            conn.request("GET", path, headers={"Authorization": "Basic " + auth})
+            answer = conn.getresponse()
+            body = answer.read().decode(errors="replace")
+            answers[who + " " + path] = [answer.status, answer.getheader("WWW-Authenticate", ""), body[:300]]
+    print(json.dumps(answers))
+finally:
+    commander.kill()
+"""
+
+
+def test_on_plain_http_the_page_takes_the_shared_secret_over_loopback_only_and_the_viewer_secret_anywhere(cluster):
     secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
-    # Bound to every address, reached over loopback only.
+    # Bound to every address, as the README's setup (0.0.0.0, plain HTTP) has it.
     cluster.start_commander(lease=30, secret=secret, extra=("--host", "0.0.0.0"), env={"RELAY_VIEWER_SECRET": viewer})
-    for path in ("/", "/metrics"):
-        status, body, headers = raw_request(cluster, "GET", path, headers=basic_auth(secret))
-        assert status == 401 and "plain HTTP on a public address" in json.loads(body)["error"], body
-        assert headers.get("WWW-Authenticate", "").startswith("Basic")
+    for path in ("/", "/metrics"):  # over loopback: this machine, or an SSH tunnel to it
+        assert raw_request(cluster, "GET", path, headers=basic_auth(secret))[0] == 200
         assert raw_request(cluster, "GET", path, headers=basic_auth(viewer))[0] == 200
     assert cluster.client().get("/api/runs").status == 200  # signed requests never send the secret itself
-    assert "plain HTTP on 0.0.0.0" in cluster.log("commander")
+    assert "the shared secret only from this machine or an SSH tunnel" in cluster.log("commander")
+    # From the network: a password in clear, refused when it is the shared secret.
+    script = f"ip link set lo up && ip addr add {NETWORK_ADDRESS}/32 dev lo && exec \"$@\""
+    inside = subprocess.run(["unshare", "--net", "bash", "-c", script, "netns", sys.executable, "-c", FROM_THE_NETWORK,
+                             RELAY, str(cluster.tmp / "netns_state.json"), NETWORK_ADDRESS],
+                            capture_output=True, text=True, timeout=60, env={**cluster.env(), "RELAY_SHARED_SECRET": secret,
+                                                                              "RELAY_VIEWER_SECRET": viewer})
+    if inside.returncode != 0 and "unshare" in inside.stderr:
+        pytest.skip(f"no network namespace of our own here: {inside.stderr.strip()}")
+    answers = json.loads(inside.stdout.strip().splitlines()[-1])
+    for path in ("/", "/metrics"):
+        status, challenge, body = answers[f"RELAY_SHARED_SECRET {path}"]
+        assert status == 401 and '{"error": "the shared secret is refused here' in body, body
+        assert "plain HTTP on a public address" in body
+        assert challenge.startswith("Basic")
+        assert answers[f"RELAY_VIEWER_SECRET {path}"][0] == 200
 
 
 def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cluster):
@@ -483,6 +671,67 @@ def test_malformed_requests_get_a_4xx_with_an_error_and_leave_state_unchanged(cl
     assert open(cluster.state_path, "rb").read() == state_before
     assert view() == before
     assert cluster.healthy()
+
+
+def test_a_commander_that_cannot_write_its_state_file_answers_503_and_acknowledges_nothing_it_did_not_keep(cluster):
+    # Past RLIMIT_FSIZE every write fails with EFBIG, as on a full disk (Python ignores SIGXFSZ).
+    cluster.start_commander(lease=30, wrap=("prlimit", "--fsize=24000", "--"))
+    client = cluster.client()
+    acquired, refused = [], None
+    for n in range(200):
+        reply = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w", "mode": "sft"})
+        if reply.status != 200:
+            refused = (f"r{n}", reply)
+            break
+        acquired.append(f"r{n}")
+    assert refused is not None and refused[1].status == 503
+    assert "cannot write its state file" in refused[1].body["error"]
+    assert sorted(run["run_id"] for run in cluster.runs()["runs"]) == sorted(acquired)  # rolled back
+    assert cluster.run(refused[0]) == {}
+    cluster.commander.kill()
+    cluster.commander.wait(10)
+    cluster.start_commander(lease=30)  # no limit now: the file on disk is whole and holds what was acknowledged
+    assert sorted(run["run_id"] for run in cluster.runs()["runs"]) == sorted(acquired)
+
+
+def test_the_state_file_keeps_only_a_hash_of_each_lease_token(cluster):
+    cluster.start_commander(lease=30)
+    token = cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    state = Path(cluster.state_path).read_text()
+    assert token not in state and relay.token_digest(token) in state
+
+
+@pytest.mark.slow(15)
+def test_the_commander_keeps_at_most_200_events_500_leases_and_2000_loss_points_thinned_over_the_whole_run(cluster):
+    cluster.start_commander(lease=30)
+    client = cluster.client()
+    for n in range(510):  # each lease adds events of its own
+        worker = f"w{n % 2}"
+        token = client.post("/api/lease/acquire", {"run_id": "r1", "worker_id": worker, "mode": "sft"}).body["lease_token"]
+        if n < 509:
+            assert client.post("/api/lease/release", {"run_id": "r1", "worker_id": worker, "lease_token": token,
+                                                      "status": "PREEMPTED"}).status == 200
+    for batch in range(30):  # 3000 loss points, 100 a renewal
+        points = [[batch * 100 + i, 1.0 / (batch * 100 + i + 1)] for i in range(100)]
+        assert client.post("/api/lease/renew", {"run_id": "r1", "worker_id": worker, "lease_token": token,
+                                                "step": batch * 100 + 99, "losses": points}).status == 200
+    run = cluster.run("r1")
+    assert len(run["events"]) == 200 and len(run["leases"]) == 500
+    steps = [step for step, _ in run["losses"]]
+    assert 1000 <= len(steps) <= 2000 and steps == sorted(steps)
+    assert steps[0] < 100 and steps[-1] == 2999  # thinned across the run, not cut to its last part
+
+
+def test_a_signed_request_from_the_future_is_refused(cluster):
+    cluster.start_commander(lease=30, secret="s" * 40)
+    body = json.dumps({"run_id": "r1", "worker_id": "w", "mode": "sft"}).encode()
+    stamp, nonce = str(int(time.time()) + 400), uuid.uuid4().hex
+    signature = relay.request_signature(cluster.secret, stamp, nonce, "POST", "/api/lease/acquire", body)
+    status, answer, _ = raw_request(cluster, "POST", "/api/lease/acquire", body, {
+        "X-Relay-Timestamp": stamp, "X-Relay-Nonce": nonce, "X-Relay-Signature": signature,
+        "X-Relay-Protocol": str(getattr(relay, "PROTOCOL", 1)), "Content-Type": "application/json"})
+    assert status == 401 and "X-Relay-Timestamp" in json.loads(answer)["error"]
+    assert cluster.run("r1") == {}
 
 
 def test_commander_state_is_private_and_a_corrupt_state_file_stops_it_with_a_clear_error(cluster):
@@ -590,7 +839,7 @@ def test_a_run_renews_and_completes_while_more_connections_than_the_commanders_f
     cert, key = self_signed_certificate(tmp_path, "commander")
     cluster.ca_file = cert
     cluster.start_commander(lease=3, secret="s-" + uuid.uuid4().hex, extra=("--tls-cert", cert, "--tls-key", key),
-                            file_limit=256)
+                            wrap=("prlimit", "--nofile=256:256", "--"))
     assert "open-file limit 256; at most 192 connections at once" in cluster.log("commander")
     watcher = cluster.client()
     worker = cluster.start_worker("a", env={"MOCK_STEP_SECONDS": "0.1", "MOCK_MAX_STEPS": "150"},
@@ -613,7 +862,7 @@ def test_a_run_renews_and_completes_while_more_connections_than_the_commanders_f
 @pytest.mark.slow(20)
 def test_floods_of_huge_headers_and_bodies_keep_the_commanders_memory_bounded_and_over_the_cap_get_a_fast_503(
         cluster):
-    cluster.start_commander(lease=30, secret="s-" + uuid.uuid4().hex, file_limit=128)  # at most 64 connections
+    cluster.start_commander(lease=30, secret="s-" + uuid.uuid4().hex, wrap=("prlimit", "--nofile=128:128", "--"))  # at most 64 connections
     client = cluster.client()
     held = {"run_id": "r1", "worker_id": "w1"}
     token = client.post("/api/lease/acquire", dict(held, mode="sft")).body["lease_token"]
@@ -796,6 +1045,95 @@ def test_status_shows_runs_as_a_table_and_as_json(cluster):
     assert down.returncode == 2 and "cannot reach" in down.stderr
 
 
+def test_status_and_logs_name_the_secret_to_set_and_take_a_url_without_a_scheme_or_from_the_environment(cluster):
+    secret, viewer = "s-" + uuid.uuid4().hex, "v-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret, env={"RELAY_VIEWER_SECRET": viewer})
+    assert cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).status == 200
+    bare = f"127.0.0.1:{cluster.port}"  # no scheme: http:// is meant
+
+    def relay_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, RELAY, *args], capture_output=True, text=True, timeout=20, env=cluster.env(**env))
+
+    no_secret = relay_cli("status", "--commander-url", bare)
+    assert no_secret.returncode == 2, no_secret.stderr
+    assert no_secret.stderr == (f"relay: error: the commander at http://{bare} needs a secret: export RELAY_VIEWER_SECRET "
+                                "(reading only) or RELAY_SHARED_SECRET, as the commander has it\n")
+    wrong = relay_cli("logs", "r1", "--commander-url", bare, RELAY_VIEWER_SECRET="not-" + viewer)
+    assert wrong.returncode == 2 and wrong.stderr.startswith(
+        f"relay: error: the commander at http://{bare} refuses RELAY_VIEWER_SECRET ("), wrong.stderr
+    assert wrong.stderr.strip().endswith("export the RELAY_VIEWER_SECRET the commander was started with")
+    from_env = relay_cli("status", "--run", "r1", RELAY_COMMANDER_URL=bare, RELAY_VIEWER_SECRET=viewer)
+    assert from_env.returncode == 0 and "w1" in from_env.stdout, from_env.stderr
+
+
+def test_status_says_a_url_that_is_not_a_relay_commander_is_not_one_without_showing_its_page(tmp_path):
+    class AnyPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # a web server that answers every path with a page
+            page = b"<html><body>Welcome to nginx!</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AnyPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = subprocess.run([sys.executable, RELAY, "status", "--commander-url", url], capture_output=True, text=True,
+                                timeout=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"relay: error: {url} is not a relay commander (it answered /api/runs with HTTP 200): "
+                             "check --commander-url or RELAY_COMMANDER_URL\n")
+
+
+@pytest.mark.slow(14)
+def test_a_worker_that_cannot_reach_the_commander_says_so_at_once_and_again_while_it_waits(cluster):
+    from testing.harness import free_port
+
+    cluster.port = free_port()
+    cluster.url = f"http://127.0.0.1:{cluster.port}"  # nothing listens there yet
+    worker = cluster.start_worker("a", commander_wait_seconds=60, env={"MOCK_MAX_STEPS": "5"})
+    first = f"cannot reach the commander at {cluster.url}: [Errno 111] Connection refused; trying again for up to"
+    wait_for("the worker to say it cannot reach the commander", lambda: first in cluster.log("a"), 10)
+    wait_for("the worker to say it again", lambda: re.search(r"Connection refused; trying again .*\(for \d+ s now\)",
+                                                             cluster.log("a")), 20)
+    cluster.start_commander(port=cluster.port)
+    assert worker.wait(40) == 0, cluster.log("a")
+    assert f"reached the commander at {cluster.url} after" in cluster.log("a")
+
+
+def test_status_shows_step_of_total_elapsed_time_gpu_spend_and_the_supervisor(cluster):
+    cluster.start_commander(lease=2)
+    assert cluster.start_worker("a", total_steps=10, env={"MOCK_MAX_STEPS": "10"}).wait(30) == 0
+    spend = {"run_id": "r1", "spent_usd": 1.5, "budget_usd": 0, "pods": 1, "supervisor_pid": 4242}  # as launch-stack reports
+    assert cluster.client().post("/api/runs/spend", spend).status == 200
+    table = relay_cli(cluster, "status")
+    header, row = (line.split("  ") for line in table.stdout.splitlines()[:2])
+    columns = dict(zip([h.strip() for h in header if h.strip()], [c.strip() for c in row if c.strip()], strict=False))
+    assert (columns["STEP"], columns["GPU SPEND"]) == ("10/10", "$1.50"), table.stdout
+    assert re.fullmatch(r"\d+s", columns["ELAPSED"]) and columns["SUPERVISOR"].startswith("heard "), table.stdout
+    detail = relay_cli(cluster, "status", "--run", "r1").stdout
+    assert "supervisor: pid 4242, last heard" in detail and "GPU spend: $1.50 on 1 pod(s)" in detail
+    assert cluster.client().post("/api/runs/spend", dict(spend, supervisor_pid=0)).status == 200  # it stopped
+    assert "supervisor: none: the last one stopped" in relay_cli(cluster, "status", "--run", "r1").stdout
+
+
+def test_logs_n_prints_only_the_last_lines(cluster):
+    cluster.start_commander(lease=2)
+    assert cluster.start_worker("a", env={"MOCK_MAX_STEPS": "20"}).wait(30) == 0
+    every = relay_cli(cluster, "logs", "r1").stdout.splitlines()
+    assert len(every) > 5
+    assert relay_cli(cluster, "logs", "r1", "-n", "3").stdout.splitlines() == every[-3:]
+    assert relay_cli(cluster, "logs", "r1", "-n", "0").stdout == ""
+
+
 # --------------------------------------------------------------------------- the mock trainer
 
 
@@ -831,11 +1169,21 @@ def hub():
         server.stop()
 
 
+@pytest.fixture(params=["xet", "lfs"])
+def transfer(request, cluster) -> str:
+    """A key Hub test on both paths (run.yaml hf_transfer): Xet, what production takes, and plain
+    LFS.  The other Hub tests take the harness's path (Xet; RELAY_TEST_HF_TRANSFER=lfs for a
+    whole pass on LFS)."""
+    cluster.hf_transfer = request.param
+    return request.param
+
+
 def hub_record(cluster: Cluster, run_id: str = "r1") -> dict:
     return cluster.run(run_id).get("hub") or {}
 
 
-def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference):
+def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(cluster, hub, reference, transfer):
+    hub.lfs_patterns = ("*/model.json",)  # the model goes through Xet or LFS, not as a regular file
     cluster.hub = hub
     cluster.start_commander(lease=2)
     on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
@@ -850,6 +1198,7 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     final = hub_record(cluster)
     assert final["iteration"] == 40
     assert hub.files_at(HUB_REPO, final["revision"])["runs/r1/ckpt/iter_0000040/model.json"] == reference
+    assert ("runs/r1/ckpt/iter_0000040/model.json" in hub.xet_paths_at(HUB_REPO, final["revision"])) == (transfer == "xet")
     assert worker_b.wait(30) == 0
     assert f"final model: {HUB_REPO} at revision {final['revision']}" in cluster.log("b")
     assert f"af commit --repo {HUB_REPO} --revision {final['revision']} --chute-id" in cluster.log("b")
@@ -857,6 +1206,83 @@ def test_a_pod_without_the_volume_resumes_from_the_hub_at_the_recorded_revision(
     assert hub.repos[HUB_REPO].private
     for name in ("a", "b", "commander"):
         assert hub.token not in cluster.log(name)
+
+
+def thread_nice_values(pid: int) -> dict[int, tuple[str, int]]:
+    """Thread id -> (name, nice value) of every thread of `pid` (/proc/PID/task/TID/stat)."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            found[int(tid)] = (name, int(fields[16]))  # field 19 of stat, counted from the state (field 3)
+    return found
+
+
+@pytest.mark.slow(12)
+def test_every_thread_that_moves_checkpoints_through_xet_runs_at_low_priority_after_a_restore_and_an_upload(
+        cluster, hub):
+    """...and hf_xet's cache and logs stay in a bounded folder on the volume, while the trainer's
+    environment keeps the user's own hf_xet settings."""
+    hub.lfs_patterns = ("*/model.json",)
+    cluster.hub, cluster.hf_transfer = hub, "xet"
+    cluster.start_commander(lease=2)
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env={"MOCK_STEP_SECONDS": "0.1"}, **on_hub)
+    wait_for("a checkpoint of 10 or later on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 10, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    restored = hub_record(cluster)["iteration"]
+    # b restores through Xet on its main thread's behalf (hf_xet's pool is made then), then uploads.
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), hf_xet_threads=3,
+                                    env={"MOCK_STEP_SECONDS": "0.1", "HF_XET_HIGH_PERFORMANCE": "1"}, **on_hub)
+    wait_for("b to upload a checkpoint after its restore",
+             lambda: hub_record(cluster).get("iteration", 0) > restored and "fetched checkpoint" in cluster.log("b"), 30)
+    threads = thread_nice_values(worker_b.pid)
+    xet = [nice for name, nice in threads.values() if name.startswith(("hf-xet", "tracing-append"))]  # its log writer too
+    assert xet and set(xet) == {relay.HUB_THREAD_NICENESS}, threads
+    assert len(xet) <= 3 + 3, threads  # hf_xet_threads workers, its few blocking threads, its log writer
+    assert threads[worker_b.pid][1] == 0, threads  # the main thread (lease renewals start there) keeps its priority
+    assert list((cluster.tmp / "pod-b" / "runs" / "r1" / "hf-xet" / "b" / "logs").glob("xet_*.log"))
+    assert not (cluster.tmp / "hf-home-b" / "xet").exists()  # nothing on the container disk
+    trainer_env = next(iter(cluster.trainer_pids(worker_id="b").values()))
+    assert trainer_env.get("HF_XET_HIGH_PERFORMANCE") == "1" and "TOKIO_WORKER_THREADS" not in trainer_env
+
+
+@pytest.mark.slow(10)
+@pytest.mark.parametrize("cas_status", [403, 503], ids=["the storage refuses", "the storage fails"])
+def test_a_xet_storage_refusal_waits_half_an_hour_and_says_why_while_a_failure_is_retried_soon(
+        cluster, hub, cas_status):
+    from testing.xet_cas import FailingCas
+
+    cas = FailingCas(cas_status).start()
+    try:
+        hub.cas_url, hub.lfs_patterns = cas.url, ("*/model.json",)
+        cluster.hub, cluster.hf_transfer = hub, "xet"
+        cluster.start_commander(lease=2)
+        # hf_xet retries each request itself (5 times, 3 s apart by default): once is enough here
+        worker = cluster.start_worker("a", hf_repo=HUB_REPO, hf_sync_interval_seconds=0.2,
+                                      env={"MOCK_MAX_STEPS": "2000", "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "1"})
+        failing = wait_for("the storage's error on the run record", lambda: cluster.run("r1").get("sync_error") and
+                           cluster.run("r1"), 30)
+        first_failure = time.monotonic()
+        if cas_status == 403:  # long enough for the short retries (2 s, then 4 s) to have happened
+            wait_for("6 s of training after the refusal", lambda: time.monotonic() > first_failure + 6 and
+                     cluster.run("r1")["step"] > failing["step"] + 20, 30)
+        else:
+            wait_for("a second failure", lambda: "failed (2 in a row)" in cluster.log("a"), 30)
+        worker.send_signal(signal.SIGTERM)  # one last try, as at any stop
+        assert worker.wait(30) == 0
+    finally:
+        cas.stop()
+    failures = re.findall(r"upload of checkpoint \d+ failed \((\d+) in a row\): (.*); retrying in (\d+) s", cluster.log("a"))
+    assert not cluster.run("r1")["hub"]
+    if cas_status == 403:
+        assert "403 Forbidden" in failing["sync_error"], failing["sync_error"]
+        assert "a retry cannot fix this, next try in 30 min" in failing["sync_error"]
+        assert len(failures) <= 2 and cas.uploads() <= 2 * 3, failures  # the first refusal, the last try at the stop
+    else:
+        assert "503" in failing["sync_error"] and "cannot fix" not in failing["sync_error"]
+        assert [int(f[2]) for f in failures[:2]] == [2, 4], failures  # the short retries
 
 
 def hub_downloads(hub) -> int:
@@ -1035,7 +1461,8 @@ def test_a_final_upload_that_outlasts_its_timeout_leaves_no_final_model_named_an
 
 
 @pytest.mark.slow(16)
-def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(cluster, hub):
+def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_downloads_are_swept(
+        cluster, hub, transfer):
     from testing.hub_server import Fault
 
     hub.lfs_threshold = CKPT_BYTES // 2
@@ -1054,7 +1481,10 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     stale = ckpt_b / f"{relay.HUB_STAGING_PREFIX}{'0' * 40}"  # a download a killed worker left behind
     stale.mkdir(parents=True)
     (stale / "part.incomplete").write_bytes(b"x" * 1000)
-    hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    if transfer == "lfs":  # the checkpoint file's own download fails
+        hub.inject(Fault(f"/{relay.iteration_dirname(recorded['iteration'])}/common.pt", status=404, method="GET"))
+    else:  # the Xet read token the checkpoint file needs is refused once (a regular file needs none)
+        hub.inject(Fault("/xet-read-token/", status=403))
     # No prefetch while standing by: this is about the restore's own download.
     worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, hf_prefetch=False, **on_hub)
     assert worker_b.wait(60) == 0
@@ -1062,9 +1492,51 @@ def test_a_failed_hub_download_resumes_without_fetching_a_file_twice_and_stale_d
     assert resumed_from(cluster.run("r1"), "b")[0].startswith(f"b resumes from checkpoint {recorded['iteration']} in the Hub")
     fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
                                   if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
-    assert fetched["common.pt"] == 2 and fetched["relay_manifest.json"] == 1, fetched  # the failed file only
-    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert fetched["relay_manifest.json"] == 1, fetched
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched  # complete: not again
+    if transfer == "lfs":
+        assert fetched["common.pt"] == 2, fetched  # the failed file only
+    else:
+        tokens = [status for method, path, status in hub.requests if "/xet-read-token/" in path]
+        assert tokens == [403, 200] and fetched["common.pt"] == 0, (tokens, fetched)  # through Xet, not GET
     assert not [p.name for p in ckpt_b.iterdir() if p.name.startswith(relay.HUB_STAGING_PREFIX)]
+
+
+@pytest.mark.slow(20)
+def test_a_restore_killed_mid_file_fetches_again_only_the_file_it_had_not_finished_and_sweeps_its_remains(
+        cluster, hub):
+    """hf_transfer: lfs, whose downloads the test Hub can slow down; on Xet the same folder and
+    the same client code skip the files already complete (see the failed-download test)."""
+    big = 400_000
+    hub.lfs_threshold = big // 2
+    cluster.hub, cluster.hf_transfer = hub, "lfs"  # hub.download_bytes_per_second paces the plain HTTP path
+    cluster.start_commander(lease=2)
+    knobs = slime_env(FAKE_NUM_ROLLOUT="8", FAKE_SAVE_INTERVAL="2", FAKE_CKPT_BYTES=str(big), FAKE_STEP_SECONDS="0.5")
+    on_hub = {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.2, "hf_prefetch": False}
+    worker_a = cluster.start_worker("a", l1_root=str(cluster.tmp / "pod-a"), env=knobs, **on_hub)
+    wait_for("checkpoint 3 on the Hub", lambda: hub_record(cluster).get("iteration", 0) >= 3, 30)
+    os.kill(worker_a.pid, signal.SIGKILL)
+    recorded = hub_record(cluster)
+    hub.download_bytes_per_second = big / 4  # the checkpoint file takes 4 s: b is killed while it is in flight
+    worker_b = cluster.start_worker("b", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)
+    staging = cluster.ckpt_dir(l1="pod-b") / f"{relay.HUB_STAGING_PREFIX}{recorded['revision']}"
+    manifest = staging / "runs" / "r1" / "ckpt" / relay.iteration_dirname(recorded["iteration"]) / "relay_manifest.json"
+    # One file at a time: the manifest, then the checkpoint file (then the dataset state).
+    partial = wait_for("the checkpoint file in flight", lambda: manifest.exists() and [
+        p for p in staging.rglob("*.incomplete") if p.parent.name.startswith("iter_")], 30)[0]
+    os.kill(worker_b.pid, signal.SIGKILL)
+    worker_c = cluster.start_worker("c", l1_root=str(cluster.tmp / "pod-b"), env=knobs, **on_hub)  # the same volume
+    # b's partial file goes before c's download starts (c's own takes 4 s), not with the folder at the end
+    wait_for("b's partial file swept while c downloads", lambda: not partial.exists() and
+             "fetched checkpoint" not in cluster.log("c"), 30)
+    assert worker_c.wait(60) == 0
+    assert resumed_from(cluster.run("r1"), "c")[0].startswith(f"c resumes from checkpoint {recorded['iteration']} in the Hub")
+    fetched = collections.Counter(path.rsplit("/", 1)[1] for method, path, _ in hub.requests
+                                  if method == "GET" and f"/resolve/{recorded['revision']}/" in path)
+    assert fetched["relay_manifest.json"] == 1, fetched  # complete before the kill: not fetched again
+    assert fetched["common.pt"] == 2, fetched  # the file in flight, from its start
+    assert fetched[f"global_dataset_state_dict_{recorded['iteration']}.pt"] == 1, fetched
+    assert not staging.exists()
 
 
 UPLOAD_TWICE = """
@@ -1072,7 +1544,8 @@ import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import relay
 cfg = relay.validate_run_config(relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="r1", mode="sft",
-                                                hf_repo=sys.argv[2], l1_root=sys.argv[3]), "test")
+                                                hf_repo=sys.argv[2], l1_root=sys.argv[3], hf_transfer=sys.argv[5]),
+                                "test")
 ckpt = relay.CheckpointDir(cfg.run_dir, require_dataset_state=False)
 os.makedirs(os.path.join(ckpt.path, "iter_0000001"))
 with open(os.path.join(ckpt.path, "iter_0000001", "common.pt"), "wb") as handle:
@@ -1092,23 +1565,30 @@ print(json.dumps(outcomes))
 """
 
 
+def upload_twice(cluster: Cluster, hub, transfer: str, size: int = CKPT_BYTES) -> subprocess.CompletedProcess:
+    """UPLOAD_TWICE in a process of its own (huggingface_hub reads HF_ENDPOINT at import)."""
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"))
+    return subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
+                           str(size), transfer], capture_output=True, text=True, env=env, timeout=60)
+
+
 @pytest.mark.parametrize("landed", [False, True], ids=["commit refused", "commit landed, answer lost"])
 def test_a_commit_retry_sends_no_file_twice_and_a_commit_that_landed_despite_an_error_is_not_repeated(
-        cluster, hub, landed):
+        cluster, hub, landed, transfer):
     from testing.hub_server import Fault
 
     hub.lfs_threshold = CKPT_BYTES // 2
     hub.inject(Fault("/commit/", status=504, after=landed))
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
-    result = subprocess.run([sys.executable, "-c", UPLOAD_TWICE, os.path.dirname(RELAY), HUB_REPO, str(cluster.tmp),
-                             str(CKPT_BYTES)], capture_output=True, text=True, env=env, timeout=60)
+    result = upload_twice(cluster, hub, transfer)
     assert result.returncode == 0, result.stderr
     failed, revision = json.loads(result.stdout.splitlines()[-1])
     assert failed.startswith("HTTP 504") and revision == hub.head(HUB_REPO)
-    assert "runs/r1/ckpt/iter_0000001/common.pt" in hub.lfs_paths_at(HUB_REPO, revision)
+    checkpoint_file = "runs/r1/ckpt/iter_0000001/common.pt"
+    assert checkpoint_file in hub.lfs_paths_at(HUB_REPO, revision)
+    assert (checkpoint_file in hub.xet_paths_at(HUB_REPO, revision)) == (transfer == "xet")
+    assert hub.preuploaded[checkpoint_file] == 1  # the retry reused the uploaded file: its bytes went once
     requests = collections.Counter((method, path.rsplit("/", 2)[-2]) for method, path, _ in hub.requests)
-    assert [method for method, _, _ in hub.requests].count("PUT") == 1  # the checkpoint's bytes went once
-    assert requests["POST", "objects"] == 1  # the retry reused the uploaded file: no second LFS request
+    assert [method for method, _, _ in hub.requests].count("PUT") == (transfer == "lfs")  # LFS: one PUT of the bytes
     assert requests["POST", "commit"] == (1 if landed else 2), requests
     assert ("had landed" in result.stderr + result.stdout) == landed
 
@@ -1184,7 +1664,7 @@ def test_a_token_that_cannot_write_or_a_public_repo_stops_the_worker_before_any_
     hub.create(HUB_REPO, private=not public)
     cluster.start_commander(lease=2)
     config = cluster.write_config("a", hf_repo=HUB_REPO)
-    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"), HF_HUB_DISABLE_XET="1")
+    env = cluster.env(HF_ENDPOINT=hub.url, HF_TOKEN=token, HF_HOME=str(cluster.tmp / "hf"))
     result = subprocess.run([sys.executable, RELAY, "worker", str(config)], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 2 and words in result.stderr, result.stderr
@@ -1782,6 +2262,37 @@ def test_a_hanging_notification_receiver_delays_no_lease_answer(cluster, webhook
     wait_for("the commander to be stuck on the hanging receiver", lambda: webhook.hung >= 1, 10)
 
 
+def complete_runs(cluster: Cluster, first: int, count: int) -> None:
+    """Runs r{first}... acquired and completed at once: one "completed" notification each."""
+    client = cluster.client()
+    for n in range(first, first + count):
+        token = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": "w", "mode": "sft"}).body["lease_token"]
+        assert client.post("/api/lease/release", {"run_id": f"r{n}", "worker_id": "w", "lease_token": token,
+                                                  "status": "COMPLETED"}).status == 200
+
+
+def test_a_receiver_too_slow_for_the_queue_loses_the_oldest_notifications_and_gets_the_newest(cluster, webhook):
+    webhook.hang = True
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url})
+    complete_runs(cluster, 0, 1)
+    wait_for("the first notification to hang in the receiver", lambda: webhook.hung == 1, 10)
+    complete_runs(cluster, 1, relay.NOTIFY_QUEUE_SIZE + 29)  # 29 more than the queue holds
+    webhook.release()  # the hanging request ends unanswered: tried again
+    done = wait_for("the queue to drain", lambda: len(webhook.events("completed")) >= relay.NOTIFY_QUEUE_SIZE + 1, 60)
+    delivered = [message["run_id"] for message in webhook.events("completed")]
+    assert delivered == ["r0"] + [f"r{n}" for n in range(30, relay.NOTIFY_QUEUE_SIZE + 30)], done  # r1..r29 went
+    assert "29 notifications dropped: the receiver is too slow" in cluster.log("commander")
+
+
+def test_a_notification_the_receiver_refuses_with_a_4xx_is_not_sent_again(cluster, webhook):
+    cluster.start_commander(lease=30, env={"RELAY_NOTIFY_URL": webhook.url + "-removed"})
+    complete_runs(cluster, 0, 3)
+    wait_for("three refusals in the log",
+             lambda: cluster.log("commander").count("not delivered: the receiver answered 404") == 3, 20)
+    assert webhook.posts == 3 and webhook.messages == []
+    assert webhook.url not in cluster.log("commander")  # the URL is a secret
+
+
 def relayed_run(cluster: Cluster, run_id: str = "r1", steps: str = "40") -> dict:
     """A run handed from worker a (stopped with SIGTERM) to worker b, completed."""
     worker_a = cluster.start_worker("a" if run_id == "r1" else f"a-{run_id}", run_id,
@@ -1867,17 +2378,47 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
 # pods are sandboxes reached over real SSH.
 
 
-@pytest.fixture
-def lium(cluster):
-    from testing.lium_api import SSHD, LiumApi
+def skip_without_pods() -> None:
+    from testing.lium_api import SSHD
 
     if not os.path.exists(SSHD):
         pytest.skip("openssh-server is not installed (testing/install.sh): the stand-in's pods are reached over SSH")
     if os.geteuid() != 0:
         pytest.skip("the stand-in's pods bind-mount their folders in a mount namespace, which needs root")
+
+
+@pytest.fixture
+def lium(cluster):
+    from testing.lium_api import LiumApi
+
+    skip_without_pods()
     api = LiumApi(cluster.tmp / "lium-api", cluster.mark).start()
     try:
         yield api
+    finally:
+        api.stop()
+
+
+@pytest.mark.slow(8)
+def test_the_stand_ins_pods_see_a_test_python_that_lives_in_a_venv_under_tmp(cluster, tmp_path):
+    from testing.lium_api import EXECUTOR_ID, TEMPLATE_ID, LiumApi
+
+    skip_without_pods()
+    venv = tmp_path / "venv"  # /tmp/pytest-...: where a pod has a /tmp of its own
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = str(venv / "bin" / "python")
+    api = LiumApi(cluster.tmp / "venv-lium-api", cluster.mark, python=python).start()
+    try:
+        env = lium_env(cluster, api)
+        rented = subprocess.run(["lium", "up", EXECUTOR_ID, "--name", "venv-pod", "--template_id", TEMPLATE_ID, "-y", "--json"],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert rented.returncode == 0, rented.stderr
+        pod = json.loads(rented.stdout)["pod"]["id"]
+        ran = subprocess.run(["lium", "exec", pod, "--json", f"{python} -c 'import sys, yaml; print(sys.prefix)'"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        result = json.loads(ran.stdout)["results"][0]
+        assert (result["exit_code"], result["stdout"].strip()) == (0, str(venv)), result
     finally:
         api.stop()
 
@@ -1940,10 +2481,14 @@ def launch_stack(cluster: Cluster, api, stack: str, *flags: str, **env: str) -> 
 
 @pytest.mark.slow(24)
 def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_completes(cluster, lium):
-    secret = "stack-secret-" + uuid.uuid4().hex
-    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8})  # a whole 8-GPU node
+    secret, wandb_key, trainer_token = ("stack-secret-" + uuid.uuid4().hex, "wandb-" + uuid.uuid4().hex,
+                                        "token-" + uuid.uuid4().hex)
+    stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8},  # a whole 8-GPU node
+                        worker={"env": {"MOCK_MAX_STEPS": "40", "MOCK_STEP_SECONDS": "0.1", "WANDB_API_KEY": "${TEST_WANDB}"}},
+                        run={"env": {"TRAINER_TOKEN": "${TEST_TRAINER_TOKEN}", "PLAIN": "shown"}})
     cluster.secret = secret
-    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret)
+    result = launch_stack(cluster, lium, stack, RELAY_SHARED_SECRET=secret, TEST_WANDB=wandb_key,
+                          TEST_TRAINER_TOKEN=trainer_token)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["commander"]["url"] == cluster.url and isinstance(summary["commander"]["pid"], int)
@@ -1959,7 +2504,10 @@ def test_launch_stack_from_an_empty_folder_starts_everything_and_the_run_complet
     assert stat.S_IMODE(run_yaml.stat().st_mode) == 0o600 and stat.S_IMODE(relay_env.stat().st_mode) == 0o600
     config = json.loads(run_yaml.read_text())
     assert (config["worker_id"], config["commander_url"], config["relay_shared_secret"]) == ("relay-r1-1", cluster.url, "")
-    assert secret in relay_env.read_text()
+    # ${NAME} values come from launch-stack's environment and travel in the 0600 relay.env only
+    assert {f"RELAY_SHARED_SECRET={secret}", f"WANDB_API_KEY={wandb_key}", f"TRAINER_TOKEN={trainer_token}"} <= set(
+        relay_env.read_text().splitlines())
+    assert config["env"] == {"PLAIN": "shown"}
     assert int((home / "relay" / "worker.pid").read_text()) == summary["worker"]["pid"]
     for pid in relay.processes_with_env(f"RELAY_TEST_MARK={cluster.mark}"):
         assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
@@ -2043,6 +2591,75 @@ def supervise(cluster: Cluster, api, stack: str) -> tuple[subprocess.Popen, Path
     return proc, events
 
 
+@pytest.mark.slow(25)
+def test_a_detached_supervisor_outlives_its_terminal_reports_itself_and_down_stops_it_then_the_pods(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    started = launch_stack(cluster, lium, stack, "--supervise", "--detach")
+    assert started.returncode == 0, started.stderr
+    pid = int(re.search(r"supervisor started in the background \(pid (\d+), log ", started.stdout).group(1))
+    launch = cluster.tmp / "launch"
+    assert (launch / "supervisor.pid").read_text() == f"{pid}\n" and os.getsid(pid) == pid  # its own session
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 60)
+    detail = wait_for("status to show the supervisor", lambda: (lambda out: out if f"supervisor: pid {pid}, last heard" in out
+                      else None)(relay_cli(cluster, "status", "--run", "r1").stdout), 30)
+    assert "GPU spend: $" in detail
+    second = launch_stack(cluster, lium, stack, "--supervise")
+    assert second.returncode == 2 and f"a supervisor of {stack} already runs (pid {pid})" in second.stderr
+    down = subprocess.run([sys.executable, RELAY, "down", stack], capture_output=True, text=True, timeout=120,
+                          cwd=cluster.tmp / "empty", env=lium_env(cluster, lium))
+    assert down.returncode == 0, down.stderr
+    summary = json.loads(down.stdout)
+    assert (summary["supervisor_stopped"], summary["removed_pods"], summary["commander_stopped"]) == (
+        True, ["relay-r1-1"], True)
+    assert relay.process_start_ticks(pid) is None and stack_pods(lium) == [] and not cluster.healthy()
+    assert "stopped supervising; pods left as they are" in (launch / "supervisor.log").read_text()
+
+
+@pytest.mark.slow(20)
+def test_a_cancelled_supervised_run_ends_with_its_pods_removed_after_its_holder_handed_it_back(cluster, lium):
+    stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
+    assert relay_cli(cluster, "cancel", "r1").returncode == 0
+    assert supervisor.wait(60) == 0, events.read_text()
+    text = events.read_text()
+    assert "removed: the run is CANCELLED" in text and "run r1 CANCELLED: GPU spend $" in text, text
+    assert stack_pods(lium) == [] and "creating pod relay-r1-2" not in text
+    run = cluster.run("r1")
+    assert run["status"] == "CANCELLED" and run["leases"][-1]["why"] == "preempted: the run was cancelled"
+    sealed = run["latest_checkpoint"]["iteration"]  # on the volume, which outlives the pod
+    assert (lium.volume_folder() / "relay" / "runs" / "r1" / "sealed" / f"iter_{sealed:07d}.json").exists()
+    # Before the pod went, the end of its worker log was kept, and its last lines are in the run's events.
+    assert "stopping: the run was cancelled" in (cluster.tmp / "launch" / "pods" / "relay-r1-1.worker.log").read_text()
+    assert any(e["msg"].startswith("launch-stack: pod relay-r1-1 removed (the run is CANCELLED); its worker log ended: ")
+               for e in run["events"]), run["events"]
+
+
+@pytest.mark.slow(10)
+def test_a_worker_config_error_costs_one_pod_whose_log_is_kept_and_stops_the_supervisor(cluster, lium, webhook):
+    # The worker refuses its configuration (here: no such file), as it would on every pod.
+    stack = write_stack(cluster, lium, relay={"max_pods": 5}, commander={"notify_url": webhook.url},
+                        worker={"command": f"{sys.executable} relay/relay.py worker relay/missing.yaml"})
+    result = launch_stack(cluster, lium, stack, "--supervise")
+    assert result.returncode == 2, result.stderr
+    assert "the worker on pod relay-r1-1 failed for a reason every pod would meet: relay/missing.yaml: cannot read" \
+        in result.stderr
+    assert [pod.name for pod in lium.removed] == ["relay-r1-1"] and stack_pods(lium) == []  # one pod, removed
+    kept = cluster.tmp / "launch" / "pods" / "relay-r1-1.worker.log"
+    assert "relay: error: relay/missing.yaml: cannot read" in kept.read_text()
+    message = wait_for("the supervisor's notification", lambda: webhook.events("worker_failed"), 10)[0]
+    assert message["pod"] == "relay-r1-1" and any("missing.yaml" in line for line in message["log_tail"])
+
+
+def test_only_a_failure_every_pod_would_meet_stops_the_supervisor():
+    assert relay.failure_every_pod_meets(["[worker a] starting", "relay: error: run.yaml: field 'mode' must be sft or rl"]) \
+        == "run.yaml: field 'mode' must be sft or rl"
+    unreachable = "[worker a] cannot reach the commander at http://203.0.113.9:8080: timed out; trying again for up to 50 s"
+    assert relay.failure_every_pod_meets(["[worker a] starting", unreachable]) == unreachable
+    assert relay.failure_every_pod_meets([unreachable, "[worker a] reached the commander at http://... after 9 s"]) == ""
+    assert relay.failure_every_pod_meets(["[worker a] lease granted, epoch 2", "[trainer] CUDA error: out of memory"]) == ""
+
+
 @pytest.mark.slow(24)
 def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_completes_on_its_first_lease(cluster, lium):
     # A 10 s lease: the worker's deadline (8 s after a renewal) outlasts the restart with room on a loaded machine.
@@ -2051,11 +2668,11 @@ def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_comp
     supervisor, events = supervise(cluster, lium, stack)
     wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
     pid_path = cluster.tmp / "launch" / "commander.pid"
-    killed = int(pid_path.read_text().split()[0])  # the pid, then its start time
+    killed = int(pid_path.read_text())
     os.kill(killed, signal.SIGKILL)
     assert supervisor.wait(90) == 0, events.read_text()
     assert f"the commander (pid {killed}) is gone: starting it again" in events.read_text(), events.read_text()
-    assert int(pid_path.read_text().split()[0]) != killed
+    assert int(pid_path.read_text()) != killed
     run = cluster.run("r1")
     assert run["status"] == "COMPLETED" and run["step"] == 60
     assert [(lease["epoch"], lease["worker_id"]) for lease in run["leases"]] == [(1, "relay-r1-1")]  # no lease lost
@@ -2076,6 +2693,23 @@ def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_aga
     run = cluster.run("r1")
     assert (run["holder"], run["epoch"]) == ("w1", 1)  # the lease survived the restart
     assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in capsys.readouterr().err
+
+
+def test_the_commander_pid_file_holds_the_pid_alone_and_a_reused_pid_is_never_signalled(cluster, lium, monkeypatch):
+    monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commander it starts is this test's to clean up
+    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium)))
+    pid = stack.start_commander()
+    pid_path = cluster.tmp / "launch" / "commander.pid"
+    assert pid_path.read_text() == f"{pid}\n"  # so `kill $(cat commander.pid)` signals it and nothing else
+    state = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())
+    assert state["commander"] == {"pid": pid, "start_ticks": relay.process_start_ticks(pid)}
+    assert stack.stop_commander() and not cluster.healthy()
+    stranger = subprocess.Popen(["sleep", "60"])  # a process that got the dead commander's pid, as it were
+    cluster.procs.append(stranger)
+    pid_path.write_text(f"{stranger.pid}\n")
+    stack.state.commander = {"pid": stranger.pid, "start_ticks": relay.process_start_ticks(stranger.pid) - 1}
+    assert stack.commander_pid() is None and not stack.stop_commander()
+    assert stranger.poll() is None
 
 
 def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) -> str:
@@ -2252,6 +2886,7 @@ def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, li
     ({"relay": {"max_pods": 0}}, "relay: field 'max_pods'"),
     ({"relay": {"hot_standby": True}}, "relay: field 'hot_standby' needs run.hf_repo"),
     ({"pods": {}}, "unknown group 'pods'"),
+    ({"lium": {"volum": "id:x"}}, "lium: unknown field 'volum' (did you mean 'volume'?)"),
     ({"run": {"worker_id": "me"}}, "run: field 'worker_id' is set by launch-stack"),
 ])
 def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(cluster, lium, groups, words):
@@ -2262,11 +2897,26 @@ def test_an_invalid_stack_yaml_exits_2_naming_the_field_and_creates_nothing(clus
     assert lium.requests == [] and not cluster.healthy()
 
 
+def test_a_stack_yaml_in_the_flat_layout_gets_one_error_naming_the_group_of_every_field(tmp_path):
+    flat = tmp_path / "stack.yaml"  # the earlier project's layout: every field at the top level
+    flat.write_text("public_url: http://198.51.100.1:8080\ntemplate_id: T\nvolume: id:V\nrun_id: r1\nmode: sft\n"
+                    "env: {A: b}\nlium: {node: N, public_url: x}\nrelais: {}\n")
+    result = subprocess.run([sys.executable, RELAY, "launch-stack", str(flat), "--dry-run"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr == (
+        f"relay: error: {flat}: fields out of their group: public_url -> commander.public_url; template_id -> "
+        "lium.template_id; volume -> lium.volume; run_id -> run.run_id; mode -> run.mode; env -> run.env or worker.env; "
+        "lium.public_url -> commander.public_url; unknown group 'relais' (did you mean 'relay'?) (the groups: "
+        "commander, lium, run, worker, relay)\n")
+
+
 def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster, lium):
     secret = "dry-secret-" + uuid.uuid4().hex
     stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8, "ttl": "6h"},
-                        relay={"budget_usd": 500})
-    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret)
+                        relay={"budget_usd": 500}, worker={"env": {"WANDB_API_KEY": "${TEST_WANDB}"}})
+    wandb_key = "wandb-" + uuid.uuid4().hex
+    result = launch_stack(cluster, lium, stack, "--dry-run", RELAY_SHARED_SECRET=secret, TEST_WANDB=wandb_key)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for words in ("would run: RELAY_SHARED_SECRET=*** ", " serve --host 127.0.0.1",
@@ -2276,8 +2926,72 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
                   "relay/launch_rl.sh, relay/slime_flags.txt, relay/run.yaml, relay/relay.env, mode 0600>", "lium exec '<id of relay-r1-1>' --json",
                   "nohup setsid"):
         assert words in out, out
-    assert secret not in out + result.stderr
-    assert lium.requests == [] and not cluster.healthy()
+    assert secret not in out + result.stderr and wandb_key not in out + result.stderr
+    for words in ("preflight ok: LIUM_API_KEY: Lium accepts it",
+                  f"preflight ok: worker.env.WANDB_API_KEY: ${{TEST_WANDB}} is set here (*** {len(wandb_key)} characters", "preflight ok: lium.template_id: template relay-trainer",
+                  f"preflight ok: lium.volume: volume {lium.volume_huid()} exists", "preflight ok: lium.gpu: 1 node(s) offer 8 H200",
+                  "preflight ok: commander.public_url: nothing answers there yet"):
+        assert words in out, out
+    assert rented_or_changed(lium) == [] and not cluster.healthy()
+
+
+def rented_or_changed(api) -> list[tuple[str, str]]:
+    """What the stand-in was asked that rents, removes or changes anything (all but reads)."""
+    return [request for request in api.requests if request[0] != "GET"]
+
+
+def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one_line_per_field(cluster, lium):
+    stack = write_stack(cluster, lium, commander={"host": "0.0.0.0", "public_url": "http://YOUR_PUBLIC_IP:8080"},
+                        lium={"template_id": "YOUR_TEMPLATE_ID", "node": "no-such-node"},
+                        run={"hf_repo": HUB_REPO, "env": {"WANDB_API_KEY": "${TEST_UNSET_KEY}"}},  # no HF_TOKEN anywhere
+                        worker={"env": {"TRAINSTACK_HTTP_ENV_URL": "http://203.0.113.5:8000",
+                                        "SLIME_SFT_CMD": "python3 train.py --save-intervall 20 $RELAY_SLIME_ARGS"}})
+    result = launch_stack(cluster, lium, stack, "--supervise", RELAY_SHARED_SECRET="short", HF_TOKEN="")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    for field_name in ("commander.public_url: 'http://YOUR_PUBLIC_IP:8080' is a placeholder",
+                       "lium.template_id: 'YOUR_TEMPLATE_ID' is a placeholder",
+                       "worker.env.TRAINSTACK_HTTP_ENV_URL: 'http://203.0.113.5:8000' is a documentation address",
+                       "RELAY_SHARED_SECRET: 5 bytes; a commander reachable from other machines needs at least 32",
+                       "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set",
+                       "run.env.WANDB_API_KEY: ${TEST_UNSET_KEY} is not set where launch-stack runs",
+                       "worker.env.SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?)"):
+        assert sum(field_name in line for line in lines) == 1, result.stderr
+    assert lines[-1] == "relay: error: 8 preflight check(s) failed (above): nothing was started or rented"
+    assert rented_or_changed(lium) == [] and not cluster.healthy()
+
+
+def test_a_dry_run_with_a_refused_lium_key_says_so_prints_the_plan_and_exits_2(cluster, lium):
+    lium.api_key = "the-real-key"  # lium_env gives the CLI another one
+    result = launch_stack(cluster, lium, write_stack(cluster, lium), "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "preflight: LIUM_API_KEY: Lium refuses it (" in result.stdout and "Invalid API key" in result.stdout
+    assert "would run: lium up " in result.stdout  # the plan all the same
+    assert rented_or_changed(lium) == []
+
+
+def test_a_commander_that_does_not_answer_at_public_url_stops_launch_stack_before_any_rent(cluster, lium):
+    from testing.harness import free_port
+
+    elsewhere = f"http://127.0.0.1:{free_port()}"  # not where the commander listens
+    result = launch_stack(cluster, lium, write_stack(cluster, lium, commander={"public_url": elsewhere}))
+    assert result.returncode == 2, result.stderr
+    assert f"preflight: commander.public_url: cannot reach the commander at {elsewhere}" in result.stderr
+    assert rented_or_changed(lium) == [] and not cluster.healthy()  # the commander it started is stopped again
+
+
+@pytest.mark.parametrize("problem", ["read-only token", "public repo"])
+def test_the_preflight_refuses_an_hf_token_that_cannot_write_and_a_public_repo(cluster, lium, hub, problem):
+    if problem == "public repo":
+        hub.create(HUB_REPO, private=False)
+    token = hub.read_token if problem == "read-only token" else hub.token
+    stack = write_stack(cluster, lium, run={"hf_repo": HUB_REPO}, worker={"env": {"HF_ENDPOINT": hub.url}})
+    result = launch_stack(cluster, lium, stack, "--dry-run", HF_TOKEN=token)
+    assert result.returncode == 2, result.stdout
+    expected = ("preflight: HF_TOKEN: a read-only token cannot create tester/relay-ckpt" if problem == "read-only token"
+                else "preflight: run.hf_repo: tester/relay-ckpt is a PUBLIC repo")
+    assert expected in result.stdout, result.stdout
+    assert token not in result.stdout + result.stderr
 
 
 @pytest.mark.slow(23)
@@ -2303,11 +3017,13 @@ def test_relay_py_is_not_uploaded_when_the_image_has_it_and_down_removes_the_pod
     wait_for("the pod's processes to be gone", lambda: not cluster.trainer_pids(), 10)
 
 
-def test_the_shipped_example_configs_are_valid():
+def test_the_shipped_example_configs_are_valid_and_the_preflight_refuses_their_placeholders():
     root = os.path.dirname(RELAY)
     assert relay.load_run_config(os.path.join(root, "run.yaml.example")).run_id == "lium-demo-sft"
     for name in ("stack.yaml.example", "examples/stack.liveweb_sft.example.yaml", "examples/stack.liveweb_rl.example.yaml"):
         stack = relay.load_stack_config(os.path.join(root, name))
+        refused = {check.what for check in relay.placeholder_checks(stack)}
+        assert {"commander.public_url", "lium.template_id", "lium.volume", "run.hf_repo"} <= refused, (name, refused)
         command = stack.worker.env.get("SLIME_SFT_CMD", "") + stack.worker.env.get("SLIME_RL_CMD", "")
         if "liveweb" in name:
             assert "$RELAY_SLIME_ARGS" in command and "--save-interval" in command

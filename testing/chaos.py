@@ -177,7 +177,8 @@ class Chaos:
         return self.record().get("holder", "")
 
     def start_commander(self) -> None:
-        self.cluster.start_commander(lease=self.ttl, secret=self.secret, file_limit=COMMANDER_FILE_LIMIT)
+        self.cluster.start_commander(lease=self.ttl, secret=self.secret,
+                                     wrap=("prlimit", f"--nofile={COMMANDER_FILE_LIMIT}:{COMMANDER_FILE_LIMIT}", "--"))
 
     def start_proxy(self) -> None:
         port = free_port()

@@ -5,8 +5,13 @@ It takes slime's checkpoint arguments (from $RELAY_SLIME_ARGS, as a real command
 its launch script): --load DIR --save DIR [--save-debug-rollout-data PATTERN], and behaves
 as slime does (notes/slime.md):
   - iteration = rollout id, 0-based; resume at tracker + 1; num_rollout is the total;
-  - saves every FAKE_SAVE_INTERVAL rollouts: the iteration folder, then the tracker, then,
+  - saves every FAKE_SAVE_INTERVAL rollouts: the iteration folder, then the tracker (written
+    in place, as Megatron's iter_finalize_fn does: a reader can see it empty), then,
     FAKE_STATE_DELAY seconds later, rollout/global_dataset_state_dict_N.pt;
+  - its "weights" are a SHA-256 chain over the rollouts, from the checkpoint it loads: a
+    resume reads iter_N/common.pt whole and refuses one whose bytes are not the ones that
+    header names (a truncated or wrong restore fails as torch.load would), so a relayed run
+    ends with the weights of an uninterrupted one only if every restore was exact;
   - prints slime's real lines with both prefixes, Ray's `(MegatronTrainRayActor pid=N) ` and
     logging's `[time] file.py:line - `: `rollout N: {...}`, then FAKE_STEPS_PER_ROLLOUT (4)
     train steps `step K: {... 'train/loss': X}` (K = N x steps per rollout + i) each followed
@@ -18,12 +23,15 @@ as slime does (notes/slime.md):
     that renames itself with setproctitle (hiding its environment) and keeps writing a
     heartbeat file named after its pid: it would outlive a process-group kill and a tag scan;
   - FAKE_EXIT_EARLY_AT=N: exits 0 after rollout N, like `ray job submit` for a STOPPED job;
-  - FAKE_CKPT_BYTES=N: each checkpoint's common.pt is N bytes (random, as weights are).
+  - FAKE_CKPT_BYTES=N: each checkpoint's common.pt is N bytes (the header, then bytes drawn
+    from the weights: as random as real weights, and a function of them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -46,6 +54,28 @@ def log(where: str, message: str) -> None:
     print(f"{ACTOR}[{stamp}] {where} - {message}", flush=True)
 
 
+BASE_WEIGHTS = hashlib.sha256(b"base weights").hexdigest()
+
+
+def next_weights(weights: str, rollout: int) -> str:
+    return hashlib.sha256(f"{weights}:{rollout}".encode()).hexdigest()
+
+
+def weights_file(weights: str, size: int) -> bytes:
+    """common.pt: a header naming the weights, then `size` bytes in all drawn from them."""
+    header = f"weights {weights}\n".encode()
+    return header + random.Random(weights).randbytes(max(0, size - len(header)))
+
+
+def load_weights(path: str) -> str:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    weights = data.split(b"\n", 1)[0].removeprefix(b"weights ").decode(errors="replace")
+    if data != weights_file(weights, len(data)) or len(weights) != 64:
+        raise SystemExit(f"fake slime: {path} is corrupt (truncated or not the weights it names)")
+    return weights
+
+
 def main() -> int:
     args = shlex.split(os.environ["RELAY_SLIME_ARGS"])
     options = dict(zip(args[::2], args[1::2], strict=True))
@@ -65,6 +95,7 @@ def main() -> int:
     start = int(text) + 1 if text.isdigit() else 1 if text == "release" else 0
     if text == "release":
         print(f"fake slime: loading the base checkpoint {os.path.join(save, 'release')}", flush=True)
+    weights = load_weights(os.path.join(save, f"iter_{int(text):07d}", "common.pt")) if text.isdigit() else BASE_WEIGHTS
     print(f"fake slime: starting at rollout {start} of {num_rollout}", flush=True)
     if os.environ.get("FAKE_SETSID_CHILD") == "1":  # setsid + double fork + setproctitle, as Ray and SGLang do
         subprocess.run(["setsid", "--fork", sys.executable, "-c", RENAMED_CHILD, os.path.join(save, "..")], check=True)
@@ -74,6 +105,7 @@ def main() -> int:
                                      "2 GPUs registered with Ray, 2 available.")
     for rollout in range(start, num_rollout):
         time.sleep(step_seconds)
+        weights = next_weights(weights, rollout)
         log("train_metric_utils.py:135", f"rollout {rollout}: {{'rollout/reward': {0.1 * rollout:.3f}}}")
         for step in range(rollout * steps_per_rollout, (rollout + 1) * steps_per_rollout):
             log("model.py:918", f"step {step}: {{'train/kl_loss': 9.0, 'train/loss': {1.0 / (rollout + 1):.4f}, "
@@ -86,8 +118,7 @@ def main() -> int:
             folder = os.path.join(save, f"iter_{rollout:07d}")
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "common.pt"), "wb") as handle:
-                label = f"weights after rollout {rollout}\n".encode()
-                handle.write(label + os.urandom(max(0, ckpt_bytes - len(label))))
+                handle.write(weights_file(weights, ckpt_bytes))
             if async_save:
                 write_dataset_state(save, rollout)
                 time.sleep(state_delay)
@@ -103,9 +134,8 @@ def main() -> int:
 
 
 def write_tracker(tracker: str, rollout: int, save: str) -> None:
-    with open(tracker + ".tmp", "w") as handle:
+    with open(tracker, "w") as handle:  # in place, as Megatron writes it
         handle.write(str(rollout))
-    os.replace(tracker + ".tmp", tracker)
     print(f"successfully saved checkpoint from iteration {rollout} to {save}", flush=True)
 
 

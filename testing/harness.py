@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import re
-import resource
+import select
 import signal
 import socket
 import subprocess
@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT))
 import relay  # noqa: E402
 
 RELAY = str(ROOT / "relay.py")
+# The path the workers' Hub uploads and downloads take (run.yaml hf_transfer): Xet, as in
+# production, unless RELAY_TEST_HF_TRANSFER=lfs asks for a pass on the plain LFS path.
+HF_TRANSFER = os.environ.get("RELAY_TEST_HF_TRANSFER", "xet")
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
@@ -119,6 +122,7 @@ class Cluster:
         self.ca_file = ""  # what clients verify an https:// commander with
         self.commander: subprocess.Popen | None = None
         self.hub: Any = None  # a testing.hub_server.HubServer the workers talk to, if any
+        self.hf_transfer = HF_TRANSFER  # run.yaml hf_transfer of the workers it starts
         self.state_path = str(tmp / "commander_state.json")
 
     # -- processes ---------------------------------------------------------------------------
@@ -130,20 +134,14 @@ class Cluster:
         env.update(extra)
         return env
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, open_files: int = 0,
-              module: str = "", file_limit: int | None = None) -> subprocess.Popen:
-        """relay.py with `args`, or `python -m module` (a far side or attacker in testing/).
-        `open_files`: the process starts holding that many more open files (fds 3 and up),
-        as a worker does after a Hub prefetch; `file_limit`: it may open at most that many
-        (soft and hard limit: it cannot raise it)."""
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              wrap: tuple[str, ...] = (), module: str = "") -> subprocess.Popen:
+        """`wrap`: a command that execs relay.py with a limit set (prlimit ...) or files held;
+        `module`: `python -m module` (a far side or an attacker in testing/) instead of relay.py."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
         env = dict(env or self.env(), PYTHONPATH=str(ROOT)) if module else env or self.env()
-        hold = ["bash", "-c", 'for fd in $(seq 3 "$0"); do eval "exec $fd</dev/null"; done; exec "$@"',
-                str(2 + open_files)] if open_files else []
-        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))) if file_limit else None
-        proc = subprocess.Popen([*hold, sys.executable, *(["-m", module] if module else [RELAY]), *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.tmp,
-                                preexec_fn=limit)
+        proc = subprocess.Popen([*wrap, sys.executable, *(["-m", module] if module else [RELAY]), *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.tmp)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
@@ -179,13 +177,12 @@ class Cluster:
 
     def start_commander(self, lease: float = 2, secret: str = "", port: int | None = None,
                         extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                        file_limit: int | None = None) -> str:
+                        wrap: tuple[str, ...] = ()) -> str:
         self.secret = secret
         self.port = port or self.port or free_port()
         env = self.env(**(env or {}), **({"RELAY_SHARED_SECRET": secret} if secret else {}))
         self.commander = self.spawn("commander", ["serve", "--port", str(self.port), "--lease-seconds", str(lease),
-                                                  "--state-path", self.state_path, *extra], env,
-                                    file_limit=file_limit)
+                                                  "--state-path", self.state_path, *extra], env, wrap)
         self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         wait_for("the commander to answer /api/health", self.healthy, 15)
         return self.url
@@ -210,7 +207,8 @@ class Cluster:
 
     def write_config(self, worker_id: str, run_id: str = "r1", **fields: Any) -> Path:
         config = {"commander_url": self.url, "run_id": run_id, "worker_id": worker_id, "mode": "sft",
-                  "l1_root": str(self.tmp / "volume"), "stop_grace_seconds": 2, "commander_wait_seconds": 10}
+                  "l1_root": str(self.tmp / "volume"), "stop_grace_seconds": 2, "commander_wait_seconds": 10,
+                  "hf_transfer": self.hf_transfer}
         config.update(fields)
         path = self.tmp / f"{worker_id}.yaml"
         path.write_text(json.dumps(config))
@@ -218,16 +216,18 @@ class Cluster:
 
     def start_worker(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                      open_files: int = 0, **fields: Any) -> subprocess.Popen:
+        """`open_files`: the worker starts holding that many more open files (fds 3 and up),
+        as it does after a Hub prefetch."""
         config = self.write_config(worker_id, run_id, **fields)
         worker_env = self.env(**(env or {}))
         if self.hub is not None:  # each worker is its own pod: its own Hugging Face cache
-            # HF_HUB_DISABLE_XET: the test Hub speaks plain LFS (huggingface_hub would use Xet)
             worker_env.update(HF_ENDPOINT=self.hub.url, HF_TOKEN=self.hub.token, HF_HUB_DISABLE_TELEMETRY="1",
-                              HF_HUB_DISABLE_XET="1",
                               HF_HOME=str(self.tmp / f"hf-home-{worker_id}"))
         if self.secret:
             worker_env["RELAY_SHARED_SECRET"] = self.secret
-        return self.spawn(worker_id, ["worker", str(config)], worker_env, open_files)
+        hold = ("bash", "-c", 'for fd in $(seq 3 "$0"); do eval "exec $fd</dev/null"; done; exec "$@"',
+                str(2 + open_files)) if open_files else ()
+        return self.spawn(worker_id, ["worker", str(config)], worker_env, hold)
 
     def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                                       **fields: Any) -> "PidNamespace":
@@ -290,37 +290,90 @@ class PidNamespace:
 
 
 class TrainerOverlapMonitor:
-    """Samples the process table and remembers any instant with two trainers of one run alive.
+    """Each trainer's life, judged exactly: when its first process was born and its last ended.
 
-    Trainers are told apart by their lease epoch; one trainer is a process tree whose
-    processes share an epoch.
+    Trainers are told apart by their lease epoch (a trainer is the process tree whose
+    processes share one).  A process is found by scanning /proc every 20 ms; its birth is read
+    from /proc (the kernel's start time, 10 ms ticks) and its end is seen the moment it
+    happens, through a pidfd that becomes readable at exit: a trainer that outlives its lease
+    by a millisecond shows it, whatever the scan missed.  Times are wall-clock seconds, as the
+    commander's lease records are (`started_at` of a grant).
     """
 
     def __init__(self, cluster: Cluster, run_id: str = "r1") -> None:
         self.cluster, self.run_id = cluster, run_id
-        self.overlaps: list[set[str]] = []
-        self.epochs_seen: set[str] = set()
-        self.last_seen: dict[str, float] = {}  # epoch -> wall time its trainer was last seen alive
+        self.born: dict[str, float] = {}  # epoch -> its first process's birth
+        self.ended: dict[str, float] = {}  # epoch -> its last process's end, once all have ended
+        self._alive: dict[int, tuple[str, int]] = {}  # pid -> (epoch, pidfd)
+        self._seen: set[tuple[int, int]] = set()  # (pid, start ticks): a reused pid is a new process
+        self._lock = threading.Lock()
+        self._exits = select.epoll()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._threads = [threading.Thread(target=self._scan, daemon=True),
+                         threading.Thread(target=self._wait_for_exits, daemon=True)]
+        self._boot_wall = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        self._tick = os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> "TrainerOverlapMonitor":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
+        self._exits.close()
 
-    def _sample(self) -> None:
+    @property
+    def epochs_seen(self) -> set[str]:
+        return set(self.born)
+
+    @property
+    def overlaps(self) -> list[tuple[str, str]]:
+        """Pairs of epochs whose trainers were alive at one instant."""
+        with self._lock:
+            running = {epoch: (born, self.ended.get(epoch, float("inf"))) for epoch, born in self.born.items()}
+        return [(a, b) for a in running for b in running
+                if a < b and max(running[a][0], running[b][0]) < min(running[a][1], running[b][1])]
+
+    def _scan(self) -> None:
         while not self._stop.is_set():
-            epochs = {env.get("RELAY_LEASE_EPOCH", "?") for env in self.cluster.trainer_pids(self.run_id).values()}
-            self.epochs_seen |= epochs
-            now = time.time()
-            self.last_seen.update({epoch: now for epoch in epochs})
-            if len(epochs) > 1:
-                self.overlaps.append(epochs)
+            for pid, env in self.cluster.trainer_pids(self.run_id).items():
+                started = relay.process_start_ticks(pid)
+                if started is None or (pid, started) in self._seen:
+                    continue
+                self._seen.add((pid, started))
+                epoch = env.get("RELAY_LEASE_EPOCH", "?")
+                born = self._boot_wall + started / self._tick
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except ProcessLookupError:  # ended between the scan and now: now is an upper bound
+                    pidfd = -1
+                with self._lock:
+                    self.born[epoch] = min(self.born.get(epoch, born), born)
+                    self.ended.pop(epoch, None)
+                    if pidfd < 0:
+                        self._end(epoch, time.time())
+                    else:
+                        self._alive[pidfd] = (epoch, pid)
+                        self._exits.register(pidfd, select.EPOLLIN)
             self._stop.wait(0.02)
+
+    def _wait_for_exits(self) -> None:
+        while not self._stop.is_set():
+            for pidfd, _ in self._exits.poll(0.1):
+                now = time.time()
+                with self._lock:
+                    epoch, _pid = self._alive.pop(pidfd)
+                    self._exits.unregister(pidfd)
+                    os.close(pidfd)
+                    self._end(epoch, now)
+
+    def _end(self, epoch: str, now: float) -> None:
+        """One process of `epoch` ended: the trainer has ended when none of its is left."""
+        if not any(other == epoch for other, _ in self._alive.values()):
+            self.ended[epoch] = now
 
 
 def reference_model(tmp: Path, max_steps: int = 40, save_every: int = 5) -> bytes:

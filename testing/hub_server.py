@@ -1,36 +1,61 @@
 """A small Hugging Face Hub server on loopback for tests: the HTTP API huggingface_hub speaks.
 
 Follows what huggingface_hub 2.4 sends (hf_api.py create_commit / preupload_lfs_files /
-list_lfs_files / permanently_delete_lfs_files / auth_check, _commit_api.py, lfs.py) and the
-Hub's documented limits (hub-docs storage-limits, rate-limits; ../shared/notes/hub.md).
+list_lfs_files / permanently_delete_lfs_files / auth_check, _commit_api.py, lfs.py,
+file_download.py, utils/_xet.py), what hf_xet 1.8 expects of a token route (its
+`new_upload_commit` / `new_file_download_group` docstrings: JSON `{accessToken, exp, casUrl}`),
+the MDB shard layout of the "Xet Protocol Specification" (hub-docs docs/xet: file info
+section, 48-byte entries, metadata_ext holding the sha256) and the Hub's documented limits
+(hub-docs storage-limits, rate-limits; ../shared/notes/hub.md).
 
 Model repos only, commits kept in memory as full snapshots.  Files of `lfs_threshold` bytes
-and more (10 MB, as on the Hub) take the LFS path: preupload answers "lfs", the client asks the
-LFS batch API (basic transfer), PUTs the bytes to the href it got, and commits an `lfsFile`
-line.  (huggingface_hub 2.x sends every LFS file through hf_xet when installed: the client
-needs HF_HUB_DISABLE_XET=1.)  Like the Hub, a private repo's storage counts every LFS object
-and every regular blob that history still references; over `quota_bytes` an upload or a commit
-is refused with 403 "Private repository storage limit reached", and only permanently deleting
-LFS objects frees space.  A folder holds at most `max_files_per_folder` files (400 past it).
+and more (10 MB, as on the Hub) are "lfs" in the preupload answer, and then take one of two
+paths, as on the Hub:
+- Xet (what huggingface_hub does whenever hf_xet is installed; 1.x first offers "xet" to the
+  LFS batch API, which chooses it as the Hub does): the client asks
+  `xet-write-token/{rev}` (the JSON body for hf_xet, the X-Xet-* headers for the Python side)
+  and hf_xet uploads chunks, xorbs and a shard to the CAS the token names.  The CAS is
+  hf_xet's own `local://` store in a folder of this server's (`cas_dir`); the shard it
+  writes there maps each file's sha256 to its Xet hash, which is how the commit's `lfsFile`
+  line (keyed by sha256) finds the file, as the Hub does from the shards uploaded to it.
+  Downloads: resolve answers `X-Xet-Hash` and `Link: <xet-read-token/{commit}>; rel="xet-auth"`,
+  the tree lists `xetHash`, and hf_xet reads the chunks from the same folder.  For fault
+  tests `cas_url` hands out another CAS (testing.xet_cas: one that refuses or fails).
+- plain LFS (HF_HUB_DISABLE_XET=1 in the client): the batch API (basic transfer), a PUT of
+  the bytes to the href it got, then the same `lfsFile` line.
+Like the Hub, a private repo's storage counts every LFS or Xet file and every regular blob
+that history still references, and only permanently deleting LFS files (Xet files are listed
+and deleted by the same calls) frees space.  Over `quota_bytes` a commit is refused with 403
+"Private repository storage limit reached" (and so are an LFS batch request and a Xet write
+token when the repo is already full).  Why the commit: under Xet that is where the Hub first
+learns which files, of what size, a repo gains (the CAS sees deduplicated chunks, shared by
+every repo, and the write token is handed out before any byte is known), so it is the one
+place the Hub can enforce a repo's quota on the Xet path; a full repo's write token is
+refused as well, so a client stuck over quota does not even send its chunks.  A folder holds at most `max_files_per_folder` files (400 past it).
 A `read_token` may read but not write.  Faults can be injected (status codes, Retry-After,
 RateLimit, stalls) and every request is logged, so tests can prove what the real client did.
 Downloads can be held to a pod's rate (`download_bytes_per_second`, shared by all
 connections) for benchmarks.
 
     hub = HubServer(token="hf_test"); hub.start(); ... hub.stop()
-    env: HF_ENDPOINT=hub.url (set before huggingface_hub is imported), HF_TOKEN=hub.token,
-         HF_HUB_DISABLE_XET=1
+    env: HF_ENDPOINT=hub.url (set before huggingface_hub is imported), HF_TOKEN=hub.token
+         (and HF_HUB_DISABLE_XET=1 for the plain LFS path)
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import fnmatch
 import hashlib
 import http.server
 import json
+import os
 import re
+import shutil
+import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -39,6 +64,11 @@ from dataclasses import dataclass, field
 
 LFS_THRESHOLD = 10 * 1000 * 1000  # the Hub stores files of 10 MB and more in LFS
 STORAGE_LIMIT_ERROR = "Private repository storage limit reached"
+XET_TOKEN_SECONDS = 3600  # a Xet access token's life (the client refreshes it 60 s before it ends)
+SHARD_ENTRY_BYTES = 48  # every record of an MDB shard's file info section
+SHARD_HEADER_BYTES = 48
+SHARD_BOOKEND = b"\xff" * 32  # the file hash that closes the file info section
+SHARD_HAS_VERIFICATION, SHARD_HAS_METADATA_EXT = 1 << 31, 1 << 30  # file_flags bits
 
 
 @dataclass
@@ -52,8 +82,12 @@ class Blob:
 
 @dataclass
 class LfsObject:
-    data: bytes
-    filename: str
+    """A file stored outside git: its bytes (the LFS path) or its Xet hash (its chunks are in the CAS)."""
+
+    size: int
+    filename: str = ""
+    data: bytes | None = None
+    xet_hash: str = ""
     pushed_at: float = field(default_factory=time.time)
 
 
@@ -77,7 +111,7 @@ class Repo:
     def storage_bytes(self) -> int:
         """What the Hub bills: every LFS object kept, every regular blob any commit holds."""
         regular = {b.sha256: b.size for c in self.commits.values() for b in c.files.values() if b.content is not None}
-        return sum(regular.values()) + sum(len(o.data) for o in self.lfs.values())
+        return sum(regular.values()) + sum(o.size for o in self.lfs.values())
 
 
 @dataclass
@@ -94,6 +128,32 @@ class Fault:
     after: bool = False  # serve the request first, then answer `status` (a commit made whose answer was lost)
 
 
+def xet_hash_text(raw: bytes) -> str:
+    """Xet's text form of a 32-byte hash: four little-endian u64s, each in 16 hex digits."""
+    return "".join(raw[i:i + 8][::-1].hex() for i in range(0, 32, 8))
+
+
+def shard_files(data: bytes) -> dict[str, tuple[str, int]]:
+    """sha256 -> (Xet hash, size) of every file an MDB shard describes with its sha256.
+
+    The file info section follows the 48-byte header: per file a header (file hash, flags,
+    number of entries), its entries (xorb hash, flags, bytes, chunk range), as many
+    verification entries if flagged, and one metadata_ext record (the sha256) if flagged;
+    a file hash of all 0xff bytes closes the section."""
+    found, offset = {}, SHARD_HEADER_BYTES
+    while offset + SHARD_ENTRY_BYTES <= len(data) and data[offset:offset + 32] != SHARD_BOOKEND:
+        file_hash = xet_hash_text(data[offset:offset + 32])
+        flags, entries = struct.unpack_from("<II", data, offset + 32)
+        size = sum(struct.unpack_from("<I", data, offset + SHARD_ENTRY_BYTES * (k + 1) + 36)[0] for k in range(entries))
+        offset += SHARD_ENTRY_BYTES * (1 + entries)
+        if flags & SHARD_HAS_VERIFICATION:
+            offset += SHARD_ENTRY_BYTES * entries
+        if flags & SHARD_HAS_METADATA_EXT:
+            found[xet_hash_text(data[offset:offset + 32])] = (file_hash, size)
+            offset += SHARD_ENTRY_BYTES
+    return found
+
+
 def git_blob_id(blob: Blob) -> str:
     """git's id for the file: of its bytes, or of its LFS pointer file."""
     data = blob.content if blob.content is not None else (
@@ -106,14 +166,21 @@ class HubServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, token: str = "hf_testtoken0123456789", read_token: str = "hf_readonly0123456789",
                  lfs_threshold: int = LFS_THRESHOLD, quota_bytes: int | None = None,
-                 max_files_per_folder: int = 10_000) -> None:
+                 max_files_per_folder: int = 10_000, cas_url: str = "") -> None:
         super().__init__(("127.0.0.1", 0), HubHandler)
+        self.cas_dir = tempfile.mkdtemp(prefix="hub-cas-")  # hf_xet's local:// CAS: chunks, xorbs, shards
+        self.cas_url = cas_url or f"local://{self.cas_dir}"  # what a write token names (a faulty CAS for tests)
+        # Paths stored in LFS/Xet whatever their size, as a repo's .gitattributes says (`*.bin filter=lfs ...`)
+        self.lfs_patterns: tuple[str, ...] = ()
+        self.xet_files: dict[str, tuple[str, int]] = {}  # sha256 -> (Xet hash, size), from the CAS's shards
+        self._shards_read: set[str] = set()
         self.token, self.read_token = token, read_token
         self.lfs_threshold, self.quota_bytes, self.max_files_per_folder = lfs_threshold, quota_bytes, max_files_per_folder
         self.upload_secret = hashlib.sha1(f"{time.time()}".encode()).hexdigest()  # a presigned URL's signature
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, int]] = []
+        self.preuploaded: collections.Counter[str] = collections.Counter()  # how often a file's upload was announced
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._counter = 0
@@ -132,6 +199,7 @@ class HubServer(http.server.ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        shutil.rmtree(self.cas_dir, ignore_errors=True)
 
     def handle_error(self, request: object, client_address: object) -> None:
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
@@ -162,6 +230,38 @@ class HubServer(http.server.ThreadingHTTPServer):
             self._counter += 1
             return hashlib.sha1(f"{seed}-{self._counter}-{time.time()}".encode()).hexdigest()
 
+    def stored_in_lfs(self, path: str, size: int) -> bool:
+        return size >= self.lfs_threshold or any(fnmatch.fnmatch(path, pattern) for pattern in self.lfs_patterns)
+
+    def xet_file(self, sha256: str) -> tuple[str, int] | None:
+        """The Xet hash and size of the file of this sha256 that a client uploaded to the CAS."""
+        folder = os.path.join(self.cas_dir, "xet", "xorbs", "shards")
+        with self.lock:
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                if name.endswith(".mdb") and name not in self._shards_read:
+                    with open(os.path.join(folder, name), "rb") as handle:
+                        self.xet_files.update(shard_files(handle.read()))
+                    self._shards_read.add(name)
+            return self.xet_files.get(sha256)
+
+    def xet_bytes(self, xet_hash: str, size: int) -> bytes:
+        """A Xet file's bytes, read back from the local CAS by hf_xet itself."""
+        import hf_xet  # noqa: PLC0415  (only Xet-stored files need it)
+
+        with tempfile.TemporaryDirectory() as folder:
+            target = os.path.join(folder, "file")
+            session = hf_xet.XetSession()
+            with session.new_file_download_group(endpoint=f"local://{self.cas_dir}", token="local",
+                                                 token_expiry_unix_secs=int(time.time()) + XET_TOKEN_SECONDS) as group:
+                group.start_download_file(hf_xet.XetFileInfo(xet_hash, size), target)
+            with open(target, "rb") as handle:
+                return handle.read()
+
+    def object_bytes(self, obj: LfsObject | None) -> bytes | None:
+        if obj is None:
+            return None
+        return obj.data if obj.data is not None else self.xet_bytes(obj.xet_hash, obj.size)
+
     # -- helpers for tests -------------------------------------------------------------------
 
     def files_at(self, repo_id: str, revision: str) -> dict[str, bytes]:
@@ -169,10 +269,16 @@ class HubServer(http.server.ThreadingHTTPServer):
         repo = self.repos[repo_id]
         files = {}
         for path, blob in repo.commits[repo.branches.get(revision, revision)].files.items():
-            data = blob.content if blob.content is not None else getattr(repo.lfs.get(blob.sha256), "data", None)
+            data = blob.content if blob.content is not None else self.object_bytes(repo.lfs.get(blob.sha256))
             if data is not None:
                 files[path] = data
         return files
+
+    def xet_paths_at(self, repo_id: str, revision: str) -> set[str]:
+        """The files of a revision stored through Xet."""
+        repo = self.repos[repo_id]
+        return {p for p, b in repo.commits[repo.branches.get(revision, revision)].files.items()
+                if b.content is None and getattr(repo.lfs.get(b.sha256), "xet_hash", "")}
 
     def lfs_paths_at(self, repo_id: str, revision: str) -> set[str]:
         repo = self.repos[repo_id]
@@ -346,7 +452,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             if segments[3:4] == ["batch"] and self.command == "POST":
                 return self.delete_lfs(repo, json.loads(body)["deletions"], role)
             self.reply(200, [{"fileOid": sha, "oid": hashlib.sha1(sha.encode()).hexdigest(), "filename": o.filename,
-                              "size": len(o.data), "ref": "main",
+                              "size": o.size, "ref": "main",
                               "pushedAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(o.pushed_at))}
                              for sha, o in sorted(repo.lfs.items())])
             return 200
@@ -359,19 +465,23 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             siblings = [{"rfilename": p} for p in sorted(commit.files)]
             self.reply(200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings})
             return 200
+        if action in ("xet-write-token", "xet-read-token"):
+            return self.xet_token(repo, action == "xet-write-token", role)
         if action == "preupload":
             if role != "write":
                 return self.error(403, f"You don't have write access to {repo_id}")
             files = json.loads(body)["files"]
+            with self.server.lock:
+                self.server.preuploaded.update(f["path"] for f in files)
             self.reply(200, {"files": [{"path": f["path"], "shouldIgnore": False, "oid": None,
-                                        "uploadMode": "lfs" if f["size"] >= self.server.lfs_threshold else "regular"}
+                                        "uploadMode": "lfs" if self.server.stored_in_lfs(f["path"], f["size"]) else "regular"}
                                        for f in files]})
             return 200
         if action == "commit":
             return self.commit(repo, revision, body, role)
         if action == "tree":
             prefix = "/".join(urllib.parse.unquote(s) for s in segments[4:])
-            return self.tree(commit, prefix, query.get("recursive", ["false"])[0].lower() == "true")
+            return self.tree(repo, commit, prefix, query.get("recursive", ["false"])[0].lower() == "true")
         if action == "commits":
             chain, oid = [], commit.oid
             while oid:
@@ -391,6 +501,23 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         quota = self.server.quota_bytes
         return repo.private and quota is not None and repo.storage_bytes() + more_bytes > quota
 
+    def full(self, repo: Repo) -> bool:
+        quota = self.server.quota_bytes
+        return repo.private and quota is not None and repo.storage_bytes() >= quota
+
+    def xet_token(self, repo: Repo, write: bool, role: str) -> int:
+        """A CAS access token: the JSON body hf_xet reads, the X-Xet-* headers huggingface_hub reads."""
+        if write and role != "write":
+            return self.error(403, f"You don't have write access to {repo.repo_id}")
+        if write and self.full(repo):  # no byte of a new file can fit
+            return self.error(403, STORAGE_LIMIT_ERROR)
+        expires = int(time.time()) + XET_TOKEN_SECONDS
+        cas_url = self.server.cas_url if write else f"local://{self.server.cas_dir}"
+        token = f"xet-{'write' if write else 'read'}-{self.server.upload_secret}"
+        self.reply(200, {"accessToken": token, "exp": expires, "casUrl": cas_url},
+                   {"X-Xet-Cas-Url": cas_url, "X-Xet-Access-Token": token, "X-Xet-Token-Expiration": str(expires)})
+        return 200
+
     def lfs_batch(self, repo_id: str, payload: dict, role: str) -> int:
         """The LFS batch API, basic transfer: an upload href for each object the Hub lacks."""
         repo = self.server.repos.get(repo_id)
@@ -398,6 +525,12 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.error(404, f"Repository {repo_id} not found", "RepoNotFound")
         if role != "write" or payload.get("operation") != "upload":
             return self.error(403, f"You don't have write access to {repo_id}")
+        if "xet" in payload.get("transfers", []):  # huggingface_hub 1.x offers Xet here: the Hub takes it
+            if self.full(repo):
+                return self.error(403, STORAGE_LIMIT_ERROR)
+            self.reply(200, {"transfer": "xet", "hash_algo": "sha256",
+                             "objects": [{"oid": o["oid"], "size": o["size"]} for o in payload["objects"]]})
+            return 200
         missing = [o for o in payload["objects"] if o["oid"] not in repo.lfs]
         if self.over_quota(repo, sum(o["size"] for o in missing)):
             return self.error(403, STORAGE_LIMIT_ERROR)
@@ -418,7 +551,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if hashlib.sha256(body).hexdigest() != oid:
             return self.error(400, "the uploaded bytes do not match the object id")
         with self.server.lock:
-            self.server.repos[repo_id].lfs.setdefault(oid, LfsObject(body, ""))
+            self.server.repos[repo_id].lfs.setdefault(oid, LfsObject(len(body), data=body))
         self.reply(200, {})
         return 200
 
@@ -438,6 +571,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.error(403, f"You don't have write access to {repo.repo_id}")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = lines[0]["value"]
+        uploaded_to_cas = {item["value"]["oid"]: self.server.xet_file(item["value"]["oid"])
+                           for item in lines[1:] if item["key"] == "lfsFile"}
         with self.server.lock:
             head = repo.branches[branch]
             parent = header.get("parentCommit")
@@ -445,6 +580,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                 return self.error(412, "A commit has happened since. Please refresh and try again.")
             files = dict(repo.commits[head].files)
             new_bytes = 0
+            new_xet_files: dict[str, LfsObject] = {}  # the repo's from this commit on
             for item in lines[1:]:
                 value = item["value"]
                 if item["key"] == "file":
@@ -452,11 +588,15 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                     files[value["path"]] = Blob(len(data), hashlib.sha256(data).hexdigest(), data)
                     new_bytes += len(data)
                 elif item["key"] == "lfsFile":
-                    lfs_object = repo.lfs.get(value["oid"])
-                    if lfs_object is None:
-                        return self.error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                    lfs_object = repo.lfs.get(value["oid"]) or new_xet_files.get(value["oid"])
+                    if lfs_object is None:  # not pushed through LFS: a file the client sent to the CAS?
+                        xet = uploaded_to_cas.get(value["oid"])
+                        if xet is None:
+                            return self.error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
+                        lfs_object = new_xet_files[value["oid"]] = LfsObject(xet[1], xet_hash=xet[0])
+                        new_bytes += xet[1]
                     lfs_object.filename = lfs_object.filename or value["path"]
-                    files[value["path"]] = Blob(len(lfs_object.data), value["oid"])
+                    files[value["path"]] = Blob(lfs_object.size, value["oid"])
                 elif item["key"] == "deletedFile":
                     files.pop(value["path"], None)
                 elif item["key"] == "deletedFolder":
@@ -468,13 +608,14 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             if crowded:
                 return self.error(400, f"Too many files in folder {crowded[0] or '/'}: at most "
                                        f"{self.server.max_files_per_folder} files per folder")
+            repo.lfs.update(new_xet_files)
             oid = hashlib.sha1(f"{head}-{header['summary']}-{time.time()}-{len(repo.commits)}".encode()).hexdigest()
             repo.commits[oid] = Commit(oid, head, header["summary"], files)
             repo.branches[branch] = oid
         self.reply(200, {"commitOid": oid, "commitUrl": f"{self.server.url}/{repo.repo_id}/commit/{oid}"})
         return 200
 
-    def tree(self, commit: Commit, prefix: str, recursive: bool) -> int:
+    def tree(self, repo: Repo, commit: Commit, prefix: str, recursive: bool) -> int:
         base = prefix.rstrip("/") + "/" if prefix else ""
         entries, folders = [], set()
         for path, blob in sorted(commit.files.items()):
@@ -490,6 +631,9 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             entry = {"type": "file", "path": path, "size": blob.size, "oid": git_blob_id(blob)}
             if blob.content is None:
                 entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": 134}
+                xet_hash = getattr(repo.lfs.get(blob.sha256), "xet_hash", "")
+                if xet_hash:
+                    entry["xetHash"] = xet_hash
             entries.append(entry)
         entries += [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
         if base and not entries:
@@ -505,11 +649,18 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         blob = commit.files.get(urllib.parse.unquote(path))
         if blob is None:
             return self.error(404, f"Entry not found: {path}", "EntryNotFound")
-        data = blob.content if blob.content is not None else getattr(repo.lfs.get(blob.sha256), "data", None)
-        if data is None:  # its LFS object was permanently deleted
+        stored = repo.lfs.get(blob.sha256) if blob.content is None else None
+        if blob.content is None and stored is None:  # its LFS object was permanently deleted
             return self.error(404, f"Entry not found: {path} (its LFS object was deleted)", "EntryNotFound")
-        etag = f'"{blob.sha256 if blob.content is None else hashlib.sha1(data).hexdigest()}"'
+        etag = f'"{blob.sha256 if blob.content is None else hashlib.sha1(blob.content).hexdigest()}"'
         headers = {"X-Repo-Commit": commit.oid, "ETag": etag, "Accept-Ranges": "bytes"}
+        if stored is not None and stored.xet_hash:  # a Xet client fetches it from the CAS, with a read token
+            token_route = f"{self.server.url}/api/models/{repo.repo_id}/xet-read-token/{commit.oid}"
+            headers.update({"X-Xet-Hash": stored.xet_hash, "Link": f'<{token_route}>; rel="xet-auth"'})
+        if self.command == "HEAD":
+            self.reply(200, raw=b"", headers=dict(headers, **{"X-Linked-Size": str(blob.size)}))
+            return 200
+        data = blob.content if stored is None else self.server.object_bytes(stored)
         start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if start and self.command == "GET":  # a resumed download asks for the rest only
             offset = int(start.group(1))

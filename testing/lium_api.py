@@ -13,7 +13,8 @@ ForceCommand puts every session (shell and SFTP alike) in a private mount namesp
 and its volume over /mnt.  Bind mounts in a mount namespace need root, which the tests run as;
 they were chosen over rewriting paths because the CLI, the worker and the shell then see exactly
 the paths a real pod has, with nothing to translate.  Host paths the pod's "image" must show
-inside /root (the Python install lives under /root/.pyenv here) are bound back in.
+at their own paths although the pod has its own /root and /tmp (the Python the tests run: under
+/root/.pyenv here, or a venv under /tmp or in a checkout under /root) are bound back in.
 
 Every process a pod runs carries LIUM_TEST_POD_ID=<id> (and the test's RELAY_TEST_MARK) in its
 environment, so a preemption or a removal kills all of them, and the test's teardown too.
@@ -21,7 +22,8 @@ environment, so a preemption or a removal kills all of them, and the test's tear
     api = LiumApi(folder, mark).start(); env LIUM_BASE_URL=api.url ...; api.stop()
 
 A removal scheduled through the API (`up --ttl`, `up --budget`) happens when its time comes.
-Controls for tests: `price_per_gpu`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
+Controls for tests: `api_key` (the only key accepted, when set), `price_per_gpu`, `boot_seconds`
+(STARTING that long), `preempt(pod, remove)`,
 `rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
 `sshd_never_starts` (RUNNING pods whose SSH never answers),
 `add_foreign_pod(name)` (a pod rented by someone else through the same account).
@@ -53,6 +55,21 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 TEMPLATE_ID = "6f1c3b8e-2a45-4c1e-9a57-0d3e5b7c9f11"
 EXECUTOR_ID = "3d7e9a10-5b2c-4f8e-8c41-7a6b2e9d0c55"  # one 8×H200 node
 SANDBOX_DIRS = ("/root", "/workspace", "/tmp")
+
+
+def python_folders_in_sandbox_dirs(python: str) -> tuple[str, ...]:
+    """The folders `python` needs (its prefix, the base interpreter's, the user site when used)
+    that lie where a pod has folders of its own."""
+    asked = subprocess.run([python, "-c", "import site, sys; print(sys.prefix); print(sys.base_prefix); "
+                            "print(site.USER_SITE if site.ENABLE_USER_SITE and site.USER_SITE in sys.path else '')"],
+                           capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
+    interpreter = os.path.dirname(os.path.dirname(os.path.realpath(python)))  # what a venv's bin/python links to
+    folders = {os.path.realpath(p) for p in [*asked, interpreter] if p.strip()}
+    return tuple(sorted(p for p in folders if any(p.startswith(d + "/") for d in SANDBOX_DIRS)))
+
+
+def sandbox_dir_of(path: str) -> str:
+    return next(d for d in SANDBOX_DIRS if path.startswith(d + "/"))
 
 
 def utc_iso(moment: float) -> str:
@@ -88,17 +105,20 @@ class Pod:
 class LiumApi(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, folder: Path, mark: str = "") -> None:
+    def __init__(self, folder: Path, mark: str = "", python: str = sys.executable) -> None:
         super().__init__(("127.0.0.1", 0), LiumHandler)
         self.folder = folder
         self.mark = mark
-        # host folders under /root the pod's image must show (the Python the worker runs)
-        self.image_paths = tuple(p for p in {sys.prefix, sys.base_prefix} if p.startswith("/root/"))
+        # Host folders the pod's image must show at their own paths although a pod has its own
+        # /root, /tmp and /workspace: the Python the worker runs (a venv and the interpreter it
+        # was made from), wherever the tests run from.
+        self.image_paths = python_folders_in_sandbox_dirs(python)
         # folders the pod's image has at a path of its own (pod path -> host folder), e.g. the
         # image's /opt/relay; the host folder may lie anywhere, /tmp included
         self.image_dirs: dict[str, Path] = {}
         self.user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         self.price_per_gpu = 2.5
+        self.api_key = ""  # when set, the only X-API-KEY accepted (else any)
         self.boot_seconds = 0.0
         self.rent_outcome_unknown = False
         self.sshd_never_starts = False  # pods go RUNNING but nothing answers on their SSH port
@@ -232,7 +252,8 @@ class LiumApi(http.server.ThreadingHTTPServer):
         (pod.folder / "authorized_keys").write_text("".join(k.strip() + "\n" for k in pod.keys + [k["public_key"] for k in self.ssh_keys]))
         mounts = []
         for path in self.image_paths:
-            inside = pod.folder / "root" / os.path.relpath(path, "/root")
+            sandbox = sandbox_dir_of(path)
+            inside = pod.folder / sandbox.strip("/") / os.path.relpath(path, sandbox)
             inside.mkdir(parents=True, exist_ok=True)
             mounts.append(f"mount --bind {shlex.quote(path)} {shlex.quote(str(inside))}")
         # The image's folders and the volume first: their host folders, like the pod's, may lie
@@ -373,6 +394,9 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
         api.requests.append((method, path))
         if not self.headers.get("X-API-KEY"):
             self.reply(401, {"detail": "Not authenticated"})
+            return
+        if api.api_key and self.headers["X-API-KEY"] != api.api_key:  # the key of no account
+            self.reply(401, {"detail": "Invalid API key"})
             return
         parts = path.strip("/").split("/")
         try:

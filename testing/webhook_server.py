@@ -5,7 +5,9 @@ a JSON body whose `text` is shown, answered 200 "ok") and Discord's "execute web
 (https://discord.com/developers/docs/resources/webhook#execute-webhook: `content`; Discord
 answers 204, this receiver 200 as Slack does).  Every message is recorded.  Faults: `hang`
 accepts each request and never answers (a receiver stuck behind a load balancer; `hung` counts
-them); `fail_next` answers 500 that many times.
+them) until `release()`, after which those requests end unanswered; `fail_next` answers 500 that
+many times.  A POST to another path is answered 404 "no_service", as Slack answers a removed
+webhook.  `posts` counts every POST, answered or not.
 
     hook = WebhookServer().start(); ... hook.url ... hook.messages; hook.stop()
 """
@@ -26,6 +28,7 @@ class WebhookServer(http.server.ThreadingHTTPServer):
         self.messages: list[dict] = []
         self.hang = False
         self.hung = 0
+        self.posts = 0
         self.fail_next = 0
         self.lock = threading.Lock()
         self.released = threading.Event()  # set at stop: hanging requests end
@@ -37,6 +40,11 @@ class WebhookServer(http.server.ThreadingHTTPServer):
     def start(self) -> "WebhookServer":
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         return self
+
+    def release(self) -> None:
+        """Stop hanging: requests held so far end unanswered, later ones are served."""
+        self.hang = False
+        self.released.set()
 
     def stop(self) -> None:
         self.released.set()
@@ -59,13 +67,15 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with self.server.lock:
+            self.server.posts += 1
         if self.server.hang:
             with self.server.lock:
                 self.server.hung += 1
             self.server.released.wait()
             return
         if self.path != self.server.secret_path:
-            self._answer(404, b"no such webhook")
+            self._answer(404, b"no_service")
             return
         with self.server.lock:
             if self.server.fail_next > 0:
