@@ -2145,6 +2145,8 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
             verdict = verify_request({ROLE_SHARED: server.secret, ROLE_VIEWER: server.viewer_secret},
                                      self.headers, method, self.path, body, server.nonces)
             self.answer_secret = verdict.answer_secret
+            if verdict.problem and path == "/api/health":
+                return  # open to anyone all the same; only its answer goes unsigned
             if verdict.problem:
                 raise ApiError(401, verdict.problem)
             role = verdict.role
@@ -4448,7 +4450,9 @@ class Worker:
                             f"with relay protocol {reply.body.get('protocol', 1)}, this worker relay {VERSION} "
                             f"with protocol {PROTOCOL}: run the same relay.py on the commander and the pods")
         if unsigned:
-            raise UserError(unsigned)
+            raise UserError(f"the commander at {self.cfg.commander_url} does not sign its answers with this worker's "
+                            "secret: check relay_shared_secret / RELAY_SHARED_SECRET (or something on the path "
+                            "answers in its place)")
 
     # -- the state machine -----------------------------------------------------------------
 
@@ -6471,10 +6475,16 @@ def fetch_json(reader: Reader, path: str, expect: str, payload: dict | None = No
     commander at all."""
     client = reader.client
     try:
-        reply = client.get(path) if payload is None else client.post(path, payload)
-        if reply.status == 200 and expect in reply.body:
-            return reply.body
-        health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
+        try:
+            reply = client.get(path) if payload is None else client.post(path, payload)
+            if reply.status == 200 and expect in reply.body:
+                return reply.body
+        except CommanderUnsigned as exc:  # a commander refusing our secret cannot sign with it: read to say why
+            reply = exc.reply
+        try:
+            health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
+        except CommanderUnsigned as exc:
+            health = exc.reply
     except CommanderUnreachable as exc:
         raise UserError(str(exc)) from None
     if not is_relay_commander(health):
