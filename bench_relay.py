@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | takeover | slime-stop | footprint | hub | standby
+    python bench_relay.py renewals   # one part: renewals | hostile | tls | viewers | takeover | slime-stop | footprint | hub | standby
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -67,10 +67,13 @@ def serve_bare(port_queue: multiprocessing.Queue) -> None:
     server.serve_forever()
 
 
-def client_process(port: int, leases: list[dict], duration: float, secret: str, out: multiprocessing.Queue) -> None:
-    """Each simulated worker: a thread with a keep-alive connection renewing in a loop."""
+def client_process(port: int, leases: list[dict], duration: float, secret: str, out: multiprocessing.Queue,
+                   measure_after: float = 0.0) -> None:
+    """Each simulated worker: a thread with a keep-alive connection renewing in a loop; what
+    it measures are the renewals that start after `measure_after` seconds."""
     latencies: list[float] = []
     lock = threading.Lock()
+    measure_from = time.monotonic() + measure_after
     stop_at = time.monotonic() + duration
 
     def simulate(lease: dict) -> None:
@@ -94,7 +97,7 @@ def client_process(port: int, leases: list[dict], duration: float, secret: str, 
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
                 ok = False
-            if ok:
+            if ok and time.monotonic() >= measure_from:
                 mine.append(time.perf_counter() - started)
         with lock:
             latencies.extend(mine)
@@ -107,10 +110,10 @@ def client_process(port: int, leases: list[dict], duration: float, secret: str, 
     out.put(latencies)
 
 
-def load(port: int, leases: list[dict], secret: str) -> dict:
+def load(port: int, leases: list[dict], secret: str, duration: float = DURATION, measure_after: float = 0.0) -> dict:
     out: multiprocessing.Queue = multiprocessing.Queue()
     chunks = [leases[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
-    procs = [multiprocessing.Process(target=client_process, args=(port, chunk, DURATION, secret, out))
+    procs = [multiprocessing.Process(target=client_process, args=(port, chunk, duration, secret, out, measure_after))
              for chunk in chunks]
     for proc in procs:
         proc.start()
@@ -118,7 +121,7 @@ def load(port: int, leases: list[dict], secret: str) -> dict:
     for proc in procs:
         proc.join()
     latencies.sort()
-    return {"rate": len(latencies) / DURATION,
+    return {"rate": len(latencies) / (duration - measure_after),
             "p50": latencies[len(latencies) // 2] * 1000 if latencies else float("nan"),
             "p99": latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")}
 
@@ -150,6 +153,131 @@ def bench_renewals(tmp: Path) -> list[tuple[str, str, str]]:
         bare_server.terminate()
         bare_server.join()
     return rows
+
+
+# --------------------------------------------------------------------------- under attack
+
+HOSTILE_IDLE, HOSTILE_DRIP, HOSTILE_WORKERS = 2000, 200, 20
+
+
+def bench_hostile(tmp: Path) -> list[tuple[str, str, str]]:
+    """Renewals of workers whose connections are open when 2,000 idle and 200 dripping
+    connections arrive (more than the commander's 1,024-connection cap), beside a quiet run."""
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_commander(lease=600, secret=SECRET)
+        client = cluster.client()
+        leases = []
+        for n in range(HOSTILE_WORKERS):
+            body = client.post("/api/lease/acquire", {"run_id": f"r{n}", "worker_id": f"w{n}", "mode": "sft"}).body
+            leases.append({"run_id": f"r{n}", "worker_id": f"w{n}", "token": body["lease_token"]})
+        quiet = load(cluster.port, leases, SECRET, 6.0, 2.0)
+        measured: dict = {}
+        loader = threading.Thread(target=lambda: measured.update(load(cluster.port, leases, SECRET, 10.0, 4.0)))
+        loader.start()
+        time.sleep(1.0)  # the workers' connections are open and renewing
+        hostile = cluster.spawn("hostile", ["--port", str(cluster.port), "--idle", str(HOSTILE_IDLE), "--drip",
+                                            str(HOSTILE_DRIP), "--seconds", "12"], module="testing.hostile_clients")
+        loader.join()
+        hostile.wait(30)
+        stats = json.loads(cluster.log("hostile").strip().splitlines()[-1])
+        rss = int(Path(f"/proc/{cluster.commander.pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    finally:
+        cluster.close()
+    return [(f"renewals/s, {HOSTILE_WORKERS} workers, {HOSTILE_IDLE} idle + {HOSTILE_DRIP} dripping hostile connections",
+             f"{measured['rate']:.0f}/s (p50 {measured['p50']:.1f} ms, p99 {measured['p99']:.1f} ms); "
+             f"{stats['opened']} hostile connections opened, {stats['answered_503']} got a 503; commander peak RSS "
+             f"{rss:.0f} MB",
+             f"quiet: {quiet['rate']:.0f}/s (p50 {quiet['p50']:.1f} ms, p99 {quiet['p99']:.1f} ms)")]
+
+
+VIEWER_RUNS, VIEWERS = 40, 16
+
+
+def bench_viewers(tmp: Path) -> list[tuple[str, str, str]]:
+    """One worker's renewals while 16 viewers reload the page of 40 full runs in a loop: the
+    commander's lock is held to copy the records, not to render them."""
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_commander(lease=600, secret=SECRET)
+        client = cluster.client()
+        for n in range(VIEWER_RUNS):  # each run with a full loss curve and log window
+            held = {"run_id": f"v{n}", "worker_id": f"w{n}"}
+            token = client.post("/api/lease/acquire", dict(held, mode="sft")).body["lease_token"]
+            for batch in range(20):
+                client.post("/api/lease/renew", dict(held, lease_token=token, step=batch * 100 + 99, log_lines=[
+                    f"step {batch} " + "x" * 100] * 10, losses=[[batch * 100 + i, 1.0 / (i + 1)] for i in range(100)]))
+        started = time.perf_counter()
+        client.get("/")
+        page_ms = (time.perf_counter() - started) * 1000
+        quiet = renewal_latencies(cluster.url, "", True)
+        stop = threading.Event()
+        pages = []
+
+        def view() -> None:
+            viewer = cluster.client()
+            while not stop.is_set():
+                viewer.get("/")
+                pages.append(1)
+
+        viewers = [threading.Thread(target=view) for _ in range(VIEWERS)]
+        for thread in viewers:
+            thread.start()
+        try:
+            busy = renewal_latencies(cluster.url, "", True)
+        finally:
+            stop.set()
+            for thread in viewers:
+                thread.join()
+    finally:
+        cluster.close()
+    return [(f"renewal latency, one worker, {VIEWERS} viewers reloading the page of {VIEWER_RUNS} full runs",
+             f"p50 {busy[0]:.2f} ms, p99 {busy[1]:.2f} ms ({len(pages)} pages served meanwhile)",
+             f"no viewers: p50 {quiet[0]:.2f} ms, p99 {quiet[1]:.2f} ms; one page {page_ms:.0f} ms")]
+
+
+def renewal_latencies(url: str, ca_file: str, keep_alive: bool, count: int = 300) -> tuple[float, float]:
+    """p50 and p99 (ms) of one worker's renewals, back to back, over its kept-alive connection
+    or a new one each time (the client before keep-alive)."""
+    client, run_id = relay.CommanderClient(url, SECRET, ca_file=ca_file), f"r-{keep_alive}-{time.monotonic()}"
+    token = client.post("/api/lease/acquire", {"run_id": run_id, "worker_id": "w", "mode": "sft"}).body["lease_token"]
+    latencies = []
+    for step in range(count):
+        if not keep_alive:
+            client._drop_connection()  # noqa: SLF001 (what every renewal cost before keep-alive)
+        started = time.perf_counter()
+        client.post("/api/lease/renew", {"run_id": run_id, "worker_id": "w", "lease_token": token, "step": step})
+        latencies.append((time.perf_counter() - started) * 1000)
+    latencies.sort()
+    return latencies[count // 2], latencies[int(count * 0.99)]
+
+
+def bench_tls(tmp: Path) -> list[tuple[str, str, str]]:
+    cert, key = str(tmp / "c.crt"), str(tmp / "c.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-keyout", key, "-out", cert, "-subj", "/CN=bench", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    figures = {}
+    for scheme in ("http", "https"):
+        cluster = Cluster(tmp / scheme)
+        (tmp / scheme).mkdir()
+        try:
+            cluster.ca_file = cert if scheme == "https" else ""
+            cluster.start_commander(lease=600, secret=SECRET,
+                                    extra=("--tls-cert", cert, "--tls-key", key) if scheme == "https" else ())
+            for keep_alive in (True, False):
+                figures[scheme, keep_alive] = renewal_latencies(cluster.url, cluster.ca_file, keep_alive)
+        finally:
+            cluster.close()
+
+    def text(scheme: str, keep_alive: bool) -> str:
+        p50, p99 = figures[scheme, keep_alive]
+        return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+    return [("renewal latency, one worker, kept-alive connection: TLS", text("https", True),
+             f"plain HTTP {text('http', True)}"),
+            ("renewal latency, one worker, a new connection per renewal: TLS", text("https", False),
+             f"plain HTTP {text('http', False)}")]
 
 
 # --------------------------------------------------------------------------- takeover
@@ -463,8 +591,8 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
 
 # --------------------------------------------------------------------------- main
 
-PARTS = {"renewals": bench_renewals, "takeover": bench_takeover, "slime-stop": bench_slime_stop,
-         "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
+PARTS = {"renewals": bench_renewals, "hostile": bench_hostile, "tls": bench_tls, "viewers": bench_viewers, "takeover": bench_takeover,
+         "slime-stop": bench_slime_stop, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
 
 
 def main(argv: list[str]) -> int:

@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import datetime
 import difflib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -41,6 +42,7 @@ import math
 import os
 import random
 import re
+import resource
 import secrets
 import select
 import shlex
@@ -295,6 +297,7 @@ class RunConfig:
     commander_wait_seconds: float = 60.0
     commander_ca_file: str = ""  # CA that signed an https:// commander's certificate (default: the system's)
     check_slime_flags: bool = True  # a slime command's flags against slime_flags.txt, before any lease
+    max_lease_seconds: float = 600.0  # the longest lease TTL this worker believes, whatever an answer says
     env: dict = field(default_factory=dict)
 
     @property
@@ -337,6 +340,8 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
     for name in ("max_trainer_restarts", "total_steps", "hf_keep_last_checkpoints"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be 0 or more")
+    if cfg.max_lease_seconds < 2:
+        raise bad("max_lease_seconds", "must be at least 2 (the commander's shortest lease)")
     for name in ("hf_sync_interval_seconds", "hf_final_sync_timeout_seconds", "stall_timeout_seconds",
                  "stop_grace_seconds", "commander_wait_seconds"):
         if getattr(cfg, name) <= 0:
@@ -610,13 +615,31 @@ def validate_lium_group(lium: LiumGroup, where: str) -> None:
 ###############################################################################
 #
 # Every request but GET /api/health carries X-Relay-Timestamp, X-Relay-Nonce and
-# X-Relay-Signature = HMAC-SHA256(secret, "ts\nnonce\nMETHOD\npath?query\nsha256(body)").
-# The secret itself never crosses the wire; a captured request cannot be replayed (nonce
-# cache, 600 s) nor kept for later (300 s skew).
+# X-Relay-Signature = HMAC-SHA256(secret, "ts\nnonce\nMETHOD\npath?query\nsha256(body)"), and
+# X-Relay-Protocol.  The secret itself never crosses the wire; a captured request cannot be
+# replayed (nonce cache, 600 s) nor kept for later (300 s skew).
+#
+# Every answer to a request whose signature verified carries X-Relay-Response-Signature =
+# HMAC-SHA256(secret, "relay-answer\nprotocol\nnonce\nstatus\nsha256(body)") with the secret
+# that signed the request and the request's own nonce.  Safety argument: the relay's one
+# promise (never two trainers of a run at once) rests on the worker's deadline preceding the
+# commander's expiry, and on the worker stopping when told its lease is gone.  Both come from
+# answers, and over plain HTTP anyone on the path can write an answer.  A client holding a
+# secret therefore treats an answer whose signature is missing or does not match as no answer
+# at all (CommanderUnsigned, a CommanderUnreachable): a forged 409 does not stop a trainer, a
+# forged grant starts none, a forged TTL stretches no deadline.  The nonce in the MAC binds an
+# answer to the one request it answers: an old answer (an earlier grant, a 409 to another
+# request) replayed later does not verify.  Dropping or delaying answers stays possible, as
+# it always was, and it only makes a worker give its lease up early: safe.  An authentic
+# request that was replayed gets an unsigned 401, since its nonce was answered already.
+# Without a shared secret (loopback, or --insecure on a private network) nothing is signed
+# and answers are believed: there is no secret to tell the commander from anyone else.
 
+PROTOCOL = 2  # requests carry it in X-Relay-Protocol, /api/health says it: old peers fail with a clear error
 AUTH_MAX_SKEW_SECONDS = 300
 AUTH_NONCE_TTL_SECONDS = 600
-MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES = 256 << 10  # a renewal with 50 log lines and 100 loss points is ~30 KB
+MAX_ANSWER_BYTES = 64 << 20  # what a client reads of one answer (the page of many runs is a few MB)
 
 
 def request_signature(secret: str, timestamp: str, nonce: str, method: str, path: str, body: bytes) -> str:
@@ -624,9 +647,15 @@ def request_signature(secret: str, timestamp: str, nonce: str, method: str, path
     return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
 
+def response_signature(secret: str, nonce: str, status: int, body: bytes) -> str:
+    message = f"relay-answer\n{PROTOCOL}\n{nonce}\n{status}\n{hashlib.sha256(body).hexdigest()}"
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
 def signed_headers(secret: str, method: str, path: str, body: bytes) -> dict[str, str]:
     timestamp, nonce = str(int(utc_now())), secrets.token_hex(16)
     return {
+        "X-Relay-Protocol": str(PROTOCOL),
         "X-Relay-Timestamp": timestamp,
         "X-Relay-Nonce": nonce,
         "X-Relay-Signature": request_signature(secret, timestamp, nonce, method, path, body),
@@ -657,30 +686,41 @@ class NonceCache:
             return True
 
 
+@dataclass
+class Verdict:
+    """What verify_request found: the role whose secret signed the request ('' if none did),
+    what is wrong with it ('' if nothing), and the secret its answer is signed with ('' for
+    none: an answer to a forged or replayed request is not signed)."""
+
+    role: str
+    problem: str = ""
+    answer_secret: str = ""
+
+
 def verify_request(keys: dict[str, str], headers: Any, method: str, path: str, body: bytes,
-                   nonces: NonceCache) -> tuple[str, str]:
-    """Which role's secret (a key of `keys`) signed the request, if it is authentic and fresh;
-    else ('', why not) for the 401 body."""
+                   nonces: NonceCache) -> Verdict:
+    """Whether the request is authentic (signed with a secret of `keys`, by role) and fresh."""
     timestamp = headers.get("X-Relay-Timestamp", "")
     nonce = headers.get("X-Relay-Nonce", "")
     signature = headers.get("X-Relay-Signature", "")
     if not (timestamp and nonce and signature):
-        return "", "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature"
+        return Verdict("", "missing X-Relay-Timestamp, X-Relay-Nonce or X-Relay-Signature")
     if not re.fullmatch(r"[0-9a-fA-F]{16,128}", nonce):
-        return "", "X-Relay-Nonce must be 16 to 128 hex characters"
-    try:
-        skew = abs(utc_now() - int(timestamp))
-    except ValueError:
-        return "", "X-Relay-Timestamp must be unix seconds"
-    if skew > AUTH_MAX_SKEW_SECONDS:
-        return "", f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock (limit {AUTH_MAX_SKEW_SECONDS})"
+        return Verdict("", "X-Relay-Nonce must be 16 to 128 hex characters")
     role = next((role for role, secret in keys.items() if secret and hmac.compare_digest(
         request_signature(secret, timestamp, nonce, method, path, body), signature.lower())), "")
     if not role:
-        return "", "bad signature"
+        return Verdict("", "bad signature")
+    try:
+        skew = abs(utc_now() - int(timestamp))
+    except ValueError:
+        return Verdict("", "X-Relay-Timestamp must be unix seconds", keys[role])
+    if skew > AUTH_MAX_SKEW_SECONDS:
+        return Verdict("", f"X-Relay-Timestamp is {int(skew)} s away from the commander's clock "
+                           f"(limit {AUTH_MAX_SKEW_SECONDS})", keys[role])
     if not nonces.first_use(nonce, utc_now()):
-        return "", "nonce already used (replayed request)"
-    return role, ""
+        return Verdict("", "nonce already used (replayed request)")
+    return Verdict(role, "", keys[role])
 
 
 class CommanderUnreachable(Exception):
@@ -699,11 +739,13 @@ class Reply:
     body: dict
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    # The commander never redirects: a 3xx comes back as an answer, so nothing (an https://
-    # URL sent to http://, a request sent elsewhere) happens behind the caller's back.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+class CommanderUnsigned(CommanderUnreachable):
+    """An answer without the commander's signature for our request: as good as no answer (the
+    safety argument above).  `reply` is what it said, to explain a refusal at start-up only."""
+
+    def __init__(self, message: str, reply: Reply) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 def tls_client_context(ca_file: str = "") -> ssl.SSLContext:
@@ -716,41 +758,107 @@ def tls_client_context(ca_file: str = "") -> ssl.SSLContext:
     return context
 
 
-class CommanderClient:
-    """A tiny JSON client for the commander API that signs every request when a secret is set.
+# A kept-alive connection that fails this way never reached the commander's request parser:
+# the commander had closed it as idle just as the request left.  Sending once more, on a new
+# connection, cannot make the commander act twice on one request.
+STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                           ConnectionAbortedError)
 
-    An https:// URL is verified against `ca_file` (else the system's CAs), never downgraded.
+
+class CommanderClient:
+    """A tiny JSON client for the commander API that signs every request when a secret is set
+    and then believes only answers signed for that request (CommanderUnsigned otherwise).
+
+    Each thread keeps one connection open (HTTP keep-alive) and reuses it: a renewal costs
+    one round trip instead of a TCP and TLS handshake, and the lease keeper's thread never
+    waits behind another thread's slow request.  An https:// URL is verified against
+    `ca_file` (else the system's CAs), never downgraded; there are no redirects.
     """
 
     def __init__(self, base_url: str, secret: str = "", timeout: float = 10.0, ca_file: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.timeout = timeout
-        context = tls_client_context(ca_file) if self.base_url.startswith("https://") else None
-        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirects)
+        parts = urllib.parse.urlsplit(self.base_url)
+        try:
+            self._port = parts.port
+        except ValueError:
+            raise UserError(f"{self.base_url}: the port is not a number") from None
+        self._host, self._prefix = parts.hostname or "", parts.path
+        self._context = tls_client_context(ca_file) if parts.scheme == "https" else None
+        self._local = threading.local()  # .connection, .idle_since, .keep_seconds
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection (a new one when there is none, or when the commander said
+        it closes idle ones sooner than this one was idle) and whether it was used before."""
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is not None and time.monotonic() - local.idle_since > local.keep_seconds - 0.5:
+            connection.close()
+            connection = None
+        if connection is None:
+            if self._context is not None:
+                connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context)
+            else:
+                connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            local.connection, local.keep_seconds = connection, 5.0
+            return connection, False
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        return connection, True
+
+    def _drop_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
 
     def request(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> Reply:
         body = b"" if payload is None else json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.secret:
-            headers.update(signed_headers(self.secret, method, path, body))
-        req = urllib.request.Request(self.base_url + path, data=body if method != "GET" else None,
-                                     method=method, headers=headers)
-        try:
-            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
-                return Reply(resp.status, _json_or_error(resp.read()))
-        except urllib.error.HTTPError as exc:
-            return Reply(exc.code, _json_or_error(exc.read()))
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, ssl.SSLError) and getattr(reason, "reason", "") == "WRONG_VERSION_NUMBER":
-                raise CommanderNotTrusted(f"the commander at {self.base_url} answers plain HTTP, not TLS: use an "
-                                          "http:// URL, or serve it with --tls-cert/--tls-key") from None
-            if isinstance(reason, ssl.SSLError) and not isinstance(reason, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                raise CommanderNotTrusted(f"the commander at {self.base_url} failed the TLS check: "
-                                          f"{getattr(reason, 'verify_message', '') or reason.reason or reason} "
-                                          "(commander_ca_file / --ca-file names the CA that signed its certificate)") from None
-            raise CommanderUnreachable(f"cannot reach the commander at {self.base_url}: {reason}") from None
+        for attempt in (1, 2):
+            headers = {"Content-Type": "application/json", "Accept": "application/json",
+                       "X-Relay-Protocol": str(PROTOCOL)}
+            if self.secret:  # signed anew for a second attempt: a nonce is used once
+                headers.update(signed_headers(self.secret, method, path, body))
+            connection, reused = self._connection(timeout or self.timeout)
+            try:
+                connection.request(method, self._prefix + path, body=body if method != "GET" else None,
+                                   headers=headers)
+                answer = connection.getresponse()
+                data = answer.read(MAX_ANSWER_BYTES)
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_connection()
+                if reused and attempt == 1 and isinstance(exc, STALE_CONNECTION_ERRORS):
+                    continue
+                raise self._unreachable(exc) from None
+            if answer.will_close or not answer.isclosed():  # isclosed: a body over MAX_ANSWER_BYTES was cut
+                self._drop_connection()
+            else:
+                keep = re.search(r"timeout=(\d+)", answer.getheader("Keep-Alive", "") or "")
+                self._local.keep_seconds = float(keep.group(1)) if keep else 5.0
+                self._local.idle_since = time.monotonic()
+            reply = Reply(answer.status, _json_or_error(data))
+            if self.secret:
+                expected = response_signature(self.secret, headers["X-Relay-Nonce"], answer.status, data)
+                if not hmac.compare_digest(expected, answer.getheader("X-Relay-Response-Signature", "") or ""):
+                    raise CommanderUnsigned(
+                        f"an answer from {self.base_url}{path} without the commander's signature was ignored (it said "
+                        f"{answer.status} {str(reply.body.get('error', ''))[:200]}): the secret differs from the "
+                        f"commander's, the commander is older than relay protocol {PROTOCOL}, or something on the "
+                        "path wrote it", reply)
+            return reply
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _unreachable(self, exc: BaseException) -> CommanderUnreachable:
+        if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+            return CommanderNotTrusted(f"the commander at {self.base_url} answers plain HTTP, not TLS: use an "
+                                       "http:// URL, or serve it with --tls-cert/--tls-key")
+        if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            return CommanderNotTrusted(f"the commander at {self.base_url} failed the TLS check: "
+                                       f"{getattr(exc, 'verify_message', '') or exc.reason or exc} "
+                                       "(commander_ca_file / --ca-file names the CA that signed its certificate)")
+        return CommanderUnreachable(f"cannot reach the commander at {self.base_url}: {exc or type(exc).__name__}")
 
     def post(self, path: str, payload: dict, timeout: float | None = None) -> Reply:
         return self.request("POST", path, payload, timeout)
@@ -919,6 +1027,18 @@ class RunRecord:
     trainer_restarts: int = 0  # over all leases: reports with status RESTARTING
     total_steps: int = 0  # what the workers' run config says (0: unknown), for "step N/total"
 
+    def snapshot(self) -> dict:
+        """The record as a dict that later changes do not reach.  Lists are copied; what they
+        hold is never changed once appended (events, loss points, lines), except a lease,
+        which ends: those small dicts are copied too."""
+        view = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("events", "losses", "log_tail"):
+            view[name] = list(view[name])
+        view["leases"] = [dict(lease) for lease in self.leases]
+        for name in ("latest_checkpoint", "hub", "gpu_spend"):
+            view[name] = dict(view[name]) if view[name] else view[name]
+        return view
+
     def current_lease(self) -> LeaseRecord | None:
         if self.holder and self.leases:
             return LeaseRecord(**self.leases[-1])
@@ -1032,6 +1152,47 @@ class Body:
         return [x[:max_len] for x in value]
 
 
+STATE_FIELD_TYPES: dict[str, tuple[type, ...]] = {  # a field's annotation -> what JSON may hold there
+    "str": (str,), "int": (int,), "float": (int, float), "float | None": (int, float, type(None)),
+    "dict | None": (dict, type(None)), "list": (list,)}
+
+
+def checked_record(cls: type, data: Any, where: str) -> Any:
+    """A state-file record whose every field has the type its annotation says (ValueError naming
+    the field otherwise): a wrong type stops the commander at start, not in a request later."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} is not an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        if name not in fields:
+            raise ValueError(f"{where} has an unknown field '{name}'")
+        kinds = STATE_FIELD_TYPES[str(fields[name].type)]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{where}.{name} is a {type(value).__name__}, not {fields[name].type}")
+    return cls(**data)
+
+
+def checked_run_record(run_id: str, data: Any) -> RunRecord:
+    where = f"runs.{run_id}"
+    run = checked_record(RunRecord, data, where)
+    if run.run_id != run_id or not RUN_ID_RE.match(run_id):
+        raise ValueError(f"{where}.run_id is {run.run_id!r}")
+    if run.status not in RUN_STATUSES or run.mode not in MODES:
+        raise ValueError(f"{where}: status {run.status!r} or mode {run.mode!r} is not one the commander knows")
+    for i, lease in enumerate(run.leases):
+        checked_record(LeaseRecord, lease, f"{where}.leases[{i}]")
+    if not all(isinstance(e, dict) and isinstance(e.get("at"), (int, float)) and isinstance(e.get("msg"), str)
+               for e in run.events):
+        raise ValueError(f"{where}.events must be a list of {{at, msg}}")
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) for x in p) for p in run.losses):
+        raise ValueError(f"{where}.losses must be a list of [step, loss]")
+    if not all(isinstance(line, str) for line in run.log_tail):
+        raise ValueError(f"{where}.log_tail must be a list of strings")
+    if run.holder and not run.leases:
+        raise ValueError(f"{where} has a holder but no lease")
+    return run
+
+
 class StateStore:
     """The commander's JSON state file: atomic, durable, 0600, exclusive to one commander."""
 
@@ -1057,13 +1218,7 @@ class StateStore:
                 data = json.load(handle)
             if data.get("format") != STATE_FORMAT or not isinstance(data.get("runs"), dict):
                 raise ValueError("not a relay commander state file")
-            runs = {}
-            for run_id, record in data["runs"].items():
-                run = RunRecord(**record)
-                for lease in run.leases:
-                    LeaseRecord(**lease)
-                runs[run_id] = run
-            return runs
+            return {run_id: checked_run_record(run_id, record) for run_id, record in data["runs"].items()}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"state file {self.path} is corrupt ({exc}); refusing to start. "
                             "Restore it from a backup or move it away to start empty.") from None
@@ -1554,7 +1709,9 @@ class Commander:
     # -- views ---------------------------------------------------------------------------
 
     def run_view(self, run: RunRecord, now: float) -> dict:
-        view = dataclasses.asdict(run)
+        """Under the lock, so cheap (copies of lists, not of what is in them); the caller turns
+        it into JSON or a page after letting go of the lock."""
+        view = run.snapshot()
         del view["lease_token_sha256"]
         lease = run.current_lease()
         view["lease_expires_in_sec"] = round(self.expires[run.run_id] - now, 2) if run.holder else None
@@ -1588,8 +1745,8 @@ class Commander:
         with self.requests_lock:
             self.requests[(endpoint_label(path), status)] += 1
 
-    def metrics_view(self) -> str:
-        """Every run's health in the Prometheus text format (docs/commander.md, 'Metrics')."""
+    def metrics_series(self) -> dict[str, list[tuple[str, float]]]:
+        """Every run's health, as numbers: under the lock (format_metrics writes the text after)."""
         now, wall = self.clock(), utc_now()
         series: dict[str, list[tuple[str, float]]] = {name: [] for name in METRICS}
         for run_id, run in sorted(self.runs.items()):
@@ -1615,6 +1772,11 @@ class Commander:
         with self.requests_lock:
             series["relay_commander_requests_total"] = [(f'endpoint="{endpoint}",status="{status}"', count)
                                                         for (endpoint, status), count in sorted(self.requests.items())]
+        return series
+
+    @staticmethod
+    def format_metrics(series: dict[str, list[tuple[str, float]]]) -> str:
+        """The Prometheus text format (docs/commander.md, 'Metrics')."""
         lines = []
         for name, (kind, text) in METRICS.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
@@ -1655,12 +1817,16 @@ class Commander:
             run_id = urllib.parse.unquote(path[len("/api/runs/"):])
             with self.lock:
                 return 200, self.run_view(self._run(run_id), self.clock())
+        # The lock guards the records, never rendering or I/O: views are taken under it, pages,
+        # metrics text and JSON (the handler's _send) are made after it is let go.
         if method == "GET" and path == "/":
             with self.lock:
-                return 200, render_status_page(self.runs_view())
+                view = self.runs_view()
+            return 200, render_status_page(view)
         if method == "GET" and path == "/metrics":
             with self.lock:
-                return 200, Document(self.metrics_view(), "text/plain; version=0.0.4; charset=utf-8")
+                series = self.metrics_series()
+            return 200, Document(self.format_metrics(series), "text/plain; version=0.0.4; charset=utf-8")
         if path in API_ENDPOINTS:
             raise ApiError(405, f"{method} is not allowed on {path}")
         raise ApiError(404, f"no such endpoint: {path}")
@@ -1671,7 +1837,22 @@ class Commander:
 # watch can then never change a run.
 ROLE_SHARED, ROLE_VIEWER = "shared", "viewer"
 BASIC_AUTH_PATHS = ("/", "/metrics")  # what a browser or Prometheus opens with a password
-TLS_HANDSHAKE_SECONDS = 10.0
+MIN_PUBLIC_SECRET_BYTES = 32
+
+# What a connection may cost before it proved anything (docs/commander.md, "On the
+# public internet"); the figures are those of well-kept servers (nginx, gunicorn, uvicorn).
+TLS_HANDSHAKE_SECONDS = 10.0  # for the whole handshake (the ssl module keeps one deadline)
+REQUEST_READ_SECONDS = 10.0  # request line, headers and body, from the request's first byte
+IDLE_SECONDS = 5.0  # a keep-alive connection waiting for its next request, until one was signed
+TRUSTED_IDLE_SECONDS = 120.0  # ... once a request on it was signed: a worker keeps its connection
+WRITE_SECONDS = 10.0  # for sending one answer to a client that does not read it
+MAX_HEADER_BYTES = 32 << 10  # request line and headers together
+MAX_CONNECTIONS = 1024  # open at once; a connection over the cap gets a fast 503
+RESERVED_FILES = 64  # descriptors kept for the state file, the notifier and the 503 itself
+MAX_BODY_BYTES_IN_FLIGHT = 16 << 20  # bodies being read at once (a renewal is a few KB)
+VIEW_SLOTS = 2  # pages, metrics and run records made at once (the handler's _handle says why)
+BASIC_AUTH_MAX_DELAY_SECONDS = 60.0
+MAX_ADDRESSES_TRACKED = 4096
 
 
 def viewer_may(method: str, path: str) -> bool:
@@ -1693,12 +1874,101 @@ def tls_server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+class RequestTooLarge(http.client.LineTooLong):
+    """More header bytes than MAX_HEADER_BYTES (the stdlib parser answers it with a 431)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"request line and headers over {MAX_HEADER_BYTES} bytes")
+
+
+class DeadlineReader(io.RawIOBase):
+    """The socket as the request parser reads it: no read waits past `deadline` (one deadline
+    for a whole request, so a client dripping a byte at a time is cut off when it passes, not
+    per byte) and at most `budget` more bytes are read (RequestTooLarge beyond)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = 0.0
+        self.budget = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.budget <= 0:
+            raise RequestTooLarge()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request's deadline passed")
+        self.sock.settimeout(remaining)
+        received = self.sock.recv_into(memoryview(buffer)[:self.budget])
+        self.budget -= received
+        return received
+
+
+class SendAllWriter(io.RawIOBase):
+    """The socket as answers are written to it: with sendall, whose timeout is one deadline for
+    all it sends, so a client that reads an answer a byte at a time is cut off at WRITE_SECONDS."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+
+class BasicAuthBackoff:
+    """Wrong Basic-auth passwords slow their address down: after the n-th failure in a row it
+    must wait 2^(n-1)/2 s (at most BASIC_AUTH_MAX_DELAY_SECONDS) before a password is checked
+    again; an earlier try gets a 429 at once.  Its own small lock, never the commander's, and
+    a bounded table (the address heard from longest ago goes first)."""
+
+    def __init__(self) -> None:
+        self._failures: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def wait_seconds(self, address: str, now: float) -> float:
+        with self._lock:
+            _, allowed_at = self._failures.get(address, (0, now))
+            return max(0.0, allowed_at - now)
+
+    def failed(self, address: str, now: float) -> None:
+        with self._lock:
+            failures = self._failures.pop(address, (0, now))[0] + 1
+            self._failures[address] = (failures, now + min(BASIC_AUTH_MAX_DELAY_SECONDS, 0.5 * 2 ** (failures - 1)))
+            while len(self._failures) > MAX_ADDRESSES_TRACKED:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+
 class CommanderHTTPServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them, each with deadlines.
+
+    Why threads and not a selector front: the work behind a request is short and blocking
+    (a lock, a small state file written with fsync), the stdlib's request parser is blocking,
+    and with every read under one deadline per request and idle connections closed after
+    IDLE_SECONDS, a hostile connection holds a thread (~30 KB) for seconds, not for ever.
+    The cap below the file limit keeps accept() from ever failing with EMFILE (which made the
+    stdlib loop spin): a connection over the cap costs one accept, a 503 and a close, on the
+    accepting thread, while the connections already open (a worker's kept-alive one among
+    them) keep being served.  A selector front would hold more idle sockets per MB, but the
+    file limit binds first, and it would need a second, non-blocking HTTP and TLS parser.
+    """
+
     daemon_threads = True
     request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], commander: Commander, secret: str, viewer_secret: str = "",
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, CommanderHandler)
@@ -1706,7 +1976,13 @@ class CommanderHTTPServer(http.server.ThreadingHTTPServer):
         self.secret = secret
         self.viewer_secret = viewer_secret
         self.nonces = NonceCache()
+        self.backoff = BasicAuthBackoff()
         self.tls = tls
+        self.max_connections = max_connections
+        self.connections = 0
+        self.body_bytes = 0  # being read now, over all connections
+        self.view_slots = threading.BoundedSemaphore(VIEW_SLOTS)
+        self.counts_lock = threading.Lock()
         if tls is not None:
             # The handshake happens on the request's own thread (finish_request), so a client
             # that connects and says nothing never holds up accepting the others.
@@ -1715,32 +1991,116 @@ class CommanderHTTPServer(http.server.ThreadingHTTPServer):
         # goes that way only inside TLS or on this machine.
         self.shared_secret_over_basic = tls is not None or is_loopback(address[0])
 
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.05)  # out of descriptors (not ours alone): wait instead of spinning
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.counts_lock:
+            admitted = self.connections < self.max_connections
+            self.connections += admitted
+        if admitted:
+            super().process_request(request, client_address)
+            return
+        if self.tls is None:  # over TLS an answer would cost a handshake on this thread: closed only
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(OVER_CAPACITY_ANSWER)
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.counts_lock:
+                self.connections -= 1
+
+    def reserve_body(self, size: int) -> bool:
+        with self.counts_lock:
+            if self.body_bytes + size > MAX_BODY_BYTES_IN_FLIGHT:
+                return False
+            self.body_bytes += size
+            return True
+
+    def release_body(self, size: int) -> None:
+        with self.counts_lock:
+            self.body_bytes -= size
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is not None:
             try:
                 request.settimeout(TLS_HANDSHAKE_SECONDS)
                 request.do_handshake()
-                request.settimeout(None)
             except (ssl.SSLError, OSError):
                 return  # a failed handshake (plain HTTP, an untrusting client) has nobody to answer
         super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that vanished mid-answer is nothing to tell anyone; anything else is a bug,
+        # said in one line (the stdlib would print a traceback for each).
+        problem = sys.exc_info()[1]
+        if not isinstance(problem, OSError):
+            log("commander", f"connection from {client_address[0]} failed: {type(problem).__name__}: {problem}")
+
+
+_OVER_CAPACITY = b'{"error": "the commander has too many connections open; try again"}'
+OVER_CAPACITY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(_OVER_CAPACITY)).encode() + b"\r\n\r\n"
+                        + _OVER_CAPACITY)
 
 
 class CommanderHandler(http.server.BaseHTTPRequestHandler):
     server: CommanderHTTPServer
     protocol_version = "HTTP/1.1"
-    server_version = f"relay-commander/{VERSION}"
-    # A buffered writer sends headers and body in one write, flushed after each request: the
-    # stdlib default sends them separately, and Nagle's algorithm with the client's delayed
-    # ACK then holds every answer back ~40 ms.
-    wbufsize = -1
-
+    server_version = "relay-commander"  # no version of relay or Python: nothing to look up for an attacker
+    # A buffered writer (setup) sends headers and body in one write, flushed after each
+    # request: the stdlib default sends them separately, and Nagle's algorithm with the
+    # client's delayed ACK then holds every answer back ~40 ms.
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile.close()
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = io.BufferedWriter(SendAllWriter(self.connection), 1 << 16)
+        self.idle_seconds = IDLE_SECONDS  # until a request on this connection is signed
+        self.answer_secret = ""  # what the answer to the current request is signed with
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass  # request lines are not logged: events go to the run records instead
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # (and a refusal before the request line was read has no line to log)
+
+    def handle_one_request(self) -> None:
+        """One request, under the deadlines: IDLE_SECONDS (or TRUSTED_IDLE_SECONDS) for its
+        first byte, then REQUEST_READ_SECONDS for all of it, MAX_HEADER_BYTES of headers."""
+        self.reader.budget = MAX_HEADER_BYTES
+        self.reader.deadline = time.monotonic() + self.idle_seconds
+        self.answer_secret, self.command, self.request_version = "", None, "HTTP/1.1"  # for a refusal before parsing
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client closed it
+                return
+            self.reader.deadline = time.monotonic() + REQUEST_READ_SECONDS
+            super().handle_one_request()
+        except RequestTooLarge as exc:
+            self.send_error(431, None, str(exc))
+        except OSError:  # the deadline passed (TimeoutError), the client went away, bad TLS
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib parser's refusals (bad request line, headers too large) as JSON, and the
+        connection closed after them."""
+        self.close_connection = True
+        self._send(code, encode_answer({"error": explain or message or http.HTTPStatus(code).phrase}), "")
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -1754,52 +2114,74 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._handle("DELETE")
 
-    def _read_body(self) -> bytes:
+    def _body_size(self) -> int:
+        """The announced body size, checked before a byte of it is read."""
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
             raise ApiError(411, "chunked bodies are not accepted; send Content-Length")
         length = self.headers.get("Content-Length")
         if length is None:
-            return b""
+            return 0
         try:
             size = int(length)
         except ValueError:
-            self.close_connection = True
             raise ApiError(400, "Content-Length must be an integer") from None
         if size < 0:
-            self.close_connection = True
             raise ApiError(400, "Content-Length must not be negative")
         if size > MAX_BODY_BYTES:
-            self.close_connection = True
             raise ApiError(413, f"body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(size)
+        return size
 
     def _authenticate(self, method: str, body: bytes, path: str) -> None:
         server = self.server
-        if not server.secret or path == "/api/health":
+        if not server.secret:
+            self._check_protocol(signed=False)
             return
         auth = self.headers.get("Authorization", "")
         if path in BASIC_AUTH_PATHS and auth.startswith("Basic ") and not self.headers.get("X-Relay-Signature"):
             role = self._basic_auth_role(auth)
+        elif path == "/api/health" and not self.headers.get("X-Relay-Signature"):
+            return  # open to anyone: the load balancer's and launch-stack's liveness check
         else:
-            role, problem = verify_request({ROLE_SHARED: server.secret, ROLE_VIEWER: server.viewer_secret},
-                                           self.headers, method, self.path, body, server.nonces)
-            if problem:
-                raise ApiError(401, problem)
+            verdict = verify_request({ROLE_SHARED: server.secret, ROLE_VIEWER: server.viewer_secret},
+                                     self.headers, method, self.path, body, server.nonces)
+            self.answer_secret = verdict.answer_secret
+            if verdict.problem and path == "/api/health":
+                return  # open to anyone all the same; only its answer goes unsigned
+            if verdict.problem:
+                raise ApiError(401, verdict.problem)
+            role = verdict.role
+            self.idle_seconds = TRUSTED_IDLE_SECONDS
+            self._check_protocol(signed=True)
         if role == ROLE_VIEWER and not viewer_may(method, path):
             raise ApiError(401, "the viewer secret may only read (the page, /metrics, GET /api/runs); "
                                 "changing a run takes the shared secret")
 
+    def _check_protocol(self, signed: bool) -> None:
+        """A signed request must say it speaks this protocol (older workers sign, but do not
+        check answers); an unsigned one, sent to a commander without a secret, only if it says."""
+        spoken = self.headers.get("X-Relay-Protocol")
+        if spoken == str(PROTOCOL) or (spoken is None and not signed):
+            return
+        raise ApiError(400, f"this commander speaks relay protocol {PROTOCOL} (relay {VERSION}), the request "
+                            f"{'protocol ' + spoken if spoken else 'an older one'}: run the same relay.py on the "
+                            "commander and the pods")
+
     def _basic_auth_role(self, auth: str) -> str:
+        server, address, now = self.server, self.client_address[0], time.monotonic()
+        wait = server.backoff.wait_seconds(address, now)
+        if wait > 0:
+            raise ApiError(429, f"too many wrong passwords from {address}; try again in {math.ceil(wait)} s")
         try:
             _, _, password = base64.b64decode(auth[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             password = ""
-        server = self.server
         if server.viewer_secret and hmac.compare_digest(password.encode(), server.viewer_secret.encode()):
+            server.backoff.succeeded(address)
             return ROLE_VIEWER
         if not hmac.compare_digest(password.encode(), server.secret.encode()):
+            server.backoff.failed(address, now)
             raise ApiError(401, "wrong password")
+        server.backoff.succeeded(address)
         # A request from a loopback address never crossed a network in clear: it came from this
         # machine, or through an SSH tunnel (`ssh -L 8080:127.0.0.1:8080 box`), which encrypts.
         # (A reverse proxy on this machine makes every request loopback: let it do the TLS.)
@@ -1813,45 +2195,81 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         path = urllib.parse.urlsplit(self.path).path
+        reserved = 0
         try:
-            body = self._read_body()
+            try:
+                size = self._body_size()
+            except ApiError:
+                self.close_connection = True  # the body, if any, is not read: the connection is useless
+                raise
+            if not self.server.reserve_body(size):
+                self.close_connection = True
+                raise ApiError(503, "the commander is reading too many request bodies; try again")
+            reserved = size
+            self.reader.budget = size + io.DEFAULT_BUFFER_SIZE  # the body, and what the buffer reads ahead
+            body = self.rfile.read(size)
+            if len(body) < size:
+                self.close_connection = True
+                return
             self._authenticate(method, body, path)
             if method == "GET" and path == "/api/health":
-                status, payload = 200, {"ok": True, "version": VERSION}
+                status, answer = 200, encode_answer({"ok": True, "version": VERSION, "protocol": PROTOCOL})
             else:
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                status, payload = self.server.commander.dispatch(method, path, body, query)
+                # Views (the page, metrics, run records) are made VIEW_SLOTS at a time: making
+                # one holds the GIL, and 16 viewers doing so at once made every renewal wait
+                # its turn behind them (p50 230 ms, bench_relay.py viewers).
+                with self.server.view_slots if method == "GET" else contextlib.nullcontext():
+                    status, payload = self.server.commander.dispatch(method, path, body, query)
+                    answer = encode_answer(payload)
         except ApiError as exc:
-            status, payload = exc.status, {"error": exc.message}
+            status, answer = exc.status, encode_answer({"error": exc.message})
+        except OSError:  # the body's deadline passed, or the client went away
+            self.close_connection = True
+            return
         except Exception as exc:  # a bug must not take the commander down or leak a trace
             log("commander", f"internal error on {method} {path}: {type(exc).__name__}: {exc}")
-            status, payload = 500, {"error": "internal error"}
+            status, answer = 500, encode_answer({"error": "internal error"})
+        finally:
+            self.server.release_body(reserved)
         self.server.commander.count_request(path, status)
-        self._send(status, payload, path)
+        self._send(status, answer, path)
 
-    def _send(self, status: int, payload: dict | str | Document, path: str) -> None:
-        if isinstance(payload, Document):
-            data, ctype = payload.text.encode(), payload.content_type
-        elif isinstance(payload, str):
-            data, ctype = payload.encode(), "text/html; charset=utf-8"
-        else:
-            data, ctype = json.dumps(payload).encode(), "application/json"
+    def _send(self, status: int, answer: tuple[bytes, str], path: str) -> None:
+        data, ctype = answer
+        self.connection.settimeout(WRITE_SECONDS)  # sendall keeps one deadline for the whole answer
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        if self.answer_secret:
+            self.send_header("X-Relay-Response-Signature", response_signature(
+                self.answer_secret, self.headers.get("X-Relay-Nonce", ""), status, data))
         if ctype.startswith("text/html"):
             # Everything is inline and escaped; this stops anything else from loading or running.
             self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
                                                         "script-src 'unsafe-inline'; connect-src 'self'")
         if status == 401 and path in BASIC_AUTH_PATHS:
             self.send_header("WWW-Authenticate", 'Basic realm="relay-trainer", charset="UTF-8"')
+        if status == 429:
+            self.send_header("Retry-After", "1")
         if self.close_connection:
             self.send_header("Connection", "close")
+        else:  # clients reconnect before this, instead of racing the commander's close
+            self.send_header("Keep-Alive", f"timeout={int(self.idle_seconds)}")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+
+def encode_answer(payload: dict | str | Document) -> tuple[bytes, str]:
+    """An answer's bytes and content type: JSON, the page (a str) or a Document."""
+    if isinstance(payload, Document):
+        return payload.text.encode(), payload.content_type
+    if isinstance(payload, str):
+        return payload.encode(), "text/html; charset=utf-8"
+    return json.dumps(payload).encode(), "application/json"
 
 
 def is_loopback(host: str) -> bool:
@@ -1865,6 +2283,23 @@ def is_loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (systemd gives a service 1024 unless
+    LimitNOFILE says more); the limit now in force, which caps the connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit cannot be the soft one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log("commander", f"open-file limit {now}" + (f" (raised from {soft})" if now != soft else "")
+        + f"; at most {connection_cap(now)} connections at once")
+    return now
+
+
+def connection_cap(file_limit: int) -> int:
+    return max(8, min(MAX_CONNECTIONS, file_limit - RESERVED_FILES))
+
+
 def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: float, insecure: bool,
           max_failed_leases: int, viewer_secret: str = "", tls_cert: str = "", tls_key: str = "",
           notify_url: str = "", no_holder_seconds: float = NOTIFY_NO_HOLDER_SECONDS) -> int:
@@ -1875,6 +2310,10 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     if not secret and not is_loopback(host) and not insecure:
         raise UserError(f"refusing to listen on {host} without a shared secret: set RELAY_SHARED_SECRET "
                         "(or pass --insecure if this network is private)")
+    if secret and not is_loopback(host) and len(secret.encode()) < MIN_PUBLIC_SECRET_BYTES:
+        raise UserError(f"refusing to listen on {host} with a shared secret of {len(secret.encode())} bytes: on a "
+                        f"reachable address it must have at least {MIN_PUBLIC_SECRET_BYTES} (make one with "
+                        "`openssl rand -hex 32`)")
     if viewer_secret and (not secret or viewer_secret == secret):
         raise UserError("RELAY_VIEWER_SECRET needs a different RELAY_SHARED_SECRET beside it "
                         "(without a shared secret everything is open anyway)")
@@ -1886,8 +2325,9 @@ def serve(host: str, port: int, state_path: str, secret: str, lease_seconds: flo
     notifier = Notifier(check_notify_url(notify_url, "--notify-url / RELAY_NOTIFY_URL"), "commander")
     commander = Commander(StateStore(state_path), lease_seconds, max_failed_leases, notifier=notifier,
                           no_holder_seconds=no_holder_seconds)
+    max_connections = connection_cap(raise_file_limit())
     try:
-        server = CommanderHTTPServer((host, port), commander, secret, viewer_secret, tls)
+        server = CommanderHTTPServer((host, port), commander, secret, viewer_secret, tls, max_connections)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     if secret and not server.shared_secret_over_basic:
@@ -3737,6 +4177,16 @@ class Lease:
     checkpoint: dict | None
 
 
+def trusted_ttl(told: Any, cfg: RunConfig) -> float | None:
+    """The lease TTL an answer states, clamped to the run's max_lease_seconds; None for a value
+    that is no positive number (that answer is then no grant and no renewal).  Answers are
+    signed, so this guards against a commander misconfigured (--lease-seconds above what the
+    run allows) more than against a forger; a shorter TTL only makes the worker stop sooner."""
+    if not isinstance(told, (int, float)) or isinstance(told, bool) or not math.isfinite(told) or told <= 0:
+        return None
+    return min(float(told), cfg.max_lease_seconds)
+
+
 def lease_margin(ttl: float) -> float:
     """How long before the commander's expiry the worker stops trusting its lease.
 
@@ -3759,7 +4209,9 @@ class LeaseKeeper:
     kills the trainer when it passes; if the whole pod freezes, the thawed watchdog sees the
     passed deadline on its first poll, and any late write by the thawed trainer carries a
     stale epoch that the commander refuses.  Renewal never waits behind checkpoint hashing
-    or uploads: those run on other threads.
+    or uploads: those run on other threads.  What an answer says is believed only when it
+    carries the commander's signature for this very request (section 3): a 409 or TTL
+    written by someone on the path is no answer, and the TTL is clamped by trusted_ttl.
     """
 
     def __init__(self, client: CommanderClient, cfg: RunConfig, lease: Lease, progress: Progress,
@@ -3787,7 +4239,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         interval = self.lease.ttl / 3
         next_renewal = self.lease.sent_at + interval
-        complained = False
+        complained = told_unsigned = False
         while not self._stop.is_set():
             now = boottime()
             if now >= self.deadline:
@@ -3802,14 +4254,20 @@ class LeaseKeeper:
                        "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
             try:
                 reply = self.client.post("/api/lease/renew", payload, timeout=max(0.2, min(interval, self.deadline - sent)))
+            except CommanderUnsigned as exc:  # no answer: said once a lease (someone may forge every one)
+                if not told_unsigned:
+                    log("worker", str(exc))
+                    told_unsigned = True
+                next_renewal = boottime() + min(1.0, interval / 2)
+                continue
             except CommanderUnreachable as exc:
                 if not complained:
                     log("worker", f"renewal failed, retrying until the lease deadline: {exc}")
                     complained = True
                 next_renewal = boottime() + min(1.0, interval / 2)
                 continue
-            if reply.status == 200:
-                ttl = float(reply.body.get("lease_expires_in_sec", self.lease.ttl))
+            ttl = trusted_ttl(reply.body.get("lease_expires_in_sec"), self.cfg) if reply.status == 200 else None
+            if ttl is not None:
                 self.deadline = sent + ttl - lease_margin(ttl)
                 self.watchdog.extend(self.deadline)
                 next_renewal = sent + interval
@@ -3820,7 +4278,7 @@ class LeaseKeeper:
                 self.lose(f"the commander refused the renewal: {reply.body.get('error', '')}")
                 return
             else:
-                log("worker", f"renewal answered {reply.status}: {reply.body.get('error', '')}")
+                log("worker", f"renewal answered {reply.status}: {reply.body.get('error', 'no lease_expires_in_sec')}")
                 next_renewal = boottime() + min(1.0, interval / 2)
 
 
@@ -3858,6 +4316,7 @@ class Worker:
         # Asked once, before any lease (nvidia-smi may take seconds): the pod's GPUs do not change.
         self.gpus = gpus_on_this_pod()
         self.gpu_warning = gpu_shortfall(cfg, self.gpus)
+        self.told_unsigned = False
         self.exit_code = 0
         self.cancelled = False  # the commander said the run is cancelled (on a renewal)
 
@@ -3893,6 +4352,11 @@ class Worker:
         timeout = max(0.5, keeper.deadline - boottime()) if keeper is not None else None
         try:
             return self.client.post(path, payload, timeout=timeout)
+        except CommanderUnsigned as exc:
+            if not self.told_unsigned:  # once: someone on the path may send one for every request
+                self.say(str(exc))
+                self.told_unsigned = True
+            return None
         except CommanderUnreachable as exc:
             self.say(str(exc))
             return None
@@ -3949,8 +4413,10 @@ class Worker:
         return manifest
 
     def wait_for_commander(self) -> None:
-        """A commander nobody can reach at start is a configuration mistake: exit 2.  Said at
-        the first failed try, naming the URL and the reason, and again every 10 s meanwhile."""
+        """A commander nobody can reach at start, one of another protocol, or one that does not
+        know this worker's secret is a configuration mistake: exit 2.  Said at the first failed
+        try, naming the URL and the reason, and again every 10 s meanwhile.  (Only here, before
+        any lease, is an unsigned answer read at all: to say why the worker cannot start.)"""
         give_up = boottime() + self.cfg.commander_wait_seconds
         complaint = Complaint(self.say, every=10.0)
         url = self.cfg.commander_url
@@ -3958,6 +4424,7 @@ class Worker:
             try:
                 reply = self.client.get("/api/health", timeout=5)
                 if is_relay_commander(reply):
+                    self.refuse_to_start(reply, "")
                     complaint.over(f"reached the commander at {url}")
                     return
                 if reply.status < 500:  # (a 5xx may be a proxy whose commander is restarting)
@@ -3966,6 +4433,10 @@ class Worker:
                 problem = f"{url}/api/health answered HTTP {reply.status}"
             except CommanderNotTrusted as exc:
                 raise UserError(str(exc)) from None
+            except CommanderUnsigned as exc:
+                if exc.reply.status in (200, 401):  # not a 503 of a commander with too many connections
+                    self.refuse_to_start(exc.reply, str(exc))
+                problem = str(exc)
             except CommanderUnreachable as exc:
                 problem = str(exc)
             if boottime() >= give_up or self.stop_requested.is_set():
@@ -3973,6 +4444,22 @@ class Worker:
             complaint.still(f"{problem}; trying again for up to {give_up - boottime():.0f} s more "
                             "(commander_wait_seconds)")
             self.stop_requested.wait(1.0)
+
+    def refuse_to_start(self, reply: Reply, unsigned: str) -> None:
+        """Exit 2 (UserError) on a health answer of another protocol, or unsigned (`unsigned`
+        says so): the commander refused this worker's signature, or speaks another protocol."""
+        where = f"{self.cfg.commander_url}/api/health"
+        if reply.status == 401:
+            raise UserError(f"the commander refused this worker: {reply.body.get('error', '')} "
+                            "(check relay_shared_secret / RELAY_SHARED_SECRET)")
+        if reply.body.get("protocol") != PROTOCOL:
+            raise UserError(f"{where}: the commander runs relay {reply.body.get('version', '(unknown version)')} "
+                            f"with relay protocol {reply.body.get('protocol', 1)}, this worker relay {VERSION} "
+                            f"with protocol {PROTOCOL}: run the same relay.py on the commander and the pods")
+        if unsigned:
+            raise UserError(f"the commander at {self.cfg.commander_url} does not sign its answers with this worker's "
+                            "secret: check relay_shared_secret / RELAY_SHARED_SECRET (or something on the path "
+                            "answers in its place)")
 
     # -- the state machine -----------------------------------------------------------------
 
@@ -4002,7 +4489,7 @@ class Worker:
                 reply = self.client.post("/api/lease/acquire", payload)
             except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
                 raise UserError(str(exc)) from None
-            except CommanderUnreachable as exc:
+            except CommanderUnreachable as exc:  # an unsigned answer among them: an unsigned grant is no grant
                 complaint.still(f"{exc}; retrying")
                 self.stop_requested.wait(2.0)
                 continue
@@ -4014,9 +4501,12 @@ class Worker:
             if reply.status != 200:
                 raise UserError(f"the commander refused the lease request: {body.get('error', reply.status)}")
             status = body.get("status")
-            if status == "granted":
-                self.lease = Lease(body["lease_token"], int(body["epoch"]), float(body["lease_expires_in_sec"]),
-                                   sent, body.get("checkpoint"))
+            ttl = trusted_ttl(body.get("lease_expires_in_sec"), self.cfg)
+            if status == "granted" and ttl is not None:
+                if ttl < body["lease_expires_in_sec"]:
+                    self.say(f"the commander grants {body['lease_expires_in_sec']:g} s leases; this worker trusts "
+                             f"{ttl:g} s (max_lease_seconds) and renews as if that were the lease")
+                self.lease = Lease(body["lease_token"], int(body["epoch"]), ttl, sent, body.get("checkpoint"))
                 self.previous_token = self.lease.token
                 self.say(f"lease granted, epoch {self.lease.epoch}")
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
@@ -5992,10 +6482,16 @@ def fetch_json(reader: Reader, path: str, expect: str, payload: dict | None = No
     commander at all."""
     client = reader.client
     try:
-        reply = client.get(path) if payload is None else client.post(path, payload)
-        if reply.status == 200 and expect in reply.body:
-            return reply.body
-        health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
+        try:
+            reply = client.get(path) if payload is None else client.post(path, payload)
+            if reply.status == 200 and expect in reply.body:
+                return reply.body
+        except CommanderUnsigned as exc:  # a commander refusing our secret cannot sign with it: read to say why
+            reply = exc.reply
+        try:
+            health = client.get("/api/health", timeout=5)  # asks no secret: is it a commander at all?
+        except CommanderUnsigned as exc:
+            health = exc.reply
     except CommanderUnreachable as exc:
         raise UserError(str(exc)) from None
     if not is_relay_commander(health):

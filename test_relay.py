@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from testing.harness import RELAY, Cluster, TrainerOverlapMonitor, ray_slime_env, reference_model, relay, wait_for
+from testing.harness import (RELAY, Cluster, TrainerOverlapMonitor, free_port, ray_slime_env, reference_model, relay,
+                             wait_for)
 
 FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # a stand-in for `nvidia-smi`
 
@@ -458,7 +460,9 @@ def test_requests_without_a_valid_fresh_signature_get_401(cluster):
     cluster.start_commander(lease=5, secret=secret)
     assert raw_request(cluster, "GET", "/api/health")[0] == 200
     assert raw_request(cluster, "GET", "/api/runs")[0] == 401
-    assert cluster.client(secret="wrong").get("/api/runs").status == 401
+    with pytest.raises(relay.CommanderUnsigned) as refused:  # the commander cannot sign for a secret it lacks
+        cluster.client(secret="wrong").get("/api/runs")
+    assert refused.value.reply.status == 401
     assert cluster.client().get("/api/runs").status == 200
     body = json.dumps({"run_id": "r1", "worker_id": "w1", "mode": "sft"}).encode()
     headers = relay.signed_headers(secret, "POST", "/api/lease/acquire", body)
@@ -751,6 +755,202 @@ def test_serve_refuses_a_public_address_without_a_secret(tmp_path):
                             capture_output=True, text=True, timeout=20, env={"PATH": os.environ["PATH"]})
     assert result.returncode == 2
     assert "without a shared secret" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_short_shared_secret_on_a_public_address(tmp_path):
+    result = subprocess.run([sys.executable, RELAY, "serve", "--host", "0.0.0.0", "--port", "0",
+                             "--state-path", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=20,
+                            env={"PATH": os.environ["PATH"], "RELAY_SHARED_SECRET": "sixteen-bytes-ok"})
+    assert result.returncode == 2 and "at least 32" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_state_file_field_of_the_wrong_type_stops_the_commander_at_start_with_a_clear_error(cluster):
+    cluster.start_commander(lease=5)
+    cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"})
+    os.killpg(cluster.commander.pid, signal.SIGKILL)
+    cluster.commander.wait()
+    state = json.loads(open(cluster.state_path).read())
+    state["runs"]["r1"]["step"] = "ten"
+    with open(cluster.state_path, "w") as handle:
+        json.dump(state, handle)
+    result = subprocess.run([sys.executable, RELAY, "serve", "--port", "0", "--state-path", cluster.state_path],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runs.r1.step is a str, not int" in result.stderr
+
+
+def test_wrong_page_passwords_are_slowed_down_per_address_and_the_server_header_names_no_python(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=30, secret=secret)
+    assert raw_request(cluster, "GET", "/", headers=basic_auth("guess-1"))[0] == 401
+    status, body, headers = raw_request(cluster, "GET", "/", headers=basic_auth(secret))
+    assert status == 429 and "too many wrong passwords" in json.loads(body)["error"]  # not even checked
+    assert cluster.client().get("/api/runs").status == 200  # signed requests are not slowed
+    wait_for("the pause after one wrong password to pass",
+             lambda: raw_request(cluster, "GET", "/", headers=basic_auth(secret))[0] == 200, 5)
+    assert headers["Server"] == "relay-commander" and "Python" not in str(headers)
+
+
+@pytest.mark.slow(15)
+def test_idle_connections_are_closed_after_seconds_also_after_a_tls_handshake_and_a_dripping_one_at_its_deadline(
+        cluster, tmp_path):
+    import ssl
+
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    cluster.ca_file = cert
+    cluster.start_commander(lease=30, secret="s-" + uuid.uuid4().hex, extra=("--tls-cert", cert, "--tls-key", key))
+    context = ssl.create_default_context(cafile=cert)
+    opened = time.monotonic()
+    idle = context.wrap_socket(socket.create_connection(("127.0.0.1", cluster.port)), server_hostname="127.0.0.1")
+    drip = context.wrap_socket(socket.create_connection(("127.0.0.1", cluster.port)), server_hostname="127.0.0.1")
+    request = b"POST /api/lease/renew HTTP/1.1\r\nHost: c\r\nX-Padding: " + b"a" * 1000
+    closed_after: dict[str, float] = {}
+    for sent in range(len(request)):  # a byte every 0.2 s: a deadline per byte would never pass
+        for name, sock in (("idle", idle), ("drip", drip)):
+            sock.settimeout(0.01 if name not in closed_after else None)
+            if name in closed_after:
+                continue
+            try:
+                if sock.recv(100) == b"":
+                    closed_after[name] = time.monotonic() - opened
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_after[name] = time.monotonic() - opened
+        if len(closed_after) == 2 or time.monotonic() - opened > 40:
+            break
+        with contextlib.suppress(OSError):
+            drip.sendall(request[sent:sent + 1])
+        time.sleep(0.2)
+    assert set(closed_after) == {"idle", "drip"}, closed_after
+    assert closed_after["idle"] < closed_after["drip"] < 30, closed_after  # 5 s idle, 10 s for a whole request
+
+
+def via_client(client: relay.CommanderClient, run_id: str = "r1") -> dict:
+    """The run as one kept-alive client sees it (a new connection may meet a full commander)."""
+    reply = client.get(f"/api/runs/{run_id}")
+    return reply.body if reply.status == 200 else {}
+
+
+@pytest.mark.slow(45)
+def test_a_run_renews_and_completes_while_more_connections_than_the_commanders_file_limit_idle_drip_or_stall(
+        cluster, tmp_path):
+    cert, key = self_signed_certificate(tmp_path, "commander")
+    cluster.ca_file = cert
+    cluster.start_commander(lease=3, secret="s-" + uuid.uuid4().hex, extra=("--tls-cert", cert, "--tls-key", key),
+                            wrap=("prlimit", "--nofile=256:256", "--"))
+    assert "open-file limit 256; at most 192 connections at once" in cluster.log("commander")
+    watcher = cluster.client()
+    worker = cluster.start_worker("a", env={"MOCK_STEP_SECONDS": "0.1", "MOCK_MAX_STEPS": "150"},
+                                  commander_ca_file=cert)
+    wait_for("a to train and renew", lambda: via_client(watcher).get("step", 0) >= 15, 30)
+    hostile = cluster.spawn("hostile", ["--port", str(cluster.port), "--idle", "150", "--drip", "100", "--half-tls",
+                                        "100", "--tls-idle", "20", "--seconds", "25"], module="testing.hostile_clients")
+    wait_for("the hostile connections to be open", lambda: "holding" in cluster.log("hostile"), 30)
+    run = wait_for("the run to complete", lambda: via_client(watcher).get("status") == "COMPLETED"
+                   and via_client(watcher), 60)
+    assert worker.wait(30) == 0
+    assert [(lease["worker_id"], lease["why"].split(":")[0]) for lease in run["leases"]] == [("a", "completed")]
+    assert hostile.wait(40) == 0
+    stats = json.loads(cluster.log("hostile").strip().splitlines()[-1])
+    assert stats["opened"] > 400 and stats["closed_by_commander"] > 256, stats  # past the cap and the file limit
+    assert stats["longest_drip_seconds"] < 30, stats
+    assert "Traceback" not in cluster.log("commander")
+
+
+@pytest.mark.slow(20)
+def test_floods_of_huge_headers_and_bodies_keep_the_commanders_memory_bounded_and_over_the_cap_get_a_fast_503(
+        cluster):
+    cluster.start_commander(lease=30, secret="s-" + uuid.uuid4().hex, wrap=("prlimit", "--nofile=128:128", "--"))  # at most 64 connections
+    client = cluster.client()
+    held = {"run_id": "r1", "worker_id": "w1"}
+    token = client.post("/api/lease/acquire", dict(held, mode="sft")).body["lease_token"]
+
+    def peak_rss_mb() -> float:
+        status = Path(f"/proc/{cluster.commander.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+    before = peak_rss_mb()
+    hostile = cluster.spawn("hostile", ["--port", str(cluster.port), "--big-headers", "60", "--big-bodies", "60",
+                                        "--idle", "30", "--seconds", "8"], module="testing.hostile_clients")
+    wait_for("the hostile connections to be open", lambda: "holding" in cluster.log("hostile"), 30)
+    renewals = []
+    while hostile.poll() is None:
+        renewals.append(client.post("/api/lease/renew", dict(held, lease_token=token)).status)
+        time.sleep(0.1)
+    stats = json.loads(cluster.log("hostile").strip().splitlines()[-1])
+    assert stats["answered_503"] > 0 and stats["answered_4xx"] > 0, stats
+    assert renewals and set(renewals) == {200}
+    assert peak_rss_mb() - before < 100, (before, peak_rss_mb())  # 100 such connections took 2.8 GB before
+
+
+@pytest.mark.slow(30)
+def test_a_man_in_the_middle_forging_409s_grants_and_long_ttls_neither_stops_a_run_nor_starts_a_second_trainer(
+        cluster, tmp_path):
+    cluster.start_commander(lease=3, secret="s-" + uuid.uuid4().hex)
+    paths = {}
+    for worker in ("a", "b"):  # each worker's own path to the commander, forging while its switch file exists
+        port = free_port()
+        cluster.spawn(f"proxy-{worker}", ["--port", str(port), "--commander", cluster.url, "--switch",
+                                          str(tmp_path / f"forge-{worker}")], module="testing.mitm_proxy")
+        wait_for("the proxy to listen", lambda w=worker: "proxy on" in cluster.log(f"proxy-{w}"))
+        paths[worker] = f"http://127.0.0.1:{port}"
+    with TrainerOverlapMonitor(cluster) as monitor:
+        worker_a = cluster.start_worker("a", env={"MOCK_STEP_SECONDS": "0.1", "MOCK_MAX_STEPS": "80"},
+                                        commander_url=paths["a"])
+        wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+        (tmp_path / "forge-a").touch()  # from now on a's renewals meet forged 409s and stretched TTLs
+        (tmp_path / "forge-b").touch()  # and b's "denied" answers become grants
+        cluster.start_worker("b", commander_url=paths["b"])
+        wait_for("forged 409s and TTLs to a and forged grants to b", lambda: cluster.log("proxy-a").count(
+            "forged 409") >= 3 and "stretched ttl" in cluster.log("proxy-a") and "forged grant" in cluster.log(
+            "proxy-b"), 15)
+        assert (cluster.run("r1")["epoch"], cluster.run("r1")["holder"]) == (1, "a")
+        (tmp_path / "forge-b").unlink()  # b may now take over for real
+        os.kill(worker_a.pid, signal.SIGSTOP)  # its watchdog holds the deadline a stretched TTL would have set
+        try:
+            wait_for("b to take over", lambda: cluster.run("r1").get("holder") == "b", timeout=10)
+            assert not cluster.trainer_pids(worker_id="a")
+        finally:
+            os.kill(worker_a.pid, signal.SIGCONT)
+        run = wait_for("the run to complete", lambda: completed(cluster), 30)
+    assert monitor.overlaps == [], f"two trainers of one run alive at once: {monitor.overlaps[:3]}"
+    assert [lease["worker_id"] for lease in run["leases"]] == ["a", "b"]
+    assert "lease lost: the commander refused" not in cluster.log("a")
+    assert 1 <= cluster.log("a").count("without the commander's signature was ignored") <= 3  # once per thread
+
+
+def test_a_frozen_worker_trusts_no_longer_lease_than_its_run_allows_whatever_the_commander_grants(cluster):
+    cluster.start_commander(lease=30)
+    worker = cluster.start_worker("a", env=MID_RUN, max_lease_seconds=2)
+    wait_for("a sealed checkpoint 5", lambda: checkpoint_at_least(cluster, 5))
+    assert "the commander grants 30 s leases; this worker trusts 2 s" in cluster.log("a")
+    os.kill(worker.pid, signal.SIGSTOP)  # the worker alone: its watchdog holds a deadline of at most 2 s
+    try:
+        wait_for("the watchdog to kill the trainer", lambda: not cluster.trainer_pids(worker_id="a"), timeout=10)
+        assert cluster.run("r1")["holder"] == "a"  # the commander's 30 s lease still runs
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+
+def test_an_old_worker_and_an_old_commander_are_refused_with_an_error_naming_the_protocol(cluster):
+    secret = "s-" + uuid.uuid4().hex
+    cluster.start_commander(lease=5, secret=secret)
+    body = json.dumps({"run_id": "r1", "worker_id": "w1", "mode": "sft"}).encode()
+    old_worker = relay.signed_headers(secret, "POST", "/api/lease/acquire", body)
+    del old_worker["X-Relay-Protocol"]
+    status, answer, _ = raw_request(cluster, "POST", "/api/lease/acquire", body, old_worker)
+    assert status == 400 and "relay protocol 2" in json.loads(answer)["error"]
+    assert cluster.run("r1") == {}
+    proxy_port = free_port()
+    cluster.spawn("old", ["--port", str(proxy_port), "--commander", cluster.url, "--mode", "old-commander"],
+                  module="testing.mitm_proxy")
+    wait_for("the old commander's stand-in to listen", lambda: "proxy on" in cluster.log("old"))
+    worker = cluster.start_worker("new", commander_url=f"http://127.0.0.1:{proxy_port}")
+    assert worker.wait(20) == 2
+    lines = cluster.log("new").strip().splitlines()
+    assert len(lines) == 1 and "with relay protocol 1" in lines[0] and "same relay.py" in lines[0], lines
 
 
 def test_the_shared_secret_stays_out_of_ps_logs_state_and_the_trainer(cluster):

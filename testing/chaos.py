@@ -6,7 +6,11 @@ Faults: SIGKILL of the holder's worker; of its whole pod (worker, watchdog and t
 once); of its watchdog; SIGSTOP of its worker for longer than the TTL, then SIGCONT; SIGKILL
 of the commander and a restart (at once, or after longer than the TTL); Hub errors (500, 429)
 and stalls; a full disk on one worker's L1 (a small tmpfs in a private mount namespace; the
-fault is left out where `unshare --mount` is not allowed).  Each worker has its own L1
+fault is left out where `unshare --mount` is not allowed).  Attacker faults: more idle,
+dripping and half-handshaken connections than the commander's file limit allows (it runs
+with 256 open files); floods of oversized headers and bodies; a man in the middle on every
+worker's path (testing/mitm_proxy.py, forwarding honestly between faults) forging 409s,
+grants and stretched TTLs.  The commander has a shared secret, as on the internet.  Each worker has its own L1
 folder, so a handoff restores from L1 or from the Hub.
 
 Invariants, checked from outside: (1) at no instant do two trainers of the run execute
@@ -34,12 +38,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testing.harness import Cluster, TrainerOverlapMonitor, environ_of, reference_model, relay, wait_for
+from testing.harness import Cluster, TrainerOverlapMonitor, environ_of, free_port, reference_model, relay, wait_for
 from testing.hub_server import Fault, HubServer
 
 WORKERS = ("w1", "w2", "w3")
 FAULTS = ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker", "restart-commander", "commander-down",
-          "hub-errors", "hub-stall", "disk-full")
+          "hub-errors", "hub-stall", "disk-full", "conn-flood", "header-flood", "mitm")
+COMMANDER_FILE_LIMIT = 256  # so that a few hundred hostile connections are more than it may open
 SMALL_DISK = "w3"  # its L1 is a 4 MB tmpfs in a mount namespace of its own, which "disk-full" fills
 HUB_REPO = "tester/chaos"
 
@@ -99,11 +104,15 @@ class StateSampler:
 
 
 class Chaos:
-    def __init__(self, tmp: Path, seed: int, seconds: float, ttl: float) -> None:
+    def __init__(self, tmp: Path, seed: int, seconds: float, ttl: float, steps: int = 0) -> None:
         self.tmp, self.seconds, self.ttl = tmp, seconds, ttl
         self.rng = random.Random(seed)
         self.report = ChaosReport(seed, ttl)
-        self.steps = max(60, int(seconds * 10))
+        self.steps = steps or max(60, int(seconds * 10))
+        self.secret = random.Random(seed).randbytes(32).hex()
+        self.forge_switch = tmp / "forge"  # the man in the middle forges while this file exists
+        self.proxy_url = ""
+        self.watcher: relay.CommanderClient | None = None
         self.hub = HubServer().start()
         self.cluster = Cluster(tmp)
         self.cluster.hub = self.hub
@@ -114,7 +123,8 @@ class Chaos:
 
     def start_worker(self, name: str) -> None:
         l1 = self.tmp / f"l1-{name}"
-        fields = {"l1_root": str(l1), "hf_repo": HUB_REPO, "hf_sync_interval_seconds": 1, "stop_grace_seconds": 1}
+        fields = {"l1_root": str(l1), "hf_repo": HUB_REPO, "hf_sync_interval_seconds": 1, "stop_grace_seconds": 1,
+                  "commander_url": self.proxy_url}
         env = {"MOCK_MAX_STEPS": str(self.steps), "MOCK_STEP_SECONDS": "0.05", "CHAOS_POD": name}
         if name != SMALL_DISK or not self.small_disks:
             self.workers[name] = self.cluster.start_worker(name, env=env, **fields)
@@ -122,7 +132,7 @@ class Chaos:
         l1.mkdir(exist_ok=True)
         config = self.cluster.write_config(name, **fields)
         worker_env = self.cluster.env(**env, HF_ENDPOINT=self.hub.url, HF_TOKEN=self.hub.token,
-                                      HF_HOME=str(self.tmp / f"hf-home-{name}"))
+                                      HF_HOME=str(self.tmp / f"hf-home-{name}"), RELAY_SHARED_SECRET=self.secret)
         script = (f"mount -t tmpfs -o size=4m tmpfs {l1} && exec {sys.executable} {Path(relay.__file__)} "
                   f"worker {config}")
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
@@ -152,8 +162,35 @@ class Chaos:
         return [pid for pid in relay.processes_with_env(f"CHAOS_POD={name}") if environ_of(pid).get("RELAY_TEST_MARK") ==
                 self.cluster.mark]
 
+    def record(self) -> dict:
+        """The run's record ({} when the commander does not answer): over one kept-alive
+        connection, which a flood of hostile connections does not shut out."""
+        if self.watcher is None:
+            self.watcher = self.cluster.client()
+        try:
+            reply = self.watcher.get("/api/runs/r1")
+        except relay.CommanderUnreachable:
+            return {}
+        return reply.body if reply.status == 200 else {}
+
     def holder(self) -> str:
-        return self.cluster.run("r1").get("holder", "") if self.cluster.healthy() else ""
+        return self.record().get("holder", "")
+
+    def start_commander(self) -> None:
+        self.cluster.start_commander(lease=self.ttl, secret=self.secret,
+                                     wrap=("prlimit", f"--nofile={COMMANDER_FILE_LIMIT}:{COMMANDER_FILE_LIMIT}", "--"))
+
+    def start_proxy(self) -> None:
+        port = free_port()
+        self.cluster.spawn("proxy", ["--port", str(port), "--commander", self.cluster.url, "--switch",
+                                     str(self.forge_switch)], module="testing.mitm_proxy")
+        wait_for("the man in the middle to listen", lambda: "proxy on" in self.cluster.log("proxy"))
+        self.proxy_url = f"http://127.0.0.1:{port}"
+
+    def hostile(self, *counts: str) -> None:
+        """Hostile connections for two TTLs, in a process of their own (it ends by itself)."""
+        self.cluster.spawn("hostile", ["--port", str(self.cluster.port), "--seconds", str(2 * self.ttl), *counts],
+                           module="testing.hostile_clients")
 
     def inject(self, kind: str) -> None:
         with self.hub.lock:
@@ -161,8 +198,8 @@ class Chaos:
         self.free_small_disk()  # so does a full disk
         if kind == "disk-full" and not self.small_disks:
             return
-        holder = self.holder()
-        epoch = self.cluster.run("r1").get("epoch", 0) if self.cluster.healthy() else 0
+        record = self.record()
+        holder, epoch = record.get("holder", ""), record.get("epoch", 0)
         proc = self.workers.get(holder)
         started = time.time()
         if kind in ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker") and proc is None:
@@ -185,7 +222,7 @@ class Chaos:
             os.killpg(self.cluster.commander.pid, signal.SIGKILL)
             self.cluster.commander.wait()
             time.sleep(0.2 if kind == "restart-commander" else self.ttl * 1.5)
-            self.cluster.start_commander(lease=self.ttl)
+            self.start_commander()
         elif kind == "hub-errors":
             self.hub.inject(Fault("/commit/", status=500, count=self.rng.randint(1, 3)))
             self.hub.inject(Fault("/preupload/", status=429, count=1, retry_after=1))
@@ -193,38 +230,47 @@ class Chaos:
             self.hub.inject(Fault("/api/models/", status=0, delay=self.ttl, count=2))
         elif kind == "disk-full":
             self.fill_small_disk()
+        elif kind == "conn-flood":
+            self.hostile("--idle", "200", "--drip", "100", "--half-tls", "50")
+        elif kind == "header-flood":
+            self.hostile("--big-headers", "40", "--big-bodies", "40")
+        elif kind == "mitm":
+            self.forge_switch.touch()
+            time.sleep(self.ttl * self.rng.uniform(1.5, 3.0))
+            self.forge_switch.unlink()
         if kind in ("kill-worker", "kill-pod", "stop-worker"):
             self.measure_takeover(epoch, started)
         for name, worker in self.workers.items():  # a replaced pod: its worker comes back
-            if worker.poll() is not None and self.cluster.run("r1").get("status") != "COMPLETED":
+            if worker.poll() is not None and self.record().get("status") != "COMPLETED":
                 self.start_worker(name)
 
     def measure_takeover(self, epoch: int, since: float) -> None:
         try:
-            wait_for("a new grant", lambda: self.cluster.healthy() and self.cluster.run("r1").get("epoch", 0) > epoch,
-                     self.ttl * 6, 0.02)
+            wait_for("a new grant", lambda: self.record().get("epoch", 0) > epoch, self.ttl * 6, 0.02)
         except AssertionError:
             self.report.violations.append(f"no takeover within {6 * self.ttl:g} s after a fault at epoch {epoch}")
             return
-        lease = next(lease for lease in self.cluster.run("r1")["leases"] if lease["epoch"] == epoch + 1)
+        lease = next(lease for lease in self.record()["leases"] if lease["epoch"] == epoch + 1)
         self.report.takeovers.append(max(0.0, lease["started_at"] - since))
 
     def run(self) -> ChaosReport:
         try:
-            self.cluster.start_commander(lease=self.ttl)
+            self.start_commander()
+            self.start_proxy()
             for name in WORKERS:
                 self.start_worker(name)
             sampler = StateSampler(self.cluster, self.report)
             with TrainerOverlapMonitor(self.cluster) as monitor:
                 stop_faults = time.monotonic() + self.seconds
-                while time.monotonic() < stop_faults and self.cluster.run("r1").get("status") != "COMPLETED":
+                while time.monotonic() < stop_faults and self.record().get("status") != "COMPLETED":
                     time.sleep(self.ttl * self.rng.uniform(0.5, 1.5))
                     self.inject(self.rng.choice(FAULTS))
                 with self.hub.lock:
                     self.hub.faults.clear()
                 self.free_small_disk()
                 try:
-                    wait_for("the run to complete", lambda: self.cluster.run("r1").get("status") == "COMPLETED", 180)
+                    wait_for("the run to complete", lambda: self.record().get("status") == "COMPLETED",
+                             180 + self.steps * 0.05)
                     self.report.completed = True
                 except AssertionError as exc:
                     self.report.violations.append(str(exc))
@@ -238,7 +284,7 @@ class Chaos:
         return self.report
 
     def check_the_end(self, sampler: StateSampler) -> None:
-        run = self.cluster.run("r1")
+        run = self.record()
         epochs = [lease["epoch"] for lease in run["leases"]]
         if epochs != sorted(set(epochs)):
             self.report.violations.append(f"lease epochs not strictly growing: {epochs}")
@@ -267,8 +313,8 @@ class Chaos:
                 self.report.violations.append(f"the final model in {where} differs from an uninterrupted run's")
 
 
-def run_chaos(tmp: Path, seed: int, seconds: float, ttl: float = 2.0) -> ChaosReport:
-    return Chaos(tmp, seed, seconds, ttl).run()
+def run_chaos(tmp: Path, seed: int, seconds: float, ttl: float = 2.0, steps: int = 0) -> ChaosReport:
+    return Chaos(tmp, seed, seconds, ttl, steps).run()
 
 
 def main() -> int:
@@ -276,15 +322,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--seed", type=int, default=random.SystemRandom().randrange(10**6))
     parser.add_argument("--ttl", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=0, help="the run's length (default: 10 per second of faults)")
     parser.add_argument("--keep", action="store_true", help="keep the workers' logs and L1 folders, and say where")
     args = parser.parse_args()
     if args.keep:
         tmp = tempfile.mkdtemp(prefix="relay-chaos-")
-        report = run_chaos(Path(tmp), args.seed, args.seconds, args.ttl)
+        report = run_chaos(Path(tmp), args.seed, args.seconds, args.ttl, args.steps)
         print(f"kept in {tmp}")
     else:
         with tempfile.TemporaryDirectory(prefix="relay-chaos-") as tmp:
-            report = run_chaos(Path(tmp), args.seed, args.seconds, args.ttl)
+            report = run_chaos(Path(tmp), args.seed, args.seconds, args.ttl, args.steps)
     print(report.summary())
     for violation in report.violations:
         print(f"VIOLATION: {violation}")

@@ -135,11 +135,13 @@ class Cluster:
         return env
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              wrap: tuple[str, ...] = ()) -> subprocess.Popen:
-        """`wrap`: a command that execs relay.py with a limit set (prlimit ...) or files held."""
+              wrap: tuple[str, ...] = (), module: str = "") -> subprocess.Popen:
+        """`wrap`: a command that execs relay.py with a limit set (prlimit ...) or files held;
+        `module`: `python -m module` (a far side or an attacker in testing/) instead of relay.py."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed by the OS at exit; small)
-        proc = subprocess.Popen([*wrap, sys.executable, RELAY, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env or self.env(), start_new_session=True, cwd=self.tmp)
+        env = dict(env or self.env(), PYTHONPATH=str(ROOT)) if module else env or self.env()
+        proc = subprocess.Popen([*wrap, sys.executable, *(["-m", module] if module else [RELAY]), *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.tmp)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
