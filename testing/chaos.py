@@ -10,14 +10,17 @@ fault is left out where `unshare --mount` is not allowed).  Attacker faults: mor
 dripping and half-handshaken connections than the commander's file limit allows (it runs
 with 256 open files); floods of oversized headers and bodies; a man in the middle on every
 worker's path (testing/mitm_proxy.py, forwarding honestly between faults) forging 409s,
-grants and stretched TTLs.  The commander has a shared secret, as on the internet.  Each worker has its own L1
-folder, so a handoff restores from L1 or from the Hub.
+grants and stretched TTLs; the same path holding every answer back, around the lease's margin
+(`net-delay`).  The commander has a shared secret, as on the internet.  Each worker has its own L1
+folder, so a handoff restores from L1 or from the Hub.  The faults come in rounds, each kind
+once a round in a seeded order, so a run of one round has met every kind.
 
 Invariants, checked from outside: (1) at no instant do two trainers of the run execute
-(process table sampled with epochs); (2) the commander's latest checkpoint is retrievable at
-the end, and every Hub revision it ever recorded still holds its checkpoint; (3) epochs
-only grow; (4) the run completes and its final model.json equals an uninterrupted run's;
-(5) the commander's state file always parses.
+(each trainer's birth and end, exactly, against the grants); (2) the commander's latest
+checkpoint is retrievable at the end, every file of it with the SHA-256 its manifest names,
+and every Hub revision it ever recorded still holds its checkpoint; (3) epochs only grow,
+and so does the recorded checkpoint; (4) the run completes and its final model.json equals an
+uninterrupted run's; (5) the commander's state file always parses.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -43,7 +47,7 @@ from testing.hub_server import Fault, HubServer
 
 WORKERS = ("w1", "w2", "w3")
 FAULTS = ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker", "restart-commander", "commander-down",
-          "hub-errors", "hub-stall", "disk-full", "conn-flood", "header-flood", "mitm")
+          "hub-errors", "hub-stall", "disk-full", "conn-flood", "header-flood", "mitm", "net-delay")
 COMMANDER_FILE_LIMIT = 256  # so that a few hundred hostile connections are more than it may open
 SMALL_DISK = "w3"  # its L1 is a 4 MB tmpfs in a mount namespace of its own, which "disk-full" fills
 HUB_REPO = "tester/chaos"
@@ -54,6 +58,7 @@ class ChaosReport:
     seed: int
     ttl: float
     faults: collections.Counter = field(default_factory=collections.Counter)
+    cannot_run_here: set[str] = field(default_factory=set)  # kinds this machine does not allow
     violations: list[str] = field(default_factory=list)
     takeovers: list[float] = field(default_factory=list)  # seconds from a fault to the next grant
     completed: bool = False
@@ -75,6 +80,7 @@ class StateSampler:
         self.cluster, self.report = cluster, report
         self.hub_records: dict[str, dict] = {}
         self.last_epoch = 0
+        self.last_checkpoint = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -95,6 +101,10 @@ class StateSampler:
             if run["epoch"] < self.last_epoch:
                 self.report.violations.append(f"epoch went back from {self.last_epoch} to {run['epoch']}")
             self.last_epoch = max(self.last_epoch, run["epoch"])
+            checkpoint = (run.get("latest_checkpoint") or {}).get("iteration", -1)
+            if checkpoint < self.last_checkpoint:
+                self.report.violations.append(f"the recorded checkpoint went back from {self.last_checkpoint} to {checkpoint}")
+            self.last_checkpoint = max(self.last_checkpoint, checkpoint)
             if run.get("hub"):
                 self.hub_records[run["hub"]["revision"]] = run["hub"]
 
@@ -111,6 +121,8 @@ class Chaos:
         self.steps = steps or max(60, int(seconds * 10))
         self.secret = random.Random(seed).randbytes(32).hex()
         self.forge_switch = tmp / "forge"  # the man in the middle forges while this file exists
+        self.delay_file = tmp / "delay"  # and holds every answer back by what this file says while it exists
+        self.schedule: list[str] = []  # the faults left in this round
         self.proxy_url = ""
         self.watcher: relay.CommanderClient | None = None
         self.hub = HubServer().start()
@@ -183,7 +195,8 @@ class Chaos:
     def start_proxy(self) -> None:
         port = free_port()
         self.cluster.spawn("proxy", ["--port", str(port), "--commander", self.cluster.url, "--switch",
-                                     str(self.forge_switch)], module="testing.mitm_proxy")
+                                     str(self.forge_switch), "--delay-file", str(self.delay_file)],
+                           module="testing.mitm_proxy")
         wait_for("the man in the middle to listen", lambda: "proxy on" in self.cluster.log("proxy"))
         self.proxy_url = f"http://127.0.0.1:{port}"
 
@@ -192,18 +205,27 @@ class Chaos:
         self.cluster.spawn("hostile", ["--port", str(self.cluster.port), "--seconds", str(2 * self.ttl), *counts],
                            module="testing.hostile_clients")
 
+    def next_fault(self) -> str:
+        """The next fault of this round (each kind once a round, in a seeded order)."""
+        if not self.schedule:
+            self.schedule = list(FAULTS)
+            self.rng.shuffle(self.schedule)
+        return self.schedule.pop()
+
     def inject(self, kind: str) -> None:
         with self.hub.lock:
             self.hub.faults.clear()  # a Hub outage lasts until the next fault, as outages last a while
         self.free_small_disk()  # so does a full disk
         if kind == "disk-full" and not self.small_disks:
+            self.report.cannot_run_here.add(kind)
             return
         record = self.record()
         holder, epoch = record.get("holder", ""), record.get("epoch", 0)
         proc = self.workers.get(holder)
         started = time.time()
         if kind in ("kill-worker", "kill-pod", "kill-watchdog", "stop-worker") and proc is None:
-            return  # nobody holds the run right now
+            self.schedule.append(kind)  # nobody holds the run right now: later in this round
+            return
         self.report.faults[kind] += 1
         if kind == "kill-worker":
             os.kill(proc.pid, signal.SIGKILL)
@@ -238,6 +260,10 @@ class Chaos:
             self.forge_switch.touch()
             time.sleep(self.ttl * self.rng.uniform(1.5, 3.0))
             self.forge_switch.unlink()
+        elif kind == "net-delay":  # around the margin: late answers believed, or renewals timing out
+            self.delay_file.write_text(f"{relay.lease_margin(self.ttl) * self.rng.uniform(0.5, 2.5):.3f}")
+            time.sleep(self.ttl * self.rng.uniform(1.5, 3.0))
+            self.delay_file.unlink()
         if kind in ("kill-worker", "kill-pod", "stop-worker"):
             self.measure_takeover(epoch, started)
         for name, worker in self.workers.items():  # a replaced pod: its worker comes back
@@ -262,9 +288,10 @@ class Chaos:
             sampler = StateSampler(self.cluster, self.report)
             with TrainerOverlapMonitor(self.cluster) as monitor:
                 stop_faults = time.monotonic() + self.seconds
-                while time.monotonic() < stop_faults and self.record().get("status") != "COMPLETED":
+                while ((time.monotonic() < stop_faults or self.schedule or not self.report.faults)
+                       and self.record().get("status") != "COMPLETED"):
                     time.sleep(self.ttl * self.rng.uniform(0.5, 1.5))
-                    self.inject(self.rng.choice(FAULTS))
+                    self.inject(self.next_fault())
                 with self.hub.lock:
                     self.hub.faults.clear()
                 self.free_small_disk()
@@ -288,11 +315,9 @@ class Chaos:
         epochs = [lease["epoch"] for lease in run["leases"]]
         if epochs != sorted(set(epochs)):
             self.report.violations.append(f"lease epochs not strictly growing: {epochs}")
-        latest = run["latest_checkpoint"]["iteration"]
-        sealed_somewhere = any(relay.CheckpointDir(str(self.tmp / f"l1-{name}" / "runs" / "r1"), True)
-                               .load_manifest(latest) for name in WORKERS)
-        if not sealed_somewhere and run["hub"]["iteration"] != latest:
-            self.report.violations.append(f"acknowledged checkpoint {latest} is neither in any L1 nor on the Hub")
+        if not self.retrievable(run["latest_checkpoint"], run.get("hub") or {}):
+            self.report.violations.append(f"acknowledged checkpoint {run['latest_checkpoint']} is whole neither in any "
+                                          "L1 nor on the Hub")
         for revision, record in sampler.hub_records.items():
             files = self.hub.files_at(HUB_REPO, revision)
             manifest = f"runs/r1/ckpt/{relay.iteration_dirname(record['iteration'])}/relay_manifest.json"
@@ -311,6 +336,30 @@ class Chaos:
         for where, model in produced.items():
             if model != expected:
                 self.report.violations.append(f"the final model in {where} differs from an uninterrupted run's")
+
+
+    def retrievable(self, recorded: dict, hub: dict) -> bool:
+        """The acknowledged checkpoint, read back where a restore would find it (a worker's
+        L1, or the Hub at the recorded revision): its manifest is the one recorded and every
+        file has the size and SHA-256 the manifest names."""
+        iteration = recorded["iteration"]
+        copies = []
+        for name in WORKERS:
+            ckpt = relay.CheckpointDir(str(self.tmp / f"l1-{name}" / "runs" / "r1"), True)
+            manifest = ckpt.load_manifest(iteration)
+            if manifest is not None:
+                read = {rel: (Path(ckpt.path) / rel).read_bytes() if (Path(ckpt.path) / rel).exists() else None
+                        for rel in manifest.files}
+                copies.append((manifest, read))
+        if hub.get("iteration") == iteration:
+            files = self.hub.files_at(HUB_REPO, hub["revision"])
+            raw = files.get(f"runs/r1/ckpt/{relay.iteration_dirname(iteration)}/relay_manifest.json")
+            if raw is not None:
+                manifest = relay.Manifest.from_bytes(raw)
+                copies.append((manifest, {rel: files.get(f"runs/r1/ckpt/{rel}") for rel in manifest.files}))
+        return any(manifest.digest == recorded["manifest_sha256"] and all(
+            data is not None and [len(data), hashlib.sha256(data).hexdigest()] == list(manifest.files[rel])
+            for rel, data in read.items()) for manifest, read in copies)
 
 
 def run_chaos(tmp: Path, seed: int, seconds: float, ttl: float = 2.0, steps: int = 0) -> ChaosReport:

@@ -2,7 +2,7 @@
 the path can do to the relay's answers.  It follows the relay protocol as it crosses the wire
 (relay.py, section 3: JSON bodies, X-Relay-* headers) and HTTP/1.1 message framing (RFC 9112).
 
-    python -m testing.mitm_proxy --port PORT --commander URL [--switch FILE] [--mode MODE]
+    python -m testing.mitm_proxy --port PORT --commander URL [--switch FILE] [--mode MODE] [--delay-file FILE]
 
 Modes, applied while forging is on (always, or while FILE exists; otherwise it only forwards):
   attack:          renewals (and reports), every other one: answered with a forged 409 (the
@@ -13,6 +13,8 @@ Modes, applied while forging is on (always, or while FILE exists; otherwise it o
   old-commander:   answers lose X-Relay-Response-Signature and /api/health loses its "protocol",
                    as a commander older than protocol 2 answers.
 Each forgery prints one line (`forged 409`, `forged grant`, `stretched ttl`) for tests to count.
+Delay: while the --delay-file exists, every answer is held back by the seconds it holds (a
+congested path: the commander got the request at once, the worker hears late).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import itertools
 import json
 import os
 import threading
+import time
 import urllib.parse
 
 FORGED_409 = {"error": "lease is not held by this token (expired, released or taken over)"}
@@ -33,8 +36,9 @@ FORGED_409 = {"error": "lease is not held by this token (expired, released or ta
 class Proxy(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int, commander: str, switch: str, mode: str) -> None:
+    def __init__(self, port: int, commander: str, switch: str, mode: str, delay_file: str = "") -> None:
         super().__init__(("127.0.0.1", port), ProxyHandler)
+        self.delay_file = delay_file
         target = urllib.parse.urlsplit(commander)
         self.target = (target.hostname, target.port)
         self.switch, self.mode = switch, mode
@@ -43,6 +47,13 @@ class Proxy(http.server.ThreadingHTTPServer):
 
     def forging(self) -> bool:
         return not self.switch or os.path.exists(self.switch)
+
+    def answer_delay(self) -> float:
+        try:
+            with open(self.delay_file) as handle:
+                return float(handle.read() or 0)
+        except (OSError, ValueError):
+            return 0.0
 
     def say(self, line: str) -> None:
         with self.print_lock:
@@ -84,6 +95,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             upstream.close()
         if forging and turn == 2:
             status, data, headers = self.forge(status, data, headers, mode)
+        if self.server.delay_file:
+            time.sleep(self.server.answer_delay())
         self.answer(status, data, headers)
 
     def forge(self, status: int, data: bytes, headers: dict, mode: str) -> tuple[int, bytes, dict]:
@@ -118,8 +131,9 @@ def main() -> int:
     parser.add_argument("--commander", required=True, help="the commander's http:// URL")
     parser.add_argument("--switch", default="", help="forge only while this file exists (default: always)")
     parser.add_argument("--mode", choices=("attack", "old-commander"), default="attack")
+    parser.add_argument("--delay-file", default="", help="hold every answer back by the seconds this file holds")
     args = parser.parse_args()
-    proxy = Proxy(args.port, args.commander, args.switch, args.mode)
+    proxy = Proxy(args.port, args.commander, args.switch, args.mode, args.delay_file)
     print(f"proxy on {args.port} -> {args.commander}", flush=True)
     proxy.serve_forever(poll_interval=0.2)
     return 0
