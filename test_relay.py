@@ -2365,7 +2365,8 @@ def test_supervise_replaces_a_preempted_pod_at_once_resumes_and_leaves_no_pod_bu
     lost = lium.ours("relay-r1-1", (foreign.id,))
     lium.preempt(lost.id, remove=removed)
     wait_for("a replacement pod", lambda: "creating pod relay-r1-2" in events.read_text(), 25)  # a few polls, not 300 s
-    assert lium.ours("relay-r1-2").node_id != lost.node_id  # the lost host is not offered again at once
+    replacement = wait_for("the replacement to be rented", lambda: lium.ours("relay-r1-2"), 60)
+    assert replacement.node_id != lost.node_id  # the lost host is not offered again at once
     assert supervisor.wait(120) == 0, events.read_text()
     text = events.read_text()
     gone = "is gone (preempted, expired or removed)" if removed else "removed: Lium reports it BROKEN"
