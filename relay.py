@@ -4865,6 +4865,9 @@ POD_DEAD_STATUSES = ("FAILED", "STOPPED", "ERROR", "TERMINATED", "DELETED", "REM
                      "BROKEN", "REBOOT_FAILED", "DELETING")
 # `lium up` error codes after which a pod may exist although no id came back.
 RENT_UNANSWERED = ("rent_outcome_unknown", "api_timeout")
+# `lium up` exit 6: the account's balance (a 403) or the API key's budget (a 402) refused the rent;
+# renting again cannot help until someone adds funds (lium.io 0.32 cli/utils.py `_classify_sdk_error`).
+LIUM_FUNDS_REFUSED = ("insufficient_balance", "budget_exceeded")
 COMMANDER_CA_FILENAME = "commander_ca.pem"  # stack.yaml commander.tls_ca_file, on the pod beside run.yaml
 
 
@@ -5599,6 +5602,10 @@ class Stack:
                 self.state.save()
                 raise BudgetReached(f"the {budget:.2f} USD left of relay.budget_usd is not enough for another pod "
                                     f"({exc}); {self.spend_line()}") from None
+            if exc.code in LIUM_FUNDS_REFUSED:  # refused before renting: nothing bills
+                record.state = "removed"
+                self.state.save()
+                raise BudgetReached(f"Lium's account cannot pay for another pod ({exc}); {self.spend_line()}") from None
             if not self.adopt_unanswered_rent(record, exc):
                 raise
         record.state = "active"

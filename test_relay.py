@@ -2441,6 +2441,9 @@ def test_the_stand_ins_pods_see_a_test_python_that_lives_in_a_venv_under_tmp(clu
         api.stop()
 
 
+WHOLE_NODE = {"node": "", "gpu": "H200", "gpu_count": 8}  # `up --gpu H200 -c 8`: a node with 8 GPUs free, any
+
+
 def write_stack(cluster: Cluster, api, **groups: dict) -> str:
     from testing.harness import free_port
     from testing.lium_api import EXECUTOR_ID, TEMPLATE_ID
@@ -2557,11 +2560,14 @@ def test_supervise_replaces_a_preempted_pod_at_once_resumes_and_leaves_no_pod_bu
                                                                                                 removed):
     foreign = lium.add_foreign_pod("relay-r1-1")  # someone else's pod of the very name our first pod gets
     stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "60", "MOCK_STEP_SECONDS": "0.1"}},
-                        relay={"no_lease_grace_seconds": 300})  # replaced at once, not after the grace
+                        relay={"no_lease_grace_seconds": 300}, lium=WHOLE_NODE)  # replaced at once, not after the grace
     supervisor, events = supervise(cluster, lium, stack)
     wait_for("the first pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
-    lium.preempt(lium.ours("relay-r1-1", (foreign.id,)).id, remove=removed)
+    lost = lium.ours("relay-r1-1", (foreign.id,))
+    lium.preempt(lost.id, remove=removed)
     wait_for("a replacement pod", lambda: "creating pod relay-r1-2" in events.read_text(), 25)  # a few polls, not 300 s
+    replacement = wait_for("the replacement to be rented", lambda: lium.ours("relay-r1-2"), 60)
+    assert replacement.node_id != lost.node_id  # the lost host is not offered again at once
     assert supervisor.wait(120) == 0, events.read_text()
     text = events.read_text()
     gone = "is gone (preempted, expired or removed)" if removed else "removed: Lium reports it BROKEN"
@@ -2734,12 +2740,21 @@ def hot_standby_stack(cluster: Cluster, api, hub, steps: str, **groups: dict) ->
     """A stack keeping a hot standby; standbys go without the volume, so the run syncs to the Hub."""
     hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
     return write_stack(cluster, api, relay={"hot_standby": True}, run={"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5},
-                       worker={"env": {"MOCK_MAX_STEPS": steps, "MOCK_STEP_SECONDS": "0.05", **hub_env}}, **groups)
+                       worker={"env": {"MOCK_MAX_STEPS": steps, "MOCK_STEP_SECONDS": "0.05", **hub_env}}, lium=WHOLE_NODE,
+                       **groups)
+
+
+def nodes_of(api, *names: str) -> list[str]:
+    """The node each named pod was rented on, after checking that it holds the node's 8 GPUs."""
+    pods = [api.ours(name) for name in names]
+    assert all(pod.gpu_count == 8 for pod in pods), [(pod.name, pod.gpu_count) for pod in pods]
+    return [pod.node_id for pod in pods]
 
 
 @pytest.mark.slow(100)
 def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cluster, lium, hub, tmp_path):
     lium.boot_seconds = 5  # every pod takes 5 s to boot
+    lium.host_lost_seconds = 600  # the preempted pod's node stays lost for the rest of the test
     stack = hot_standby_stack(cluster, lium, hub, "1200")  # 60 s: the standby is set up in 20
     supervisor, events = supervise(cluster, lium, stack)
 
@@ -2750,6 +2765,8 @@ def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cl
     wait_for("relay-r1-1 to train and relay-r1-2 to stand by",
              lambda: cluster.healthy() and checkpoint_at_least(cluster, 5) and standing_by(), 90)
     assert cluster.run("r1")["holder"] == "relay-r1-1"
+    first, standby = nodes_of(lium, "relay-r1-1", "relay-r1-2")
+    assert first != standby  # two whole-node pods: two nodes
     preempted = time.monotonic()
     lium.preempt("relay-r1-1", remove=True)
     wait_for("the standby to take the run", lambda: cluster.run("r1").get("holder") == "relay-r1-2", 20)
@@ -2760,6 +2777,7 @@ def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cl
                   "is gone", f"creating pod relay-r1-3 (template {relay_template()}, volume id:",
                   "lease handed off from relay-r1-1 to relay-r1-2", "run r1 COMPLETED", "removed: the run is COMPLETED"):
         assert words in events.read_text(), events.read_text()
+    assert nodes_of(lium, "relay-r1-3")[0] not in (first, standby)  # not the lost host, not the standby's node
     finisher = lium.mnt(lium.ours("relay-r1-2"))  # the standby had no volume: its own disk at /mnt
     final = finisher / "relay" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(1200) / "model.json"
     assert final.read_bytes() == reference_model(tmp_path, 1200)
@@ -2778,12 +2796,15 @@ def test_a_standby_pod_whose_worker_died_is_removed_and_replaced_while_training_
     supervisor, events = supervise(cluster, lium, stack)
     wait_for("relay-r1-2 to stand by", lambda: cluster.healthy() and cluster.run("r1").get("standbys"), 90)
     assert cluster.run("r1")["standbys"][0]["worker_id"] == "relay-r1-2"
+    working, standby = nodes_of(lium, "relay-r1-1", "relay-r1-2")
+    assert working != standby  # two whole-node pods: two nodes
     os.kill(int((lium.home("relay-r1-2") / "relay" / "worker.pid").read_text()), signal.SIGKILL)
     wait_for("the silent standby pod to be replaced", lambda: "creating pod relay-r1-3" in events.read_text(), 60)
     assert "removed: its worker has not asked for the lease" in events.read_text()
     wait_for("the new standby to stand by", lambda: any(s["worker_id"] == "relay-r1-3" and s["seen_sec_ago"] < 5
                                                         for s in cluster.run("r1")["standbys"]), 60)
     assert stack_pods(lium) == ["relay-r1-1", "relay-r1-3"] and supervisor.poll() is None
+    assert nodes_of(lium, "relay-r1-3")[0] != working
     run = cluster.run("r1")
     assert run["holder"] == "relay-r1-1" and len(run["leases"]) == 1  # training never stopped
 
@@ -2838,6 +2859,8 @@ def test_a_pod_in_a_dying_status_is_removed_at_once_and_one_in_an_unknown_status
 
 @pytest.mark.slow(20)
 def test_an_up_that_times_out_is_refused_or_rents_a_pod_without_ssh_leaves_no_pod_billing(cluster, lium):
+    from testing.lium_api import NODE_IDS
+
     lium.boot_seconds = 60  # the image pulls for a minute; `up --timeout 2` gives up first
     stack = write_stack(cluster, lium, lium={"up_timeout_seconds": 2})
     result = launch_stack(cluster, lium, stack)
@@ -2845,7 +2868,7 @@ def test_an_up_that_times_out_is_refused_or_rents_a_pod_without_ssh_leaves_no_po
     assert "still starting after" in result.stderr and "removed: `lium up` failed after renting it (pod_not_ready)" in result.stderr
     assert stack_pods(lium) == []
     lium.boot_seconds = 0
-    holder = lium.rent({"pod_name": "someone-else", "volume_id": lium.volumes[0]["id"]})  # the volume is taken
+    holder = lium.rent({"pod_name": "someone-else", "volume_id": lium.volumes[0]["id"]}, NODE_IDS[-1])  # the volume is taken
     result = launch_stack(cluster, lium, write_stack(cluster, lium))
     assert result.returncode == 1 and "lium up failed" in result.stderr and "is attached to pod someone-else" in result.stderr
     assert list(lium.pods) == [holder["pod_id"]]
@@ -2874,7 +2897,7 @@ def test_a_rent_whose_answer_was_lost_is_found_in_lium_ps_and_used_instead_of_re
 @pytest.mark.slow(24)
 def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, lium):
     lium.price_per_gpu = 450.0  # 8 GPUs: $3600/h, a dollar a second
-    stack = write_stack(cluster, lium, relay={"budget_usd": 303, "no_lease_grace_seconds": 300},
+    stack = write_stack(cluster, lium, relay={"budget_usd": 303, "no_lease_grace_seconds": 300}, lium=WHOLE_NODE,
                         worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
     supervisor, events = supervise(cluster, lium, stack)
     wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 90)
@@ -2886,6 +2909,40 @@ def test_the_budget_stops_renting_once_the_runs_gpu_spend_reaches_it(cluster, li
     assert stack_pods(lium) == []
     spent = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["pods"][0]["spent_usd"]
     assert spent > 3
+
+
+@pytest.mark.slow(20)
+def test_supervise_stops_renting_once_max_pods_is_reached_and_leaves_the_run_where_it_stands(cluster, lium):
+    stack = write_stack(cluster, lium, relay={"max_pods": 1, "no_lease_grace_seconds": 300}, lium=WHOLE_NODE,
+                        worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to seal checkpoint 5", lambda: cluster.healthy() and checkpoint_at_least(cluster, 5), 90)
+    lium.preempt("relay-r1-1")  # BROKEN: the one pod max_pods allows is spent
+    assert supervisor.wait(60) == 1, events.read_text()
+    text = events.read_text()
+    assert "max_pods (1) reached and no pod is left" in text and "creating pod relay-r1-2" not in text, text
+    assert len([path for method, path in lium.requests if path.endswith("/rent")]) == 1
+    run = cluster.run("r1")  # the commander keeps the run, unfinished, for a supervisor with a higher max_pods
+    assert run["status"] not in ("COMPLETED", "FAILED", "CANCELLED") and checkpoint_at_least(cluster, 5), run
+    assert stack_pods(lium) == []
+
+
+@pytest.mark.slow(20)
+def test_supervise_stops_renting_once_spend_leaves_the_lium_balance_short_of_a_rent(cluster, lium):
+    lium.price_per_gpu = 450.0  # 8 GPUs: $3600/h, a dollar a second; a rent needs 15 min of it in the balance: $900
+    lium.balance_usd = 905.0  # the first pod is rented; five seconds of its spend leave too little for another
+    stack = write_stack(cluster, lium, relay={"no_lease_grace_seconds": 300}, lium=WHOLE_NODE,
+                        worker={"env": {"MOCK_MAX_STEPS": "3000", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder"), 90)
+    wait_for("the pod's spend to bring the balance under $900", lambda: lium.balance() < 899, 30)
+    lium.preempt("relay-r1-1")
+    assert supervisor.wait(60) == 1, events.read_text()
+    text = events.read_text()
+    assert "stopped by the budget: Lium's account cannot pay for another pod" in text, text
+    assert "Insufficient balance" in text and "creating pod relay-r1-3" not in text, text  # one refusal, not a loop
+    assert len([path for method, path in lium.requests if path.endswith("/rent")]) == 2  # one rented, one refused
+    assert stack_pods(lium) == []
 
 
 @pytest.mark.parametrize("groups, words", [

@@ -22,8 +22,31 @@ environment, so a preemption or a removal kills all of them, and the test's tear
     api = LiumApi(folder, mark).start(); env LIUM_BASE_URL=api.url ...; api.stop()
 
 A removal scheduled through the API (`up --ttl`, `up --budget`) happens when its time comes.
-Controls for tests: `api_key` (the only key accepted, when set), `price_per_gpu`, `boot_seconds`
-(STARTING that long), `preempt(pod, remove)`,
+
+Capacity and money are booked as Lium books them (lium.io 0.32.0 source, site-packages/lium):
+- Several nodes (executors) of 8 GPUs each, with ids of their own (the CLI derives each one's HUID).
+  `GET /executors` shows each node's `available_gpu_count`: 8 less the GPUs of the pods on it.
+  A rent without `gpu_count` takes the node's free GPUs (sdk/client.py:1318-1321 "None takes every
+  GPU that is free on the node right now"; cli/up/actions.py:361-371 `rented_gpu_count`); the API
+  refuses a count above the free GPUs (sdk/client.py:1320) - here a 409, which the SDK makes a
+  plain LiumError (sdk/client.py:971).  The CLI itself refuses `up NODE` on a node with no GPU free
+  before renting (cli/up/command.py:586-590: code `no_free_gpus`, exit 1), and `up --gpu X -c N`
+  (no `rent_by_spec` feature) rents row 1 of the nodes with exactly N GPUs free, cheapest first
+  (cli/up/actions.py:97-146), so it never picks a full node.
+- A preempted pod's host is lost: its node is not offered (absent from `GET /executors`, a rent
+  on it 404s as for an unknown node) for `host_lost_seconds`.  The pods on a node keep its GPUs
+  until they are removed (a BROKEN pod too).
+- The account's balance (`GET /users/me` `balance`, read by `Lium.balance()`, sdk/client.py:5715-5724)
+  falls by each pod's price for the time it has lived (billed per second).  A rent is refused when
+  the balance is not more than 15 minutes of this pod's price plus 15 minutes of each open pod's
+  (sdk/client.py:3229-3231 `rent_balance_required_usd`), with a 403 whose `error.code` is
+  `insufficient_balance` and the platform's sentence (sdk/client.py:334-338, 416-447): the CLI
+  shows it as code `insufficient_balance`, exit 6 (cli/utils.py:537-538).  `budget_exhausted` is
+  the CLI's own code for an `up --budget` pod that started after its budget ran out
+  (cli/up/command.py:877-891): no API answer produces it, the CLI does.
+
+Controls for tests: `api_key` (the only key accepted, when set), `price_per_gpu`, `balance_usd`
+(the starting balance), `host_lost_seconds`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
 `rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
 `sshd_never_starts` (RUNNING pods whose SSH never answers),
 `add_foreign_pod(name)` (a pod rented by someone else through the same account).
@@ -53,7 +76,11 @@ from testing.harness import free_port
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 TEMPLATE_ID = "6f1c3b8e-2a45-4c1e-9a57-0d3e5b7c9f11"
-EXECUTOR_ID = "3d7e9a10-5b2c-4f8e-8c41-7a6b2e9d0c55"  # one 8×H200 node
+EXECUTOR_ID = "3d7e9a10-5b2c-4f8e-8c41-7a6b2e9d0c55"  # the first of the 8×H200 nodes
+NODE_IDS = (EXECUTOR_ID, "5a1f0c92-7d3e-4b6a-9e18-c2b4d6f8a0e3", "9c2e4a61-0f5b-4d7c-8a39-e1f3b5d7c9a2",
+            "b7d1f3a5-2c4e-4f6a-8b0d-1e3f5a7c9b2d")
+GPUS_PER_NODE = 8
+BALANCE_FLOOR_HOURS = 0.25  # 15 minutes of each pod's price (sdk/client.py:3229-3231)
 SANDBOX_DIRS = ("/root", "/workspace", "/tmp")
 
 
@@ -85,7 +112,9 @@ class Pod:
     gpu_count: int
     price: float  # $/h of the whole rental
     folder: Path
+    node_id: str = EXECUTOR_ID
     created: float = field(default_factory=time.time)
+    ended: float = 0.0  # when it stopped billing (removed); 0 while it bills
     ready_at: float = 0.0
     visible_at: float = 0.0  # a rent whose answer was lost: listed only from then on
     status: str = "PENDING"
@@ -99,7 +128,11 @@ class Pod:
                 "updated_at": utc_iso(time.time()), "price": self.price, "gpu_count": self.gpu_count,
                 "ssh_connect_cmd": f"ssh {api.user}@127.0.0.1 -p {self.port}" if self.status == "RUNNING" else None,
                 "ports_mapping": {"22": self.port} if self.port else {}, "template": api.template(),
-                "executor": api.executor(), "removal_scheduled_at": self.removal_scheduled_at}
+                "executor": api.executor(self.node_id), "removal_scheduled_at": self.removal_scheduled_at}
+
+    def spent(self) -> float:
+        """What it has cost: its price for the time it billed."""
+        return self.price * ((self.ended or time.time()) - self.created) / 3600
 
 
 class LiumApi(http.server.ThreadingHTTPServer):
@@ -118,6 +151,9 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.image_dirs: dict[str, Path] = {}
         self.user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         self.price_per_gpu = 2.5
+        self.balance_usd = 10000.0  # the account's balance before any pod billed
+        self.host_lost_seconds = 5.0  # a preempted pod's node is not offered for that long
+        self.lost_until: dict[str, float] = {}  # node id -> until when its host is lost
         self.api_key = ""  # when set, the only X-API-KEY accepted (else any)
         self.boot_seconds = 0.0
         self.rent_outcome_unknown = False
@@ -178,10 +214,25 @@ class LiumApi(http.server.ThreadingHTTPServer):
 
     # -- what the API answers -------------------------------------------------------------
 
-    def executor(self) -> dict:
-        return {"id": EXECUTOR_ID, "machine_name": "NVIDIA H200", "price_per_gpu": self.price_per_gpu, "gpu_count": 8,
-                "available_gpu_count": 8, "location": {"country": "US"}, "executor_ip_address": "127.0.0.1",
-                "status": "available", "specs": {"gpu": {"count": 8, "details": [{"name": "NVIDIA H200"}] * 8}}}
+    def free_gpus(self, node_id: str) -> int:
+        with self.lock:
+            return GPUS_PER_NODE - sum(p.gpu_count for p in self.pods.values() if p.node_id == node_id)
+
+    def offered(self) -> list[str]:
+        """The nodes `GET /executors` lists: all but those whose host is lost."""
+        now = time.time()
+        return [node for node in NODE_IDS if self.lost_until.get(node, 0) <= now]
+
+    def executor(self, node_id: str = EXECUTOR_ID) -> dict:
+        return {"id": node_id, "machine_name": "NVIDIA H200", "price_per_gpu": self.price_per_gpu,
+                "gpu_count": GPUS_PER_NODE, "available_gpu_count": self.free_gpus(node_id), "location": {"country": "US"},
+                "executor_ip_address": "127.0.0.1", "status": "available",
+                "specs": {"gpu": {"count": GPUS_PER_NODE, "details": [{"name": "NVIDIA H200"}] * GPUS_PER_NODE}}}
+
+    def balance(self) -> float:
+        """The balance now: the starting one less what every pod (removed ones too) has cost."""
+        with self.lock:
+            return round(self.balance_usd - sum(p.spent() for p in [*self.pods.values(), *self.removed]), 4)
 
     def template(self) -> dict:
         return {"id": TEMPLATE_ID, "name": "relay-trainer", "docker_image": "relay-trainer", "docker_image_tag": "test",
@@ -193,16 +244,32 @@ class LiumApi(http.server.ThreadingHTTPServer):
         with self.lock:
             return [pod.row(self) for pod in self.pods.values() if pod.visible_at <= now]
 
-    def rent(self, body: dict) -> dict:
-        gpu_count = int(body.get("gpu_count") or 8)
+    def rent(self, body: dict, node_id: str | None = None) -> dict:
+        """POST /executors/{node_id}/rent; without a node (tests renting directly), the first offered
+        node with the GPUs asked free."""
         volume = body.get("volume_id")
         with self.lock:
+            if node_id is None:
+                node_id = next((n for n in self.offered() if self.free_gpus(n) >= int(body.get("gpu_count") or 1)), "")
+            if node_id not in self.offered():  # unknown, or its host is lost: not offered
+                raise ApiError(404, f"executor {node_id} not found")
+            free = self.free_gpus(node_id)
+            gpu_count = int(body.get("gpu_count") or free)  # no count: the node's free GPUs
+            if gpu_count < 1 or gpu_count > free:
+                raise ApiError(409, f"executor {node_id} has {free} of {GPUS_PER_NODE} GPUs free; {gpu_count} asked")
+            price = round(self.price_per_gpu * gpu_count, 4)
+            required = BALANCE_FLOOR_HOURS * (price + sum(p.price for p in self.pods.values()))
+            balance = self.balance()
+            if balance <= required:
+                raise ApiError(403, f"Insufficient balance. This node costs ${price:.2f}/hour, so renting it requires at "
+                                    f"least ${required:.2f} ({BALANCE_FLOOR_HOURS * 60:.0f} minutes of runtime). "
+                                    f"Your balance is ${balance:.2f}.", "insufficient_balance")
             holder = next((p for p in self.pods.values() if volume and p.volume_id == volume), None)
             if holder:  # a volume attaches to one pod at a time
                 raise ApiError(409, f"volume {volume} is attached to pod {holder.name}")
             pod_id = str(uuid.uuid4())
             pod = Pod(pod_id, body.get("pod_name") or "pod", volume, list(body.get("user_public_key") or []),
-                      gpu_count, round(self.price_per_gpu * gpu_count, 4), self.folder / "pods" / pod_id)
+                      gpu_count, price, self.folder / "pods" / pod_id, node_id)
             pod.ready_at = pod.created + self.boot_seconds
             lost = self.rent_outcome_unknown
             if lost:
@@ -215,7 +282,7 @@ class LiumApi(http.server.ThreadingHTTPServer):
 
     def add_foreign_pod(self, name: str) -> Pod:
         """A pod of the same account rented by someone else (another script, the web UI)."""
-        self.rent({"pod_name": name, "gpu_count": 1})
+        self.rent({"pod_name": name, "gpu_count": 1}, NODE_IDS[-1])
         return next(p for p in self.pods.values() if p.name == name)
 
     def find(self, ref: str) -> Pod | None:
@@ -331,12 +398,15 @@ class LiumApi(http.server.ThreadingHTTPServer):
             time.sleep(0.02)
 
     def preempt(self, ref: str, remove: bool = False) -> None:
-        """The host vanished: the pod's processes die; it stays listed as BROKEN or is gone."""
+        """The host vanished: the pod's processes die; it stays listed as BROKEN or is gone; its
+        node is not offered for host_lost_seconds."""
         with self.lock:
             pod = self.find(ref)
             assert pod is not None, ref
+            self.lost_until[pod.node_id] = time.time() + self.host_lost_seconds
             self._kill(pod)
             if remove:
+                pod.ended = time.time()
                 self.removed.append(self.pods.pop(pod.id))
             else:
                 pod.status = "BROKEN"
@@ -344,14 +414,16 @@ class LiumApi(http.server.ThreadingHTTPServer):
     def remove(self, pod_id: str) -> None:
         with self.lock:
             pod = self.pods.pop(pod_id)
+            pod.ended = time.time()
             self.removed.append(pod)
         self._kill(pod)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code  # the platform's `error.code`, when it sends one
 
 
 class LiumHandler(http.server.BaseHTTPRequestHandler):
@@ -402,7 +474,8 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
         try:
             answer = self.answer(method, parts, body)
         except ApiError as exc:
-            self.reply(exc.status, {"detail": str(exc)})
+            error = {"error": {"code": exc.code, "message": str(exc)}} if exc.code else {}
+            self.reply(exc.status, {"detail": str(exc), **error})
             return
         if answer is None:
             self.reply(404, {"detail": f"no route {method} {path}"})
@@ -413,11 +486,11 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
         api = self.server
         if method == "GET":
             if parts == ["users", "me"]:
-                return {"id": "user-1", "email": "relay@example.com", "stripe_customer_id": "cus_test", "balance": 1000.0}
+                return {"id": "user-1", "email": "relay@example.com", "stripe_customer_id": "cus_test", "balance": api.balance()}
             if parts == ["version"]:
                 return {"version": "test", "features": []}  # no rent_by_spec: --gpu picks from GET /executors
             if parts == ["executors"]:
-                return [api.executor()]
+                return [api.executor(node) for node in api.offered()]
             if parts == ["executors", "deployment-estimate"]:
                 return {}
             if parts == ["templates"]:
@@ -441,9 +514,7 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
                 api.ssh_keys.append(key)
                 return key
             if len(parts) == 3 and parts[0] == "executors" and parts[2] == "rent":
-                if parts[1] != EXECUTOR_ID:
-                    raise ApiError(404, f"executor {parts[1]} not found")
-                return api.rent(body)
+                return api.rent(body, parts[1])
             if len(parts) == 3 and parts[0] == "pods" and parts[2] == "schedule-removal":
                 pod = api.pods.get(parts[1])
                 if pod is None:
