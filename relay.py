@@ -5348,6 +5348,7 @@ def preflight(cfg: StackConfig, lium: Lium) -> list[Check]:
 
 
 COMMANDER_SILENT_POLLS = 3  # unanswered polls of a commander whose process lives before it is restarted
+SUPERVISOR_POLL_TIMEOUT_SECONDS = 3.0  # how long one poll waits for the commander (see Stack.run_record)
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -5930,9 +5931,14 @@ class Stack:
                 "worker": worker, "spent_usd": self.state.spent_usd()}
 
     def run_record(self) -> dict | None:
-        """The run as the commander sees it ({} before its first lease); None when unreachable."""
+        """The run as the commander sees it ({} before its first lease); None when unreachable.
+
+        Asked with a short timeout: a hung commander is restarted after COMMANDER_SILENT_POLLS
+        unanswered polls, each at most this long plus the poll interval (about 20 s in all),
+        well inside the holder's own deadline (80% of the lease) for leases of 30 s and more,
+        so a hang costs the run no lease.  A commander that answers takes milliseconds."""
         try:
-            reply = self.client.get(f"/api/runs/{self.cfg.run.run_id}")
+            reply = self.client.get(f"/api/runs/{self.cfg.run.run_id}", timeout=SUPERVISOR_POLL_TIMEOUT_SECONDS)
         except CommanderUnreachable as exc:
             self.say(f"commander unreachable ({exc}); pods are left as they are")
             return None

@@ -2385,8 +2385,11 @@ def test_the_status_page_renders_runs_their_handoffs_and_loss_curves_in_a_real_b
     assert refreshes >= 1 and later.count('class="run"') == 2  # refreshed in place, every 3 s, no reload
     for width in (1200, 420):  # a laptop and a phone
         shot = os.path.join(ARTIFACTS, f"status-page-{width}.png")
-        subprocess.run([*browser, f"--screenshot={shot}", f"--window-size={width},1400", cluster.url + "/"],
-                       capture_output=True, timeout=60)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(shot)  # an earlier run's picture proves nothing
+        taken = subprocess.run([*browser, f"--screenshot={shot}", f"--window-size={width},1400", cluster.url + "/"],
+                               capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 0, taken.stderr[-2000:]
         assert os.path.getsize(shot) > 10_000
 
 
@@ -2703,20 +2706,28 @@ def test_a_supervised_commander_that_is_killed_is_started_again_and_the_run_comp
     assert stack_pods(lium) == []
 
 
-def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_again_keeping_its_leases(
-        cluster, lium, monkeypatch, capsys):
-    monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commanders it starts are this test's to clean up
-    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium)))
-    hung = stack.start_commander()
-    assert cluster.client().post("/api/lease/acquire", {"run_id": "r1", "worker_id": "w1", "mode": "sft"}).status == 200
-    os.kill(hung, signal.SIGSTOP)  # alive, same process, answering nothing
-    for _ in range(relay.COMMANDER_SILENT_POLLS):  # what the supervisor does after each unanswered poll
-        stack.revive_commander()
+@pytest.mark.slow(40)
+def test_a_supervised_commander_that_stopped_answering_is_killed_and_started_again_keeping_its_leases(cluster, lium):
+    # A 40 s lease: the worker's deadline (32 s after a renewal) outlasts three silent polls and a restart.
+    stack = write_stack(cluster, lium, commander={"lease_seconds": 40},
+                        worker={"env": {"MOCK_MAX_STEPS": "150", "MOCK_STEP_SECONDS": "0.1"}})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("the pod's worker to seal checkpoint 10", lambda: cluster.healthy() and checkpoint_at_least(cluster, 10), 90)
+    pid_path = cluster.tmp / "launch" / "commander.pid"
+    hung = int(pid_path.read_text())
+    os.kill(hung, signal.SIGSTOP)  # alive, the same process, answering nothing
+    try:
+        wait_for("the supervisor to find it hung and start another",
+                 lambda: int(pid_path.read_text() or hung) != hung and cluster.healthy(), 60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
     wait_for("the hung commander to be gone", lambda: relay.process_start_ticks(hung) is None, 10)
-    assert stack.commander is not None and stack.commander.pid != hung and cluster.healthy()
+    assert supervisor.wait(120) == 0, events.read_text()
+    assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in events.read_text()
     run = cluster.run("r1")
-    assert (run["holder"], run["epoch"]) == ("w1", 1)  # the lease survived the restart
-    assert f"the commander (pid {hung}) has not answered for 3 polls: starting it again" in capsys.readouterr().err
+    assert run["status"] == "COMPLETED" and run["step"] == 150
+    assert [(lease["epoch"], lease["worker_id"]) for lease in run["leases"]] == [(1, "relay-r1-1")]  # no lease lost
 
 
 def test_the_commander_pid_file_holds_the_pid_alone_and_a_reused_pid_is_never_signalled(cluster, lium, monkeypatch):
@@ -2767,10 +2778,19 @@ def test_a_hot_standby_takes_over_a_preempted_pod_before_a_new_pod_could_boot(cl
     assert cluster.run("r1")["holder"] == "relay-r1-1"
     first, standby = nodes_of(lium, "relay-r1-1", "relay-r1-2")
     assert first != standby  # two whole-node pods: two nodes
-    preempted = time.monotonic()
     lium.preempt("relay-r1-1", remove=True)
-    wait_for("the standby to take the run", lambda: cluster.run("r1").get("holder") == "relay-r1-2", 20)
-    assert time.monotonic() - preempted < 7  # about the lease TTL (3 s); a new pod needs a 5 s boot more
+    replacement_when_taken: list[str] = []
+
+    def taken_over() -> bool:
+        if cluster.run("r1").get("holder") != "relay-r1-2":
+            return False
+        replacement = lium.ours("relay-r1-3")
+        replacement_when_taken.append(replacement.status if replacement else "not rented yet")
+        return True
+
+    wait_for("the standby to take the run", taken_over, 20)
+    # the takeover came before any new pod could have booted (5 s here; minutes for a real image)
+    assert replacement_when_taken[0] in ("not rented yet", "PENDING", "STARTING"), replacement_when_taken
     assert supervisor.wait(150) == 0, events.read_text()
     for words in ("one hot standby", f"creating pod relay-r1-1 (template {relay_template()}, volume id:",
                   f"creating pod relay-r1-2 (template {relay_template()}, no volume)", "pod relay-r1-1 (",
@@ -2820,14 +2840,20 @@ def test_the_pod_holding_the_only_copy_of_the_last_checkpoint_is_kept_at_the_end
 
 
 @pytest.mark.slow(38)
-def test_ctrl_c_leaves_the_pods_running_and_a_restarted_supervisor_adopts_them_instead_of_renting(cluster, lium):
+@pytest.mark.parametrize("ending", ["ctrl-c", "crash"])
+def test_a_supervisor_ended_by_ctrl_c_or_a_crash_leaves_the_pods_running_and_a_new_one_adopts_them_not_renting(
+        cluster, lium, ending):
     stack = write_stack(cluster, lium, worker={"env": {"MOCK_MAX_STEPS": "150", "MOCK_STEP_SECONDS": "0.1"}})
     first, events = supervise(cluster, lium, stack)
     wait_for("the pod's worker to hold the run", lambda: cluster.healthy() and cluster.run("r1").get("holder")
              and "supervising run r1" in events.read_text(), 90)
-    first.send_signal(signal.SIGINT)
-    assert first.wait(30) == 130
-    assert "stopped supervising; pods left as they are: relay-r1-1" in events.read_text()
+    if ending == "ctrl-c":
+        first.send_signal(signal.SIGINT)
+        assert first.wait(30) == 130
+        assert "stopped supervising; pods left as they are: relay-r1-1" in events.read_text()
+    else:  # SIGKILL (OOM killer, a closed tmux): nothing said, its lock and state as they were
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(30) == -signal.SIGKILL
     assert stack_pods(lium) == ["relay-r1-1"] and cluster.trainer_pids()
     assert cluster.run("r1")["holder"] == "relay-r1-1"
     second, events = supervise(cluster, lium, stack)
@@ -2987,6 +3013,8 @@ def test_a_stack_yaml_in_the_flat_layout_gets_one_error_naming_the_group_of_ever
 
 
 def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluster, lium):
+    from testing.lium_api import NODE_IDS
+
     secret = "dry-secret-" + uuid.uuid4().hex
     stack = write_stack(cluster, lium, lium={"node": "", "gpu": "H200", "gpu_count": 8, "ttl": "6h"},
                         relay={"budget_usd": 500}, worker={"env": {"WANDB_API_KEY": "${TEST_WANDB}"}})
@@ -3004,7 +3032,8 @@ def test_a_dry_run_prints_every_command_masks_the_secret_and_runs_nothing(cluste
     assert secret not in out + result.stderr and wandb_key not in out + result.stderr
     for words in ("preflight ok: LIUM_API_KEY: Lium accepts it",
                   f"preflight ok: worker.env.WANDB_API_KEY: ${{TEST_WANDB}} is set here (*** {len(wandb_key)} characters", "preflight ok: lium.template_id: template relay-trainer",
-                  f"preflight ok: lium.volume: volume {lium.volume_huid()} exists", "preflight ok: lium.gpu: 1 node(s) offer 8 H200",
+                  f"preflight ok: lium.volume: volume {lium.volume_huid()} exists",
+                  f"preflight ok: lium.gpu: {len(NODE_IDS)} node(s) offer 8 H200",
                   "preflight ok: commander.public_url: nothing answers there yet"):
         assert words in out, out
     assert rented_or_changed(lium) == [] and not cluster.healthy()
