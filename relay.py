@@ -61,7 +61,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 VERSION = "0.3.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -235,8 +235,8 @@ def _check_type(where: str, name: str, value: Any, kind: type) -> Any:
     return value
 
 
-def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
+def did_you_mean(name: str, known: Collection[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -4094,9 +4094,8 @@ def unknown_slime_flags(command: str, known: SlimeFlags) -> list[str]:
     """Each flag of the command slime would drop, with the nearest one it knows."""
     found = []
     for flag in dict.fromkeys(slime_command_flags(command)):
-        if not known.accepts(flag):
-            near = difflib.get_close_matches(flag, known.exact, n=1, cutoff=0.75)
-            found.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
+        if not known.accepts(flag):  # among 1,400 flags a looser match names an unrelated one
+            found.append(flag + did_you_mean(flag, known.exact, cutoff=0.75))
     return found
 
 

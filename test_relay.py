@@ -2097,7 +2097,7 @@ def test_a_misspelled_slime_flag_stops_the_worker_at_start_with_one_line_before_
     assert worker.wait(30) == 2
     lines = cluster.log("a").strip().splitlines()
     # --sglang-mem-frac is a prefix slime's SGLang parser takes; --lr=... is --lr
-    assert lines == ["relay: error: SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?) "
+    assert lines == ["relay: error: SLIME_SFT_CMD: slime does not know --save-intervall (did you mean '--save-interval'?) "
                      "and would drop it without a word; fix the command, or set check_slime_flags: false for a "
                      "slime build with flags of its own"]
     assert cluster.run("r1") == {} and "Traceback" not in cluster.log("a")  # never asked for a lease
@@ -3035,7 +3035,7 @@ def test_a_stack_that_cannot_work_fails_before_anything_is_started_or_rented_one
                        "RELAY_SHARED_SECRET: 5 bytes; a commander reachable from other machines needs at least 32",
                        "lium.node: no node 'no-such-node'", "HF_TOKEN: run.hf_repo is tester/relay-ckpt but HF_TOKEN is not set",
                        "run.env.WANDB_API_KEY: ${TEST_UNSET_KEY} is not set where launch-stack runs",
-                       "worker.env.SLIME_SFT_CMD: slime does not know --save-intervall (did you mean --save-interval?)"):
+                       "worker.env.SLIME_SFT_CMD: slime does not know --save-intervall (did you mean '--save-interval'?)"):
         assert sum(field_name in line for line in lines) == 1, result.stderr
     assert lines[-1] == "relay: error: 8 preflight check(s) failed (above): nothing was started or rented"
     assert rented_or_changed(lium) == [] and not cluster.healthy()

@@ -78,7 +78,7 @@ class WireProxy:
                 return
             if not chunk or self.cut.is_set():
                 return
-            if chunk[:7] in (b"POST /a", b"GET /ap", b"GET / H", b"HEAD /a") or chunk.startswith((b"POST ", b"GET ")):
+            if chunk.startswith((b"POST ", b"GET ", b"HEAD ")):  # a request begins (keep-alive: one at a time)
                 connection["renewal"] = chunk.startswith(RENEWAL)
                 if connection["renewal"]:
                     self.renewals_forwarded.append(time.time())
