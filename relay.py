@@ -4029,7 +4029,8 @@ def gpu_shortfall(cfg: RunConfig, have: int | None) -> str:
     """
     command = slime_command(cfg)
     if have is None:
-        return ("nvidia-smi lists no GPU on this pod: RELAY_NUM_GPUS is 0" if "RELAY_NUM_GPUS" in command else "")
+        return ("nvidia-smi lists no GPU on this pod: RELAY_NUM_GPUS is 0 and slime will wait for GPUs forever; "
+                "check the driver with `nvidia-smi -L`, or run on a pod with GPUs" if "RELAY_NUM_GPUS" in command else "")
     advertised = gpus_ray_advertises(command)
     if advertised is not None and advertised > have:
         return (f"this pod has {have} GPUs but `ray start --num-gpus {advertised}` registers {advertised} with Ray: "
