@@ -78,6 +78,8 @@ if os.path.isdir(RELAY_SITE) and RELAY_SITE not in sys.path:
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+MAX_NODES = 64  # nodes of one run (a Lium cluster is a few whole nodes)
+NODE_ADDRESS_RE = re.compile(r"[A-Za-z0-9.:\[\]-]{1,250}:\d{1,5}\Z")  # host:port of a node's checkpoint server
 HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 SHA1_RE = re.compile(r"[0-9a-f]{40}\Z")
 MODES = ("sft", "rl")
@@ -298,6 +300,14 @@ class RunConfig:
     commander_ca_file: str = ""  # CA that signed an https:// commander's certificate (default: the system's)
     check_slime_flags: bool = True  # a slime command's flags against slime_flags.txt, before any lease
     max_lease_seconds: float = 600.0  # the longest lease TTL this worker believes, whatever an answer says
+    # A run across several nodes (a Lium cluster; docs/worker.md, "Several nodes"): every node
+    # runs a worker with the same run config but its own node_rank and node_ip.
+    nodes: int = 1
+    node_rank: int = 0
+    node_ip: str = ""  # this node's address on the cluster's network (Lium's overlay IP)
+    master_addr: str = ""  # node 0's address on it (default: node_ip on node 0)
+    group: str = ""  # the cluster: nodes of one group train together, and only they
+    node_port: int = 8790  # each node's checkpoint server, on node_ip
     env: dict = field(default_factory=dict)
 
     @property
@@ -342,6 +352,7 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
             raise bad(name, "must be 0 or more")
     if cfg.max_lease_seconds < 2:
         raise bad("max_lease_seconds", "must be at least 2 (the commander's shortest lease)")
+    validate_nodes(cfg, bad)
     for name in ("hf_sync_interval_seconds", "hf_final_sync_timeout_seconds", "stall_timeout_seconds",
                  "stop_grace_seconds", "commander_wait_seconds"):
         if getattr(cfg, name) <= 0:
@@ -351,6 +362,32 @@ def validate_run_config(cfg: RunConfig, where: str) -> RunConfig:
             raise bad(name, "must be a non-empty path without spaces or shell special characters "
                             "(it is passed to the trainer in RELAY_SLIME_ARGS)")
     return cfg
+
+
+def validate_nodes(cfg: RunConfig, bad: Callable[[str, str], UserError]) -> None:
+    """A multi-node run's fields.  Its checkpoints leave the cluster only through the Hub: a
+    cluster has no Lium volume, and a lost node means a whole new cluster."""
+    if not 1 <= cfg.nodes <= MAX_NODES:
+        raise bad("nodes", f"must be between 1 and {MAX_NODES}")
+    if not 0 <= cfg.node_rank < cfg.nodes:
+        raise bad("node_rank", f"must be between 0 and nodes - 1 ({cfg.nodes - 1})")
+    if not 1 <= cfg.node_port <= 65535:
+        raise bad("node_port", "must be a TCP port")
+    if cfg.nodes == 1:
+        return
+    if not cfg.hf_repo:
+        raise bad("hf_repo", f"is required for a run on {cfg.nodes} nodes: a cluster has no volume, so the Hub is "
+                             "where a new cluster resumes from")
+    for name in ("node_ip", "group"):
+        if not getattr(cfg, name):
+            raise bad(name, f"is required for a run on {cfg.nodes} nodes")
+    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,250}", cfg.node_ip):
+        raise bad("node_ip", f"must be an address, not {cfg.node_ip!r}")
+    if not WORKER_ID_RE.match(cfg.group):
+        raise bad("group", "must match [A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+    cfg.master_addr = cfg.master_addr or (cfg.node_ip if cfg.node_rank == 0 else "")
+    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,250}", cfg.master_addr):
+        raise bad("master_addr", "is required on nodes other than node 0 (node 0's address)")
 
 
 def normalize_rollout_pattern(pattern: str, where: str) -> str:
@@ -914,6 +951,19 @@ def _json_or_error(raw: bytes) -> dict:
 # RECEIVED the renewal; the worker measures its own deadline from when it SENT it, minus a
 # margin, on its own clock.  Only durations cross the wire, so clock offsets never matter,
 # and the worker (and its watchdog) always give up before the commander re-grants.
+#
+# A run on N nodes (a Lium cluster) holds ONE lease: node 0's worker acquires it, naming the
+# cluster (`group`); every other node's worker JOINS that epoch and renews its own membership
+# with a member token, on the same TTL, with the same deadline rule and a watchdog of its own
+# that kills its node's trainer processes at its deadline.  The epoch is one unit:
+#   - a member that stops renewing (its node died) or leaves ends the epoch: the holder's lease
+#     ends with it, and the holder learns at its next renewal (a 409) and stops its trainer;
+#   - when the epoch ends for any reason (release, expiry, a member lost), every party of it
+#     that did not say it stopped is FENCED: the commander grants the run again only after
+#     each fenced party has left (it says so once its trainer is dead) or its commander-side
+#     expiry has passed (receipt of its last renewal + TTL, after its own watchdog deadline).
+# So no process of an old epoch, on any node, still runs when a new epoch starts; fenced
+# parties are persisted with the record, and a restarted commander gives each a full TTL.
 
 RUN_STATUSES = ("PENDING", "RUNNING", "PREEMPTED", "FAILED", "COMPLETED", "CANCELLED")
 RELEASE_STATUSES = ("COMPLETED", "FAILED", "PREEMPTED")
@@ -957,7 +1007,7 @@ METRICS: dict[str, tuple[str, str]] = {  # name -> (type, help); per run unless 
     "relay_commander_requests_total": ("counter", "Requests answered since the commander started, by endpoint and status."),
 }
 API_ENDPOINTS = ("/", "/metrics", "/api/health", "/api/runs", "/api/lease/acquire", "/api/lease/renew",
-                 "/api/lease/release", "/api/job/report", "/api/runs/spend", "/api/runs/cancel", "/api/runs/retry",
+                 "/api/lease/release", "/api/lease/join", "/api/lease/member", "/api/lease/leave", "/api/job/report", "/api/runs/spend", "/api/runs/cancel", "/api/runs/retry",
                  "/api/runs/event")
 
 
@@ -980,10 +1030,11 @@ class Document:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.fields = fields  # more of the answer beside "error"
 
 
 @dataclass
@@ -997,6 +1048,18 @@ class LeaseRecord:
     ended_at: float = 0.0
     end_step: int = 0
     why: str = ""  # completed | failed | preempted | expired | reacquired
+
+
+@dataclass
+class PartyRecord:
+    """A worker of a multi-node run's epoch besides the holder: a member that joined it, or,
+    once the epoch ended, any party (the old holder too) that may still be running (fenced)."""
+
+    worker_id: str
+    node_rank: int
+    token_sha256: str
+    address: str = ""  # host:port of its node's checkpoint server, on the cluster's network
+    joined_at: float = 0.0
 
 
 @dataclass
@@ -1026,6 +1089,10 @@ class RunRecord:
     gpu_spend: dict | None = None  # what launch-stack last reported: spent_usd, budget_usd, pods, at
     trainer_restarts: int = 0  # over all leases: reports with status RESTARTING
     total_steps: int = 0  # what the workers' run config says (0: unknown), for "step N/total"
+    nodes: int = 1  # nodes of the current epoch (the holder's `nodes`)
+    group: str = ""  # the holder's cluster: only its nodes may join this epoch
+    members: list = field(default_factory=list)  # PartyRecord dicts: nodes 1..N-1 of this epoch
+    fenced: list = field(default_factory=list)  # PartyRecord dicts of ended epochs, maybe still running
 
     def snapshot(self) -> dict:
         """The record as a dict that later changes do not reach.  Lists are copied; what they
@@ -1035,6 +1102,8 @@ class RunRecord:
         for name in ("events", "losses", "log_tail"):
             view[name] = list(view[name])
         view["leases"] = [dict(lease) for lease in self.leases]
+        for name in ("members", "fenced"):  # token digests stay in the record
+            view[name] = [{k: v for k, v in party.items() if k != "token_sha256"} for party in view[name]]
         for name in ("latest_checkpoint", "hub", "gpu_spend"):
             view[name] = dict(view[name]) if view[name] else view[name]
         return view
@@ -1049,11 +1118,19 @@ class RunRecord:
         del self.events[:-MAX_EVENTS]
 
     def end_lease(self, why: str, now: float) -> None:
+        """End the epoch; its members are fenced (section 4's safety argument)."""
         lease = self.leases[-1]
         lease.update(ended_at=now, end_step=self.step, why=why)
         self.add_event(f"lease epoch {self.epoch} of {self.holder} ended: {why} at step {self.step}")
+        self.fenced.extend(self.members)
+        self.members = []
         self.holder = ""
         self.lease_token_sha256 = ""
+
+    def party(self, parties: list, worker_id: str, token: str) -> dict | None:
+        """The entry of `parties` that `token` proves to be `worker_id`'s."""
+        return next((p for p in parties if p["worker_id"] == worker_id
+                     and hmac.compare_digest(token_digest(token), p["token_sha256"])), None)
 
 
 def final_model_of(run: RunRecord) -> dict | None:
@@ -1181,6 +1258,9 @@ def checked_run_record(run_id: str, data: Any) -> RunRecord:
         raise ValueError(f"{where}: status {run.status!r} or mode {run.mode!r} is not one the commander knows")
     for i, lease in enumerate(run.leases):
         checked_record(LeaseRecord, lease, f"{where}.leases[{i}]")
+    for name in ("members", "fenced"):
+        for i, party in enumerate(getattr(run, name)):
+            checked_record(PartyRecord, party, f"{where}.{name}[{i}]")
     if not all(isinstance(e, dict) and isinstance(e.get("at"), (int, float)) and isinstance(e.get("msg"), str)
                for e in run.events):
         raise ValueError(f"{where}.events must be a list of {{at, msg}}")
@@ -1345,6 +1425,9 @@ class Commander:
         # A restarted commander cannot know how long its holders went without renewing, so
         # every lease gets a full TTL from now: a live holder renews, a dead one expires.
         self.expires: dict[str, float] = {}
+        # The same for the other parties of multi-node epochs: members, and fenced parties of
+        # ended epochs (run -> worker -> clock() of their expiry); after a restart, a full TTL.
+        self.party_expires: dict[str, dict[str, float]] = {}
         # Who asked for each run lately while another held it (run -> worker -> clock()), in
         # memory only: launch-stack tells a standing-by worker from a dead one by it.
         self.standbys: dict[str, dict[str, float]] = {}
@@ -1357,6 +1440,8 @@ class Commander:
             if run.holder:
                 self.expires[run.run_id] = now + lease_seconds
                 run.add_event(f"commander restarted; lease of {run.holder} (epoch {run.epoch}) kept for a full TTL")
+            if run.members or run.fenced:
+                self.party_expires[run.run_id] = {p["worker_id"]: now + lease_seconds for p in run.members + run.fenced}
 
     # -- persistence --------------------------------------------------------------------
 
@@ -1369,6 +1454,7 @@ class Commander:
         """
         before = copy.deepcopy(self.runs.get(run_id))
         expires_before = self.expires.get(run_id)
+        parties_before = dict(self.party_expires.get(run_id, {}))
         yield
         try:
             self.store.save(self.runs)
@@ -1381,16 +1467,44 @@ class Commander:
                 self.expires.pop(run_id, None)
             else:
                 self.expires[run_id] = expires_before
+            self.party_expires[run_id] = parties_before
             raise ApiError(503, f"commander cannot write its state file: {exc.strerror}") from None
 
     # -- lease lifecycle -------------------------------------------------------------------
 
     def _expire_if_due(self, run: RunRecord, now: float) -> None:
+        parties = self.party_expires.get(run.run_id, {})
         if run.holder and self.expires.get(run.run_id, 0.0) <= now:
             with self.durable_change(run.run_id):
                 run.end_lease("expired", utc_now())
                 run.status = "CANCELLED" if run.status == "CANCELLED" else "PREEMPTED"
                 self.expires.pop(run.run_id, None)
+        elif run.holder:
+            lost = next((m for m in run.members if parties.get(m["worker_id"], 0.0) <= now), None)
+            if lost is not None:
+                self._end_epoch_without(run, lost, "stopped renewing")
+        stale = [p for p in run.fenced if parties.get(p["worker_id"], 0.0) <= now]
+        if stale:
+            with self.durable_change(run.run_id):
+                for party in stale:
+                    self._unfence(run, party)
+
+    def _end_epoch_without(self, run: RunRecord, member: dict, why: str) -> None:
+        """A member is gone: the epoch ends for every node.  The holder, still running until
+        it hears of it (its next renewal) or its deadline passes, is fenced with its expiry."""
+        parties = self.party_expires.setdefault(run.run_id, {})
+        with self.durable_change(run.run_id):
+            run.members.remove(member)
+            parties.pop(member["worker_id"], None)
+            run.fenced.append(dataclasses.asdict(PartyRecord(run.holder, 0, run.lease_token_sha256)))
+            parties[run.holder] = self.expires.pop(run.run_id, self.clock() + self.lease_seconds)
+            run.end_lease(f"member {member['worker_id']} (node {member['node_rank']}) {why}", utc_now())
+            run.status = "CANCELLED" if run.status == "CANCELLED" else "PREEMPTED"
+
+    def _unfence(self, run: RunRecord, party: dict) -> None:
+        """A fenced party stopped (it said so) or expired: it no longer holds back a grant."""
+        run.fenced.remove(party)
+        self.party_expires.get(run.run_id, {}).pop(party["worker_id"], None)
 
     def expire_due_leases(self) -> None:
         with self.lock:
@@ -1436,14 +1550,20 @@ class Commander:
         mode = body.str("mode", choices=MODES)
         previous = body.str("previous_lease_token", required=False, max_len=128)
         total_steps = body.int("total_steps")
+        nodes = body.int("nodes", maximum=MAX_NODES) or 1
+        group = body.str("group", required=nodes > 1, pattern=WORKER_ID_RE)
         now = self.clock()
         run = self.runs.get(run_id)
         if run is not None and run.mode != mode:
             raise ApiError(409, f"run '{run_id}' is a {run.mode} run, this worker is configured for {mode}")
         if run is not None and run.status in ENDED_STATUSES:
             return {"status": run.status.lower(), "run_id": run_id}
-        if run is not None and run.holder:
+        if run is not None:
             self._expire_if_due(run, now)
+            own = run.party(run.fenced, worker_id, previous) if previous else None
+            if own is not None:  # the holder of an epoch a member ended: its trainer is stopped
+                with self.durable_change(run_id):
+                    self._unfence(run, own)
         if run is not None and run.holder:
             # The holder itself may come back with its old token after its own deadline
             # passed (its trainer already stopped): it may start a new epoch at once.
@@ -1455,6 +1575,12 @@ class Commander:
                 # The recorded Hub revision: what a standby prefetches to take over from its own disk.
                 return {"status": "denied", "holder": run.holder, "epoch": run.epoch,
                         "retry_after_sec": self.retry_after(run, now), **({"hub": dict(run.hub)} if run.hub else {})}
+        if run is not None and run.fenced:  # nodes of the last epoch may still run: not yet
+            self.note_standby(run_id, worker_id, now)
+            waits = [self.party_expires.get(run_id, {}).get(p["worker_id"], now) - now for p in run.fenced]
+            return {"status": "denied", "holder": "", "epoch": run.epoch,
+                    "waiting_for": sorted(p["worker_id"] for p in run.fenced),
+                    "retry_after_sec": round(max(0.05, min(standby_poll_seconds(self.lease_seconds), min(waits) + 0.05)), 3)}
         token = secrets.token_urlsafe(24)
         previous_holder = run.leases[-1]["worker_id"] if run is not None and run.leases else ""
         with self.durable_change(run_id):
@@ -1463,6 +1589,7 @@ class Commander:
                 run.add_event(f"run created by {worker_id} ({mode})")
             run.epoch += 1
             run.total_steps = total_steps or run.total_steps
+            run.nodes, run.group = nodes, group
             run.holder = worker_id
             run.lease_token_sha256 = token_digest(token)
             run.status = "RUNNING"
@@ -1476,11 +1603,17 @@ class Commander:
         self.told_no_holder.discard(run_id)
         if previous_holder and previous_holder != worker_id:
             self.notify_handoff(run, previous_holder)
+        return {"status": "granted", "lease_token": token, "epoch": run.epoch,
+                "lease_expires_in_sec": self.lease_seconds, "checkpoint": self.checkpoint_record(run)}
+
+    @staticmethod
+    def checkpoint_record(run: RunRecord) -> dict | None:
+        """Where the run stands, for a worker about to restore: the last sealed checkpoint and
+        the recorded Hub revision."""
         checkpoint = dict(run.latest_checkpoint) if run.latest_checkpoint else None
         if run.hub:
             checkpoint = dict(checkpoint or {}, hub=dict(run.hub))
-        return {"status": "granted", "lease_token": token, "epoch": run.epoch,
-                "lease_expires_in_sec": self.lease_seconds, "checkpoint": checkpoint}
+        return checkpoint
 
     def renew(self, body: Body) -> dict:
         run_id = body.str("run_id", pattern=RUN_ID_RE)
@@ -1500,7 +1633,80 @@ class Commander:
         # A cancelled run's holder is told on its renewal: it stops its trainer gracefully,
         # seals, uploads and releases, keeping its lease meanwhile (its watchdog must not kill).
         cancel = {"cancel": True} if run.status == "CANCELLED" else {}
-        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds, **cancel}
+        # A multi-node holder learns its members here: where to gather their checkpoint shards.
+        members = {"members": [{k: m[k] for k in ("worker_id", "node_rank", "address")} for m in run.members]} \
+            if run.nodes > 1 else {}
+        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds, **cancel, **members}
+
+    # -- the other nodes of a multi-node run (section 4's safety argument) -------------------
+
+    def join(self, body: Body) -> dict:
+        """A node k > 0 joins the current epoch of its cluster's holder."""
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
+        group = body.str("group", pattern=WORKER_ID_RE)
+        node_rank = body.int("node_rank", required=True, maximum=MAX_NODES - 1)
+        address = body.str("address", max_len=256, pattern=NODE_ADDRESS_RE)
+        previous = body.str("previous_member_token", required=False, max_len=128)
+        now = self.clock()
+        run = self.runs.get(run_id)
+        if run is not None and run.status in ENDED_STATUSES:
+            return {"status": run.status.lower(), "run_id": run_id}
+        if run is not None:
+            self._expire_if_due(run, now)
+            own = run.party(run.fenced, worker_id, previous) if previous else None
+            if own is not None:  # a member of an ended epoch whose trainer is stopped
+                with self.durable_change(run_id):
+                    self._unfence(run, own)
+        if run is None or not run.holder or run.group != group:
+            return {"status": "waiting", "holder": run.holder if run else "",
+                    "retry_after_sec": standby_poll_seconds(self.lease_seconds)}
+        if not 1 <= (node_rank or 0) < run.nodes:
+            raise ApiError(409, f"node rank {node_rank} is not one of nodes 1..{run.nodes - 1} of run '{run_id}'")
+        taken = next((m for m in run.members if m["node_rank"] == node_rank and m["worker_id"] != worker_id), None)
+        if taken is not None:
+            raise ApiError(409, f"node {node_rank} of this epoch is {taken['worker_id']}, not '{worker_id}'")
+        token = secrets.token_urlsafe(24)
+        with self.durable_change(run_id):
+            run.members = [m for m in run.members if m["worker_id"] != worker_id]
+            run.members.append(dataclasses.asdict(PartyRecord(worker_id, node_rank or 0, token_digest(token), address,
+                                                              utc_now())))
+            self.party_expires.setdefault(run_id, {})[worker_id] = now + self.lease_seconds
+            run.add_event(f"{worker_id} joined epoch {run.epoch} as node {node_rank}")
+        return {"status": "joined", "member_token": token, "epoch": run.epoch, "holder": run.holder,
+                "lease_expires_in_sec": self.lease_seconds, "checkpoint": self.checkpoint_record(run)}
+
+    def member_renew(self, body: Body) -> dict:
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
+        token = body.str("member_token", max_len=128)
+        run = self._run(run_id)
+        self._expire_if_due(run, self.clock())
+        if run.party(run.members, worker_id, token) is None:
+            raise ApiError(409, "this node's epoch has ended", run_status=run.status)
+        self.party_expires.setdefault(run_id, {})[worker_id] = self.clock() + self.lease_seconds
+        return {"ok": True, "epoch": run.epoch, "lease_expires_in_sec": self.lease_seconds,
+                "sealed_iteration": (run.latest_checkpoint or {}).get("iteration", -1)}
+
+    def leave(self, body: Body) -> dict:
+        """A member says its trainer is stopped: in a live epoch that ends the epoch (a node
+        cannot leave a running job); in an ended one, it no longer holds back the next grant."""
+        run_id = body.str("run_id", pattern=RUN_ID_RE)
+        worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
+        token = body.str("member_token", max_len=128)
+        reason = body.str("reason", required=False, max_len=500)
+        run = self._run(run_id)
+        self._expire_if_due(run, self.clock())
+        member = run.party(run.members, worker_id, token)
+        if member is not None:
+            self._end_epoch_without(run, member, f"left: {reason or 'no reason given'}")
+            return {"ok": True, "status": run.status}
+        fenced = run.party(run.fenced, worker_id, token)
+        if fenced is None:
+            raise ApiError(409, "no epoch of this run knows this member token", run_status=run.status)
+        with self.durable_change(run_id):
+            self._unfence(run, fenced)
+        return {"ok": True, "status": run.status}
 
     def _record_progress(self, run: RunRecord, step: int | None, loss: float | None, phase: str,
                          lines: list[str], losses: list[list] | None = None) -> None:
@@ -1796,6 +2002,9 @@ class Commander:
             ("POST", "/api/lease/acquire"): self.acquire,
             ("POST", "/api/lease/renew"): self.renew,
             ("POST", "/api/lease/release"): self.release,
+            ("POST", "/api/lease/join"): self.join,
+            ("POST", "/api/lease/member"): self.member_renew,
+            ("POST", "/api/lease/leave"): self.leave,
             ("POST", "/api/job/report"): self.report,
             ("POST", "/api/runs/spend"): self.record_spend,
             ("POST", "/api/runs/cancel"): self.cancel,
@@ -2223,7 +2432,7 @@ class CommanderHandler(http.server.BaseHTTPRequestHandler):
                     status, payload = self.server.commander.dispatch(method, path, body, query)
                     answer = encode_answer(payload)
         except ApiError as exc:
-            status, answer = exc.status, encode_answer({"error": exc.message})
+            status, answer = exc.status, encode_answer({"error": exc.message, **exc.fields})
         except OSError:  # the body's deadline passed, or the client went away
             self.close_connection = True
             return
@@ -2425,6 +2634,9 @@ class CheckpointDir:
         self.seal_dir = os.path.join(run_dir, "sealed")
         self.require_dataset_state = require_dataset_state
         self._warned_missing_state: set[int] = set()
+        # On node 0 of a multi-node run: brings the other nodes' shards of an iteration here
+        # (section 6, "the nodes of a cluster"); True once this node has all of them.
+        self.gather: Callable[[int], bool] = lambda iteration: True
         os.makedirs(self.path, exist_ok=True)
         os.makedirs(self.seal_dir, exist_ok=True)
 
@@ -2470,7 +2682,7 @@ class CheckpointDir:
         first), and not atomically: while the trainer lives, the file must also be
         SEAL_SETTLE_SECONDS old before it counts.
         """
-        if tracker is None or iteration > tracker:
+        if tracker is None or iteration > tracker or not self.gather(iteration):
             return False
         if not self.require_dataset_state:
             return True
@@ -3359,6 +3571,169 @@ class HubPrefetch:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+# -- the nodes of a cluster: shards gathered to node 0, the restored checkpoint spread ------
+#
+# On N nodes every rank writes its own shard files into iter_N/ on ITS node's disk, and every
+# node needs the COMPLETE checkpoint to resume (docs/worker.md, "Several nodes").  Each node's
+# worker serves its checkpoint folder to the other nodes of the run on node_ip:node_port:
+#   GET /shards/N      the files of iteration N on this node, with size and SHA-256
+#   GET /restored/E    (node 0) the checkpoint node 0 put in place for epoch E: its manifest
+#   GET /file/REL      one file, streamed
+# Node 0 gathers every member's shards of N once its tracker says N (rank 0 writes the tracker
+# after a barrier, so every shard is whole by then), seals the complete checkpoint and makes ONE
+# Hub commit of it: the single-node seal, verify and upload path, unchanged, and node 0 then
+# holds a complete copy from which new members restore over the cluster's network (10-400 Gb/s)
+# instead of N downloads from the Hub.  Requests are signed with the shared secret as the
+# commander's are, JSON answers signed back; a file is believed only when its size and SHA-256
+# match the signed listing or manifest that named it.
+
+NODE_FILE_CHUNK = 1 << 20
+
+
+class NodeCheckpointServer(http.server.ThreadingHTTPServer):
+    """This node's checkpoint folder, read-only, for the other nodes of its run."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, ckpt: CheckpointDir, secret: str) -> None:
+        self.ckpt, self.secret = ckpt, secret
+        self.nonces = NonceCache()
+        self.restored: dict | None = None  # node 0: {"epoch", "iteration", "files"} once its restore is done
+        self._hashes: dict[tuple[str, int, int], str] = {}  # (file, size, mtime_ns) -> SHA-256: hashed once
+        try:
+            super().__init__((host, port), NodeCheckpointHandler)
+        except OSError as exc:
+            raise UserError(f"cannot serve this node's checkpoints on {host}:{port} (node_ip, node_port): "
+                            f"{exc.strerror or exc}") from None
+        threading.Thread(target=self.serve_forever, name="node-checkpoints", daemon=True).start()
+
+    def listing(self, iteration: int) -> dict[str, list]:
+        """The files of iteration `iteration` here; a dataset-state file only once settled (slime
+        writes it in place, not atomically)."""
+        files = {}
+        for rel in self.ckpt.files_of(iteration):
+            path = os.path.join(self.ckpt.path, rel)
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if rel == dataset_state_relpath(iteration) and utc_now() - st.st_mtime < SEAL_SETTLE_SECONDS:
+                    continue
+                key = (rel, st.st_size, st.st_mtime_ns)
+                if key not in self._hashes:
+                    self._hashes[key] = sha256_file(path) or ""
+                files[rel] = [st.st_size, self._hashes[key]]
+        return files
+
+
+class NodeCheckpointHandler(http.server.BaseHTTPRequestHandler):
+    server: NodeCheckpointServer
+    timeout = 30
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        secret = self.server.secret
+        if secret:
+            verdict = verify_request({ROLE_SHARED: secret}, self.headers, "GET", self.path, b"", self.server.nonces)
+            if verdict.problem:
+                return self.answer(401, {"error": verdict.problem}, "")
+        nonce = self.headers.get("X-Relay-Nonce", "")
+        parts = self.path.split("/", 2)
+        if len(parts) == 3 and parts[1] == "shards" and parts[2].isdigit():
+            return self.answer(200, {"files": self.server.listing(int(parts[2]))}, nonce)
+        if len(parts) == 3 and parts[1] == "restored" and parts[2].isdigit():
+            restored = self.server.restored
+            if restored is None or restored["epoch"] != int(parts[2]):
+                return self.answer(404, {"error": f"node 0 has not restored epoch {parts[2]} yet"}, nonce)
+            return self.answer(200, restored, nonce)
+        if len(parts) == 3 and parts[1] == "file":
+            return self.send_checkpoint_file(urllib.parse.unquote(parts[2]))
+        return self.answer(404, {"error": "no such path"}, nonce)
+
+    def answer(self, status: int, body: dict, nonce: str) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if nonce and self.server.secret:
+            self.send_header("X-Relay-Response-Signature", response_signature(self.server.secret, nonce, status, data))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_checkpoint_file(self, rel: str) -> None:
+        root = os.path.realpath(self.server.ckpt.path)
+        path = os.path.realpath(os.path.join(root, rel))
+        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+            return self.answer(404, {"error": "no such checkpoint file"}, "")
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            while chunk := handle.read(NODE_FILE_CHUNK):
+                self.wfile.write(chunk)
+
+
+class NodePeer:
+    """Another node of this run, as its checkpoint server answers."""
+
+    def __init__(self, address: str, secret: str) -> None:
+        self.address, self.secret = address, secret
+        self.client = CommanderClient(f"http://{address}", secret, timeout=30)
+
+    def ask(self, path: str) -> dict | None:
+        """A signed JSON answer; None for 'not there (yet)'.  OSError when the node does not answer."""
+        try:
+            reply = self.client.get(path)
+        except CommanderUnreachable as exc:  # (the client's words name a commander)
+            raise OSError(f"no answer from the node at {self.address}: {str(exc).rsplit(': ', 1)[-1]}") from None
+        return reply.body if reply.status == 200 else None
+
+    def fetch(self, rel: str, dest: str, size: int, digest: str, should_abort: Callable[[], bool]) -> None:
+        """Copy one file here (through a .part file), believed only with the expected size and
+        SHA-256; OSError when it cannot be had."""
+        path = "/file/" + urllib.parse.quote(rel)
+        host, _, port = self.address.rpartition(":")
+        connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=30)
+        part = dest + ".part"
+        try:
+            connection.request("GET", path, headers=signed_headers(self.secret, "GET", path, b"") if self.secret else {})
+            answer = connection.getresponse()
+            if answer.status != 200:
+                raise OSError(f"{self.address} answered {answer.status} for {rel}")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            hashed, written = hashlib.sha256(), 0
+            with open(part, "wb") as handle:
+                while chunk := answer.read(NODE_FILE_CHUNK):
+                    if should_abort():
+                        raise OSError("stopped")
+                    handle.write(chunk)
+                    hashed.update(chunk)
+                    written += len(chunk)
+            if written != size or hashed.hexdigest() != digest:
+                raise OSError(f"{rel} from {self.address} is not the file its listing named")
+            os.replace(part, dest)
+        except (http.client.HTTPException, ValueError) as exc:
+            raise OSError(f"{rel} from {self.address}: {exc}") from None
+        finally:
+            connection.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+
+    def copy_files(self, files: dict, ckpt: CheckpointDir, should_abort: Callable[[], bool]) -> int:
+        """Bring every listed file here that is not here already with that size; bytes copied."""
+        copied = 0
+        for rel, (size, digest) in sorted(files.items()):
+            dest = os.path.join(ckpt.path, rel)
+            with contextlib.suppress(OSError):
+                if os.path.getsize(dest) == size and sha256_file(dest, should_abort) == digest:
+                    continue
+            self.fetch(rel, dest, size, digest, should_abort)
+            copied += size
+        return copied
+
+
 ###############################################################################
 # 7. Trainer process and watchdog #############################################
 ###############################################################################
@@ -3978,8 +4353,15 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
         # --num-gpus` and `--actor-num-gpus-per-node` from it, so a command never hard-codes
         # a count that a smaller pod would not have.
         "RELAY_NUM_GPUS": str(gpus or 0),
+        # Where this node stands in the run (docs/worker.md, "Several nodes"); one node: 0 of 1.
+        "RELAY_NODE_RANK": str(cfg.node_rank),
+        "RELAY_NUM_NODES": str(cfg.nodes),
+        "RELAY_NODE_IP": cfg.node_ip or "127.0.0.1",
+        "RELAY_MASTER_ADDR": cfg.master_addr or cfg.node_ip or "127.0.0.1",
         TRAINER_TAG_ENV: tag,
     })
+    if cfg.nodes > 1:  # slime probes the default route for its own address otherwise
+        env.setdefault("SLIME_HOST_IP", cfg.node_ip)
     # One Weights & Biases run per relayed run: every restart, on any pod, resumes the same
     # run instead of starting a new one (W&B reads these when slime calls wandb.init without
     # an id).  A user's own choice, from the worker's environment or `env`, wins.
@@ -4215,12 +4597,15 @@ class LeaseKeeper:
     """
 
     def __init__(self, client: CommanderClient, cfg: RunConfig, lease: Lease, progress: Progress,
-                 watchdog: Watchdog, on_lost: Callable[[str], None], on_cancel: Callable[[], None]) -> None:
+                 watchdog: Watchdog, on_lost: Callable[[str], None], on_cancel: Callable[[], None],
+                 path: str = "/api/lease/renew") -> None:
         self.client, self.cfg, self.lease, self.progress = client, cfg, lease, progress
         self.watchdog = watchdog
         self.on_lost, self.on_cancel = on_lost, on_cancel
+        self.path = path  # /api/lease/member for a member of a multi-node epoch: same rules
         self.deadline = lease.sent_at + lease.ttl - lease_margin(lease.ttl)
         self.phase = "RESTORING"
+        self.answer: dict = {}  # the last renewal's answer (a multi-node holder's members ...)
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
@@ -4236,6 +4621,13 @@ class LeaseKeeper:
             self.lost.set()
             self.on_lost(why)
 
+    def payload(self) -> dict:
+        if self.path != "/api/lease/renew":  # a member: its node's trainer reports nothing itself
+            return {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "member_token": self.lease.token}
+        return {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
+                "step": self.progress.step, "loss": self.progress.loss, "phase": self.phase,
+                "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
+
     def _run(self) -> None:
         interval = self.lease.ttl / 3
         next_renewal = self.lease.sent_at + interval
@@ -4249,11 +4641,8 @@ class LeaseKeeper:
                 self._stop.wait(min(next_renewal, self.deadline) - now)
                 continue
             sent = boottime()
-            payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
-                       "step": self.progress.step, "loss": self.progress.loss, "phase": self.phase,
-                       "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
             try:
-                reply = self.client.post("/api/lease/renew", payload, timeout=max(0.2, min(interval, self.deadline - sent)))
+                reply = self.client.post(self.path, self.payload(), timeout=max(0.2, min(interval, self.deadline - sent)))
             except CommanderUnsigned as exc:  # no answer: said once a lease (someone may forge every one)
                 if not told_unsigned:
                     log("worker", str(exc))
@@ -4272,6 +4661,7 @@ class LeaseKeeper:
                 self.watchdog.extend(self.deadline)
                 next_renewal = sent + interval
                 complained = False
+                self.answer = reply.body
                 if reply.body.get("cancel"):  # the user cancelled the run: stop as on SIGTERM, lease kept
                     self.on_cancel()
             elif reply.status == 409:
@@ -4319,6 +4709,14 @@ class Worker:
         self.told_unsigned = False
         self.exit_code = 0
         self.cancelled = False  # the commander said the run is cancelled (on a renewal)
+        # A multi-node run: this node serves its checkpoint folder to the others (section 6);
+        # node 0 gathers their shards before it seals (iterations gathered under this lease).
+        self.node_server = NodeCheckpointServer(cfg.node_ip, cfg.node_port, self.ckpt, cfg.relay_shared_secret) \
+            if cfg.nodes > 1 else None
+        self.gathered: set[int] = set()
+        self.gather_complaint = Complaint(self.say)
+        if cfg.nodes > 1 and cfg.node_rank == 0:
+            self.ckpt.gather = self.gather_shards
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -4412,6 +4810,30 @@ class Worker:
             self.say(f"pruned checkpoints {', '.join(map(str, removed))}")
         return manifest
 
+    def gather_shards(self, iteration: int) -> bool:
+        """Node 0: bring every member's files of checkpoint `iteration` here (section 6); True once
+        all of them are, and its dataset state too (written by whichever node holds the data)."""
+        if iteration in self.gathered:
+            return True
+        members = (self.keeper.answer.get("members") if self.keeper is not None else None) or []
+        if len(members) < self.cfg.nodes - 1:
+            return False  # the renewal that names every member has not come yet
+        copied = 0
+        try:
+            for member in members:
+                peer = NodePeer(str(member["address"]), self.cfg.relay_shared_secret)
+                listing = peer.ask(f"/shards/{iteration}") or {}
+                copied += peer.copy_files(checked_file_listing(listing.get("files")), self.ckpt, self.aborting)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            self.gather_complaint.still(f"cannot gather checkpoint {iteration} from the other nodes yet: {exc}")
+            return False
+        self.gather_complaint.over(f"gathered checkpoint {iteration} from the other nodes again")
+        if self.cfg.require_dataset_state and not os.path.exists(os.path.join(self.ckpt.path, dataset_state_relpath(iteration))):
+            return False  # no node has its data position yet: the next scan asks again
+        self.gathered.add(iteration)
+        self.say(f"gathered checkpoint {iteration} from {len(members)} other node(s): {copied} bytes copied")
+        return True
+
     def wait_for_commander(self) -> None:
         """A commander nobody can reach at start, one of another protocol, or one that does not
         know this worker's secret is a configuration mistake: exit 2.  Said at the first failed
@@ -4475,6 +4897,41 @@ class Worker:
             state = following
         return self.exit_code
 
+    def ask_for_lease(self, path: str, payload: dict, complaint: Complaint) -> dict | None:
+        """The commander's answer to a lease request (acquire, join); None when none came (said
+        through `complaint`, and waited a little)."""
+        try:
+            reply = self.client.post(path, payload)
+        except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
+            raise UserError(str(exc)) from None
+        except CommanderUnreachable as exc:  # an unsigned answer among them: an unsigned grant is no grant
+            complaint.still(f"{exc}; retrying")
+            self.stop_requested.wait(2.0)
+            return None
+        complaint.over(f"reached the commander at {self.cfg.commander_url} again")
+        if reply.status in (401, 403):
+            raise UserError(f"the commander refused this worker: {reply.body.get('error', '')} "
+                            "(check relay_shared_secret / RELAY_SHARED_SECRET)")
+        if reply.status != 200:
+            raise UserError(f"the commander refused the lease request: {reply.body.get('error', reply.status)}")
+        return reply.body
+
+    def run_has_ended(self, status: Any) -> bool:
+        """Said and the exit code set when the commander answered that the run is over."""
+        if status == "completed":
+            self.say(f"run {self.cfg.run_id} is COMPLETED; nothing to do")
+            self.exit_code = 0
+        elif status == "failed":
+            self.say(f"run {self.cfg.run_id} is FAILED (see `relay.py status --run {self.cfg.run_id}`; "
+                     f"`relay.py retry {self.cfg.run_id}` reopens it)")
+            self.exit_code = 1
+        elif status == "cancelled":
+            self.say(f"run {self.cfg.run_id} is CANCELLED; nothing to do (`relay.py retry {self.cfg.run_id}` reopens it)")
+            self.exit_code = 0
+        else:
+            return False
+        return True
+
     def state_acquiring(self) -> str:
         complaint = Complaint(self.say)
         said_standing_by = False
@@ -4483,23 +4940,13 @@ class Worker:
             payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "mode": self.cfg.mode}
             if self.cfg.total_steps:  # for "step N/total" in status and on the page
                 payload["total_steps"] = self.cfg.total_steps
+            if self.cfg.nodes > 1:
+                payload.update(nodes=self.cfg.nodes, group=self.cfg.group)
             if self.previous_token:
                 payload["previous_lease_token"] = self.previous_token
-            try:
-                reply = self.client.post("/api/lease/acquire", payload)
-            except CommanderNotTrusted as exc:  # a new certificate mid-run: no lease goes to an unverified peer
-                raise UserError(str(exc)) from None
-            except CommanderUnreachable as exc:  # an unsigned answer among them: an unsigned grant is no grant
-                complaint.still(f"{exc}; retrying")
-                self.stop_requested.wait(2.0)
+            body = self.ask_for_lease("/api/lease/acquire", payload, complaint)
+            if body is None:
                 continue
-            complaint.over(f"reached the commander at {self.cfg.commander_url} again")
-            body = reply.body
-            if reply.status in (401, 403):
-                raise UserError(f"the commander refused this worker: {body.get('error', '')} "
-                                "(check relay_shared_secret / RELAY_SHARED_SECRET)")
-            if reply.status != 200:
-                raise UserError(f"the commander refused the lease request: {body.get('error', reply.status)}")
             status = body.get("status")
             ttl = trusted_ttl(body.get("lease_expires_in_sec"), self.cfg)
             if status == "granted" and ttl is not None:
@@ -4512,22 +4959,16 @@ class Worker:
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
                                           self._on_lease_lost, self._on_cancel)
                 self.restarts = 0
+                self.gathered.clear()  # iteration numbers repeat after a resume from an older checkpoint
+                if self.node_server is not None:
+                    self.node_server.restored = None
                 return "RESTORING"
-            if status == "completed":
-                self.say(f"run {self.cfg.run_id} is COMPLETED; nothing to do")
-                self.exit_code = 0
-                return "EXITED"
-            if status == "failed":
-                self.say(f"run {self.cfg.run_id} is FAILED (see `relay.py status --run {self.cfg.run_id}`; "
-                         f"`relay.py retry {self.cfg.run_id}` reopens it)")
-                self.exit_code = 1
-                return "EXITED"
-            if status == "cancelled":
-                self.say(f"run {self.cfg.run_id} is CANCELLED; nothing to do (`relay.py retry {self.cfg.run_id}` reopens it)")
-                self.exit_code = 0
+            if self.run_has_ended(status):
                 return "EXITED"
             if not said_standing_by:
-                self.say(f"standing by: run held by {body.get('holder')} (epoch {body.get('epoch')})")
+                held = (f"held by {body.get('holder')}" if body.get("holder") else
+                        f"waiting for {', '.join(body.get('waiting_for') or [])} of its last epoch to stop")
+                self.say(f"standing by: run {held} (epoch {body.get('epoch')})")
                 said_standing_by = True
             if self.prefetch is not None and isinstance(body.get("hub"), dict):
                 sealed = self.ckpt.sealed_iterations()
@@ -4623,6 +5064,9 @@ class Worker:
             return "STOPPING"
         self.progress.step = self.resume_iteration or 0
         restored = self.ckpt.load_manifest(self.resume_iteration) if self.resume_iteration is not None else None
+        if self.node_server is not None:  # what the other nodes copy before they start (MemberWorker)
+            self.node_server.restored = {"epoch": self.lease.epoch, "iteration": self.resume_iteration,
+                                         "files": restored.files if restored is not None else {}}
         resumes = f"{self.cfg.worker_id} resumes from {where} (epoch {self.lease.epoch})"
         if restored is not None:
             self.report_checkpoint(restored, status="RESTORED", msg=resumes)
@@ -4720,6 +5164,12 @@ class Worker:
         self.restarts += 1
         self.say(f"{self.crash_reason} (restart {self.restarts} of {self.cfg.max_trainer_restarts})")
         self.seal_and_report(abort=self.lease_lost)
+        if self.cfg.nodes > 1:
+            # Every node's part of the trainer must start again, from one checkpoint: a new
+            # epoch (the commander bounds how many fail in a row without progress).
+            self.release("FAILED", f"{self.crash_reason}; the trainer starts again on all {self.cfg.nodes} nodes")
+            self.drop_lease()
+            return "ACQUIRING"
         if self.restarts <= self.cfg.max_trainer_restarts:
             self.report(status="RESTARTING", msg=f"{self.cfg.worker_id}: {self.crash_reason}; restarting")
             return "RESTORING"
@@ -4827,6 +5277,148 @@ class Worker:
         self.lease = None
 
 
+class MemberWorker(Worker):
+    """The worker on node k > 0 of a multi-node run.  It joins the epoch node 0's worker holds
+    (section 4), copies the checkpoint node 0 restored (section 6), runs this node's part of
+    the trainer (slime: `ray start --address ... --block`) and renews its membership; its
+    watchdog kills this node's trainer processes at its own deadline, as the holder's does.
+    Seals, uploads and the run's progress are node 0's.
+
+        ACQUIRING ─joined→ RESTORING → TRAINING ─trainer exit: leave (the epoch ends)→ ACQUIRING
+            │  └─run over→ EXITED                    ├─epoch ended→ LOST ─leave→ ACQUIRING
+            └─waiting for its cluster's epoch        └─SIGTERM→ STOPPING ─leave→ EXITED
+    """
+
+    def node0(self) -> NodePeer:
+        return NodePeer(f"{self.cfg.master_addr}:{self.cfg.node_port}", self.cfg.relay_shared_secret)
+
+    def state_acquiring(self) -> str:
+        complaint = Complaint(self.say)
+        said_waiting = False
+        while not self.stop_requested.is_set():
+            sent = boottime()
+            payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "group": self.cfg.group,
+                       "node_rank": self.cfg.node_rank, "address": f"{self.cfg.node_ip}:{self.cfg.node_port}"}
+            if self.previous_token:
+                payload["previous_member_token"] = self.previous_token
+            body = self.ask_for_lease("/api/lease/join", payload, complaint)
+            if body is None:
+                continue
+            ttl = trusted_ttl(body.get("lease_expires_in_sec"), self.cfg)
+            if body.get("status") == "joined" and ttl is not None:
+                self.lease = Lease(body["member_token"], int(body["epoch"]), ttl, sent, body.get("checkpoint"))
+                self.previous_token = self.lease.token
+                self.say(f"joined epoch {self.lease.epoch} of {body.get('holder')} as node {self.cfg.node_rank}")
+                self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
+                                          self._on_lease_lost, lambda: None, path="/api/lease/member")
+                return "RESTORING"
+            if self.run_has_ended(body.get("status")):
+                return "EXITED"
+            if not said_waiting:
+                self.say(f"waiting for node 0 of {self.cfg.group} to hold run {self.cfg.run_id}")
+                said_waiting = True
+            self.stop_requested.wait(float(body.get("retry_after_sec", 1.0)))
+        self.exit_code = 0
+        return "EXITED"
+
+    def state_restoring(self) -> str:
+        assert self.lease is not None and self.keeper is not None
+        node0, complaint = self.node0(), Complaint(self.say)
+        restored = None
+        while restored is None and not self.aborting():
+            try:
+                restored = node0.ask(f"/restored/{self.lease.epoch}")
+            except OSError as exc:
+                complaint.still(f"node 0 has not restored yet: {exc}")
+            if restored is None:
+                self.wake.wait(0.5)
+        if self.lease_lost():
+            return "LOST"
+        if self.stop_requested.is_set():
+            return "STOPPING"
+        assert restored is not None
+        iteration = restored.get("iteration")
+        try:
+            copied = node0.copy_files(checked_file_listing(restored.get("files")), self.ckpt, self.aborting)
+        except (OSError, ValueError, TypeError) as exc:
+            self.leave(f"cannot copy checkpoint {iteration} from node 0: {exc}")
+            return "ACQUIRING"
+        self.ckpt.point_tracker_at(iteration if isinstance(iteration, int) else None)
+        self.resume_iteration = iteration if isinstance(iteration, int) else None
+        self.say(f"checkpoint {'none (a cold start)' if iteration is None else iteration} from node 0 is in place "
+                 f"({copied} bytes copied)")
+        return "TRAINING"
+
+    def state_training(self) -> str:
+        assert self.keeper is not None
+        self.keeper.phase = "TRAINING"
+        self.start_trainer()
+        assert self.trainer is not None
+        while True:
+            self.wake.wait(self.SCAN_SECONDS)
+            self.wake.clear()
+            if self.lease_lost():
+                return "LOST"
+            if self.stop_requested.is_set():
+                return "STOPPING"
+            code = self.trainer.exit_code()
+            if code is not None or not self.watchdog.alive():
+                why = f"its trainer exited with status {code}" if code is not None else "its watchdog died"
+                self.say(f"{why}: this node leaves epoch {self.lease.epoch if self.lease else '?'}, which ends it")
+                self.end_trainer(graceful=False)
+                if not self.watchdog.alive():
+                    self.watchdog = self.keeper.watchdog = Watchdog.spawn()
+                self.leave(why)
+                return "ACQUIRING"
+            reap_adopted_orphans({self.trainer.proc.pid, self.watchdog.pid})
+            self.prune_below(int(self.keeper.answer.get("sealed_iteration", -1)))
+
+    def prune_below(self, sealed: int) -> None:
+        """This node's shards of iterations node 0 has sealed past, but the newest few."""
+        for iteration in self.ckpt.iterations_on_disk()[:-self.cfg.keep_last_checkpoints]:
+            if iteration < sealed:
+                self.ckpt.remove(iteration)
+
+    def state_lost(self) -> str:
+        self.end_trainer(graceful=False)
+        self.leave("its epoch ended")  # its trainer is dead: the next epoch need not wait for its expiry
+        return "ACQUIRING"
+
+    def state_stopping(self) -> str:
+        self.say("stopping: worker stopped by a signal")
+        self.end_trainer(graceful=True)
+        self.leave("the worker was stopped")
+        self.exit_code = 0
+        return "EXITED"
+
+    def leave(self, reason: str) -> None:
+        """Tell the commander this node's trainer is dead (ending a live epoch); the lease goes."""
+        if self.lease is not None and self.keeper is not None:
+            self.keeper.stop()
+            payload = {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "member_token": self.lease.token,
+                       "reason": reason}
+            self.keeper = None  # (its deadline would cut the request short after a lost lease)
+            give_up = boottime() + 5.0  # unheard, the commander forgets this node at its expiry anyway
+            while self._post("/api/lease/leave", payload) is None and boottime() < give_up:
+                time.sleep(1.0)
+        self.drop_lease()
+
+
+def checked_file_listing(files: Any) -> dict[str, tuple[int, str]]:
+    """A listing another node sent ({path: [size, sha256]}), refused unless every path stays
+    inside the checkpoint folder."""
+    if not isinstance(files, dict):
+        raise ValueError("the listing is not an object")
+    checked = {}
+    for rel, entry in files.items():
+        parts = str(rel).split("/")
+        if rel.startswith("/") or ".." in parts or not (isinstance(entry, list) and len(entry) == 2
+                                                         and isinstance(entry[0], int) and isinstance(entry[1], str)):
+            raise ValueError(f"the listing names {rel!r}")
+        checked[rel] = (entry[0], entry[1])
+    return checked
+
+
 def run_worker(config_path: str) -> int:
     cfg = load_run_config(config_path)
     check_slime_flags(cfg)
@@ -4839,6 +5431,8 @@ def run_worker(config_path: str) -> int:
     set_process_name("relay-worker")
     become_child_subreaper()  # see section 7: the trainer's processes stay below the worker
     watchdog = Watchdog.fork()  # first: no thread may exist yet (see Watchdog)
+    if cfg.node_rank > 0:  # node 0 alone talks to the Hub
+        return MemberWorker(cfg, watchdog).run()
     hub = HubStore(cfg) if cfg.hf_repo else None
     if hub is not None:
         hub.check()
