@@ -5,6 +5,17 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# Nodes 1..N-1 of a run on several nodes only lend their GPUs to node 0's Ray cluster, whose
+# command trains (docs/slime.md, "Several nodes"); $SLIME_MEMBER_CMD replaces this default.
+if [[ "${RELAY_NODE_RANK:-0}" != 0 ]]; then
+  export PYTHONUNBUFFERED=1
+  if [[ -n "${SLIME_MEMBER_CMD:-}" ]]; then
+    exec bash -c "$SLIME_MEMBER_CMD"
+  fi
+  exec ray start --address "$RELAY_MASTER_ADDR:${RELAY_RAY_PORT:-6379}" --node-ip-address "$RELAY_NODE_IP" \
+    --num-gpus "$RELAY_NUM_GPUS" --disable-usage-stats --block
+fi
+
 if [[ -z "${SLIME_RL_CMD:-}" ]]; then
   exec "${RELAY_PYTHON:-python3}" "$here/relay.py" mock-trainer
 fi

@@ -4358,6 +4358,7 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
         "RELAY_NUM_NODES": str(cfg.nodes),
         "RELAY_NODE_IP": cfg.node_ip or "127.0.0.1",
         "RELAY_MASTER_ADDR": cfg.master_addr or cfg.node_ip or "127.0.0.1",
+        "RELAY_WAIT_FOR_NODES": f"{sys.executable} {os.path.join(HERE, 'relay.py')} wait-for-nodes",
         TRAINER_TAG_ENV: tag,
     })
     if cfg.nodes > 1:  # slime probes the default route for its own address otherwise
@@ -4528,6 +4529,42 @@ def stop_ray_job() -> int:
                   "$RELAY_RAY_JOB_ID` (docs/slime.md)")
     print(f"launch script: Ray job {job_id} is {status}", flush=True)
     return 0
+
+
+def ray_gpus_registered(dashboard: str) -> float:
+    """GPUs of the live nodes of the Ray cluster whose dashboard answers at `dashboard`, from
+    Ray's state API (what `ray list nodes` reads)."""
+    with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=10000&detail=true", timeout=5) as answer:
+        document = json.load(answer)
+    nodes = (((document.get("data") or {}).get("result") or {}).get("result")) or []
+    return sum(float((node.get("resources_total") or {}).get("GPU", 0)) for node in nodes
+               if isinstance(node, dict) and node.get("state") == "ALIVE")
+
+
+def wait_for_nodes(every: float) -> int:
+    """`$RELAY_WAIT_FOR_NODES` in node 0's slime command, between `ray start --head` and `ray job
+    submit`: wait until Ray has every node's GPUs (RELAY_NUM_NODES x RELAY_NUM_GPUS).  slime's
+    placement group would wait for ever too; submitting only once it can be placed keeps
+    the job's start quick and the waiting visible: the line printed meanwhile has slime's words,
+    so a cluster that never completes is a stall whose reason names the GPUs missing."""
+    need = int(os.environ.get("RELAY_NUM_NODES", "1")) * int(os.environ.get("RELAY_NUM_GPUS", "0") or 0)
+    dashboard = f"http://127.0.0.1:{os.environ.get('RELAY_RAY_DASHBOARD_PORT', '8265')}"
+    started = time.monotonic()
+    last_said = -every
+    while True:
+        try:
+            have = ray_gpus_registered(dashboard)
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            have = 0.0  # the dashboard is still starting
+        if have >= need:
+            print(f"relay: all {need} GPUs of {os.environ.get('RELAY_NUM_NODES', '1')} node(s) are in Ray", flush=True)
+            return 0
+        waited = time.monotonic() - started
+        if waited - last_said >= every:
+            print(f"relay: Waiting for placement group of {need} GPUs (elapsed {waited:.0f}s): {have:.0f} GPUs "
+                  f"registered with Ray; the other nodes' workers start Ray on theirs", flush=True)
+            last_said = waited
+        time.sleep(0.5)
 
 
 def wandb_run_id(run_id: str) -> str:
@@ -7499,6 +7536,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stop-ray-job", help="slime's stop step, run by launch_*.sh on a stop (RELAY_RAY_JOB_ID)")
     p.set_defaults(func=lambda a: stop_ray_job())
+
+    p = sub.add_parser("wait-for-nodes", help="$RELAY_WAIT_FOR_NODES: node 0's slime command waits for every "
+                                              "node's GPUs in Ray")
+    p.add_argument("--every", type=float, default=30.0, help="seconds between the lines that say it waits")
+    p.set_defaults(func=lambda a: wait_for_nodes(a.every))
 
     p = sub.add_parser("watchdog", help=argparse.SUPPRESS)  # a replacement watchdog; commands on stdin
     p.set_defaults(func=lambda a: watchdog_loop(sys.stdin.fileno()))
