@@ -5620,9 +5620,11 @@ class PodFleet:
         return self.state.attempts
 
     def rented(self) -> list[PodRecord]:
+        """Every pod this stack rented, removed ones too (the stack state's order)."""
         return self.state.pods
 
     def not_removed(self) -> list[PodRecord]:
+        """The pods the stack state does not record as removed (Lium is not asked)."""
         return [pod for pod in self.state.pods if pod.state != "removed"]
 
     def spent_usd(self) -> float:
@@ -5646,6 +5648,7 @@ class PodFleet:
     # -- renting ---------------------------------------------------------------------------
 
     def rent_and_deploy(self) -> tuple[PodRecord, dict]:
+        """One more pod, its worker started: the pod and the worker's summary."""
         record = self.create_pod()
         return record, self.deploy_worker(record)
 
@@ -5803,9 +5806,11 @@ class PodFleet:
         return alive
 
     def give_up_on(self, record: PodRecord, why: str) -> None:
+        """Remove a pod whose worker cannot work; EveryPodWouldFail when its log says the next would not either."""
         self.check_for_a_failure_every_pod_meets(record, self.remove(record, why))
 
     def remove_all(self, why: str) -> list[str]:
+        """Remove every pod not removed yet (`down`): the names of those it tried."""
         self.live()  # finds the id of a pod whose `up` was cut short, and the spend of each
         removed = []
         for record in self.not_removed():
