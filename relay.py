@@ -5690,7 +5690,9 @@ class PodRecord:
 
 
 class StackState:
-    """launch-stack's own record of the pods it rented (JSON, 0600), written before each `up`."""
+    """launch-stack's own record of the pods it rented (JSON, 0600), written before each `up`,
+    shared by its parts: the commander's and the supervisor's process, the fleet's rents.
+    (Keys are only ever added: a file an older relay wrote loads, its missing keys empty.)"""
 
     def __init__(self, path: str, run_id: str, persist: bool) -> None:
         self.path, self.run_id, self.persist = path, run_id, persist
@@ -5701,18 +5703,22 @@ class StackState:
         self.commander: dict = {}
         self.supervisor: dict = {}  # the same for a `launch-stack --supervise` of this stack
         if persist and os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    data = json.load(handle)
-                self.attempts = int(data["attempts"])
-                self.pods = [PodRecord(**pod) for pod in data["pods"]]
-                self.commander = dict(data.get("commander") or {})
-                self.supervisor = dict(data.get("supervisor") or {})
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"stack state file {path} is unreadable ({exc}); move it away to start afresh") from None
-            if data.get("run_id") != run_id:
-                raise UserError(f"stack state file {path} belongs to run {data.get('run_id')!r}, not {run_id!r}; "
-                                "set relay.state_path to a file of its own")
+            self.load()
+
+    def load(self) -> None:
+        """Read the file (again, after a supervisor that kept writing it was stopped)."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            self.attempts = int(data["attempts"])
+            self.pods = [PodRecord(**pod) for pod in data["pods"]]
+            self.commander = dict(data.get("commander") or {})
+            self.supervisor = dict(data.get("supervisor") or {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"stack state file {self.path} is unreadable ({exc}); move it away to start afresh") from None
+        if data.get("run_id") != self.run_id:
+            raise UserError(f"stack state file {self.path} belongs to run {data.get('run_id')!r}, not {self.run_id!r}; "
+                            "set relay.state_path to a file of its own")
 
     def save(self) -> None:
         if self.persist:
@@ -5720,13 +5726,6 @@ class StackState:
             atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts, "commander": self.commander,
                                                 "supervisor": self.supervisor,
                                                 "pods": [dataclasses.asdict(p) for p in self.pods]}, indent=1).encode())
-
-    def live(self) -> list[PodRecord]:
-        return [pod for pod in self.pods if pod.state != "removed"]
-
-    def spent_usd(self) -> float:
-        """The run's GPU spend so far, every pod it rented together (Lium's estimate)."""
-        return round(sum(pod.spent_usd for pod in self.pods), 2)
 
 
 # -- preflight: nothing is rented that cannot work ----------------------------------------
@@ -5979,7 +5978,7 @@ def preflight(cfg: StackConfig, lium: Lium) -> list[Check]:
 
 
 COMMANDER_SILENT_POLLS = 3  # unanswered polls of a commander whose process lives before it is restarted
-SUPERVISOR_POLL_TIMEOUT_SECONDS = 3.0  # how long one poll waits for the commander (see Stack.run_record)
+SUPERVISOR_POLL_TIMEOUT_SECONDS = 3.0  # how long one poll waits for the commander (see LocalCommander.run_record)
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -6040,88 +6039,30 @@ class CommanderProcess:
         return process_start_ticks(self.pid) == self.started
 
 
-class Stack:
-    """One stack.yaml: its commander, its pods and their workers."""
+def stack_say(message: str) -> None:
+    """One line of launch-stack's log: stderr, local time first."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, cfg: StackConfig, dry_run: bool = False) -> None:
-        self.cfg, self.dry_run = cfg, dry_run
-        self.lium = Lium(dry_run)
-        self.state = StackState(cfg.relay.state_path, cfg.run.run_id, persist=not dry_run)
+
+# The supervisor's own events (Supervisor.notify), which the commander and fleet report too.
+Notify = Callable[..., None]
+
+
+# -- the local commander -----------------------------------------------------------------
+
+
+class LocalCommander:
+    """The commander launch-stack starts on this box (or finds running there): started and
+    checked by launch, started again by --supervise when it is gone or hung, stopped by `down`.
+    Its pid and start time are in the stack state (`commander`) and its pid file."""
+
+    def __init__(self, cfg: StackConfig, state: StackState, dry_run: bool, notify: Notify) -> None:
+        self.cfg, self.state, self.dry_run, self.notify = cfg, state, dry_run, notify
         self.client = CommanderClient(cfg.local_url, cfg.secret, timeout=10, ca_file=cfg.commander.tls_ca_file)
-        self.started = time.monotonic()
-        self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
-        self.unknown_status_since: dict[str, float] = {}  # pod id -> when its unknown status was first seen
-        self.listing: list[dict] | None = None  # the `lium ps` rows of this poll, not yet used by a rent
-        self.commander: CommanderProcess | None = None  # None: not ours to restart (another tool runs it)
-        self.commander_silent_polls = 0
-        self._lock: Any = None  # the supervisor's lock file, held while this process supervises
-        # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
-        self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
+        self.process: CommanderProcess | None = None  # None: not ours to restart (another tool runs it)
+        self.silent_polls = 0
 
-    def say(self, message: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-    # -- the supervisor process ------------------------------------------------------------
-
-    def supervisor_file(self, suffix: str) -> str:
-        """supervisor.pid / .log / .lock, beside the stack state."""
-        return os.path.join(os.path.dirname(os.path.abspath(self.cfg.relay.state_path)), f"supervisor.{suffix}")
-
-    def become_the_supervisor(self) -> None:
-        """One supervisor per stack (two would rent for one run): a lock held for the process's
-        life; the pid file holds the pid alone, its start time goes to the stack state."""
-        os.makedirs(os.path.dirname(self.supervisor_file("lock")), exist_ok=True)
-        self._lock = open(self.supervisor_file("lock"), "a")  # noqa: SIM115 (held for the process's life)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            running = recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
-            raise UserError(f"a supervisor of {self.cfg.path} already runs (pid {running}): `relay.py down "
-                            f"{self.cfg.path}` stops it") from None
-        self.state.supervisor = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())}
-        self.state.save()
-        atomic_write(self.supervisor_file("pid"), f"{os.getpid()}\n".encode())
-        # `down` (and systemd) stop it with SIGTERM: the way out Ctrl-C takes (pods left as they are)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-    def supervisor_pid(self) -> int | None:
-        return recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
-
-    def stop_supervisor(self) -> bool:
-        pid = self.supervisor_pid()
-        if pid is None:
-            return False
-        stop_process(pid, signal.SIGTERM, 30)
-        self.say(f"supervisor stopped (pid {pid})")
-        # What it rented meanwhile is in the state file it kept writing: read it again.
-        self.state = StackState(self.cfg.relay.state_path, self.cfg.run.run_id, persist=True)
-        return True
-
-    def detach(self) -> int:
-        """`--supervise --detach`: the supervisor in the background, in a session of its own
-        (closing the terminal does not end it), logging to supervisor.log."""
-        argv = [sys.executable, os.path.join(HERE, "relay.py"), "launch-stack", self.cfg.path, "--supervise", "--preflight-done"]
-        os.makedirs(os.path.dirname(self.supervisor_file("log")), exist_ok=True)
-        with open(self.supervisor_file("log"), "ab") as log_file:
-            os.chmod(self.supervisor_file("log"), 0o600)
-            child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        give_up = time.monotonic() + 30
-        while child.poll() is None and time.monotonic() < give_up:
-            if recorded_pid(self.supervisor_file("pid"), StackState(self.cfg.relay.state_path, self.cfg.run.run_id,
-                                                                     persist=True).supervisor) == child.pid:
-                print(f"supervisor started in the background (pid {child.pid}, log {self.supervisor_file('log')}); "
-                      f"`relay.py status --run {self.cfg.run.run_id}` shows it, `relay.py down {self.cfg.path}` stops it "
-                      "and removes the pods", flush=True)
-                return 0
-            time.sleep(0.1)
-        with open(self.supervisor_file("log"), encoding="utf-8", errors="replace") as log_file:
-            last = (log_file.read().strip().splitlines() or ["(empty log)"])[-1]
-        raise UserError(f"the background supervisor did not start: {last} (log {self.supervisor_file('log')})")
-
-    # -- the commander -------------------------------------------------------------------
-
-    def commander_healthy(self) -> bool:
+    def healthy(self) -> bool:
         try:
             return self.client.get("/api/health", timeout=3).status == 200
         except CommanderNotTrusted as exc:
@@ -6129,29 +6070,29 @@ class Stack:
         except CommanderUnreachable:
             return False
 
-    def commander_pid(self) -> int | None:
+    def pid(self) -> int | None:
         """The commander launch-stack started, if it still runs (its pid file and the stack state)."""
         return recorded_pid(self.cfg.commander.pid_path, self.state.commander)
 
-    def ensure_commander(self) -> dict:
+    def ensure(self) -> dict:
         group = self.cfg.commander
         summary = {"url": self.cfg.local_url, "public_url": self.cfg.run.commander_url, "state_path": group.state_path,
                    "log_path": group.log_path, "pid_path": group.pid_path}
-        if not self.dry_run and self.commander_healthy():
+        if not self.dry_run and self.healthy():
             if not group.restart_if_running:
-                self.say(f"commander already running at {self.cfg.local_url}: reusing it")
-                pid = self.commander_pid()  # its pid file: an earlier launch-stack started it, so it is ours
+                stack_say(f"commander already running at {self.cfg.local_url}: reusing it")
+                pid = self.pid()  # its pid file: an earlier launch-stack started it, so it is ours
                 if pid is not None:
-                    self.commander = CommanderProcess(pid, process_start_ticks(pid))
+                    self.process = CommanderProcess(pid, process_start_ticks(pid))
                 return dict(summary, pid=pid)
-            self.say("commander running; restarting it (commander.restart_if_running)")
-            self.stop_commander()
+            stack_say("commander running; restarting it (commander.restart_if_running)")
+            self.stop()
         if not self.cfg.secret and not is_loopback(group.host):
             raise UserError(f"{self.cfg.path}: commander: host {group.host} needs a shared secret "
                             "(RELAY_SHARED_SECRET or commander.shared_secret)")
-        return dict(summary, pid=self.start_commander())
+        return dict(summary, pid=self.start())
 
-    def start_commander(self) -> int | None:
+    def start(self) -> int | None:
         group = self.cfg.commander
         argv = [group.python_bin or sys.executable, os.path.join(HERE, "relay.py"), "serve", "--host", group.host,
                 "--port", str(group.port), "--state-path", group.state_path, "--lease-seconds", f"{group.lease_seconds:g}"]
@@ -6170,22 +6111,22 @@ class Stack:
         with open(group.log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
-        self.commander = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
-        self.state.commander = {"pid": proc.pid, "start_ticks": self.commander.started}
+        self.process = CommanderProcess(proc.pid, process_start_ticks(proc.pid), proc)
+        self.state.commander = {"pid": proc.pid, "start_ticks": self.process.started}
         self.state.save()
         atomic_write(group.pid_path, f"{proc.pid}\n".encode())
         give_up = time.monotonic() + group.wait_seconds
-        while not self.commander_healthy():
+        while not self.healthy():
             if proc.poll() is not None or time.monotonic() > give_up:
                 with open(group.log_path, encoding="utf-8", errors="replace") as log_file:
                     last = (log_file.read().strip().splitlines() or ["(empty log)"])[-1]
                 raise UserError(f"the commander did not come up at {self.cfg.local_url}: {last}")
             time.sleep(0.2)
-        self.say(f"commander started at {self.cfg.local_url} (pid {proc.pid}, log {group.log_path})")
+        stack_say(f"commander started at {self.cfg.local_url} (pid {proc.pid}, log {group.log_path})")
         return proc.pid
 
-    def stop_commander(self) -> bool:
-        pid = self.commander_pid()
+    def stop(self) -> bool:
+        pid = self.pid()
         if pid is None:
             return False
         stop_process(pid, signal.SIGTERM, 10)
@@ -6193,19 +6134,159 @@ class Stack:
             os.unlink(self.cfg.commander.pid_path)
         self.state.commander = {}
         self.state.save()
-        self.say(f"commander stopped (pid {pid})")
+        stack_say(f"commander stopped (pid {pid})")
         return True
 
-    # -- pods ------------------------------------------------------------------------------
+    def check_public_url(self) -> None:
+        """The commander answers at public_url from this box, before any rent: a pod gets that URL.
+        A commander started for this launch is stopped again when it does not."""
+        group = self.cfg.commander
+        check = commander_answer_check(self.cfg.run.commander_url, group.tls_ca_file)
+        if self.dry_run:
+            if check.problem:
+                check = Check(check.what, found="nothing answers there yet: launch-stack starts the commander, then "
+                                                "checks this before renting")
+            print(check.line(), flush=True)
+        elif check.problem:
+            if self.process is not None and self.process.popen is not None:  # started now
+                self.stop()
+            raise UserError(check.line())
+
+    def run_record(self) -> dict | None:
+        """The run as the commander sees it ({} before its first lease); None when unreachable.
+
+        Asked with a short timeout: a hung commander is restarted after COMMANDER_SILENT_POLLS
+        unanswered polls, each at most this long plus the poll interval (about 20 s in all),
+        well inside the holder's own deadline (80% of the lease) for leases of 30 s and more,
+        so a hang costs the run no lease.  A commander that answers takes milliseconds."""
+        try:
+            reply = self.client.get(f"/api/runs/{self.cfg.run.run_id}", timeout=SUPERVISOR_POLL_TIMEOUT_SECONDS)
+        except CommanderUnreachable as exc:
+            stack_say(f"commander unreachable ({exc}); pods are left as they are")
+            return None
+        self.silent_polls = 0
+        return reply.body if reply.status == 200 else {}
+
+    def revive(self) -> None:
+        """Start our commander again, on the same state file (every lease kept, each with a
+        full TTL, as after any restart), when its process is gone, or when it has not
+        answered for COMMANDER_SILENT_POLLS polls and is still the process we started (a
+        hung commander is killed first).  A commander that is not ours is only waited for."""
+        if self.process is None:
+            return
+        self.silent_polls += 1
+        old = self.process
+        if old.alive():
+            if self.silent_polls < COMMANDER_SILENT_POLLS:
+                return
+            why = f"has not answered for {self.silent_polls} polls"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, signal.SIGKILL)  # its state file is written atomically: a kill loses nothing
+            if old.popen is not None:
+                old.popen.wait()
+        else:
+            why = "is gone"
+        stack_say(f"the commander (pid {old.pid}) {why}: starting it again on {self.cfg.commander.state_path}")
+        try:
+            pid = self.start()
+        except UserError as exc:  # e.g. its port still taken: the next poll tries again
+            stack_say(f"{exc}; trying again at the next poll")
+            return
+        self.silent_polls = 0
+        self.notify("commander_restarted", f"the commander (pid {old.pid}) {why}: started again (pid {pid}), "
+                                           "every lease kept", old_pid=old.pid, pid=pid)
+
+    def tell_the_run(self, message: str) -> None:
+        """An event in the run's record (status, the page); a run no worker has asked for yet has none."""
+        with contextlib.suppress(CommanderUnreachable):
+            self.client.post("/api/runs/event", {"run_id": self.cfg.run.run_id, "msg": message[:MAX_EVENT_CHARS]},
+                             timeout=5)
+
+
+# -- the rented pods: a fleet ------------------------------------------------------------
+
+
+class PodFleet:
+    """The pods rented for the run, one worker each: the fleet the Supervisor keeps.
+
+    A fleet rents, watches and removes *units* for the supervising loop: a unit is one pod
+    here (one whole cluster for a multi-node run, rented, replaced and removed as one), a
+    record in the stack state, written before its rent (so it can be found and removed after
+    any crash), with `name`, `label` and `state` ("creating" -> "active" -> "removed").  The
+    loop talks to a fleet only through this contract:
+
+      units_wanted                  1, or 2 with relay.hot_standby (the holder's and a standby's)
+      attempts                      rents tried so far (relay.max_pods caps them)
+      live() -> [unit]              the units Lium shows live, read now; dead ones are removed,
+                                    gone ones marked removed (and notified: pod_lost)
+      rent_and_deploy() -> (unit, worker summary)   one more unit, its worker(s) started;
+                                    raises BudgetReached (nothing more can be rented),
+                                    LiumError (try again later), EveryPodWouldFail (stop)
+      remove(unit, why) -> [lines]  the unit removed, the end of its worker log kept and returned
+      give_up_on(unit, why)         remove() a unit whose worker cannot work; EveryPodWouldFail
+                                    when its log shows a reason every unit would meet
+      remove_all(why) -> [names]    every unit not removed yet (after reading Lium): `down`
+      silence_seconds()             how long a standing-by worker may stay unheard
+      silent(run, alive) -> [unit]  live units whose worker the commander has not heard that long
+      sole_keeper(run) -> name|None the unit whose removal would lose the run's last checkpoint
+      rented() -> [unit]            every unit rented, removed ones too
+      not_removed() -> [unit]       the units the stack state does not record as removed
+      spent_usd(), spend_line()     the run's GPU spend so far (with relay.budget_usd)
+      left_line()                   what is left billing, and how to adopt or remove it
+      summary(unit, worker) -> dict the unit in launch-stack's summary (worker None: adopted)
+    """
+
+    def __init__(self, cfg: StackConfig, state: StackState, lium: Lium, dry_run: bool, commander: LocalCommander,
+                 notify: Notify) -> None:
+        self.cfg, self.state, self.lium, self.dry_run = cfg, state, lium, dry_run
+        self.commander, self.notify = commander, notify  # where events of the pods are told
+        self.units_wanted = 2 if cfg.relay.hot_standby else 1
+        self.started = time.monotonic()
+        self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
+        self.unknown_status_since: dict[str, float] = {}  # pod id -> when its unknown status was first seen
+        self.listing: list[dict] | None = None  # the `lium ps` rows of this poll, not yet used by a rent
+
+    @property
+    def attempts(self) -> int:
+        return self.state.attempts
+
+    def rented(self) -> list[PodRecord]:
+        """Every pod this stack rented, removed ones too (the stack state's order)."""
+        return self.state.pods
+
+    def not_removed(self) -> list[PodRecord]:
+        """The pods the stack state does not record as removed (Lium is not asked)."""
+        return [pod for pod in self.state.pods if pod.state != "removed"]
+
+    def spent_usd(self) -> float:
+        """The run's GPU spend so far, every pod it rented together (Lium's estimate)."""
+        return round(sum(pod.spent_usd for pod in self.state.pods), 2)
 
     def budget_left(self) -> float | None:
         """USD relay.budget_usd still allows; None without a budget."""
         budget = self.cfg.relay.budget_usd
-        return round(budget - self.state.spent_usd(), 2) if budget else None
+        return round(budget - self.spent_usd(), 2) if budget else None
 
     def spend_line(self) -> str:
         budget = self.cfg.relay.budget_usd
-        return f"GPU spend ${self.state.spent_usd():.2f}" + (f" of a ${budget:.2f} budget" if budget else "")
+        return f"GPU spend ${self.spent_usd():.2f}" + (f" of a ${budget:.2f} budget" if budget else "")
+
+    def left_line(self) -> str:
+        names = ", ".join(p.name for p in self.not_removed()) or "none"
+        return (f"pods left as they are: {names} (`relay.py launch-stack {self.cfg.path} --supervise` adopts them, "
+                f"`relay.py down {self.cfg.path}` removes them); {self.spend_line()} so far")
+
+    # -- renting ---------------------------------------------------------------------------
+
+    def rent_and_deploy(self) -> tuple[PodRecord, dict]:
+        """One more pod, its worker started: the pod and the worker's summary."""
+        record = self.create_pod()
+        return record, self.deploy_worker(record)
+
+    def summary(self, record: PodRecord, worker: dict | None) -> dict:
+        return {"pod": {"name": record.name, "id": record.id or None, "huid": record.huid or None,
+                        "template_id": self.cfg.lium.template_id, "price_per_hour": record.price_per_hour},
+                "worker": worker or self.worker_summary(None, None)}  # None: adopted, its worker started earlier
 
     def create_pod(self) -> PodRecord:
         """Rent a pod (`lium up` returns once it is RUNNING); a pod a failed `up` left billing is removed."""
@@ -6216,14 +6297,14 @@ class Stack:
         name = f"{self.cfg.lium.pod_name or 'relay-' + self.cfg.run.run_id}-{self.state.attempts}"
         # A volume attaches to one pod at a time: a standby beside its holder goes without
         # (and resumes from the Hub); a replacement for the pod that had it takes it over.
-        volume = self.cfg.lium.volume if not any(p.has_volume for p in self.state.live()) else ""
+        volume = self.cfg.lium.volume if not any(p.has_volume for p in self.not_removed()) else ""
         listing = self.listing if self.listing is not None else self.lium.pods()
         self.listing = None  # the listing of this poll serves one rent
         record = PodRecord(name, utc_now(), has_volume=bool(volume),
                            foreign_ids=[row["id"] for row in listing if row.get("name") == name])
         self.state.pods.append(record)
         self.state.save()  # before `up`: whatever happens next, this pod can be found and removed
-        self.say(f"creating pod {name} (template {self.cfg.lium.template_id}"
+        stack_say(f"creating pod {name} (template {self.cfg.lium.template_id}"
                  f"{f', volume {volume}' if volume else ', no volume' if self.cfg.lium.volume else ''}"
                  f"{f', budget ${budget:.2f}' if budget is not None else ''})")
         try:
@@ -6242,7 +6323,7 @@ class Stack:
                 raise
         record.state = "active"
         self.state.save()
-        self.say(f"pod {record.label} is rented (${record.price_per_hour:.2f}/h)")
+        stack_say(f"pod {record.label} is rented (${record.price_per_hour:.2f}/h)")
         return record
 
     def adopt_unanswered_rent(self, record: PodRecord, exc: LiumError) -> bool:
@@ -6251,25 +6332,25 @@ class Stack:
         if exc.data.get("pod_id"):  # rented, then failed (pod_not_ready ...): it bills until removed
             record.id = str(exc.data["pod_id"])
             self.state.save()
-            self.remove_pod(record, f"`lium up` failed after renting it ({exc.code or 'error'})", has_worker=False)
+            self.remove(record, f"`lium up` failed after renting it ({exc.code or 'error'})", has_worker=False)
             return False
         if exc.code not in RENT_UNANSWERED:
             record.state = "removed"  # nothing was rented
             self.state.save()
             return False
         lookup = self.cfg.lium.rent_lookup_seconds
-        self.say(f"{exc}; looking for pod {record.name} in `lium ps` for {lookup:g} s before renting again")
+        stack_say(f"{exc}; looking for pod {record.name} in `lium ps` for {lookup:g} s before renting again")
         give_up = time.monotonic() + lookup
         while True:
             row = next((row for row in self.lium.pods() if self.may_be_ours(record, row)), None)
             if row is not None:
                 self.note_pod(record, row)
-                self.say(f"the rent went through after all: pod {record.label} is ours, using it")
+                stack_say(f"the rent went through after all: pod {record.label} is ours, using it")
                 return True
             if time.monotonic() > give_up:
                 record.state = "removed"
                 self.state.save()
-                self.say(f"no pod {record.name} appeared in {lookup:g} s: the rent did not happen")
+                stack_say(f"no pod {record.name} appeared in {lookup:g} s: the rent did not happen")
                 return False
             time.sleep(self.cfg.lium.poll_interval_seconds)
 
@@ -6302,10 +6383,71 @@ class Stack:
             if not ran.error and ran.exit_code != 255:  # 255: ssh's own failure, not the command's
                 return ran
             if time.monotonic() > give_up:
-                self.remove_pod(record, "it never answered over SSH", has_worker=False)
+                self.remove(record, "it never answered over SSH", has_worker=False)
                 raise LiumError(f"pod {record.label} did not answer `lium exec` within "
                                 f"{self.cfg.lium.ready_timeout_seconds:g} s: {ran.error}")
             time.sleep(self.cfg.lium.poll_interval_seconds)
+
+    # -- watching and removing -------------------------------------------------------------
+
+    def live(self) -> list[PodRecord]:
+        """Pods of this stack that Lium still shows live, found by id; the others are removed
+        (dead or dying ones with `lium rm`: some still bill) or marked removed (gone)."""
+        if self.dry_run:
+            return self.not_removed()
+        self.listing = self.lium.pods()
+        shown = {row["id"]: row for row in self.listing}
+        alive = []
+        now = time.monotonic()
+        for record in self.not_removed():
+            if not record.id:  # launch-stack stopped during its `up`: the pod may exist all the same
+                row = next((row for row in shown.values() if self.may_be_ours(record, row)), None)
+                if row is None:
+                    if utc_now() - record.created_at > self.cfg.lium.up_timeout_seconds + self.cfg.lium.rent_lookup_seconds:
+                        record.state = "removed"
+                        self.state.save()
+                    continue
+                self.note_pod(record, row)
+            row = shown.get(record.id)
+            if row is None:
+                record.state = "removed"
+                self.state.save()
+                stack_say(f"pod {record.label} is gone (preempted, expired or removed); {self.spend_line()}")
+                self.notify("pod_lost", f"pod {record.label} is gone (preempted, expired or removed)", pod=record.name)
+                continue
+            self.note_pod(record, row)
+            status = str(row.get("status") or "").upper()
+            if status in POD_DEAD_STATUSES:
+                self.remove(record, f"Lium reports it {status}")
+                self.notify("pod_lost", f"pod {record.label} is {status}", pod=record.name)
+            elif status in POD_LIVE_STATUSES:
+                self.unknown_status_since.pop(record.id, None)
+                alive.append(record)
+            else:
+                since = self.unknown_status_since.setdefault(record.id, now)
+                grace = self.cfg.relay.no_lease_grace_seconds
+                if since == now:
+                    stack_say(f"pod {record.label} has status {status or '(none)'}, unknown to relay.py: counted as "
+                             f"live for {grace:g} s, then removed")
+                if now - since > grace:
+                    self.remove(record, f"its status {status or '(none)'} lasted {grace:g} s")
+                else:
+                    alive.append(record)
+        self.state.save()
+        return alive
+
+    def give_up_on(self, record: PodRecord, why: str) -> None:
+        """Remove a pod whose worker cannot work; EveryPodWouldFail when its log says the next would not either."""
+        self.check_for_a_failure_every_pod_meets(record, self.remove(record, why))
+
+    def remove_all(self, why: str) -> list[str]:
+        """Remove every pod not removed yet (`down`): the names of those it tried."""
+        self.live()  # finds the id of a pod whose `up` was cut short, and the spend of each
+        removed = []
+        for record in self.not_removed():
+            self.remove(record, why)
+            removed.append(record.name)
+        return removed
 
     def keep_worker_log(self, record: PodRecord) -> list[str]:
         """The last lines of the pod's worker log, kept in a file of its own beside the stack
@@ -6321,18 +6463,12 @@ class Stack:
         atomic_write(os.path.join(folder, f"{record.name}.worker.log"), ran.stdout.encode(), durable=False)
         return ran.stdout.splitlines()
 
-    def tell_the_run(self, message: str) -> None:
-        """An event in the run's record (status, the page); a run no worker has asked for yet has none."""
-        with contextlib.suppress(CommanderUnreachable):
-            self.client.post("/api/runs/event", {"run_id": self.cfg.run.run_id, "msg": message[:MAX_EVENT_CHARS]},
-                             timeout=5)
-
-    def remove_pod(self, record: PodRecord, why: str, has_worker: bool = True) -> list[str]:
+    def remove(self, record: PodRecord, why: str, has_worker: bool = True) -> list[str]:
         """Remove a pod, after keeping the end of its worker log (returned); its last lines go
         to the run's events."""
         tail = self.keep_worker_log(record) if has_worker else []
         if tail:
-            self.tell_the_run(f"pod {record.name} removed ({why}); its worker log ended: " + " | ".join(tail[-3:]))
+            self.commander.tell_the_run(f"pod {record.name} removed ({why}); its worker log ended: " + " | ".join(tail[-3:]))
         self.remove_pod_only(record, why)
         return tail
 
@@ -6340,19 +6476,49 @@ class Stack:
         if not record.id:  # its `up` never said which pod it rented, and `lium ps` shows none of it
             record.state = "removed"
             self.state.save()
-            self.say(f"WARNING: pod {record.name} was being rented when launch-stack stopped and is not in `lium ps`; "
+            stack_say(f"WARNING: pod {record.name} was being rented when launch-stack stopped and is not in `lium ps`; "
                      f"if it shows up there later, remove it: lium rm <its id> -y")
             return
         try:
             spent = self.lium.remove(record.ref)
         except LiumError as exc:
-            self.say(f"WARNING: could not remove pod {record.label} ({exc}); remove it by hand: lium rm {record.id} -y")
+            stack_say(f"WARNING: could not remove pod {record.label} ({exc}); remove it by hand: lium rm {record.id} -y")
             return
         if spent is not None:
             record.spent_usd = max(record.spent_usd, spent)
         record.state = "removed"
         self.state.save()
-        self.say(f"pod {record.label} removed: {why} (it cost ${record.spent_usd:.2f}; {self.spend_line()})")
+        stack_say(f"pod {record.label} removed: {why} (it cost ${record.spent_usd:.2f}; {self.spend_line()})")
+
+    def silence_seconds(self) -> float:
+        """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
+        return max(10.0, 6 * standby_poll_seconds(self.cfg.commander.lease_seconds),
+                   3 * self.cfg.lium.poll_interval_seconds)
+
+    def silent(self, run: dict, alive: list[PodRecord]) -> list[PodRecord]:
+        """Pods whose worker neither holds the run nor asked the commander for it lately.
+
+        A standing-by worker asks every few seconds, so silence for `silence_seconds` means
+        it exited or cannot reach the commander.  No judgement until the commander has
+        watched that long (it forgets standbys on a restart), nor on a worker started less
+        than that ago (adopted pods count from this supervisor's start).
+        """
+        silence = self.silence_seconds()
+        if run.get("standby_window_sec", 0) < silence:
+            return []
+        heard = {s["worker_id"] for s in run.get("standbys", []) if s["seen_sec_ago"] < silence}
+        now = time.monotonic()
+        return [record for record in alive if record.name != run.get("holder") and record.name not in heard
+                and now - self.worker_started.get(record.name, self.started) > silence]
+
+    def sole_keeper(self, run: dict) -> str | None:
+        """The pod whose removal would lose the run's last checkpoint: neither the Hub nor a
+        Lium volume (which outlives its pod) holds it."""
+        last = run.get("latest_checkpoint") or {}
+        if not last or (run.get("hub") or {}).get("iteration") == last["iteration"]:
+            return None
+        sealer = last.get("worker_id")
+        return None if any(p.name == sealer and p.has_volume for p in self.state.pods) else sealer
 
     # -- the worker on a pod ---------------------------------------------------------------
 
@@ -6413,7 +6579,7 @@ class Stack:
         remote_hashes = {path.strip(): digest for digest, path in
                          (line.split(None, 1) for line in have.stdout.splitlines() if " " in line)}
         if all(remote_hashes.get(p) == local_hashes[f] for p, f in zip(in_image, code_files, strict=True)):
-            self.say(f"the image on {record.label} has this relay.py ({worker.image_relay_dir}): nothing to upload")
+            stack_say(f"the image on {record.label} has this relay.py ({worker.image_relay_dir}): nothing to upload")
             remote_code = in_image
         files = {}
         for name, remote in zip(code_files, remote_code, strict=True):
@@ -6440,9 +6606,9 @@ class Stack:
         running = started.exit_code == 0 and started.stdout.strip().isdigit()
         pid = int(started.stdout.strip()) if running else None
         if running:
-            self.say(f"worker started on {record.label} (pid {pid}, log {worker.remote_log_path})")
+            stack_say(f"worker started on {record.label} (pid {pid}, log {worker.remote_log_path})")
         elif not self.dry_run:
-            self.say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'})")
+            stack_say(f"WARNING: the worker on {record.label} is not running ({started.error or 'it exited'})")
             self.check_for_a_failure_every_pod_meets(record, self.keep_worker_log(record))
         return self.worker_summary(pid, running)
 
@@ -6457,7 +6623,7 @@ class Stack:
         kept = os.path.join(os.path.dirname(self.cfg.relay.state_path) or ".", "pods", f"{record.name}.worker.log")
         message = (f"the worker on pod {record.name} failed for a reason every pod would meet: {reason}; no other pod "
                    f"is rented (fix it, then run `relay.py launch-stack {self.cfg.path}` again; the end of its log: {kept})")
-        self.tell_the_run(message)
+        self.commander.tell_the_run(message)
         self.notify("worker_failed", message, pod=record.name, reason=reason, log_tail=tail[-10:])
         raise EveryPodWouldFail(message)
 
@@ -6466,53 +6632,83 @@ class Stack:
         return {"pid": pid, "running": running, "remote_log_path": worker.remote_log_path,
                 "remote_pid_path": worker.remote_pid_path, "remote_config_path": worker.remote_config_path}
 
-    # -- launch, supervise, down -----------------------------------------------------------
 
-    def live_pods(self) -> list[PodRecord]:
-        """Pods of this stack that Lium still shows live, found by id; the others are removed
-        (dead or dying ones with `lium rm`: some still bill) or marked removed (gone)."""
-        if self.dry_run:
-            return self.state.live()
-        self.listing = self.lium.pods()
-        shown = {row["id"]: row for row in self.listing}
-        alive = []
-        now = time.monotonic()
-        for record in self.state.live():
-            if not record.id:  # launch-stack stopped during its `up`: the pod may exist all the same
-                row = next((row for row in shown.values() if self.may_be_ours(record, row)), None)
-                if row is None:
-                    if utc_now() - record.created_at > self.cfg.lium.up_timeout_seconds + self.cfg.lium.rent_lookup_seconds:
-                        record.state = "removed"
-                        self.state.save()
-                    continue
-                self.note_pod(record, row)
-            row = shown.get(record.id)
-            if row is None:
-                record.state = "removed"
-                self.state.save()
-                self.say(f"pod {record.label} is gone (preempted, expired or removed); {self.spend_line()}")
-                self.notify("pod_lost", f"pod {record.label} is gone (preempted, expired or removed)", pod=record.name)
-                continue
-            self.note_pod(record, row)
-            status = str(row.get("status") or "").upper()
-            if status in POD_DEAD_STATUSES:
-                self.remove_pod(record, f"Lium reports it {status}")
-                self.notify("pod_lost", f"pod {record.label} is {status}", pod=record.name)
-            elif status in POD_LIVE_STATUSES:
-                self.unknown_status_since.pop(record.id, None)
-                alive.append(record)
-            else:
-                since = self.unknown_status_since.setdefault(record.id, now)
-                grace = self.cfg.relay.no_lease_grace_seconds
-                if since == now:
-                    self.say(f"pod {record.label} has status {status or '(none)'}, unknown to relay.py: counted as "
-                             f"live for {grace:g} s, then removed")
-                if now - since > grace:
-                    self.remove_pod(record, f"its status {status or '(none)'} lasted {grace:g} s")
-                else:
-                    alive.append(record)
+# -- the supervising loop ----------------------------------------------------------------
+
+
+class Supervisor:
+    """launch-stack for one stack.yaml: its commander (a LocalCommander) and the units rented
+    for the run (a fleet), launched once and, with --supervise, kept by one loop until the run
+    ends; `down` stops and removes them all."""
+
+    def __init__(self, cfg: StackConfig, dry_run: bool = False) -> None:
+        self.cfg, self.dry_run = cfg, dry_run
+        self.lium = Lium(dry_run)
+        self.state = StackState(cfg.relay.state_path, cfg.run.run_id, persist=not dry_run)
+        self._lock: Any = None  # the supervisor's lock file, held while this process supervises
+        # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
+        self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
+        self.commander = LocalCommander(cfg, self.state, dry_run, self.notify)
+        self.fleet = PodFleet(cfg, self.state, self.lium, dry_run, self.commander, self.notify)
+
+    # -- the supervisor process ------------------------------------------------------------
+
+    def supervisor_file(self, suffix: str) -> str:
+        """supervisor.pid / .log / .lock, beside the stack state."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.cfg.relay.state_path)), f"supervisor.{suffix}")
+
+    def become_the_supervisor(self) -> None:
+        """One supervisor per stack (two would rent for one run): a lock held for the process's
+        life; the pid file holds the pid alone, its start time goes to the stack state."""
+        os.makedirs(os.path.dirname(self.supervisor_file("lock")), exist_ok=True)
+        self._lock = open(self.supervisor_file("lock"), "a")  # noqa: SIM115 (held for the process's life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            running = recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
+            raise UserError(f"a supervisor of {self.cfg.path} already runs (pid {running}): `relay.py down "
+                            f"{self.cfg.path}` stops it") from None
+        self.state.supervisor = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())}
         self.state.save()
-        return alive
+        atomic_write(self.supervisor_file("pid"), f"{os.getpid()}\n".encode())
+        # `down` (and systemd) stop it with SIGTERM: the way out Ctrl-C takes (pods left as they are)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def supervisor_pid(self) -> int | None:
+        return recorded_pid(self.supervisor_file("pid"), self.state.supervisor)
+
+    def stop_supervisor(self) -> bool:
+        pid = self.supervisor_pid()
+        if pid is None:
+            return False
+        stop_process(pid, signal.SIGTERM, 30)
+        stack_say(f"supervisor stopped (pid {pid})")
+        self.state.load()  # what it rented meanwhile is in the state file it kept writing
+        return True
+
+    def detach(self) -> int:
+        """`--supervise --detach`: the supervisor in the background, in a session of its own
+        (closing the terminal does not end it), logging to supervisor.log."""
+        argv = [sys.executable, os.path.join(HERE, "relay.py"), "launch-stack", self.cfg.path, "--supervise", "--preflight-done"]
+        os.makedirs(os.path.dirname(self.supervisor_file("log")), exist_ok=True)
+        with open(self.supervisor_file("log"), "ab") as log_file:
+            os.chmod(self.supervisor_file("log"), 0o600)
+            child = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        give_up = time.monotonic() + 30
+        while child.poll() is None and time.monotonic() < give_up:
+            if recorded_pid(self.supervisor_file("pid"), StackState(self.cfg.relay.state_path, self.cfg.run.run_id,
+                                                                     persist=True).supervisor) == child.pid:
+                print(f"supervisor started in the background (pid {child.pid}, log {self.supervisor_file('log')}); "
+                      f"`relay.py status --run {self.cfg.run.run_id}` shows it, `relay.py down {self.cfg.path}` stops it "
+                      "and removes the pods", flush=True)
+                return 0
+            time.sleep(0.1)
+        with open(self.supervisor_file("log"), encoding="utf-8", errors="replace") as log_file:
+            last = (log_file.read().strip().splitlines() or ["(empty log)"])[-1]
+        raise UserError(f"the background supervisor did not start: {last} (log {self.supervisor_file('log')})")
+
+    # -- launch, supervise, down -----------------------------------------------------------
 
     def preflight(self) -> int:
         """The checks before anything starts: in a dry run each result (on stdout, with the plan),
@@ -6530,75 +6726,39 @@ class Stack:
                 print(check.line(), file=sys.stderr, flush=True)
         return len(failed)
 
-    def public_url_answers(self, started_now: bool) -> None:
-        """The commander answers at public_url from this box, before any rent: a pod gets that URL.
-        A commander started for this launch is stopped again when it does not."""
-        group = self.cfg.commander
-        check = commander_answer_check(self.cfg.run.commander_url, group.tls_ca_file)
-        if self.dry_run:
-            if check.problem:
-                check = Check(check.what, found="nothing answers there yet: launch-stack starts the commander, then "
-                                                "checks this before renting")
-            print(check.line(), flush=True)
-        elif check.problem:
-            if started_now:
-                self.stop_commander()
-            raise UserError(check.line())
-
     def launch(self) -> dict:
-        commander = self.ensure_commander()
-        self.public_url_answers(started_now=self.commander is not None and self.commander.popen is not None)
-        alive = self.live_pods()
+        commander = self.commander.ensure()
+        self.commander.check_public_url()
+        alive = self.fleet.live()
         if alive:
-            self.say(f"pod {alive[-1].label} of this stack is already running: not renting another")
-            record = alive[-1]
-            worker = self.worker_summary(None, None)  # adopted: its worker was started earlier
+            stack_say(f"pod {alive[-1].label} of this stack is already running: not renting another")
+            unit, worker = alive[-1], None
         else:
-            record = self.create_pod()
-            worker = self.deploy_worker(record)
-        return {"commander": commander, "pod": {"name": record.name, "id": record.id or None,
-                                                "huid": record.huid or None, "template_id": self.cfg.lium.template_id,
-                                                "price_per_hour": record.price_per_hour},
-                "worker": worker, "spent_usd": self.state.spent_usd()}
-
-    def run_record(self) -> dict | None:
-        """The run as the commander sees it ({} before its first lease); None when unreachable.
-
-        Asked with a short timeout: a hung commander is restarted after COMMANDER_SILENT_POLLS
-        unanswered polls, each at most this long plus the poll interval (about 20 s in all),
-        well inside the holder's own deadline (80% of the lease) for leases of 30 s and more,
-        so a hang costs the run no lease.  A commander that answers takes milliseconds."""
-        try:
-            reply = self.client.get(f"/api/runs/{self.cfg.run.run_id}", timeout=SUPERVISOR_POLL_TIMEOUT_SECONDS)
-        except CommanderUnreachable as exc:
-            self.say(f"commander unreachable ({exc}); pods are left as they are")
-            return None
-        return reply.body if reply.status == 200 else {}
+            unit, worker = self.fleet.rent_and_deploy()
+        return {"commander": commander, **self.fleet.summary(unit, worker), "spent_usd": self.fleet.spent_usd()}
 
     def supervise(self) -> int:
         """Keep a working pod (and a standby, if asked) on the run until it is COMPLETED or
         FAILED, then clean up."""
-        relay = self.cfg.relay
+        relay, fleet = self.cfg.relay, self.fleet
         poll = self.cfg.lium.poll_interval_seconds
-        pods_wanted = 2 if relay.hot_standby else 1
-        self.say(f"supervising run {self.cfg.run.run_id}: up to {relay.max_pods} pods, a new pod after "
-                 f"{relay.no_lease_grace_seconds:g} s without a live lease"
-                 f"{', one hot standby' if relay.hot_standby else ''} (Ctrl-C stops supervising, pods stay)")
+        stack_say(f"supervising run {self.cfg.run.run_id}: up to {relay.max_pods} pods, a new pod after "
+                  f"{relay.no_lease_grace_seconds:g} s without a live lease"
+                  f"{', one hot standby' if relay.hot_standby else ''} (Ctrl-C stops supervising, pods stay)")
         if not self.cfg.lium.volume and not self.cfg.run.hf_repo:
-            self.say("WARNING: neither lium.volume nor run.hf_repo is set: a replacement pod cannot see this pod's "
-                     "checkpoints and starts the run over from step 0")
+            stack_say("WARNING: neither lium.volume nor run.hf_repo is set: a replacement pod cannot see this pod's "
+                      "checkpoints and starts the run over from step 0")
         reported_epoch = 0
         budget_said = False
         waiting_since = time.monotonic()
         try:
             while True:
-                run = self.run_record()
+                run = self.commander.run_record()
                 if run is None:  # without the commander nothing can be judged: wait, touch nothing
-                    self.revive_commander()
+                    self.commander.revive()
                     waiting_since = time.monotonic()  # no worker could take the lease meanwhile
                     time.sleep(poll)
                     continue
-                self.commander_silent_polls = 0
                 reported_epoch = self.report_handoffs(run.get("leases", []), reported_epoch)
                 self.report_spend(run)
                 if run.get("status") in ("COMPLETED", "FAILED"):
@@ -6610,49 +6770,46 @@ class Stack:
                     continue
                 if run.get("holder"):
                     waiting_since = time.monotonic()
-                alive = self.live_pods()
+                alive = fleet.live()
                 if alive and time.monotonic() - waiting_since > relay.no_lease_grace_seconds:
-                    for record in alive:
-                        tail = self.remove_pod(record, f"no live lease for {relay.no_lease_grace_seconds:g} s: its "
-                                                       "worker cannot work")
-                        self.check_for_a_failure_every_pod_meets(record, tail)
+                    for unit in alive:
+                        fleet.give_up_on(unit, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker "
+                                               "cannot work")
                     alive = []
-                for record in self.silent_pods(run, alive):
-                    tail = self.remove_pod(record, f"its worker has not asked for the lease in {self.silence_seconds():g} s: "
-                                                   f"it exited or cannot reach {self.cfg.run.commander_url}")
-                    self.check_for_a_failure_every_pod_meets(record, tail)
-                    alive.remove(record)
-                if not alive and self.state.attempts >= relay.max_pods:
-                    self.say(f"max_pods ({relay.max_pods}) reached and no pod is left ({self.spend_line()}): giving up on run "
-                             f"{self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
-                             f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
+                for unit in fleet.silent(run, alive):
+                    fleet.give_up_on(unit, f"its worker has not asked for the lease in {fleet.silence_seconds():g} s: "
+                                           f"it exited or cannot reach {self.cfg.run.commander_url}")
+                    alive.remove(unit)
+                if not alive and fleet.attempts >= relay.max_pods:
+                    stack_say(f"max_pods ({relay.max_pods}) reached and no pod is left ({fleet.spend_line()}): giving up "
+                              f"on run {self.cfg.run.run_id} at step {run.get('step', 0)}; raise relay.max_pods and run "
+                              f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
                     self.notify("max_pods_reached", f"max_pods ({relay.max_pods}) reached and no pod is left: "
                                 f"supervision of run {self.cfg.run.run_id} stopped at step {run.get('step', 0)}",
                                 max_pods=relay.max_pods, step=run.get("step", 0))
                     return 1
-                if len(alive) < pods_wanted and self.state.attempts < relay.max_pods:
+                if len(alive) < fleet.units_wanted and fleet.attempts < relay.max_pods:
                     try:
-                        pod = self.create_pod()
-                        self.deploy_worker(pod)
-                        replaced = any(record.state == "removed" for record in self.state.pods)
+                        unit, _ = fleet.rent_and_deploy()
+                        replaced = any(rented.state == "removed" for rented in fleet.rented())
                         self.notify("pod_replaced" if replaced else "pod_added",
-                                    f"pod {pod.label} started for run {self.cfg.run.run_id} "
-                                    f"({len(alive) + 1} of {pods_wanted} wanted, attempt {self.state.attempts} of "
-                                    f"{relay.max_pods})", pod=pod.name, attempt=self.state.attempts)
+                                    f"pod {unit.label} started for run {self.cfg.run.run_id} "
+                                    f"({len(alive) + 1} of {fleet.units_wanted} wanted, attempt {fleet.attempts} of "
+                                    f"{relay.max_pods})", pod=unit.name, attempt=fleet.attempts)
                     except BudgetReached as exc:
                         if not alive:
-                            self.say(f"stopped by the budget: {exc}; run {self.cfg.run.run_id} is left at step "
-                                     f"{run.get('step', 0)} with no pod; raise relay.budget_usd and run "
-                                     f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
+                            stack_say(f"stopped by the budget: {exc}; run {self.cfg.run.run_id} is left at step "
+                                      f"{run.get('step', 0)} with no pod; raise relay.budget_usd and run "
+                                      f"`relay.py launch-stack {self.cfg.path} --supervise` again to go on")
                             self.notify("budget_reached", f"stopped by the budget: {exc}; supervision of run "
                                         f"{self.cfg.run.run_id} stopped at step {run.get('step', 0)}",
-                                        spent_usd=self.state.spent_usd(), step=run.get("step", 0))
+                                        spent_usd=fleet.spent_usd(), step=run.get("step", 0))
                             return 1
                         if not budget_said:
-                            self.say(f"{exc}: the pods left go on, no standby or replacement is rented")
+                            stack_say(f"{exc}: the pods left go on, no standby or replacement is rented")
                             budget_said = True
                     except LiumError as exc:
-                        self.say(f"{exc}; trying again in {poll:g} s")
+                        stack_say(f"{exc}; trying again in {poll:g} s")
                     if not alive:  # the new pod gets a whole grace to take the lease
                         waiting_since = time.monotonic()
                 time.sleep(poll)
@@ -6661,15 +6818,10 @@ class Stack:
         finally:
             self.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
 
-    def pods_left_line(self) -> str:
-        names = ", ".join(p.name for p in self.state.live()) or "none"
-        return (f"pods left as they are: {names} (`relay.py launch-stack {self.cfg.path} --supervise` adopts them, "
-                f"`relay.py down {self.cfg.path}` removes them); {self.spend_line()} so far")
-
     def interrupted(self) -> int:
-        self.say(f"stopped supervising; {self.pods_left_line()}")
+        stack_say(f"stopped supervising; {self.fleet.left_line()}")
         if self.state.supervisor.get("pid") == os.getpid():  # status: no supervisor any more
-            self.report_spend(self.run_record() or {}, supervising=False)
+            self.report_spend(self.commander.run_record() or {}, supervising=False)
         return 130
 
     def notify(self, event: str, text: str, **fields: Any) -> None:
@@ -6679,64 +6831,14 @@ class Stack:
     def report_spend(self, run: dict, supervising: bool = True) -> None:
         """Tell the commander the run's GPU spend when it changed (status and the page show it),
         and, while supervising, at least every 3 polls: the supervisor's heartbeat."""
-        spend = {"run_id": self.cfg.run.run_id, "spent_usd": self.state.spent_usd(), "budget_usd": self.cfg.relay.budget_usd,
-                 "pods": len(self.state.pods), "supervisor_pid": os.getpid() if supervising else 0}
+        spend = {"run_id": self.cfg.run.run_id, "spent_usd": self.fleet.spent_usd(), "budget_usd": self.cfg.relay.budget_usd,
+                 "pods": len(self.fleet.rented()), "supervisor_pid": os.getpid() if supervising else 0}
         last = run.get("gpu_spend") or {}
         fresh = utc_now() - last.get("at", 0) < 3 * self.cfg.lium.poll_interval_seconds or not supervising
         if not run or (fresh and all(last.get(k) == spend[k] for k in ("spent_usd", "budget_usd", "pods", "supervisor_pid"))):
             return
         with contextlib.suppress(CommanderUnreachable):
-            self.client.post("/api/runs/spend", spend, timeout=5)
-
-    def revive_commander(self) -> None:
-        """Start our commander again, on the same state file (every lease kept, each with a
-        full TTL, as after any restart), when its process is gone, or when it has not
-        answered for COMMANDER_SILENT_POLLS polls and is still the process we started (a
-        hung commander is killed first).  A commander that is not ours is only waited for."""
-        if self.commander is None:
-            return
-        self.commander_silent_polls += 1
-        old = self.commander
-        if old.alive():
-            if self.commander_silent_polls < COMMANDER_SILENT_POLLS:
-                return
-            why = f"has not answered for {self.commander_silent_polls} polls"
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old.pid, signal.SIGKILL)  # its state file is written atomically: a kill loses nothing
-            if old.popen is not None:
-                old.popen.wait()
-        else:
-            why = "is gone"
-        self.say(f"the commander (pid {old.pid}) {why}: starting it again on {self.cfg.commander.state_path}")
-        try:
-            pid = self.start_commander()
-        except UserError as exc:  # e.g. its port still taken: the next poll tries again
-            self.say(f"{exc}; trying again at the next poll")
-            return
-        self.commander_silent_polls = 0
-        self.notify("commander_restarted", f"the commander (pid {old.pid}) {why}: started again (pid {pid}), "
-                                           "every lease kept", old_pid=old.pid, pid=pid)
-
-    def silence_seconds(self) -> float:
-        """Six missed asks of a standby (at least 10 s, and three of our own polls)."""
-        return max(10.0, 6 * standby_poll_seconds(self.cfg.commander.lease_seconds),
-                   3 * self.cfg.lium.poll_interval_seconds)
-
-    def silent_pods(self, run: dict, alive: list[PodRecord]) -> list[PodRecord]:
-        """Pods whose worker neither holds the run nor asked the commander for it lately.
-
-        A standing-by worker asks every few seconds, so silence for `silence_seconds` means
-        it exited or cannot reach the commander.  No judgement until the commander has
-        watched that long (it forgets standbys on a restart), nor on a worker started less
-        than that ago (adopted pods count from this supervisor's start).
-        """
-        silence = self.silence_seconds()
-        if run.get("standby_window_sec", 0) < silence:
-            return []
-        heard = {s["worker_id"] for s in run.get("standbys", []) if s["seen_sec_ago"] < silence}
-        now = time.monotonic()
-        return [record for record in alive if record.name != run.get("holder") and record.name not in heard
-                and now - self.worker_started.get(record.name, self.started) > silence]
+            self.commander.client.post("/api/runs/spend", spend, timeout=5)
 
     def report_handoffs(self, leases: list[dict], reported_epoch: int) -> int:
         """Log each lease granted since `reported_epoch`, from the commander's history (a poll
@@ -6745,90 +6847,73 @@ class Stack:
         for lease in leases:
             if lease["epoch"] > reported_epoch:
                 moved = f"handed off from {previous} to {lease['worker_id']}" if previous else f"taken by {lease['worker_id']}"
-                self.say(f"lease {moved} at step {lease['start_step']} (epoch {lease['epoch']})")
+                stack_say(f"lease {moved} at step {lease['start_step']} (epoch {lease['epoch']})")
                 reported_epoch = lease["epoch"]
             previous = lease["worker_id"]
         return reported_epoch
 
     def finish(self, status: str, run: dict) -> int:
         final = run.get("final_model") or {}
-        self.say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
-                 + (f"; final model {final['repo']}@{final['revision']}" if final else ""))
-        live = self.live_pods() if self.cfg.relay.remove_pods_at_end else []
+        stack_say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
+                  + (f"; final model {final['repo']}@{final['revision']}" if final else ""))
+        live = self.fleet.live() if self.cfg.relay.remove_pods_at_end else []
         if self.cfg.relay.remove_pods_at_end:
-            keep = self.sole_keeper_of_the_last_checkpoint(run)
-            for record in live:
-                if record.name == keep:
-                    self.say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
-                             f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
-                             f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
+            keep = self.fleet.sole_keeper(run)
+            for unit in live:
+                if unit.name == keep:
+                    stack_say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
+                              f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
+                              f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
                     continue
-                self.remove_pod(record, f"the run is {status}")
-        removed = [record.name for record in live if record.state == "removed"]
+                self.fleet.remove(unit, f"the run is {status}")
+        removed = [unit.name for unit in live if unit.state == "removed"]
         self.notify("run_finished", f"run {self.cfg.run.run_id} {status} at step {run.get('step')}; pods removed: "
                     f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
         self.report_spend(run, supervising=False)
-        self.say(f"run {self.cfg.run.run_id} {status}: {self.spend_line()} on {len(self.state.pods)} pod(s)")
+        stack_say(f"run {self.cfg.run.run_id} {status}: {self.fleet.spend_line()} on {len(self.fleet.rented())} pod(s)")
         return 1 if status == "FAILED" else 0
-
-    def sole_keeper_of_the_last_checkpoint(self, run: dict) -> str | None:
-        """The pod whose removal would lose the run's last checkpoint: neither the Hub nor a
-        Lium volume (which outlives its pod) holds it."""
-        last = run.get("latest_checkpoint") or {}
-        if not last or (run.get("hub") or {}).get("iteration") == last["iteration"]:
-            return None
-        sealer = last.get("worker_id")
-        return None if any(p.name == sealer and p.has_volume for p in self.state.pods) else sealer
 
     def down(self) -> dict:
         supervisor_stopped = self.stop_supervisor()  # first: it would rent a new pod for each one removed
-        removed = []
-        self.live_pods()  # finds the id of a pod whose `up` was cut short, and the spend of each
-        for record in self.state.live():
-            self.remove_pod(record, "relay.py down")
-            removed.append(record.name)
-        return {"supervisor_stopped": supervisor_stopped, "removed_pods": removed, "commander_stopped": self.stop_commander(),
-                "spent_usd": self.state.spent_usd()}
+        return {"supervisor_stopped": supervisor_stopped, "removed_pods": self.fleet.remove_all("relay.py down"),
+                "commander_stopped": self.commander.stop(), "spent_usd": self.fleet.spent_usd()}
 
 
 def run_launch_stack(path: str, supervise: bool, dry_run: bool, detach: bool = False, preflight_done: bool = False) -> int:
     if detach and (not supervise or dry_run):
         raise UserError("--detach goes with --supervise (and not --dry-run): it runs the supervisor in the background")
-    stack = Stack(load_stack_config(path), dry_run)
-    failed = 0 if preflight_done else stack.preflight()  # (a detached supervisor's parent made the checks)
+    supervisor = Supervisor(load_stack_config(path), dry_run)
+    failed = 0 if preflight_done else supervisor.preflight()  # (a detached supervisor's parent made the checks)
     if failed and not dry_run:
         raise UserError(f"{failed} preflight check(s) failed (above): nothing was started or rented")
     if detach:
-        return stack.detach()
+        return supervisor.detach()
     if supervise and not dry_run:
-        stack.become_the_supervisor()
+        supervisor.become_the_supervisor()
     try:
-        summary = stack.launch()
+        summary = supervisor.launch()
         print(json.dumps(summary, indent=2), flush=True)
         if dry_run:
             return 2 if failed else 0
-        return stack.supervise() if supervise else 0
-    except (LiumError, BudgetReached) as exc:
-        stack.say(str(exc))
-        if stack.state.live():  # e.g. the worker's setup failed on a rented pod: it bills until told
-            stack.say(stack.pods_left_line())
+        return supervisor.supervise() if supervise else 0
+    except (LiumError, BudgetReached, EveryPodWouldFail) as exc:
+        stack_say(str(exc))
+        if supervisor.fleet.not_removed():  # e.g. the worker's setup failed on a rented pod: it bills until told
+            stack_say(supervisor.fleet.left_line())
+        if isinstance(exc, EveryPodWouldFail):
+            supervisor.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
+            return 2
         return 1
-    except EveryPodWouldFail as exc:
-        stack.say(str(exc))
-        if stack.state.live():
-            stack.say(stack.pods_left_line())
-        stack.notifier.flush(NOTIFY_TIMEOUT_SECONDS)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C while a pod is being rented or set up
-        return stack.interrupted()
+        return supervisor.interrupted()
 
 
 def run_down(path: str) -> int:
-    stack = Stack(load_stack_config(path))
+    supervisor = Supervisor(load_stack_config(path))
     try:
-        print(json.dumps(stack.down(), indent=2))
+        print(json.dumps(supervisor.down(), indent=2))
     except LiumError as exc:
-        stack.say(str(exc))
+        stack_say(str(exc))
         return 1
     return 0
 

@@ -2708,18 +2708,18 @@ def test_a_supervised_commander_that_died_or_hung_is_started_again_and_the_run_c
 
 def test_the_commander_pid_file_holds_the_pid_alone_and_a_reused_pid_is_never_signalled(cluster, lium, monkeypatch):
     monkeypatch.setenv("RELAY_TEST_MARK", cluster.mark)  # the commander it starts is this test's to clean up
-    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium)))
-    pid = stack.start_commander()
+    stack = relay.Supervisor(relay.load_stack_config(write_stack(cluster, lium)))
+    pid = stack.commander.start()
     pid_path = cluster.tmp / "launch" / "commander.pid"
     assert pid_path.read_text() == f"{pid}\n"  # so `kill $(cat commander.pid)` signals it and nothing else
     state = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())
     assert state["commander"] == {"pid": pid, "start_ticks": relay.process_start_ticks(pid)}
-    assert stack.stop_commander() and not cluster.healthy()
+    assert stack.commander.stop() and not cluster.healthy()
     stranger = subprocess.Popen(["sleep", "60"])  # a process that got the dead commander's pid, as it were
     cluster.procs.append(stranger)
     pid_path.write_text(f"{stranger.pid}\n")
     stack.state.commander = {"pid": stranger.pid, "start_ticks": relay.process_start_ticks(stranger.pid) - 1}
-    assert stack.commander_pid() is None and not stack.stop_commander()
+    assert stack.commander.pid() is None and not stack.commander.stop()
     assert stranger.poll() is None
 
 
@@ -2841,17 +2841,17 @@ def test_a_supervisor_ended_by_ctrl_c_or_a_crash_leaves_the_pods_running_and_a_n
 
 def test_a_pod_in_a_dying_status_is_removed_at_once_and_one_in_an_unknown_status_after_the_grace(cluster, lium,
                                                                                                   monkeypatch, capsys):
-    for name, value in lium_env(cluster, lium).items():  # the Stack below runs the real CLI in this process's env
+    for name, value in lium_env(cluster, lium).items():  # the Supervisor below runs the real CLI in this process's env
         monkeypatch.setenv(name, value)
-    stack = relay.Stack(relay.load_stack_config(write_stack(cluster, lium, relay={"no_lease_grace_seconds": 3})))
+    stack = relay.Supervisor(relay.load_stack_config(write_stack(cluster, lium, relay={"no_lease_grace_seconds": 3})))
     dying, odd = (lium.rent({"pod_name": name}) for name in ("relay-r1-1", "relay-r1-2"))
     wait_for("both pods to run", lambda: all(pod.status == "RUNNING" for pod in lium.pods.values()), 20)
     stack.state.pods = [relay.PodRecord(f"relay-r1-{n}", relay.utc_now(), state="active", id=pod["pod_id"])
                         for n, pod in ((1, dying), (2, odd))]
     lium.pods[dying["pod_id"]].status, lium.pods[odd["pod_id"]].status = "REBOOT_FAILED", "MIGRATING"  # REBOOT_FAILED bills
-    assert [record.name for record in stack.live_pods()] == ["relay-r1-2"]
+    assert [record.name for record in stack.fleet.live()] == ["relay-r1-2"]
     assert dying["pod_id"] not in lium.pods and odd["pod_id"] in lium.pods
-    wait_for("the pod of unknown status to be given up", lambda: not stack.live_pods(), 30)
+    wait_for("the pod of unknown status to be given up", lambda: not stack.fleet.live(), 30)
     assert not lium.pods
     err = capsys.readouterr().err
     for words in ("relay-r1-1 (", "removed: Lium reports it REBOOT_FAILED", "has status MIGRATING, unknown to relay.py",
