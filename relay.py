@@ -463,6 +463,11 @@ class LiumGroup:
     rent_lookup_seconds: float = 120.0  # after a rent with no answer: how long to look for its pod
     ready_timeout_seconds: float = 900.0
     poll_interval_seconds: float = 10.0
+    # Several whole nodes on one fabric (`lium clusters up`; docs/launch-stack.md, "Several
+    # nodes"): gpu/gpu_count then describe each node, and template_id, if set, must be a
+    # `daturaai/lium-cluster` template (the only image a cluster runs).
+    nodes: int = 1
+    fabric: str = ""  # `lium clusters list` FABRIC id; default: the cheapest with `nodes` nodes free
 
 
 @dataclass
@@ -476,6 +481,9 @@ class WorkerGroup:
     remote_log_path: str = "relay/worker.log"
     remote_pid_path: str = "relay/worker.pid"
     command: str = ""  # default: REMOTE_PYTHON relay.py worker REMOTE_CONFIG
+    # A shell command run before the worker on each pod (each node of a cluster), in the
+    # worker's environment and log: what the trainer needs and the image lacks (docs/slime.md).
+    setup: str = ""
     env: dict = field(default_factory=dict)
     image_relay_dir: str = "/opt/relay"  # where the relay-trainer image has relay.py: used when identical
 
@@ -577,10 +585,11 @@ def load_stack_config(path: str) -> StackConfig:
     run_group = data.get("run")
     if not isinstance(run_group, dict):
         raise UserError(f"{path}: missing group 'run' (run_id and mode at least)")
-    for generated in ("commander_url", "worker_id"):
+    for generated in ("commander_url", "worker_id", "nodes", "node_rank", "node_ip", "master_addr", "group"):
         if generated in run_group:
-            raise UserError(f"{path}: run: field '{generated}' is set by launch-stack (commander.public_url, the pod's name)")
-    if not lium.template_id:
+            raise UserError(f"{path}: run: field '{generated}' is set by launch-stack (commander.public_url, the pod's "
+                            "name, lium.nodes and each node's place in its cluster)")
+    if not lium.template_id and lium.nodes == 1:
         raise UserError(f"{path}: lium: field 'template_id' must not be empty")
     if not 1 <= commander.port <= 65535:
         raise UserError(f"{path}: commander: field 'port' must be from 1 to 65535")
@@ -612,7 +621,28 @@ def load_stack_config(path: str) -> StackConfig:
     validate_lium_group(lium, f"{path}: lium")
     if relay.budget_usd < 0:
         raise UserError(f"{path}: relay: field 'budget_usd' must be 0 (no limit) or more")
+    if lium.nodes > 1:
+        validate_cluster_stack(path, lium, run, relay)
     return StackConfig(path, commander, lium, run, worker, relay)
+
+
+def validate_cluster_stack(path: str, lium: LiumGroup, run: RunConfig, relay: RelayGroup) -> None:
+    """What a run on a Lium cluster cannot have: a cluster has no volume and no `--budget`, and
+    a lost node means a whole new cluster, which resumes from the Hub."""
+    if lium.nodes > MAX_NODES:
+        raise UserError(f"{path}: lium: field 'nodes' must be from 1 to {MAX_NODES}")
+    if not run.hf_repo:
+        raise UserError(f"{path}: run: field 'hf_repo' is required with lium.nodes {lium.nodes}: a cluster has no "
+                        "volume, so a new cluster resumes from the Hub")
+    if lium.volume:
+        raise UserError(f"{path}: lium: field 'volume' cannot go with lium.nodes {lium.nodes}: a cluster takes no "
+                        "Lium volume (its checkpoints travel through the Hub)")
+    if lium.node:
+        raise UserError(f"{path}: lium: field 'node' names one node; with lium.nodes {lium.nodes} set 'gpu' and "
+                        "'gpu_count' (each node's), and 'fabric' if you want one")
+    if relay.hot_standby:
+        raise UserError(f"{path}: relay: field 'hot_standby' is for single pods: a standby cluster would double a "
+                        "multi-node bill")
 
 
 LIUM_TTL = re.compile(r"^\d+(\.\d+)?(m|h|d)$")  # what `lium up --ttl` accepts
@@ -638,6 +668,8 @@ def validate_lium_group(lium: LiumGroup, where: str) -> None:
         raise UserError(f"{where}: field 'ttl' must be a number and m, h or d (45m, 6h, 2d), not {lium.ttl!r}")
     if lium.up_timeout_seconds < 1:
         raise UserError(f"{where}: field 'up_timeout_seconds' must be at least 1")
+    if lium.nodes < 1:
+        raise UserError(f"{where}: field 'nodes' must be at least 1")
     if lium.volume.startswith("new:"):
         raise UserError(f"{where}: field 'volume': 'new:' would create a new, empty volume for every pod, so a "
                         "replacement would not see the checkpoints; create one with `lium volumes new NAME`, then "
@@ -5678,6 +5710,8 @@ class PodRecord:
     spent_usd: float = 0.0  # as `lium ps` last showed it; final from `lium rm`
     # Pods of this name that existed before our `up`: never ours, whatever their name says.
     foreign_ids: list = field(default_factory=list)
+    node_rank: int = 0  # a member of a cluster: its place (0: the master) and address on its overlay
+    overlay_ip: str = ""
 
     @property
     def label(self) -> str:
@@ -5689,6 +5723,33 @@ class PodRecord:
         return self.id or f"<id of {self.name}>"
 
 
+@dataclass
+class ClusterRecord:
+    """A Lium cluster rented for a multi-node run: one unit, rented, lost and removed whole.
+    Its members are pods (`lium exec`/`scp` by id) named {cluster name}-node{k} here, which
+    is also their worker's id (in Lium every member bears the cluster's name)."""
+
+    name: str
+    created_at: float
+    state: str = "creating"  # creating -> active -> (keeping: node 0 alone holds the last checkpoint) -> removed
+    id: str = ""  # Lium's cluster id, from `clusters up`
+    nodes: int = 2
+    members: list = field(default_factory=list)  # PodRecords, by node rank
+    foreign_ids: list = field(default_factory=list)  # clusters of this name before our `up`
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.id[:8]})" if self.id else self.name
+
+    @property
+    def spent_usd(self) -> float:
+        return sum(member.spent_usd for member in self.members)
+
+    @property
+    def price_per_hour(self) -> float:
+        return sum(member.price_per_hour for member in self.members)
+
+
 class StackState:
     """launch-stack's own record of the pods it rented (JSON, 0600), written before each `up`,
     shared by its parts: the commander's and the supervisor's process, the fleet's rents.
@@ -5698,6 +5759,7 @@ class StackState:
         self.path, self.run_id, self.persist = path, run_id, persist
         self.attempts = 0
         self.pods: list[PodRecord] = []
+        self.clusters: list[ClusterRecord] = []  # lium.nodes > 1
         # The commander launch-stack started: its pid and start time (the pid file holds the pid
         # alone, for `kill $(cat commander.pid)`; the pair names one process for good).
         self.commander: dict = {}
@@ -5712,6 +5774,8 @@ class StackState:
                 data = json.load(handle)
             self.attempts = int(data["attempts"])
             self.pods = [PodRecord(**pod) for pod in data["pods"]]
+            self.clusters = [ClusterRecord(**dict(cluster, members=[PodRecord(**m) for m in cluster["members"]]))
+                             for cluster in data.get("clusters") or []]
             self.commander = dict(data.get("commander") or {})
             self.supervisor = dict(data.get("supervisor") or {})
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -5725,7 +5789,9 @@ class StackState:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             atomic_write(self.path, json.dumps({"run_id": self.run_id, "attempts": self.attempts, "commander": self.commander,
                                                 "supervisor": self.supervisor,
-                                                "pods": [dataclasses.asdict(p) for p in self.pods]}, indent=1).encode())
+                                                "pods": [dataclasses.asdict(p) for p in self.pods],
+                                                "clusters": [dataclasses.asdict(c) for c in self.clusters]},
+                                               indent=1).encode())
 
 
 # -- preflight: nothing is rented that cannot work ----------------------------------------
@@ -6390,7 +6456,7 @@ class PodFleet:
 
     # -- watching and removing -------------------------------------------------------------
 
-    def live(self) -> list[PodRecord]:
+    def live(self, run: dict | None = None) -> list[PodRecord]:
         """Pods of this stack that Lium still shows live, found by id; the others are removed
         (dead or dying ones with `lium rm`: some still bill) or marked removed (gone)."""
         if self.dry_run:
@@ -6435,6 +6501,9 @@ class PodFleet:
                     alive.append(record)
         self.state.save()
         return alive
+
+    def keep_only_node0(self, unit: PodRecord) -> None:
+        """Of a unit kept for the last checkpoint on its disk, what holds it (a pod: all of it)."""
 
     def give_up_on(self, record: PodRecord, why: str) -> None:
         """Remove a pod whose worker cannot work; EveryPodWouldFail when its log says the next would not either."""
@@ -6508,8 +6577,13 @@ class PodFleet:
             return []
         heard = {s["worker_id"] for s in run.get("standbys", []) if s["seen_sec_ago"] < silence}
         now = time.monotonic()
-        return [record for record in alive if record.name != run.get("holder") and record.name not in heard
-                and now - self.worker_started.get(record.name, self.started) > silence]
+        return [unit for unit in alive if self.worker_of(unit) != run.get("holder") and self.worker_of(unit) not in heard
+                and now - self.worker_started.get(self.worker_of(unit), self.started) > silence]
+
+    @staticmethod
+    def worker_of(unit: Any) -> str:
+        """The id of the worker that asks the commander for the run on this unit's behalf."""
+        return unit.name
 
     def sole_keeper(self, run: dict) -> str | None:
         """The pod whose removal would lose the run's last checkpoint: neither the Hub nor a
@@ -6522,14 +6596,19 @@ class PodFleet:
 
     # -- the worker on a pod ---------------------------------------------------------------
 
-    def pod_run_config(self, pod: str) -> bytes:
+    def pod_run_config(self, record: PodRecord) -> bytes:
         run = dataclasses.asdict(self.cfg.run)
-        run.update(worker_id=pod, relay_shared_secret="")  # the secret travels in relay.env only
+        run.update(worker_id=record.name, relay_shared_secret="")  # the secret travels in relay.env only
+        run.update(self.node_fields(record))
         # (and so do run.env's ${NAME} values: the trainer inherits the worker's environment)
         run["env"] = {key: value for key, value in run["env"].items() if env_reference(value) is None}
         if self.cfg.commander.tls_ca_file:  # uploaded beside the run config (deploy_worker)
             run["commander_ca_file"] = COMMANDER_CA_FILENAME
         return json.dumps(run, indent=1).encode()
+
+    def node_fields(self, record: PodRecord) -> dict:
+        """The run config's fields that say where this pod stands in a multi-node run (none here)."""
+        return {}
 
     def pod_secrets(self) -> bytes:
         values = env_from_here(self.cfg.worker.env)
@@ -6586,7 +6665,7 @@ class PodFleet:
             if remote_hashes.get(remote) != local_hashes[name]:
                 with open(os.path.join(HERE, name), "rb") as handle:
                     files[remote] = (handle.read(), 0o755)
-        files[worker.remote_config_path] = (self.pod_run_config(record.name), 0o600)
+        files[worker.remote_config_path] = (self.pod_run_config(record), 0o600)
         if self.cfg.commander.tls_ca_file:
             with open(self.cfg.commander.tls_ca_file, "rb") as handle:
                 files[os.path.join(os.path.dirname(worker.remote_config_path), COMMANDER_CA_FILENAME)] = (handle.read(), 0o644)
@@ -6594,6 +6673,8 @@ class PodFleet:
         bundle = self.upload(record, files)
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
                                      f"{q(worker.remote_config_path)}")
+        if worker.setup:  # before the worker, in its log; a failure reads as one every pod meets
+            command = f"bash -c {q(f'( {worker.setup} ) || {{ echo relay: error: worker.setup failed with status $?; exit 2; }}; exec {command}')}"
         # Only the worker goes to the background, with every descriptor redirected: `lium exec`
         # (an SSH session) returns at once, and $! is the worker's own pid, printed only when it
         # is still alive a second later (a bad config kills it at once).
@@ -6633,6 +6714,262 @@ class PodFleet:
                 "remote_pid_path": worker.remote_pid_path, "remote_config_path": worker.remote_config_path}
 
 
+# -- the rented clusters: a fleet of whole multi-node units --------------------------------
+
+
+class ClusterFleet(PodFleet):
+    """The Lium clusters rented for a multi-node run (lium.nodes > 1): the PodFleet contract
+    with a cluster as the unit.  One cluster at a time (no standby: it would double an N-node
+    bill).  What Lium's clusters imply (../shared/notes/lium.md, "Clusters"):
+      - no `--budget`: relay.budget_usd is enforced here, from the members' spend in `lium ps`,
+        by removing the cluster once the run's spend reaches it;
+      - a dead member cannot be replaced (the overlay is set at rent time), and slime has no
+        fault tolerance for a lost rank: a cluster with any member gone or dead is lost whole;
+        its node 0 alone is kept while it holds the only copy of the run's last sealed
+        checkpoint (its worker sends it to the Hub first thing: section 8), then removed;
+      - an unknown rent outcome (`cluster_rent_uncertain`, ...) is looked up in `clusters ps`
+        by the attempt's unique name; a cluster found half-made is removed, never used.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.units_wanted = 1
+
+    def rented(self) -> list[ClusterRecord]:  # type: ignore[override]
+        return self.state.clusters
+
+    def not_removed(self) -> list[ClusterRecord]:  # type: ignore[override]
+        return [cluster for cluster in self.state.clusters if cluster.state != "removed"]
+
+    def spent_usd(self) -> float:
+        return round(sum(cluster.spent_usd for cluster in self.state.clusters), 2)
+
+    def left_line(self) -> str:
+        names = ", ".join(c.name for c in self.not_removed()) or "none"
+        return (f"clusters left as they are: {names} (`relay.py launch-stack {self.cfg.path} --supervise` adopts them, "
+                f"`relay.py down {self.cfg.path}` removes them); {self.spend_line()} so far")
+
+    @staticmethod
+    def worker_of(unit: Any) -> str:
+        return unit.members[0].name if unit.members else f"{unit.name}-node0"
+
+    def summary(self, record: Any, worker: dict | None) -> dict:
+        return {"cluster": {"name": record.name, "id": record.id or None, "nodes": record.nodes,
+                            "price_per_hour": round(record.price_per_hour, 2),
+                            "members": [{"name": m.name, "id": m.id, "node_rank": m.node_rank, "overlay_ip": m.overlay_ip}
+                                        for m in record.members]},
+                "worker": worker or self.worker_summary(None, None)}
+
+    def node_fields(self, record: PodRecord) -> dict:
+        cluster = next(c for c in self.state.clusters if record in c.members)
+        master = next((m.overlay_ip for m in cluster.members if m.node_rank == 0), "")
+        return {"nodes": cluster.nodes, "node_rank": record.node_rank, "node_ip": record.overlay_ip,
+                "master_addr": master, "group": cluster.name}
+
+    # -- renting ---------------------------------------------------------------------------
+
+    def rent_and_deploy(self) -> tuple[ClusterRecord, dict]:  # type: ignore[override]
+        """A cluster with a worker on every member (node 0's summary returned)."""
+        cluster = self.create_cluster()
+        workers = [self.deploy_worker(member) for member in cluster.members]
+        return cluster, workers[0]
+
+    def create_cluster(self) -> ClusterRecord:
+        lium = self.cfg.lium
+        budget = self.budget_left()
+        if budget is not None and budget < 0.01:
+            raise BudgetReached(f"the run's {self.spend_line()} has reached relay.budget_usd: no new cluster")
+        self.state.attempts += 1
+        name = f"{lium.pod_name or 'relay-' + self.cfg.run.run_id}-{self.state.attempts}"
+        record = ClusterRecord(name, utc_now(), nodes=lium.nodes,
+                               foreign_ids=[row["id"] for row in self.lium.clusters() if row.get("name") == name])
+        self.state.clusters.append(record)
+        self.state.save()  # before `clusters up`: whatever happens next, it can be found and removed
+        stack_say(f"creating cluster {name}: {lium.nodes} nodes of {lium.gpu_count}x{lium.gpu}"
+                  f"{f' on fabric {lium.fabric}' if lium.fabric else ''}"
+                  f"{f' (${budget:.2f} of relay.budget_usd left)' if budget is not None else ''}")
+        try:
+            self.note_cluster(record, self.lium.cluster_up(lium, name, lium.nodes, lium.fabric, lium.template_id))
+        except LiumError as exc:
+            if exc.code in LIUM_FUNDS_REFUSED:  # refused before renting: nothing bills
+                record.state = "removed"
+                self.state.save()
+                raise BudgetReached(f"Lium's account cannot pay for another cluster ({exc}); {self.spend_line()}") from None
+            self.remove_failed_rent(record, exc)
+            raise
+        record.state = "active"
+        self.state.save()
+        stack_say(f"cluster {record.label} is rented (${record.price_per_hour:.2f}/h): "
+                  + ", ".join(f"node {m.node_rank} {m.huid or m.id} at {m.overlay_ip}" for m in record.members))
+        return record
+
+    def remove_failed_rent(self, record: ClusterRecord, exc: LiumError) -> None:
+        """After a failed `clusters up`: a cluster it may have left billing is found (its id in the
+        error, or by its unique name in `clusters ps`) and removed; it is never used half-made."""
+        if exc.code not in CLUSTER_RENT_BILLING:
+            record.state = "removed"  # nothing was rented
+            self.state.save()
+            return
+        record.id = str(exc.data.get("cluster_id") or "")
+        give_up = time.monotonic() + self.cfg.lium.rent_lookup_seconds
+        while not record.id and time.monotonic() < give_up:
+            row = next((row for row in self.lium.clusters() if self.may_be_ours(record, row)), None)
+            if row is not None:
+                record.id = str(row["id"])
+                break
+            time.sleep(self.cfg.lium.poll_interval_seconds)
+        self.state.save()
+        stack_say(f"`lium clusters up` failed after renting ({exc.code}): removing cluster {record.label}")
+        self.remove_cluster_only(record, f"its rent did not complete ({exc.code})")
+
+    @staticmethod
+    def may_be_ours(record: Any, row: dict) -> bool:
+        """A cluster of `record`'s rent: its unique name, and not one that bore the name before."""
+        return row.get("name") == record.name and row.get("id") not in record.foreign_ids
+
+    def note_cluster(self, record: ClusterRecord, document: dict) -> None:
+        """What `clusters up`/`clusters ps` say of our cluster: its id and members, by node rank."""
+        if self.dry_run:
+            record.members = [PodRecord(f"{record.name}-node{k}", utc_now(), "active", node_rank=k)
+                              for k in range(record.nodes)]
+            return
+        record.id = str(document["id"])
+        known = {member.id: member for member in record.members}
+        members = []
+        for row in sorted(document.get("pods") or [], key=lambda row: int(row.get("node_rank") or 0)):
+            rank = int(row.get("node_rank") or 0)
+            member = known.get(str(row["id"])) or PodRecord(f"{record.name}-node{rank}", utc_now(), "active",
+                                                            id=str(row["id"]), node_rank=rank)
+            member.huid = str(row.get("huid") or member.huid)
+            member.overlay_ip = str(row.get("overlay_ip") or member.overlay_ip)
+            if isinstance(row.get("price_per_hour"), (int, float)):
+                member.price_per_hour = float(row["price_per_hour"])
+            members.append(member)
+        record.members = members
+
+    # -- watching --------------------------------------------------------------------------
+
+    def live(self, run: dict | None = None) -> list[ClusterRecord]:  # type: ignore[override]
+        """The clusters whose every member Lium shows live.  A cluster with a member gone or dead
+        is lost whole (removed, or reduced to its node 0 while that holds the only copy of the
+        last checkpoint); one past relay.budget_usd is removed."""
+        if self.dry_run:
+            return self.not_removed()
+        rows = {row["id"]: row for row in self.lium.pods()}
+        alive = []
+        for record in self.not_removed():
+            if not record.id:  # launch-stack stopped during its `up`: the cluster may exist all the same
+                row = next((row for row in self.lium.clusters() if self.may_be_ours(record, row)), None)
+                if row is None:
+                    if utc_now() - record.created_at > self.cfg.lium.up_timeout_seconds + self.cfg.lium.rent_lookup_seconds:
+                        record.state = "removed"
+                    continue
+                self.note_cluster(record, row)
+            lost = []
+            for member in record.members:
+                row = rows.get(member.id)
+                if row is not None and isinstance(row.get("spent_usd"), (int, float)):
+                    member.spent_usd = float(row["spent_usd"])
+                status = str((row or {}).get("status") or "GONE").upper()
+                if member.state != "removed" and (row is None or status in POD_DEAD_STATUSES):
+                    lost.append(f"node {member.node_rank} ({member.huid or member.id}) {status.lower()}")
+            if record.state == "keeping":
+                if run is not None and self.sole_keeper(run) != record.name:
+                    self.remove(record, "the Hub has the last checkpoint now")
+                continue
+            if lost:
+                why = f"cluster {record.label} lost {', '.join(lost)}"
+                stack_say(f"{why}; {self.spend_line()}")
+                self.notify("pod_lost", why, pod=record.name)
+                self.remove_lost(record, why, run)
+                continue
+            budget = self.cfg.relay.budget_usd
+            if budget and self.spent_usd() >= budget:
+                self.remove(record, f"the run's {self.spend_line()} reached relay.budget_usd")
+                continue
+            alive.append(record)
+        self.state.save()
+        return alive
+
+    def remove_lost(self, record: ClusterRecord, why: str, run: dict | None) -> None:
+        """A lost cluster goes, but for its node 0 while that holds the only copy of the run's last
+        sealed checkpoint: the other members go now, node 0 once the Hub has it."""
+        if run is None or self.sole_keeper(run) != record.name:
+            self.remove(record, why)
+            return
+        for member in record.members[1:]:
+            self.keep_worker_log(member)
+            with contextlib.suppress(LiumError):
+                self.lium.remove(member.ref)
+                member.state = "removed"
+        record.state = "keeping"
+        self.state.save()
+        stack_say(f"node 0 of cluster {record.label} kept: checkpoint {run['latest_checkpoint']['iteration']} is only "
+                  "on its disk until its worker has sent it to the Hub")
+
+    def sole_keeper(self, run: dict) -> str | None:
+        """The cluster whose node 0 sealed the run's last checkpoint, while the Hub lacks it."""
+        last = run.get("latest_checkpoint") or {}
+        if not last or (run.get("hub") or {}).get("iteration") == last["iteration"]:
+            return None
+        return next((c.name for c in self.state.clusters if c.members and c.members[0].name == last.get("worker_id")),
+                    None)
+
+    def keep_only_node0(self, unit: Any) -> None:
+        self.remove_lost(unit, "the run ended", {"latest_checkpoint": {"iteration": -1}})
+
+    # -- removing --------------------------------------------------------------------------
+
+    def remove(self, record: Any, why: str, has_worker: bool = True) -> list[str]:  # type: ignore[override]
+        """Remove the whole cluster (`clusters rm`), after keeping every member's worker log; the
+        lines returned are node 0's and those of any member that says why it could not work."""
+        tails = [self.keep_worker_log(member) for member in record.members if member.state != "removed"] \
+            if has_worker else []
+        tail = next((t for t in tails if failure_every_pod_meets(t)), tails[0] if tails else [])
+        if tail:
+            self.commander.tell_the_run(f"cluster {record.name} removed ({why}); a worker log ended: "
+                                        + " | ".join(tail[-3:]))
+        self.remove_cluster_only(record, why)
+        return tail
+
+    def remove_cluster_only(self, record: ClusterRecord, why: str) -> None:
+        if not record.id:
+            record.state = "removed"
+            self.state.save()
+            stack_say(f"WARNING: cluster {record.name} was being rented when launch-stack stopped and is not in "
+                      "`lium clusters ps`; if it shows up there later, remove it: lium clusters rm <its id> -y")
+            return
+        try:
+            self.lium.cluster_remove(record.id)
+        except LiumError as exc:
+            stack_say(f"WARNING: could not remove cluster {record.label} ({exc}); remove it by hand: "
+                      f"lium clusters rm {record.id} -y")
+            return
+        record.state = "removed"
+        for member in record.members:
+            member.state = "removed"
+        self.state.save()
+        stack_say(f"cluster {record.label} removed: {why} (it cost ${record.spent_usd:.2f}; {self.spend_line()})")
+
+    def remove_all(self, why: str) -> list[str]:
+        self.live()
+        removed = []
+        for record in self.not_removed():
+            self.remove(record, why)
+            removed.append(record.name)
+        return removed
+
+    def give_up_on(self, record: Any, why: str) -> None:
+        tail = self.remove(record, why)
+        reason = failure_every_pod_meets(tail)
+        if reason:
+            message = (f"a worker on cluster {record.name} failed for a reason every cluster would meet: {reason}; no "
+                       f"other cluster is rented (fix it, then run `relay.py launch-stack {self.cfg.path}` again)")
+            self.commander.tell_the_run(message)
+            self.notify("worker_failed", message, pod=record.name, reason=reason, log_tail=tail[-10:])
+            raise EveryPodWouldFail(message)
+
+
 # -- the supervising loop ----------------------------------------------------------------
 
 
@@ -6649,7 +6986,8 @@ class Supervisor:
         # The supervisor's own events (pod lost or replaced, max_pods reached, run finished).
         self.notifier = Notifier("" if dry_run else check_notify_url(cfg.notify_url, "RELAY_NOTIFY_URL"), "launch-stack")
         self.commander = LocalCommander(cfg, self.state, dry_run, self.notify)
-        self.fleet = PodFleet(cfg, self.state, self.lium, dry_run, self.commander, self.notify)
+        fleet = ClusterFleet if cfg.lium.nodes > 1 else PodFleet
+        self.fleet = fleet(cfg, self.state, self.lium, dry_run, self.commander, self.notify)
 
     # -- the supervisor process ------------------------------------------------------------
 
@@ -6770,7 +7108,7 @@ class Supervisor:
                     continue
                 if run.get("holder"):
                     waiting_since = time.monotonic()
-                alive = fleet.live()
+                alive = fleet.live(run)
                 if alive and time.monotonic() - waiting_since > relay.no_lease_grace_seconds:
                     for unit in alive:
                         fleet.give_up_on(unit, f"no live lease for {relay.no_lease_grace_seconds:g} s: its worker "
@@ -6856,11 +7194,12 @@ class Supervisor:
         final = run.get("final_model") or {}
         stack_say(f"run {self.cfg.run.run_id} {status} at step {run.get('step')}"
                   + (f"; final model {final['repo']}@{final['revision']}" if final else ""))
-        live = self.fleet.live() if self.cfg.relay.remove_pods_at_end else []
+        live = self.fleet.live(run) if self.cfg.relay.remove_pods_at_end else []
         if self.cfg.relay.remove_pods_at_end:
             keep = self.fleet.sole_keeper(run)
             for unit in live:
                 if unit.name == keep:
+                    self.fleet.keep_only_node0(unit)
                     stack_say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
                               f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
                               f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
