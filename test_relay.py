@@ -2530,6 +2530,23 @@ def test_a_cluster_rent_whose_answer_is_lost_is_found_in_clusters_ps_and_removed
     assert relay_cli.cluster_remove(found[0]["id"]) is None  # already gone
 
 
+def test_a_cluster_rent_whose_answer_is_lost_is_resent_with_its_idempotency_key_and_rents_one_cluster(cluster, lium,
+                                                                                                      monkeypatch):
+    lium.features, lium.cluster_rent_outcome, lium.hide_seconds = ["rent_idempotency"], "lost", 0.0
+    rented = relay_lium(cluster, lium, monkeypatch).cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    assert [path for _, path in lium.requests if path == "/executors/cluster/rent"] == ["/executors/cluster/rent"] * 2
+    assert {p.cluster_id for p in lium.pods.values()} == {rented["id"]} and len(lium.pods) == 2
+
+
+def test_a_member_whose_host_is_lost_shows_its_cluster_broken_in_clusters_ps(cluster, lium, monkeypatch):
+    relay_cli = relay_lium(cluster, lium, monkeypatch)
+    rented = relay_cli.cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    lium.preempt(rented["pods"][1]["id"])
+    [listed] = relay_cli.clusters()
+    assert (listed["id"], listed["status"], [m["status"] for m in listed["pods"]]) == (rented["id"], "BROKEN",
+                                                                                      ["RUNNING", "BROKEN"])
+
+
 def test_a_cluster_whose_member_fails_to_boot_names_the_billing_cluster_in_its_error(cluster, lium, monkeypatch):
     lium.cluster_rent_outcome = "member_fails"
     relay_cli = relay_lium(cluster, lium, monkeypatch)
