@@ -5531,6 +5531,11 @@ RENT_UNANSWERED = ("rent_outcome_unknown", "api_timeout")
 # `lium up` exit 6: the account's balance (a 403) or the API key's budget (a 402) refused the rent;
 # renting again cannot help until someone adds funds (lium.io 0.32 cli/utils.py `_classify_sdk_error`).
 LIUM_FUNDS_REFUSED = ("insufficient_balance", "budget_exceeded")
+# `lium clusters up` error codes after which the nodes are, or may be, rented and billing: a second
+# `up` could rent a second cluster; `clusters ps` shows the first (lium.io 0.32 cli/clusters/command.py
+# 210-267).  The error's data names the cluster (`cluster_id`) or its members (`pod_ids`) when it can.
+CLUSTER_RENT_BILLING = ("cluster_rented_not_listed", "cluster_rent_uncertain", "cluster_not_ready",
+                        "cluster_member_failed", "cluster_ttl_not_scheduled")
 COMMANDER_CA_FILENAME = "commander_ca.pem"  # stack.yaml commander.tls_ca_file, on the pod beside run.yaml
 
 
@@ -5567,6 +5572,36 @@ def failure_every_pod_meets(lines: list[str]) -> str:
     if unreachable and not any(mark in line for line in lines for mark in SUCCESS_MARKS):
         return unreachable[-1]
     return ""
+
+
+def choose_fabric(offers: list[dict], gpu: str, gpus_per_node: int, nodes: int) -> str:
+    """The fabric to rent `nodes` whole nodes on, from `lium clusters list --format json` rows: the
+    cheapest per node among those with `nodes` nodes free, of GPU type `gpu` (any when empty) with at
+    least `gpus_per_node` GPUs each; InfiniBand before RoCE at one price (the faster wire for the
+    same money).  LiumError `no_fabric`, naming what is offered, when none fits."""
+    fits = [offer for offer in offers
+            if int(offer.get("free_count") or 0) >= nodes and int(offer.get("gpus_per_node") or 0) >= gpus_per_node
+            and (not gpu or str(offer.get("gpu_type") or "").upper() == gpu.upper())]
+    if not fits:
+        offered = "; ".join(f"{offer.get('fabric_id')} has {offer.get('free_count')} of {offer.get('node_count')} "
+                            f"{offer.get('gpus_per_node')}×{offer.get('gpu_type')} nodes free" for offer in offers)
+        raise LiumError(f"no Lium fabric has {nodes} nodes of {gpus_per_node}×{gpu or 'any GPU'} free "
+                        f"({offered or '`lium clusters list` shows no fabric'})", "no_fabric")
+    cheapest = min(fits, key=lambda offer: (float(offer.get("price_per_node_hour") or 0.0),
+                                            offer.get("fabric_type") != "infiniband", str(offer["fabric_id"])))
+    return str(cheapest["fabric_id"])
+
+
+def lium_cluster_named_in(message: str) -> dict:
+    """What a `lium clusters up` error message names that may bill: the cluster's id ("Cluster <id>
+    not ready", "Cluster <id>: member ... is CREATION_FAILED") or its members' ids ("confirmed (pods
+    <id>, <id>)", when no cluster id is known yet)."""
+    named: dict = {}
+    if found := re.search(r"Cluster ([0-9a-fA-F-]{36})\b", message):
+        named["cluster_id"] = found.group(1)
+    if found := re.search(r"\(pods ([^)]*)\)", message):
+        named["pod_ids"] = [pod.strip() for pod in found.group(1).split(",") if pod.strip()]
+    return named
 
 
 @dataclass
@@ -5662,16 +5697,23 @@ class Lium:
             raise LiumError(f"lium up printed no pod: {result.stdout[:200]!r}") from None
         return pod
 
-    def pods(self) -> list[dict]:
-        """`lium ps`: every pod of the account, ours or not."""
-        if self.dry_run:
+    def listing(self, *args: str, key: str = "id", read_in_dry_run: bool = False) -> list[dict]:
+        """A `--format json` listing's rows with a `key` ([] in a dry run unless `read_in_dry_run`: a
+        listing only reads); a failed call or output that is not JSON is a LiumError, never an empty
+        account."""
+        if self.dry_run and not read_in_dry_run:
             return []
-        result = self.check(self.run("ps", "--format", "json", timeout=120), "ps")
+        what = " ".join(args)
+        result = self.check(self.query(*args, "--format", "json", timeout=120), what)
         try:
             rows = json.loads(result.stdout or "[]")
         except ValueError:
-            raise LiumError(f"lium ps printed something that is not JSON: {result.stdout[:200]!r}") from None
-        return [row for row in rows if isinstance(row, dict) and row.get("id")] if isinstance(rows, list) else []
+            raise LiumError(f"lium {what} printed something that is not JSON: {result.stdout[:200]!r}") from None
+        return [row for row in rows if isinstance(row, dict) and row.get(key)] if isinstance(rows, list) else []
+
+    def pods(self) -> list[dict]:
+        """`lium ps`: every pod of the account, ours or not (cluster members too, without their cluster)."""
+        return self.listing("ps")
 
     def exec(self, pod: str, command: str, timeout: float = 300.0) -> Execution:
         # --json: plain `exec` prints its own lines ("Executing on ...") among the command's output.
@@ -5696,6 +5738,79 @@ class Lium:
         with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
             return float(json.loads(result.stdout)["removed"][0]["spent_usd"])
         return None
+
+    @staticmethod
+    def printed_document(result: subprocess.CompletedProcess) -> dict:
+        """The JSON object a command printed on stdout ({} when none)."""
+        with contextlib.suppress(ValueError):
+            document = json.loads(result.stdout or "{}")
+            return document if isinstance(document, dict) else {}
+        return {}
+
+    # -- clusters: several whole nodes on one fabric (`lium clusters`, lium.io 0.32) --------------
+
+    def cluster_up(self, group: LiumGroup, name: str, nodes: int, fabric: str = "",
+                   cluster_template_id: str = "") -> dict:
+        """Rent `nodes` whole nodes of one fabric as a cluster and wait until every member is RUNNING
+        with SSH (`lium clusters up`): the printed cluster, {id, name, status, size, master_addr,
+        price_per_hour, hostfile, removal_scheduled_at, pods: [{id, huid, name, status, node_rank,
+        overlay_ip, ssh_cmd, host, ssh_port, ports, gpu_type, gpu_count, price_per_hour}]}.
+        `fabric` empty: the cheapest that fits group.gpu × group.gpu_count (choose_fabric).  Every
+        member has the same name and gets group.ttl.  The template is the newest
+        `daturaai/lium-cluster` one unless `cluster_template_id` names another of that image: Lium
+        refuses any other image on a cluster, so group.template_id is not used.  A LiumError whose
+        code is in CLUSTER_RENT_BILLING may leave nodes billing: its data names the cluster
+        (`cluster_id`) or the members (`pod_ids`) when lium did."""
+        if not fabric:
+            fabric = choose_fabric(self.listing("clusters", "list", key="fabric_id", read_in_dry_run=True), group.gpu, group.gpu_count, nodes)
+        args = ["clusters", "up", fabric, "--nodes", str(nodes), "--name", name,
+                "--timeout", str(math.ceil(group.up_timeout_seconds))]
+        for flag, value in (("--template_id", cluster_template_id), ("--ttl", group.ttl)):
+            if value:
+                args += [flag, value]
+        # `up` waits (--wait is its default) polling every 10 s, so it may outlast --timeout by that much.
+        result = self.run(*args, "-y", "--format", "json", timeout=group.up_timeout_seconds + 120)
+        if self.dry_run:
+            return {}
+        cluster = self.printed_document(result)
+        if result.returncode != 0 and cluster.get("ok") is False and cluster.get("id"):
+            # --ttl failed on some member: the cluster is printed with ok false and the members
+            # without a removal time (cli/clusters/command.py:241-245), no error envelope
+            raise LiumError(f"lium clusters up failed: {cluster.get('error')} [exit {result.returncode}]",
+                            "cluster_ttl_not_scheduled", {"cluster_id": cluster["id"],
+                                                          "unscheduled": cluster.get("unscheduled")})
+        try:
+            self.check(result, "clusters up")
+        except LiumError as exc:
+            if exc.code in CLUSTER_RENT_BILLING:
+                exc.data = {**lium_cluster_named_in(str(exc)), **exc.data}
+            raise
+        if not cluster.get("id") or not isinstance(cluster.get("pods"), list):
+            raise LiumError(f"lium clusters up printed no cluster: {result.stdout[:200]!r}")
+        return cluster
+
+    def clusters(self) -> list[dict]:
+        """`lium clusters ps`: every cluster of the account, each as `cluster_up` returns it (no
+        removal_scheduled_at); a cluster's status is its first member's that is not RUNNING."""
+        return self.listing("clusters", "ps")
+
+    def cluster_remove(self, cluster_id: str) -> float | None:
+        """Remove every member of a cluster (`lium clusters rm`, one API call); what the removed
+        members spent by Lium's estimate, read from `lium ps` just before (`clusters rm` reports no
+        spend); None when no member carries the id any more (already gone).  A member the API failed
+        to remove keeps billing: LiumError `cluster_removal_failed` with its id in data.pod_ids."""
+        spent = {row["id"]: row.get("spent_usd") for row in self.pods()}
+        result = self.run("clusters", "rm", cluster_id, "-y", "--format", "json", timeout=300)
+        if result.returncode == 5 or self.dry_run:  # cluster_not_found: no pod carries the id
+            return None
+        removal = self.printed_document(result)
+        members = [row for row in removal.get("results") or [] if isinstance(row, dict)]
+        if result.returncode != 0 and removal.get("ok") is False:  # per-member results on stdout, no envelope
+            raise LiumError(f"lium clusters rm {cluster_id} failed: {removal.get('error')} [exit {result.returncode}]",
+                            "cluster_removal_failed", {"cluster_id": cluster_id,
+                                                       "pod_ids": [row.get("pod") for row in members if not row.get("success")]})
+        self.check(result, f"clusters rm {cluster_id}")
+        return round(sum((float(spent.get(row.get("pod")) or 0.0) for row in members if row.get("success")), 0.0), 2)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -2432,6 +2433,153 @@ def test_the_stand_ins_pods_see_a_test_python_that_lives_in_a_venv_under_tmp(clu
         assert (result["exit_code"], result["stdout"].strip()) == (0, str(venv)), result
     finally:
         api.stop()
+
+
+# --------------------------------------------------------------------------- Lium clusters
+
+# A server bound to the member's overlay address that answers who it is and whom it saw, left
+# running detached (its pid printed) so the cluster's removal can be seen to end it.
+OVERLAY_SERVER = r"""
+import socket, sys
+me, port = sys.argv[1], int(sys.argv[2])
+server = socket.create_server((me, port))
+while True:
+    connection, (peer, _) = server.accept()
+    connection.sendall(f"{me} saw {peer}\n".encode())
+    connection.close()
+"""
+# From the member's own overlay address to the peer's, until the peer's server answers.
+OVERLAY_CLIENT = r"""
+import socket, sys, time
+me, peer, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+give_up = time.monotonic() + 60
+while True:
+    try:
+        with socket.create_connection((peer, port), timeout=5, source_address=(me, 0)) as connection:
+            print(connection.makefile().readline().strip())
+            break
+    except OSError:
+        if time.monotonic() > give_up:
+            raise
+        time.sleep(0.1)
+"""
+
+
+def relay_lium(cluster: Cluster, api, monkeypatch) -> relay.Lium:
+    """relay.py's Lium, running the real CLI against the stand-in (this process's environment is the CLI's)."""
+    for name, value in lium_env(cluster, api).items():
+        monkeypatch.setenv(name, value)
+    return relay.Lium(dry_run=False)
+
+
+CLUSTER_GROUP = relay.LiumGroup(template_id="", gpu="H200", gpu_count=8, ttl="1h", up_timeout_seconds=60)
+
+
+@pytest.mark.slow(5)
+def test_a_two_node_cluster_is_rented_through_the_real_cli_and_each_member_answers_on_its_own_overlay_address(
+        cluster, lium, monkeypatch):
+    from testing.lium_api import FABRICS
+
+    rented = relay_lium(cluster, lium, monkeypatch).cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    members = rented["pods"]
+    assert (rented["size"], rented["status"], [m["node_rank"] for m in members]) == (2, "RUNNING", [0, 1])
+    assert {lium.pods[m["id"]].node_id for m in members} <= set(FABRICS[0].nodes)  # the H200 fabric, by choose_fabric
+    assert all(lium.pods[m["id"]].removal_scheduled_at for m in members)  # --ttl on every member
+    addresses = [m["overlay_ip"] for m in members]
+    assert rented["master_addr"] == addresses[0] and len(set(addresses)) == 2, addresses
+    port = free_port()
+    env = lium_env(cluster, lium)
+    execs = []
+    for member, me, peer in ((members[0], *addresses), (members[1], *reversed(addresses))):
+        python = shlex.quote(sys.executable)
+        command = (f"setsid nohup {python} -c {shlex.quote(OVERLAY_SERVER)} {me} {port} >/dev/null 2>&1 </dev/null & "
+                   f"echo $!; {python} -c {shlex.quote(OVERLAY_CLIENT)} {me} {peer} {port}")
+        execs.append(subprocess.Popen(["lium", "exec", member["id"], "--json", command], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    servers = []
+    try:
+        for ran, me, peer in zip(execs, addresses, reversed(addresses), strict=True):
+            out, err = ran.communicate(timeout=120)
+            result = json.loads(out)["results"][0]
+            assert result["exit_code"] == 0, (result, err)
+            pid, answer = result["stdout"].split()[0], " ".join(result["stdout"].split()[1:])
+            assert answer == f"{peer} saw {me}"  # the peer answered on its address and saw this member's
+            servers.append(int(pid))
+    finally:
+        for ran in execs:  # the CLI processes this test started, whatever failed
+            ran.kill()
+            ran.wait()
+    assert all(process_alive(pid) for pid in servers)
+    spent = relay.Lium(dry_run=False).cluster_remove(rented["id"])
+    assert not lium.members(rented["id"]) and not [row for row in lium.listed() if row.get("cluster_id")]
+    assert not [pid for pid in servers if process_alive(pid)]
+    assert spent and spent > 0  # two whole nodes for seconds: `lium ps` says cents
+
+
+@pytest.mark.slow(14)
+def test_a_cluster_rent_whose_answer_is_lost_is_found_in_clusters_ps_and_removed(cluster, lium, monkeypatch):
+    lium.cluster_rent_outcome = "lost"  # rented, but the answer is a 502 and the members stay unlisted a while
+    relay_cli = relay_lium(cluster, lium, monkeypatch)
+    with pytest.raises(relay.LiumError) as refused:
+        relay_cli.cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    assert refused.value.code == "cluster_rent_uncertain" and refused.value.code in relay.CLUSTER_RENT_BILLING
+    found = wait_for("the cluster in `clusters ps`", lambda: [c for c in relay_cli.clusters() if c["name"] == "relay-r1-1"
+                                                              and c["size"] == 2], 60, interval=1)
+    assert len(found) == 1 and {m["id"] for m in found[0]["pods"]} == {p.id for p in lium.members(found[0]["id"])}
+    assert relay_cli.cluster_remove(found[0]["id"]) is not None and not lium.members(found[0]["id"])
+    assert relay_cli.cluster_remove(found[0]["id"]) is None  # already gone
+
+
+def test_a_cluster_rent_whose_answer_is_lost_is_resent_with_its_idempotency_key_and_rents_one_cluster(cluster, lium,
+                                                                                                      monkeypatch):
+    lium.features, lium.cluster_rent_outcome, lium.hide_seconds = ["rent_idempotency"], "lost", 0.0
+    rented = relay_lium(cluster, lium, monkeypatch).cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    assert [path for _, path in lium.requests if path == "/executors/cluster/rent"] == ["/executors/cluster/rent"] * 2
+    assert {p.cluster_id for p in lium.pods.values()} == {rented["id"]} and len(lium.pods) == 2
+
+
+def test_a_member_whose_host_is_lost_shows_its_cluster_broken_in_clusters_ps(cluster, lium, monkeypatch):
+    relay_cli = relay_lium(cluster, lium, monkeypatch)
+    rented = relay_cli.cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    lium.preempt(rented["pods"][1]["id"])
+    [listed] = relay_cli.clusters()
+    assert (listed["id"], listed["status"], [m["status"] for m in listed["pods"]]) == (rented["id"], "BROKEN",
+                                                                                      ["RUNNING", "BROKEN"])
+
+
+def test_a_cluster_whose_member_fails_to_boot_names_the_billing_cluster_in_its_error(cluster, lium, monkeypatch):
+    lium.cluster_rent_outcome = "member_fails"
+    relay_cli = relay_lium(cluster, lium, monkeypatch)
+    with pytest.raises(relay.LiumError) as failed:
+        relay_cli.cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "")
+    billing = [p.cluster_id for p in lium.pods.values()]
+    assert failed.value.code == "cluster_member_failed" and billing and failed.value.data["cluster_id"] == billing[0]
+    relay_cli.cluster_remove(failed.value.data["cluster_id"])
+    assert not lium.pods
+
+
+def test_a_cluster_rent_with_a_template_that_is_not_the_cluster_image_is_refused_and_rents_nothing(cluster, lium,
+                                                                                                   monkeypatch):
+    from testing.lium_api import TEMPLATE_ID
+
+    with pytest.raises(relay.LiumError, match="a cluster runs only the daturaai/lium-cluster image"):
+        relay_lium(cluster, lium, monkeypatch).cluster_up(CLUSTER_GROUP, "relay-r1-1", 2, "", cluster_template_id=TEMPLATE_ID)
+    assert not lium.pods
+
+
+def test_the_fabric_is_the_cheapest_with_enough_free_nodes_of_the_gpu_asked():
+    def offer(fabric: str, gpu: str, free: int, price: float, kind: str = "infiniband") -> dict:
+        return {"fabric_id": fabric, "fabric_type": kind, "gpu_type": gpu, "gpus_per_node": 8, "free_count": free,
+                "node_count": 4, "price_per_node_hour": price}
+
+    offers = [offer("h100", "H100", 4, 10.0), offer("h200-full", "H200", 1, 12.0), offer("h200-roce", "H200", 3, 20.0, "roce"),
+              offer("h200-ib", "H200", 2, 20.0), offer("h200-dear", "H200", 4, 30.0)]
+    assert relay.choose_fabric(offers, "h200", 8, 2) == "h200-ib"  # roce costs the same: InfiniBand first
+    assert relay.choose_fabric(offers, "H200", 8, 3) == "h200-roce"
+    assert relay.choose_fabric(offers, "", 8, 2) == "h100"
+    with pytest.raises(relay.LiumError, match="no Lium fabric has 2 nodes of 16×H200 free") as none:
+        relay.choose_fabric(offers, "H200", 16, 2)
+    assert none.value.code == "no_fabric"
 
 
 WHOLE_NODE = {"node": "", "gpu": "H200", "gpu_count": 8}  # `up --gpu H200 -c 8`: a node with 8 GPUs free, any

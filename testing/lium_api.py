@@ -45,11 +45,53 @@ Capacity and money are booked as Lium books them (lium.io 0.32.0 source, site-pa
   the CLI's own code for an `up --budget` pod that started after its budget ran out
   (cli/up/command.py:877-891): no API answer produces it, the CLI does.
 
+Clusters (lium.io 0.32.0: cli/clusters/command.py, cli/clusters/display.py, sdk/client.py:2680-3040,
+sdk/models.py:271-364; ../shared/notes/lium.md "Clusters"):
+- `GET /executors/infiniband-clusters` lists FABRICS (sdk/client.py:2685-2704): an InfiniBand fabric
+  of three 8×H200 nodes and a RoCE fabric of two 8×H100 nodes, each with its `nodes` = the executor
+  rows of its nodes that are free right now (whole: no pod on them, host not lost).  Fabric nodes are
+  separate from the four single nodes: they are not in `GET /executors` and a pod rent on one 404s,
+  so the single-pod tests' capacity is what it was and a cluster never competes with them.
+- `GET /templates` also lists the cluster template (image `daturaai/lium-cluster`, the prefix
+  sdk/client.py:2683 CLUSTER_IMAGE_PREFIX; `cluster_template` picks the newest tag, :2715-2724).
+- `POST /executors/cluster/rent` takes the SDK's body (sdk/client.py:2778-2786: pod_name, template_id,
+  executor_uuids, user_public_key, initial_port_count, enable_volume_encryption, enable_backups) and
+  answers `{"success": true, "pod_ids": [...]}`; a group it will not rent (a template whose image
+  lacks the prefix, nodes not all free or not on one fabric, fewer than 2) is `{"success": false,
+  "message": ...}` (sdk/client.py:2819-2821, "mixed fabrics, split hosts, wrong image" :2763), a
+  balance too low for 15 minutes of every member the 403 `insufficient_balance` of a pod rent.  The
+  `Idempotency-Key` header is honoured: an order repeated with a key already seen replays the first
+  answer and rents nothing (the SDK resends with the same key only when GET /version advertises
+  `rent_idempotency`, sdk/client.py:108-110, 2797-2817; `features` below).
+- Members are pods: rows of `GET /pods` with `cluster_id`, `cluster_node_index` (the order of
+  executor_uuids) and `cluster_overlay_ip` (sdk/client.py:2493-2495), each billed as a whole node,
+  each an SSH sandbox like any pod (own sshd, /root, /workspace, /tmp).  A member's overlay address
+  is 127.X.Y.<n>, X.Y being this API's own port and n counting its members: a loopback address (127/8
+  is all loopback on Linux, bindable without setup) that no other member and no other LiumApi alive
+  on this machine hands out, so parallel tests never collide.  (On Lium member k is 10.42.0.<k+1>
+  on an overlay private to its cluster; here every cluster shares loopback.)  Nothing in the sandbox tells a member its rank or address: only
+  the rows do.  Loopback is not an overlay: any member could bind another's address; tests must
+  bind only the one the rows give.
+- `POST /pods/{id}/schedule-removal` per member (`clusters up --ttl`, cli/clusters/command.py:216-250).
+- `DELETE /clusters/{id}` removes every member and answers `{"pods": [{pod_id, pod_name,
+  cluster_node_index, success, message}]}` (sdk/client.py:2995-3040); 404 when no pod carries the id,
+  409 when a member is still being created and `cancel_inflight_creates` is off.
+- A cluster's status is the first member not RUNNING (sdk/models.py:339-345); `clusters up --wait`
+  polls every 10 s (sdk/client.py:2945 poll_interval) and stops at a member in a terminal status
+  (CREATION_FAILED, BROKEN ..., sdk/client.py:4386-4403).  With `boot_seconds` 0 a cluster's members
+  are RUNNING when the rent answers, so `up` returns at its first poll; otherwise they boot as pods do.
+
 Controls for tests: `api_key` (the only key accepted, when set), `price_per_gpu`, `balance_usd`
 (the starting balance), `host_lost_seconds`, `boot_seconds` (STARTING that long), `preempt(pod, remove)`,
 `rent_outcome_unknown` (the next rent answers without a pod id and its pod shows up later),
 `sshd_never_starts` (RUNNING pods whose SSH never answers),
-`add_foreign_pod(name)` (a pod rented by someone else through the same account).
+`add_foreign_pod(name)` (a pod rented by someone else through the same account),
+`cluster_rent_outcome` for the next cluster rent: "lost" (the cluster is rented but the answer is a
+502 and its members stay unlisted for `hide_seconds`: `clusters up` says `cluster_rent_uncertain`),
+"unlisted" (the answer names the members, which stay unlisted for `hide_seconds`:
+`cluster_rented_not_listed`), "member_fails" (the last member ends CREATION_FAILED instead of
+booting: `cluster_member_failed`); `features` (GET /version), `cancel_inflight_creates`,
+`members(cluster_id)`; `preempt(member, remove)` works on a member as on any pod.
 """
 
 from __future__ import annotations
@@ -80,6 +122,26 @@ EXECUTOR_ID = "3d7e9a10-5b2c-4f8e-8c41-7a6b2e9d0c55"  # the first of the 8×H200
 NODE_IDS = (EXECUTOR_ID, "5a1f0c92-7d3e-4b6a-9e18-c2b4d6f8a0e3", "9c2e4a61-0f5b-4d7c-8a39-e1f3b5d7c9a2",
             "b7d1f3a5-2c4e-4f6a-8b0d-1e3f5a7c9b2d")
 GPUS_PER_NODE = 8
+CLUSTER_TEMPLATE_ID = "e2b4c6d8-1f3a-4b5c-9d7e-8f0a1b2c3d4e"
+CLUSTER_IMAGE = "daturaai/lium-cluster"  # sdk/client.py:2683 CLUSTER_IMAGE_PREFIX
+
+
+@dataclass(frozen=True)
+class Fabric:
+    id: str
+    type: str  # infiniband | roce
+    link_rate: str
+    gpu: str  # the nodes' machine_name
+    nodes: tuple[str, ...]
+
+
+FABRICS = (
+    Fabric("ib-7f3c21a0-h200", "infiniband", "400 Gb/sec (4X NDR)", "NVIDIA H200",
+           ("c1a2b3c4-0001-4d5e-8f90-a1b2c3d4e5f6", "c1a2b3c4-0002-4d5e-8f90-a1b2c3d4e5f6",
+            "c1a2b3c4-0003-4d5e-8f90-a1b2c3d4e5f6")),
+    Fabric("roce-2b9e6d14-h100", "roce", "200 Gb/sec", "NVIDIA H100",
+           ("d2b3c4d5-0001-4e6f-9a01-b2c3d4e5f6a7", "d2b3c4d5-0002-4e6f-9a01-b2c3d4e5f6a7")),
+)
 BALANCE_FLOOR_HOURS = 0.25  # 15 minutes of each pod's price (sdk/client.py:3229-3231)
 SANDBOX_DIRS = ("/root", "/workspace", "/tmp")
 
@@ -121,14 +183,23 @@ class Pod:
     port: int = 0
     sshd: subprocess.Popen | None = None
     removal_scheduled_at: str | None = None
+    cluster_id: str = ""  # a member of that cluster
+    cluster_node_index: int = 0
+    cluster_overlay_ip: str = ""
+    fails_to_boot: bool = False  # ends CREATION_FAILED instead of RUNNING
 
     def row(self, api: LiumApi) -> dict:
         """A row of GET /pods, as Lium.ps() parses it."""
-        return {"id": self.id, "pod_name": self.name, "status": self.status, "created_at": utc_iso(self.created),
-                "updated_at": utc_iso(time.time()), "price": self.price, "gpu_count": self.gpu_count,
-                "ssh_connect_cmd": f"ssh {api.user}@127.0.0.1 -p {self.port}" if self.status == "RUNNING" else None,
-                "ports_mapping": {"22": self.port} if self.port else {}, "template": api.template(),
-                "executor": api.executor(self.node_id), "removal_scheduled_at": self.removal_scheduled_at}
+        row = {"id": self.id, "pod_name": self.name, "status": self.status, "created_at": utc_iso(self.created),
+               "updated_at": utc_iso(time.time()), "price": self.price, "gpu_count": self.gpu_count,
+               "ssh_connect_cmd": f"ssh {api.user}@127.0.0.1 -p {self.port}" if self.status == "RUNNING" else None,
+               "ports_mapping": {"22": self.port} if self.port else {},
+               "template": api.cluster_template() if self.cluster_id else api.template(),
+               "executor": api.executor(self.node_id), "removal_scheduled_at": self.removal_scheduled_at}
+        if self.cluster_id:
+            row.update(cluster_id=self.cluster_id, cluster_node_index=self.cluster_node_index,
+                       cluster_overlay_ip=self.cluster_overlay_ip)
+        return row
 
     def spent(self) -> float:
         """What it has cost: its price for the time it billed."""
@@ -158,7 +229,12 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.boot_seconds = 0.0
         self.rent_outcome_unknown = False
         self.sshd_never_starts = False  # pods go RUNNING but nothing answers on their SSH port
-        self.hide_seconds = 8.0  # how long a rent with a lost answer stays unlisted
+        self.hide_seconds = 8.0  # how long a rent with a lost answer stays unlisted (> the CLI's 3 × 3 s cluster lookup)
+        self.cluster_rent_outcome = ""  # the next cluster rent's: "", "lost", "unlisted", "member_fails"
+        self.cancel_inflight_creates = True  # DELETE /clusters/{id} removes members still being created
+        self.features: list[str] = []  # GET /version; no rent_by_spec: --gpu picks from GET /executors
+        self.rent_answers: dict[str, dict] = {}  # Idempotency-Key -> the cluster rent's answer
+        self.overlay_members = 0  # members given an overlay address so far
         self.pods: dict[str, Pod] = {}
         self.removed: list[Pod] = []  # their folders stay, for tests to look at
         self.ssh_keys: list[dict] = []
@@ -224,10 +300,30 @@ class LiumApi(http.server.ThreadingHTTPServer):
         return [node for node in NODE_IDS if self.lost_until.get(node, 0) <= now]
 
     def executor(self, node_id: str = EXECUTOR_ID) -> dict:
-        return {"id": node_id, "machine_name": "NVIDIA H200", "price_per_gpu": self.price_per_gpu,
+        gpu = next((f.gpu for f in FABRICS if node_id in f.nodes), "NVIDIA H200")
+        return {"id": node_id, "machine_name": gpu, "price_per_gpu": self.price_per_gpu,
                 "gpu_count": GPUS_PER_NODE, "available_gpu_count": self.free_gpus(node_id), "location": {"country": "US"},
                 "executor_ip_address": "127.0.0.1", "status": "available",
-                "specs": {"gpu": {"count": GPUS_PER_NODE, "details": [{"name": "NVIDIA H200"}] * GPUS_PER_NODE}}}
+                "specs": {"gpu": {"count": GPUS_PER_NODE, "details": [{"name": gpu}] * GPUS_PER_NODE}}}
+
+    def fabric_offers(self) -> list[dict]:
+        """GET /executors/infiniband-clusters: each fabric with its nodes free right now (whole, host not lost)."""
+        now = time.time()
+        with self.lock:
+            return [{"fabric_id": f.id, "fabric_type": f.type, "link_rate": f.link_rate, "fabric_measured": True,
+                     "node_count": len(f.nodes),
+                     "nodes": [self.executor(n) for n in f.nodes
+                               if self.free_gpus(n) == GPUS_PER_NODE and self.lost_until.get(n, 0) <= now]}
+                    for f in FABRICS]
+
+    def overlay_ip(self) -> str:
+        """A new member's overlay address: 127.X.Y.<n>, X.Y this API's port, which no other live LiumApi
+        has, n counting the members it rented (Lium's overlay is private to a cluster and numbers its
+        members from 10.42.0.1; loopback is shared by every cluster here, so no two members share one)."""
+        port = self.server_address[1]
+        self.overlay_members += 1
+        assert self.overlay_members < 255, "a LiumApi hands out 254 overlay addresses"
+        return f"127.{port >> 8}.{port & 0xFF}.{self.overlay_members}"
 
     def balance(self) -> float:
         """The balance now: the starting one less what every pod (removed ones too) has cost."""
@@ -238,6 +334,11 @@ class LiumApi(http.server.ThreadingHTTPServer):
         return {"id": TEMPLATE_ID, "name": "relay-trainer", "docker_image": "relay-trainer", "docker_image_tag": "test",
                 "category": "general", "status": "VERIFY_SUCCESS", "supports_volume_encryption": False,
                 "volumes": ["/mnt"]}
+
+    def cluster_template(self) -> dict:
+        return {"id": CLUSTER_TEMPLATE_ID, "name": "Lium cluster", "docker_image": CLUSTER_IMAGE,
+                "docker_image_tag": "1.2.0", "category": "general", "status": "VERIFY_SUCCESS",
+                "supports_volume_encryption": False, "volumes": []}
 
     def listed(self) -> list[dict]:
         now = time.time()
@@ -280,6 +381,71 @@ class LiumApi(http.server.ThreadingHTTPServer):
         # pod is read back by that id from GET /pods).
         return {} if lost else {"success": True, "pod_id": pod_id}
 
+    def rent_cluster(self, body: dict, idempotency_key: str = "") -> dict:
+        """POST /executors/cluster/rent: every node whole, one member pod each, all or nothing."""
+        with self.lock:
+            if idempotency_key in self.rent_answers:  # the same order again: its first answer, nothing rented
+                return self.rent_answers[idempotency_key]
+            nodes = [str(n) for n in body.get("executor_uuids") or []]
+            template = str(body.get("template_id") or "")
+            fabric = next((f for f in FABRICS if nodes and set(nodes) <= set(f.nodes)), None)
+            busy = [n for n in nodes if self.free_gpus(n) < GPUS_PER_NODE or self.lost_until.get(n, 0) > time.time()]
+            refusal = ("a cluster runs only the daturaai/lium-cluster image; template "
+                       f"{template} is {'relay-trainer' if template == TEMPLATE_ID else 'unknown'}"
+                       if template != CLUSTER_TEMPLATE_ID else
+                       "a cluster needs at least 2 distinct nodes" if len(set(nodes)) < 2 or len(set(nodes)) != len(nodes) else
+                       "the nodes are not all on one fabric" if fabric is None else
+                       f"nodes not free: {', '.join(busy)}" if busy else "")
+            if refusal:
+                return {"success": False, "message": refusal}
+            node_price = round(self.price_per_gpu * GPUS_PER_NODE, 4)
+            required = BALANCE_FLOOR_HOURS * (node_price * len(nodes) + sum(p.price for p in self.pods.values()))
+            balance = self.balance()
+            if balance <= required:
+                raise ApiError(403, f"Insufficient balance. This cluster costs ${node_price * len(nodes):.2f}/hour, so "
+                                    f"renting it requires at least ${required:.2f} ({BALANCE_FLOOR_HOURS * 60:.0f} "
+                                    f"minutes of runtime). Your balance is ${balance:.2f}.", "insufficient_balance")
+            outcome, self.cluster_rent_outcome = self.cluster_rent_outcome, ""
+            cluster_id = str(uuid.uuid4())
+            members = []
+            for index, node in enumerate(nodes):
+                pod_id = str(uuid.uuid4())
+                pod = Pod(pod_id, body.get("pod_name") or "cluster", None, list(body.get("user_public_key") or []),
+                          GPUS_PER_NODE, node_price, self.folder / "pods" / pod_id, node, cluster_id=cluster_id,
+                          cluster_node_index=index, cluster_overlay_ip=self.overlay_ip())
+                pod.ready_at = pod.created + self.boot_seconds
+                pod.fails_to_boot = outcome == "member_fails" and index == len(nodes) - 1
+                if outcome in ("lost", "unlisted"):
+                    pod.visible_at = pod.created + self.hide_seconds
+                elif self.boot_seconds <= 0:
+                    self._advance(pod)  # RUNNING before the answer: `up --wait` returns at its first poll
+                members.append(pod)
+            self.pods.update((pod.id, pod) for pod in members)
+            answer = {"success": True, "pod_ids": [pod.id for pod in members]}
+            if idempotency_key:
+                self.rent_answers[idempotency_key] = answer
+        if outcome == "lost":  # rented, but the answer never reaches the caller
+            raise ApiError(502, "Bad Gateway")
+        return answer
+
+    def members(self, cluster_id: str) -> list[Pod]:
+        """The cluster's member pods still listed, by rank."""
+        with self.lock:
+            return sorted((p for p in self.pods.values() if p.cluster_id == cluster_id), key=lambda p: p.cluster_node_index)
+
+    def remove_cluster(self, cluster_id: str) -> dict:
+        """DELETE /clusters/{id}: every member removed, one answer row each."""
+        members = self.members(cluster_id)
+        if not members:
+            raise ApiError(404, f"cluster {cluster_id} not found")
+        creating = [p for p in members if p.status in ("PENDING", "STARTING")]
+        if creating and not self.cancel_inflight_creates:
+            raise ApiError(409, f"cluster {cluster_id}: {len(creating)} member(s) still being created; try again later")
+        for pod in members:
+            self.remove(pod.id)
+        return {"pods": [{"pod_id": p.id, "pod_name": p.name, "cluster_node_index": p.cluster_node_index,
+                          "success": True, "message": "pod removed"} for p in members]}
+
     def add_foreign_pod(self, name: str) -> Pod:
         """A pod of the same account rented by someone else (another script, the web UI)."""
         self.rent({"pod_name": name, "gpu_count": 1}, NODE_IDS[-1])
@@ -301,14 +467,20 @@ class LiumApi(http.server.ThreadingHTTPServer):
                         self.remove(pod.id)
                         continue
                 if pod.status in ("PENDING", "STARTING") and time.time() >= pod.visible_at:
-                    if time.time() < pod.ready_at:
-                        pod.status = "STARTING"
-                    else:
-                        if self.sshd_never_starts:
-                            pod.port = free_port()
-                        else:
-                            self._start_sshd(pod)
-                        pod.status = "RUNNING"
+                    self._advance(pod)
+
+    def _advance(self, pod: Pod) -> None:
+        """One step of a pod's boot: STARTING until ready_at, then RUNNING once its sshd listens."""
+        if time.time() < pod.ready_at:
+            pod.status = "STARTING"
+        elif pod.fails_to_boot:
+            pod.status = "CREATION_FAILED"  # the backend's name for a create that failed (sdk/client.py:4395-4399)
+        else:
+            if self.sshd_never_starts:
+                pod.port = free_port()
+            else:
+                self._start_sshd(pod)
+            pod.status = "RUNNING"
 
     def _start_sshd(self, pod: Pod) -> None:
         for sub in ("root", "workspace", "tmp"):
@@ -488,15 +660,19 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
             if parts == ["users", "me"]:
                 return {"id": "user-1", "email": "relay@example.com", "stripe_customer_id": "cus_test", "balance": api.balance()}
             if parts == ["version"]:
-                return {"version": "test", "features": []}  # no rent_by_spec: --gpu picks from GET /executors
+                return {"version": "test", "features": api.features}
             if parts == ["executors"]:
                 return [api.executor(node) for node in api.offered()]
+            if parts == ["executors", "infiniband-clusters"]:
+                return api.fabric_offers()
             if parts == ["executors", "deployment-estimate"]:
                 return {}
             if parts == ["templates"]:
-                return [api.template()]
+                return [api.template(), api.cluster_template()]
             if parts == ["templates", TEMPLATE_ID]:
                 return api.template()
+            if parts == ["templates", CLUSTER_TEMPLATE_ID]:
+                return api.cluster_template()
             if parts == ["volumes"]:
                 return api.volumes
             if parts == ["ssh-keys"]:
@@ -513,6 +689,8 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
                 key = {"id": str(uuid.uuid4()), "name": body.get("name", ""), "public_key": body.get("public_key", "")}
                 api.ssh_keys.append(key)
                 return key
+            if parts == ["executors", "cluster", "rent"]:
+                return api.rent_cluster(body, self.headers.get("Idempotency-Key") or "")
             if len(parts) == 3 and parts[0] == "executors" and parts[2] == "rent":
                 return api.rent(body, parts[1])
             if len(parts) == 3 and parts[0] == "pods" and parts[2] == "schedule-removal":
@@ -522,6 +700,8 @@ class LiumHandler(http.server.BaseHTTPRequestHandler):
                 pod.removal_scheduled_at = str(body.get("removal_scheduled_at") or "")
                 return {"success": True}
             return None
+        if method == "DELETE" and len(parts) == 2 and parts[0] == "clusters":
+            return api.remove_cluster(urllib.parse.unquote(parts[1]))
         if method == "DELETE" and len(parts) == 2 and parts[0] == "pods":
             if parts[1] not in api.pods:
                 raise ApiError(404, "pod not found")
