@@ -5145,6 +5145,10 @@ class Worker:
         if self.sync is not None and not self.sync.running():
             hub = (self.lease.checkpoint or {}).get("hub") or {}
             self.sync.start(self.lease.epoch, hub if hub.get("repo") == self.cfg.hf_repo else None)
+            if self.cfg.nodes > 1 and restored is not None and restored.iteration > hub.get("iteration", -1):
+                # A cluster has no volume: this disk alone holds it (after a lost node, the
+                # supervisor keeps this node only until the Hub has it), so it goes first.
+                self.sync.sync_now()
         return "TRAINING"
 
     def start_trainer(self) -> None:
@@ -6046,6 +6050,8 @@ def lium_checks(cfg: StackConfig, lium: Lium) -> list[Check]:
     the calls side by side (each is about a second of CPU)."""
     group = cfg.lium
     calls = {"key": ("whoami", "--json"), "templates": ("templates", "--format", "json"), "nodes": ("ls", "--format", "json")}
+    if group.nodes > 1:  # whole nodes on one fabric: `clusters list` offers them, not `ls`
+        calls["nodes"] = ("clusters", "list", "--format", "json")
     if group.volume:
         calls["volumes"] = ("volumes", "list")
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
@@ -6055,6 +6061,14 @@ def lium_checks(cfg: StackConfig, lium: Lium) -> list[Check]:
         return [Check("LIUM_API_KEY", f"Lium refuses it ({Lium.error_text(results['key'])}): export LIUM_API_KEY with a "
                                       "key of your lium.io account (or run `lium init`)")]
     checks = [Check("LIUM_API_KEY", found="Lium accepts it")]
+    if group.nodes > 1:
+        try:
+            fabric = group.fabric or choose_fabric(Lium.json_rows(results["nodes"]), group.gpu, group.gpu_count, group.nodes)
+            checks.append(Check("lium.nodes", found=f"fabric {fabric} for {group.nodes} nodes of {group.gpu_count} {group.gpu}"))
+        except LiumError as exc:
+            checks.append(Check("lium.nodes", f"{exc}: lower lium.nodes, pick another GPU type, or wait"))
+        if not group.template_id:  # the CLI takes the newest daturaai/lium-cluster template
+            return checks
     templates = Lium.json_rows(results["templates"])
     template = next((row for row in templates if group.template_id in (row.get("id"), row.get("huid"))), None)
     checks.append(Check("lium.template_id", found=f"template {template.get('name')} ({template.get('docker_image')}:"
@@ -6070,6 +6084,8 @@ def lium_checks(cfg: StackConfig, lium: Lium) -> list[Check]:
                       Check("lium.volume", f"no volume {huid!r} in `lium volumes list`: create one with `lium volumes new "
                                            "NAME` and use the HUID it lists"))
     nodes = Lium.json_rows(results["nodes"])
+    if group.nodes > 1:
+        return checks
     if group.node:
         node = next((row for row in nodes if group.node in (row.get("id"), row.get("huid"))), None)
         checks.append(Check("lium.node", found=f"node {node.get('huid')} ({node.get('config')}, "

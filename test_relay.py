@@ -3487,3 +3487,38 @@ def test_under_every_kind_of_fault_no_two_trainers_run_no_acknowledged_checkpoin
     assert report.violations == [], f"{report.summary()}: {report.violations} (replay with RELAY_CHAOS_SEED={seed})"
     assert report.completed
     assert set(report.faults) | report.cannot_run_here == set(FAULTS), report.summary()
+
+
+# -- several nodes: a run on a Lium cluster ------------------------------------------------------
+
+
+def cluster_stack(cluster: Cluster, api, hub, worker_env: dict, **groups: dict) -> str:
+    """A stack renting 2-node H200 clusters (`lium clusters up`), syncing every checkpoint to the Hub."""
+    hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    fields = {"lium": {"template_id": "", "node": "", "volume": "", "gpu": "H200", "gpu_count": 8, "nodes": 2},
+              "run": {"hf_repo": HUB_REPO, "hf_sync_interval_seconds": 0.5, "l1_root": "/root/relay-l1"},
+              "worker": {"env": {**hub_env, **worker_env}}}
+    for group, more in groups.items():
+        fields.setdefault(group, {}).update(more)
+    return write_stack(cluster, api, **fields)
+
+
+def cluster_members(api) -> list:
+    return [pod for pod in api.pods.values() if getattr(pod, "cluster_id", "")]
+
+
+@pytest.mark.slow(30)
+def test_a_two_node_cluster_is_rented_whole_each_node_gets_its_place_and_none_bills_after_the_run(cluster, lium, hub):
+    # the mock trainer on node 0; node 1 only lends its GPUs (here: waits, as `ray start --block` does)
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "30", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"})
+    supervisor, events = supervise(cluster, lium, stack)
+    assert supervisor.wait(120) == 0, events.read_text()
+    text = events.read_text()
+    for words in ("creating cluster relay-r1-1: 2 nodes of 8xH200", "cluster relay-r1-1 (", "run r1 COMPLETED",
+                  "removed: the run is COMPLETED"):
+        assert words in text, text
+    run = cluster.run("r1")
+    assert run["leases"][0]["worker_id"] == "relay-r1-1-node0" and run["nodes"] == 2
+    assert any("relay-r1-1-node1 joined epoch 1 as node 1" in e["msg"] for e in run["events"])
+    assert cluster_members(lium) == []  # nothing left billing
