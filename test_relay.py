@@ -1948,9 +1948,14 @@ def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_and_a_run_relayed_t
     final = (ckpt / relay.iteration_dirname(11) / "common.pt").read_text()
     assert final == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 12)
     every = log + "".join(re.sub(r"\x1b\[[0-9;]*m", "", cluster.log(name)) for name in "bc")
-    for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():  # --async-save's order
-        assert every.index(f"wrote dataset state {iteration} ") < every.index(
-            f"successfully saved checkpoint from iteration {iteration} ")
+    # --async-save's order, by the times the two processes logged (Ray forwards each actor's lines
+    # on its own, so two lines written 2 ms apart by two actors can reach the log either way round)
+    for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():
+        state_at = float(re.search(rf"wrote dataset state {iteration} at ([\d.]+)", every)[1])
+        saved = re.search(rf"\[([-\d: ]+),(\d+)\] checkpointing\.py:541 - successfully saved checkpoint from "
+                          rf"iteration {iteration} ", every)
+        saved_at = time.mktime(time.strptime(saved[1], "%Y-%m-%d %H:%M:%S")) + int(saved[2]) / 1000
+        assert state_at <= saved_at + 0.001  # logging truncates to the millisecond, the stand-in rounds
 
 
 @pytest.mark.slow(75)
