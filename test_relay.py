@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from testing.harness import (RELAY, Cluster, TrainerOverlapMonitor, free_port, ray_slime_env, reference_model, relay,
-                             wait_for)
+from testing.harness import (RELAY, Cluster, PidNamespace, TrainerOverlapMonitor, free_port, ray_slime_env,
+                             ray_slime_multinode_env, reference_model, relay, wait_for)
 
 FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # a stand-in for `nvidia-smi`
 
@@ -1949,9 +1949,14 @@ def test_slime_on_real_ray_reports_rollouts_stops_in_seconds_and_a_run_relayed_t
     final = (ckpt / relay.iteration_dirname(11) / "common.pt").read_text()
     assert final == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 12)
     every = log + "".join(re.sub(r"\x1b\[[0-9;]*m", "", cluster.log(name)) for name in "bc")
-    for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():  # --async-save's order
-        assert every.index(f"wrote dataset state {iteration} ") < every.index(
-            f"successfully saved checkpoint from iteration {iteration} ")
+    # --async-save's order, by the times the two processes logged (Ray forwards each actor's lines
+    # on its own, so two lines written 2 ms apart by two actors can reach the log either way round)
+    for iteration in relay.CheckpointDir(str(ckpt.parent), True).sealed_iterations():
+        state_at = float(re.search(rf"wrote dataset state {iteration} at ([\d.]+)", every)[1])
+        saved = re.search(rf"\[([-\d: ]+),(\d+)\] checkpointing\.py:541 - successfully saved checkpoint from "
+                          rf"iteration {iteration} ", every)
+        saved_at = time.mktime(time.strptime(saved[1], "%Y-%m-%d %H:%M:%S")) + int(saved[2]) / 1000
+        assert state_at <= saved_at + 0.001  # logging truncates to the millisecond, the stand-in rounds
 
 
 @pytest.mark.slow(75)
@@ -1986,6 +1991,98 @@ def test_a_command_registering_gpus_the_pod_lacks_is_named_at_start_and_its_job_
     assert a.exit_code() == 1 and cluster.run("r1")["status"] == "FAILED"
     assert "this pod has 2 GPUs but `ray start --num-gpus 8` registers 8 with Ray" in log
     assert "CUDA error: invalid device ordinal" in log  # Ray placed the job on GPUs that are not there
+
+
+def start_ray_nodes(cluster: Cluster, ray_dir, launch: str, num_rollout: int,
+                    extra: str = "--fake-rollout-manager-on-last-node") -> list[tuple[str, dict[str, str]]]:
+    """What relay's workers will give each node of a 2-node run (RELAY_NODE_RANK ... RELAY_CKPT_DIR),
+    node k on 127.0.20.(k+1) with its own checkpoint folder tmp/node<k>: the name and the
+    environment of each node's command, not started yet."""
+    env = ray_slime_multinode_env(cluster.tmp, [ray_dir(), ray_dir()], num_rollout=num_rollout, extra=extra)
+    nodes = []
+    for k in range(2):
+        ckpt = cluster.tmp / f"node{k}"
+        ckpt.mkdir(exist_ok=True)
+        nodes.append((f"{launch}-node{k}", {**env, "RELAY_NODE_RANK": str(k), "RELAY_NUM_NODES": "2",
+                                            "RELAY_MASTER_ADDR": "127.0.20.1", "RELAY_NODE_IP": f"127.0.20.{k + 1}",
+                                            "RELAY_NUM_GPUS": "2", "RELAY_CKPT_DIR": str(ckpt),
+                                            "RELAY_SLIME_ARGS": f"--load {ckpt} --save {ckpt}",
+                                            "RELAY_RAY_JOB_ID": f"relay-r1-{launch}", "RELAY_RUN_ID": "r1"}))
+    return nodes
+
+
+def run_node(cluster: Cluster, node: tuple[str, dict[str, str]]) -> PidNamespace:
+    return cluster.start_in_pid_namespace(node[0], ["bash", "-c", node[1]["SLIME_SFT_CMD"]], node[1])
+
+
+def end_nodes(*nodes: PidNamespace) -> None:
+    """Stop every process of these nodes (each node's namespace holds exactly its processes)."""
+    for node in nodes:
+        os.killpg(node.unshare.pid, signal.SIGKILL)  # its first process: the kernel ends the rest
+    wait_for("every Ray process of the nodes to end", lambda: not any(node.processes() for node in nodes), 60)
+
+
+def run_two_nodes(cluster: Cluster, ray_dir, launch: str, num_rollout: int) -> int:
+    """Both nodes' commands, member first; node 0's exit status (the job's)."""
+    head, member = start_ray_nodes(cluster, ray_dir, launch, num_rollout)
+    nodes = [run_node(cluster, member), run_node(cluster, head)]
+    try:
+        return wait_for(f"{launch}'s job to end", lambda: nodes[1].exit_code() is not None and [nodes[1].exit_code()],
+                        300)[0]
+    finally:
+        end_nodes(*nodes)
+
+
+def files_of(folder: Path) -> set[str]:
+    return {path.name for path in folder.iterdir()} if folder.exists() else set()
+
+
+@pytest.mark.slow(90)
+@pytest.mark.timeout(600)  # three 2-node Ray clusters start, 30-60 s each on a loaded 2-core machine
+def test_slime_on_two_ray_nodes_waits_for_the_member_keeps_each_ranks_shard_on_its_node_and_resumes_only_complete(
+        cluster, ray_dir):
+    head, member = start_ray_nodes(cluster, ray_dir, "first", num_rollout=2)
+    node0 = run_node(cluster, head)
+    wait_for("node 0 to say it waits for node 1's GPUs",
+             lambda: "waiting for Ray to report 4 GPUs on 2 nodes: 2 GPUs on 1 nodes so far" in cluster.log(head[0]),
+             120)
+    assert "starting at rollout" not in cluster.log(head[0])  # the job waits for the member
+    node1 = run_node(cluster, member)
+    try:
+        wait_for("the 2-node job to end", lambda: node0.exit_code() is not None, 300)
+    finally:
+        end_nodes(node0, node1)
+    assert node0.exit_code() == 0, cluster.log(head[0])
+    assert "Ray reports 4 GPUs on 2 nodes" in cluster.log(head[0])
+    ck0, ck1 = cluster.tmp / "node0", cluster.tmp / "node1"
+    iteration = relay.iteration_dirname(1)
+    # every rank's shard on its own node's disk; rank 0's files and the tracker on node 0 only
+    assert files_of(ck0 / iteration) == {"__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt", "metadata.json",
+                                         "trained_batches.json"}
+    assert files_of(ck1 / iteration) == {"__2_0.distcp", "__3_0.distcp"}
+    assert (ck0 / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert not (ck1 / "latest_checkpointed_iteration.txt").exists()
+    # the RolloutManager ran on the member: the data position is on node 1's disk only
+    assert files_of(ck1 / "rollout") == {"global_dataset_state_dict_1.pt"} and not (ck0 / "rollout").exists()
+
+    # node 1 gets node 0's files, node 0 misses node 1's shards: the resume fails on node 0, saying which
+    for name in files_of(ck0 / iteration):
+        shutil.copy(ck0 / iteration / name, ck1 / iteration)
+    shutil.copy(ck0 / "latest_checkpointed_iteration.txt", ck1)
+    assert run_two_nodes(cluster, ray_dir, "partial", num_rollout=4) == 1
+    assert re.search(r"CheckpointException ranks:dict_keys\(\[[01]\]\): FileNotFoundError: \[Errno 2\] No such "
+                     rf"file or directory: '{ck0 / iteration}/__2_0.distcp'", cluster.log("partial-node0"))
+    assert (ck0 / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+    # the complete checkpoint on both nodes: the run continues and ends as an uninterrupted one
+    for name in ("__2_0.distcp", "__3_0.distcp"):
+        shutil.copy(ck1 / iteration / name, ck0 / iteration)
+    assert run_two_nodes(cluster, ray_dir, "complete", num_rollout=4) == 0, cluster.log("complete-node0")
+    assert "starting at rollout 2 of 4" in cluster.log("complete-node0")
+    final = ck0 / relay.iteration_dirname(3)
+    assert (final / "common.pt").read_text() == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 4)
+    assert json.loads((final / "trained_batches.json").read_text()) == [0, 1, 2, 3]
+    assert files_of(ck1 / relay.iteration_dirname(3)) == {"__2_0.distcp", "__3_0.distcp"}
 
 
 def test_the_worker_and_watchdog_survive_the_pkill_python_that_slime_scripts_run(tmp_path):

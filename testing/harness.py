@@ -83,29 +83,77 @@ def environ_of(pid: int) -> dict[str, str]:
 RAY_SLIME = str(ROOT / "testing" / "fake_slime_ray.py")
 
 
+RAY_WAIT_FOR_GPUS = str(ROOT / "testing" / "ray_wait_for_gpus.py")
+# slime's scripts submit with these (docs/slime.md); the same on every node
+RAY_SLIME_RUNTIME_ENV = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
+                                                 "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+
+
+def ray_node_ports(*more: str) -> str:
+    """`ray start` options giving one Ray node private ports (other Ray nodes, of this test and of
+    others, run on this machine): the node's own daemons, 12 worker ports, and `more` (the
+    head's)."""
+    names = (*more, "node-manager-port", "object-manager-port", "runtime-env-agent-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port")
+    workers = ",".join(str(free_port()) for _ in range(12))
+    return " ".join(f"--{name} {free_port()}" for name in names) + f" --worker-port-list {workers}"
+
+
+def ray_slime_job(tmp: Path, nodes: str, num_rollout: int, extra: str) -> str:
+    """`ray job submit` of the stand-in for slime's train.py on `nodes` nodes of $RELAY_NUM_GPUS
+    GPUs, from the head (its job API on 127.0.0.1:$RELAY_RAY_DASHBOARD_PORT, as relay's stop step
+    expects); `tmp/base_torch_dist` is its --ref-load, `extra` more of slime's arguments."""
+    return (f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
+            f"--runtime-env-json '{RAY_SLIME_RUNTIME_ENV}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes {nodes} "
+            f"--actor-num-gpus-per-node $RELAY_NUM_GPUS --ref-load {tmp / 'base_torch_dist'} --num-rollout {num_rollout} "
+            f"--save-interval 2 --async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 "
+            f"{extra} $RELAY_SLIME_ARGS")
+
+
 def ray_slime_env(tmp: Path, ray_dir: str, num_rollout: int = 12, gpus: int = 2, extra: str = "") -> dict[str, str]:
     """The README's SFT command with the stand-in for slime's train.py, on loopback and private
-    ports (other tests' Ray clusters may run on this machine): `ray start --head` with its temp
-    folder in `ray_dir` (short: Ray's socket paths), then `ray job submit`, on a pod whose
-    `nvidia-smi -L` lists `gpus` GPUs.  `tmp/base_torch_dist` is its --ref-load; `extra` more
-    of slime's arguments."""
-    dashboard = free_port()
-    ports = " ".join(f"--{name} {free_port()}" for name in (
-        "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "runtime-env-agent-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port"))
-    workers = ",".join(str(free_port()) for _ in range(12))
-    runtime_env = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
-                                           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
+    ports: `ray start --head` with its temp folder in `ray_dir` (short: Ray's socket paths),
+    then `ray job submit` (`ray_slime_job`), on a pod whose `nvidia-smi -L` lists `gpus` GPUs."""
     command = (
         f"ray start --head --node-ip-address 127.0.0.1 --num-cpus 2 --num-gpus $RELAY_NUM_GPUS --disable-usage-stats "
-        f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT {ports} --worker-port-list {workers} "
-        f"--temp-dir {ray_dir} && "
-        f"ray job submit --address http://127.0.0.1:$RELAY_RAY_DASHBOARD_PORT --submission-id $RELAY_RAY_JOB_ID "
-        f"--runtime-env-json '{runtime_env}' -- {sys.executable} {RAY_SLIME} --actor-num-nodes 1 "
-        f"--actor-num-gpus-per-node $RELAY_NUM_GPUS --ref-load {tmp / 'base_torch_dist'} --num-rollout {num_rollout} "
-        f"--save-interval 2 --async-save --rollout-batch-size 8 --global-batch-size 2 --fake-step-seconds 0.25 "
-        f"{extra} $RELAY_SLIME_ARGS")
-    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(dashboard), "FAKE_GPU_COUNT": str(gpus),
+        f"--dashboard-host 127.0.0.1 --dashboard-port $RELAY_RAY_DASHBOARD_PORT "
+        f"{ray_node_ports('port', 'ray-client-server-port')} --temp-dir {ray_dir} && "
+        f"{ray_slime_job(tmp, '1', num_rollout, extra)}")
+    return {"SLIME_SFT_CMD": command, "RELAY_RAY_DASHBOARD_PORT": str(free_port()), "FAKE_GPU_COUNT": str(gpus),
+            "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
+
+
+def ray_slime_multinode_env(tmp: Path, ray_dirs: list[str], num_rollout: int = 4, gpus_per_node: int = 2,
+                            extra: str = "") -> dict[str, str]:
+    """slime's multi-node launch (docs/en/get_started/quick_start.md, scripts/run-deepseek-r1.sh)
+    for len(ray_dirs) nodes on this machine: ONE command for every node, which reads relay's
+    per-node environment (RELAY_NODE_RANK, RELAY_NUM_NODES, RELAY_MASTER_ADDR, RELAY_NODE_IP,
+    RELAY_NUM_GPUS, RELAY_CKPT_DIR, RELAY_SLIME_ARGS, RELAY_RAY_JOB_ID).
+
+    Node 0 runs `ray start --head` on $RELAY_NODE_IP, waits until Ray reports all
+    RELAY_NUM_NODES x RELAY_NUM_GPUS GPUs (testing/ray_wait_for_gpus.py says how many it has
+    meanwhile), then `ray job submit` (`ray_slime_job`) and exits with the job's status; node
+    k > 0 runs `ray start --address $RELAY_MASTER_ADDR:$TEST_RAY_HEAD_PORT ... --block` in the
+    foreground.  On real nodes the head's port is a constant (6379) and every node has the same
+    ports; here the nodes share one machine, so the head's port travels in TEST_RAY_HEAD_PORT
+    and node k's own ports and temp folder (ray_dirs[k]: Ray's session folder, logs and
+    sockets, as each real node has its /tmp) in TEST_RAY_NODE<k>_ARGS.  One CPU per node: the
+    ranks ask none (this machine has 2 cores), the RolloutManager one."""
+    head_port = free_port()
+    env = {f"TEST_RAY_NODE{k}_ARGS": f"{ray_node_ports(*(('ray-client-server-port',) if k == 0 else ()))} "
+                                     f"--temp-dir {folder}" for k, folder in enumerate(ray_dirs)}
+    node = ("--node-ip-address $RELAY_NODE_IP --num-cpus 1 --num-gpus $RELAY_NUM_GPUS --disable-usage-stats "
+            "${!node_args}")
+    command = (
+        'node_args=TEST_RAY_NODE${RELAY_NODE_RANK}_ARGS; '
+        'if [[ "$RELAY_NODE_RANK" == 0 ]]; then '
+        f"ray start --head --port $TEST_RAY_HEAD_PORT --dashboard-host 127.0.0.1 "
+        f"--dashboard-port $RELAY_RAY_DASHBOARD_PORT {node} && "
+        f"{sys.executable} {RAY_WAIT_FOR_GPUS} --address $RELAY_NODE_IP:$TEST_RAY_HEAD_PORT --nodes $RELAY_NUM_NODES "
+        f"--gpus $((RELAY_NUM_NODES * RELAY_NUM_GPUS)) && {ray_slime_job(tmp, '$RELAY_NUM_NODES', num_rollout, extra)}; "
+        f"else exec ray start --address $RELAY_MASTER_ADDR:$TEST_RAY_HEAD_PORT {node} --block; fi")
+    return {**env, "SLIME_SFT_CMD": command, "TEST_RAY_HEAD_PORT": str(head_port),
+            "RELAY_RAY_DASHBOARD_PORT": str(free_port()), "FAKE_GPU_COUNT": str(gpus_per_node),
             "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
 
 
@@ -232,18 +280,21 @@ class Cluster:
     def start_worker_in_pid_namespace(self, worker_id: str, run_id: str = "r1", env: dict[str, str] | None = None,
                                       **fields: Any) -> "PidNamespace":
         """A worker alone in a private PID namespace: there `ray stop --force` (which kills every
-        Ray process it sees) and the stop's leftovers concern this worker's processes only.
-        The namespace's first process stays after the worker exits, so what the worker left
-        behind stays visible; killing it (the fixture does, by its group) ends them all."""
+        Ray process it sees) and the stop's leftovers concern this worker's processes only."""
         config = self.write_config(worker_id, run_id, **fields)
-        exit_file = self.tmp / f"{worker_id}.exit"
+        return self.start_in_pid_namespace(worker_id, [sys.executable, RELAY, "worker", str(config)], env)
+
+    def start_in_pid_namespace(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> "PidNamespace":
+        """`argv` alone in a private PID namespace, logging to `name`.log.  The namespace's first
+        process stays after `argv` exits, so what it left behind stays visible; killing it (the
+        fixture does, by its group) ends them all."""
+        exit_file = self.tmp / f"{name}.exit"
         script = f'"$@"; echo $? > {exit_file}; exec sleep 3600'
-        proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script, "ns",
-                                 sys.executable, RELAY, "worker", str(config)],
-                                stdout=open(self.tmp / f"{worker_id}.log", "ab"),  # noqa: SIM115 (as spawn)
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "bash", "-c", script, "ns", *argv],
+                                stdout=open(self.tmp / f"{name}.log", "ab"),  # noqa: SIM115 (as spawn)
                                 stderr=subprocess.STDOUT, env=self.env(**(env or {})), start_new_session=True,
                                 cwd=self.tmp)
-        proc.name = worker_id  # type: ignore[attr-defined]
+        proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return PidNamespace(proc, exit_file)
 
