@@ -2007,7 +2007,8 @@ def start_ray_nodes(cluster: Cluster, ray_dir, launch: str, num_rollout: int,
                                             "RELAY_MASTER_ADDR": "127.0.20.1", "RELAY_NODE_IP": f"127.0.20.{k + 1}",
                                             "RELAY_NUM_GPUS": "2", "RELAY_CKPT_DIR": str(ckpt),
                                             "RELAY_SLIME_ARGS": f"--load {ckpt} --save {ckpt}",
-                                            "RELAY_RAY_JOB_ID": f"relay-r1-{launch}", "RELAY_RUN_ID": "r1"}))
+                                            "RELAY_RAY_JOB_ID": f"relay-r1-{launch}", "RELAY_RUN_ID": "r1",
+                                            "RELAY_WAIT_FOR_NODES": f"{sys.executable} {RELAY} wait-for-nodes"}))
     return nodes
 
 
@@ -2044,7 +2045,8 @@ def test_slime_on_two_ray_nodes_waits_for_the_member_keeps_each_ranks_shard_on_i
     head, member = start_ray_nodes(cluster, ray_dir, "first", num_rollout=2)
     node0 = run_node(cluster, head)
     wait_for("node 0 to say it waits for node 1's GPUs",
-             lambda: "waiting for Ray to report 4 GPUs on 2 nodes: 2 GPUs on 1 nodes so far" in cluster.log(head[0]),
+             lambda: "Waiting for placement group of 4 GPUs (elapsed" in cluster.log(head[0])
+             and "2 GPUs registered with Ray" in cluster.log(head[0]),
              120)
     assert "starting at rollout" not in cluster.log(head[0])  # the job waits for the member
     node1 = run_node(cluster, member)
@@ -2053,7 +2055,7 @@ def test_slime_on_two_ray_nodes_waits_for_the_member_keeps_each_ranks_shard_on_i
     finally:
         end_nodes(node0, node1)
     assert node0.exit_code() == 0, cluster.log(head[0])
-    assert "Ray reports 4 GPUs on 2 nodes" in cluster.log(head[0])
+    assert "relay: all 4 GPUs of 2 node(s) are in Ray" in cluster.log(head[0])
     ck0, ck1 = cluster.tmp / "node0", cluster.tmp / "node1"
     iteration = relay.iteration_dirname(1)
     # every rank's shard on its own node's disk; rank 0's files and the tracker on node 0 only

@@ -83,7 +83,6 @@ def environ_of(pid: int) -> dict[str, str]:
 RAY_SLIME = str(ROOT / "testing" / "fake_slime_ray.py")
 
 
-RAY_WAIT_FOR_GPUS = str(ROOT / "testing" / "ray_wait_for_gpus.py")
 # slime's scripts submit with these (docs/slime.md); the same on every node
 RAY_SLIME_RUNTIME_ENV = json.dumps({"env_vars": {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0",
                                                  "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}})
@@ -131,8 +130,8 @@ def ray_slime_multinode_env(tmp: Path, ray_dirs: list[str], num_rollout: int = 4
     RELAY_NUM_GPUS, RELAY_CKPT_DIR, RELAY_SLIME_ARGS, RELAY_RAY_JOB_ID).
 
     Node 0 runs `ray start --head` on $RELAY_NODE_IP, waits until Ray reports all
-    RELAY_NUM_NODES x RELAY_NUM_GPUS GPUs (testing/ray_wait_for_gpus.py says how many it has
-    meanwhile), then `ray job submit` (`ray_slime_job`) and exits with the job's status; node
+    RELAY_NUM_NODES x RELAY_NUM_GPUS GPUs ($RELAY_WAIT_FOR_NODES, relay's own wait: it says how
+    many it has meanwhile), then `ray job submit` (`ray_slime_job`) and exits with the job's status; node
     k > 0 runs `ray start --address $RELAY_MASTER_ADDR:$TEST_RAY_HEAD_PORT ... --block` in the
     foreground.  On real nodes the head's port is a constant (6379) and every node has the same
     ports; here the nodes share one machine, so the head's port travels in TEST_RAY_HEAD_PORT
@@ -149,10 +148,10 @@ def ray_slime_multinode_env(tmp: Path, ray_dirs: list[str], num_rollout: int = 4
         'if [[ "$RELAY_NODE_RANK" == 0 ]]; then '
         f"ray start --head --port $TEST_RAY_HEAD_PORT --dashboard-host 127.0.0.1 "
         f"--dashboard-port $RELAY_RAY_DASHBOARD_PORT {node} && "
-        f"{sys.executable} {RAY_WAIT_FOR_GPUS} --address $RELAY_NODE_IP:$TEST_RAY_HEAD_PORT --nodes $RELAY_NUM_NODES "
-        f"--gpus $((RELAY_NUM_NODES * RELAY_NUM_GPUS)) && {ray_slime_job(tmp, '$RELAY_NUM_NODES', num_rollout, extra)}; "
+        f"$RELAY_WAIT_FOR_NODES --every 5 && {ray_slime_job(tmp, '$RELAY_NUM_NODES', num_rollout, extra)}; "
         f"else exec ray start --address $RELAY_MASTER_ADDR:$TEST_RAY_HEAD_PORT {node} --block; fi")
-    return {**env, "SLIME_SFT_CMD": command, "TEST_RAY_HEAD_PORT": str(head_port),
+    # (relay's launch script runs $SLIME_MEMBER_CMD on nodes k > 0: here the same command)
+    return {**env, "SLIME_SFT_CMD": command, "SLIME_MEMBER_CMD": command, "TEST_RAY_HEAD_PORT": str(head_port),
             "RELAY_RAY_DASHBOARD_PORT": str(free_port()), "FAKE_GPU_COUNT": str(gpus_per_node),
             "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
 
