@@ -3621,3 +3621,42 @@ def test_a_two_node_cluster_is_rented_whole_each_node_gets_its_place_and_none_bi
     assert run["leases"][0]["worker_id"] == "relay-r1-1-node0" and run["nodes"] == 2
     assert any("relay-r1-1-node1 joined epoch 1 as node 1" in e["msg"] for e in run["events"])
     assert cluster_members(lium) == []  # nothing left billing
+
+
+def member_home(api, cluster_id: str, rank: int) -> Path:
+    """A cluster member's /root as this machine sees it (after its removal too)."""
+    pod = next(p for p in [*api.pods.values(), *api.removed] if p.cluster_id == cluster_id and p.cluster_node_index == rank)
+    return pod.folder / "root"
+
+
+@pytest.mark.slow(150)
+@pytest.mark.timeout(600)  # two 2-node Ray clusters start, 30-60 s each on a loaded 2-core machine
+def test_a_run_on_two_ray_nodes_survives_losing_a_member_by_renting_a_new_cluster_and_ends_exactly(cluster, lium, hub,
+                                                                                                ray_dir):
+    env = ray_slime_multinode_env(cluster.tmp, [ray_dir(), ray_dir()], num_rollout=10,
+                                  extra="--fake-rollout-manager-on-last-node")
+    stack = cluster_stack(cluster, lium, hub, env, run={"total_steps": 10}, relay={"max_pods": 3})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("checkpoint 3 on the Hub", lambda: cluster.healthy() and (cluster.run("r1").get("hub") or {}).get(
+        "iteration", -1) >= 3, 240)
+    first = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][0]
+    node0, node1 = (member["id"] for member in first["members"])
+    lium.preempt(node1)  # node 1 BROKEN: its processes die, its host is lost
+    assert supervisor.wait(300) == 0, events.read_text()
+    text = events.read_text()
+    for words in (f"cluster relay-r1-1 ({first['id'][:8]}) lost node 1", "creating cluster relay-r1-2",
+                  "run r1 COMPLETED", "removed: the run is COMPLETED"):
+        assert words in text, text
+    run = cluster.run("r1")
+    # the lost member ended the epoch on every node before any other grant
+    ended = next(e["msg"] for e in run["events"] if "stopped renewing" in e["msg"] or "left:" in e["msg"])
+    assert "relay-r1-1-node1 (node 1)" in ended, run["events"]
+    holders = [lease["worker_id"] for lease in run["leases"]]
+    assert holders[0] == "relay-r1-1-node0" and holders[-1] == "relay-r1-2-node0", holders
+    assert any("relay-r1-2-node0 resumes from checkpoint" in e["msg"] and "in the Hub" in e["msg"] for e in run["events"])
+    # the relayed run trained every batch once, in order: the uninterrupted result, on both new nodes
+    second = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][1]
+    final = member_home(lium, second["id"], 0) / "relay-l1" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(9)
+    assert (final / "common.pt").read_text() == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 10)
+    assert json.loads((final / "trained_batches.json").read_text()) == list(range(10))
+    assert cluster_members(lium) == []  # no member of either cluster bills
