@@ -12,6 +12,7 @@ restore; worker + watchdog under 1% of a core and under 40 MB while a trainer ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import http.server
 import json
@@ -27,7 +28,7 @@ import time
 import types
 from pathlib import Path
 
-from testing.harness import Cluster, ray_slime_env, relay, wait_for
+from testing.harness import Cluster, ray_slime_env, ray_slime_node_environments, relay, wait_for
 
 SIMULATED_WORKERS = (200, 1000)
 CLIENT_PROCESSES = 4
@@ -349,6 +350,35 @@ def bench_slime_stop(tmp: Path) -> list[tuple[str, str, str]]:
              f"target < 10 s (stop_grace_seconds {grace}), nothing left")]
 
 
+def bench_ray_nodes(tmp: Path) -> list[tuple[str, str, str]]:
+    """slime's stand-in on two real Ray nodes on this machine (each in its own PID namespace, as
+    in the tests), 4 rollouts with a save every 2: wall time from the first `ray start` to the
+    job's end, and the peak memory of both nodes' processes (the sum of their Pss)."""
+    (tmp / "base_torch_dist").mkdir()
+    ray_dirs = [tempfile.mkdtemp(prefix="ray", dir="/tmp") for _ in range(2)]
+    cluster = Cluster(tmp)
+    try:
+        started = time.monotonic()
+        nodes = [cluster.start_in_pid_namespace(f"node{k}", ["bash", "-c", env["SLIME_SFT_CMD"]], env)
+                 for k, env in enumerate(ray_slime_node_environments(tmp, ray_dirs, "bench-ray-nodes", 4))]
+        peak = 0.0
+        while nodes[0].exit_code() is None and time.monotonic() - started < 300:
+            total = 0.0
+            for pid in [pid for node in nodes for pid in node.processes()]:
+                with contextlib.suppress(OSError, KeyError):
+                    total += memory_mb(pid)["pss"]
+            peak = max(peak, total)
+            time.sleep(0.5)
+        seconds, status = time.monotonic() - started, nodes[0].exit_code()
+    finally:
+        cluster.close()
+        for folder in ray_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+    return [("slime stand-in on 2 real Ray nodes x 2 GPUs (CPU), 4 rollouts",
+             f"{seconds:.1f} s from `ray start` to the job's end (exit {status}); peak {peak:.0f} MB Pss of both nodes",
+             "figure only (the test suite starts three such runs)")]
+
+
 # --------------------------------------------------------------------------- footprint
 
 
@@ -592,7 +622,7 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------- main
 
 PARTS = {"renewals": bench_renewals, "hostile": bench_hostile, "tls": bench_tls, "viewers": bench_viewers, "takeover": bench_takeover,
-         "slime-stop": bench_slime_stop, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
+         "slime-stop": bench_slime_stop, "ray-nodes": bench_ray_nodes, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
 
 
 def main(argv: list[str]) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from testing.harness import (RELAY, Cluster, PidNamespace, TrainerOverlapMonitor, free_port, ray_slime_env,
-                             ray_slime_multinode_env, reference_model, relay, wait_for)
+                             ray_slime_multinode_env, ray_slime_node_environments, reference_model, relay, wait_for)
 
 FAKE_CLIS = os.path.join(os.path.dirname(RELAY), "testing", "bin")  # a stand-in for `nvidia-smi`
 
@@ -1993,23 +1993,12 @@ def test_a_command_registering_gpus_the_pod_lacks_is_named_at_start_and_its_job_
     assert "CUDA error: invalid device ordinal" in log  # Ray placed the job on GPUs that are not there
 
 
-def start_ray_nodes(cluster: Cluster, ray_dir, launch: str, num_rollout: int,
-                    extra: str = "--fake-rollout-manager-on-last-node") -> list[tuple[str, dict[str, str]]]:
-    """What relay's workers will give each node of a 2-node run (RELAY_NODE_RANK ... RELAY_CKPT_DIR),
-    node k on 127.0.20.(k+1) with its own checkpoint folder tmp/node<k>: the name and the
-    environment of each node's command, not started yet."""
-    env = ray_slime_multinode_env(cluster.tmp, [ray_dir(), ray_dir()], num_rollout=num_rollout, extra=extra)
-    nodes = []
-    for k in range(2):
-        ckpt = cluster.tmp / f"node{k}"
-        ckpt.mkdir(exist_ok=True)
-        nodes.append((f"{launch}-node{k}", {**env, "RELAY_NODE_RANK": str(k), "RELAY_NUM_NODES": "2",
-                                            "RELAY_MASTER_ADDR": "127.0.20.1", "RELAY_NODE_IP": f"127.0.20.{k + 1}",
-                                            "RELAY_NUM_GPUS": "2", "RELAY_CKPT_DIR": str(ckpt),
-                                            "RELAY_SLIME_ARGS": f"--load {ckpt} --save {ckpt}",
-                                            "RELAY_RAY_JOB_ID": f"relay-r1-{launch}", "RELAY_RUN_ID": "r1",
-                                            "RELAY_WAIT_FOR_NODES": f"{sys.executable} {RELAY} wait-for-nodes"}))
-    return nodes
+def start_ray_nodes(cluster: Cluster, ray_dir, launch: str, num_rollout: int) -> list[tuple[str, dict[str, str]]]:
+    """The two nodes of a run (`ray_slime_node_environments`, the RolloutManager on node 1): each
+    node's name and environment, not started yet."""
+    envs = ray_slime_node_environments(cluster.tmp, [ray_dir(), ray_dir()], f"relay-r1-{launch}", num_rollout,
+                                       "--fake-rollout-manager-on-last-node")
+    return [(f"{launch}-node{k}", env) for k, env in enumerate(envs)]
 
 
 def run_node(cluster: Cluster, node: tuple[str, dict[str, str]]) -> PidNamespace:

@@ -156,6 +156,23 @@ def ray_slime_multinode_env(tmp: Path, ray_dirs: list[str], num_rollout: int = 4
             "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
 
 
+def ray_slime_node_environments(tmp: Path, ray_dirs: list[str], job_id: str, num_rollout: int = 4,
+                                extra: str = "") -> list[dict[str, str]]:
+    """What relay's workers give each node of a multi-node run, for `ray_slime_multinode_env`'s
+    command: node k on 127.0.20.(k+1) with 2 GPUs and its own checkpoint folder tmp/node<k>."""
+    env = ray_slime_multinode_env(tmp, ray_dirs, num_rollout=num_rollout, extra=extra)
+    nodes = []
+    for k in range(len(ray_dirs)):
+        ckpt = tmp / f"node{k}"
+        ckpt.mkdir(exist_ok=True)
+        nodes.append({**env, "RELAY_NODE_RANK": str(k), "RELAY_NUM_NODES": str(len(ray_dirs)),
+                      "RELAY_MASTER_ADDR": "127.0.20.1", "RELAY_NODE_IP": f"127.0.20.{k + 1}", "RELAY_NUM_GPUS": "2",
+                      "RELAY_CKPT_DIR": str(ckpt), "RELAY_SLIME_ARGS": f"--load {ckpt} --save {ckpt}",
+                      "RELAY_RAY_JOB_ID": job_id, "RELAY_RUN_ID": "r1",
+                      "RELAY_WAIT_FOR_NODES": f"{sys.executable} {RELAY} wait-for-nodes"})
+    return nodes
+
+
 class Cluster:
     """A commander and workers for one test, all marked for cleanup."""
 
