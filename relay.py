@@ -308,6 +308,9 @@ class RunConfig:
     master_addr: str = ""  # node 0's address on it (default: node_ip on node 0)
     group: str = ""  # the cluster: nodes of one group train together, and only they
     node_port: int = 8790  # each node's checkpoint server, on node_ip
+    # A shell command run once at start, before any lease (e.g. bringing slime's environment
+    # to a cluster member); its time goes to the run's events, a failure stops the worker.
+    setup: str = ""
     env: dict = field(default_factory=dict)
 
     @property
@@ -481,8 +484,8 @@ class WorkerGroup:
     remote_log_path: str = "relay/worker.log"
     remote_pid_path: str = "relay/worker.pid"
     command: str = ""  # default: REMOTE_PYTHON relay.py worker REMOTE_CONFIG
-    # A shell command run before the worker on each pod (each node of a cluster), in the
-    # worker's environment and log: what the trainer needs and the image lacks (docs/slime.md).
+    # A shell command each pod's worker (each node's of a cluster) runs first, in its environment
+    # and log: what the trainer needs and the image lacks (docs/slime.md); run.yaml `setup`.
     setup: str = ""
     env: dict = field(default_factory=dict)
     image_relay_dir: str = "/opt/relay"  # where the relay-trainer image has relay.py: used when identical
@@ -1920,12 +1923,14 @@ class Commander:
         return {"ok": True}
 
     def record_event(self, body: Body) -> dict:
-        """launch-stack's word in the run's events: a pod it removed and how its worker log ended."""
+        """launch-stack's word in the run's events (a pod it removed and how its worker log ended),
+        or a worker's without a lease (`source`: a member's setup time)."""
         run_id = body.str("run_id", pattern=RUN_ID_RE)
         message = body.str("msg", max_len=MAX_EVENT_CHARS)
+        source = body.str("source", required=False, pattern=WORKER_ID_RE) or "launch-stack"
         run = self._run(run_id)
         with self.durable_change(run_id):
-            run.add_event(f"launch-stack: {message}")
+            run.add_event(f"{source}: {message}")
         return {"ok": True}
 
     @staticmethod
@@ -4776,6 +4781,7 @@ class Worker:
         self.gpus = gpus_on_this_pod()
         self.gpu_warning = gpu_shortfall(cfg, self.gpus)
         self.told_unsigned = False
+        self.setup_note = ""
         self.exit_code = 0
         self.cancelled = False  # the commander said the run is cancelled (on a renewal)
         # A multi-node run: this node serves its checkpoint folder to the others (section 6);
@@ -4936,6 +4942,36 @@ class Worker:
                             "(commander_wait_seconds)")
             self.stop_requested.wait(1.0)
 
+    def run_setup(self) -> None:
+        """run.yaml `setup`, once, in the trainer's environment, its output in this log; how long
+        it took is an event of the run (status, the page): on a cluster member it is part of
+        what a new cluster costs before training resumes."""
+        if not self.cfg.setup:
+            return
+        self.say(f"setup: {self.cfg.setup}")
+        started = boottime()
+        env = {k: v for k, v in os.environ.items() if k != "RELAY_SHARED_SECRET"}
+        proc = subprocess.Popen(["bash", "-c", self.cfg.setup], env=dict(env, **self.cfg.env), stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        while proc.poll() is None:
+            if self.stop_requested.wait(0.5):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise UserError("stopped during setup")
+        took = boottime() - started
+        if proc.returncode != 0:
+            raise UserError(f"setup failed with status {proc.returncode} after {took:.0f} s: {self.cfg.setup}")
+        self.say(f"setup done in {took:.1f} s")
+        self.setup_note = f"setup done in {took:.0f} s"  # an event once the run has this worker in it
+
+    def tell_setup_time(self) -> None:
+        if self.setup_note:
+            with contextlib.suppress(CommanderUnreachable):
+                self.client.post("/api/runs/event", {"run_id": self.cfg.run_id, "source": self.cfg.worker_id,
+                                                     "msg": self.setup_note}, timeout=5)
+            self.setup_note = ""
+
     def refuse_to_start(self, reply: Reply, unsigned: str) -> None:
         """Exit 2 (UserError) on a health answer of another protocol, or unsigned (`unsigned`
         says so): the commander refused this worker's signature, or speaks another protocol."""
@@ -4958,6 +4994,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.wait_for_commander()
+        self.run_setup()
         state = "ACQUIRING"
         while state != "EXITED":
             following = getattr(self, f"state_{state.lower()}")()
@@ -5028,6 +5065,7 @@ class Worker:
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
                                           self._on_lease_lost, self._on_cancel)
                 self.restarts = 0
+                self.tell_setup_time()
                 self.gathered.clear()  # iteration numbers repeat after a resume from an older checkpoint
                 if self.node_server is not None:
                     self.node_server.restored = None
@@ -5149,7 +5187,33 @@ class Worker:
                 # A cluster has no volume: this disk alone holds it (after a lost node, the
                 # supervisor keeps this node only until the Hub has it), so it goes first.
                 self.sync.sync_now()
+        if self.cfg.nodes > 1 and not self.every_node_joined():
+            return "LOST" if self.lease_lost() else "STOPPING" if self.stop_requested.is_set() else "CRASHED"
         return "TRAINING"
+
+    def every_node_joined(self) -> bool:
+        """Node 0 starts its part only once every other node joined the epoch (each then copies
+        the restored checkpoint and starts its own part): a trainer that ran alone would write
+        checkpoints no node could complete.  Nodes that never come are a stall, said so."""
+        assert self.keeper is not None and self.lease is not None
+        give_up = boottime() + self.cfg.stall_timeout_seconds
+        said = False
+        while not self.aborting():
+            joined = self.keeper.answer.get("members") or []
+            if len(joined) >= self.cfg.nodes - 1:
+                self.say(f"all {self.cfg.nodes} nodes are in epoch {self.lease.epoch}")
+                return True
+            if boottime() > give_up:
+                self.crash_reason = (f"stalled: {len(joined) + 1} of {self.cfg.nodes} nodes joined epoch "
+                                     f"{self.lease.epoch} in {self.cfg.stall_timeout_seconds:g} s")
+                return False
+            if not said:
+                self.say(f"waiting for the other {self.cfg.nodes - 1} node(s) of {self.cfg.group} to join epoch "
+                         f"{self.lease.epoch}")
+                said = True
+            self.wake.wait(0.5)
+            self.wake.clear()
+        return False
 
     def start_trainer(self) -> None:
         assert self.lease is not None and self.keeper is not None
@@ -5384,6 +5448,7 @@ class MemberWorker(Worker):
                 self.say(f"joined epoch {self.lease.epoch} of {body.get('holder')} as node {self.cfg.node_rank}")
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
                                           self._on_lease_lost, lambda: None, path="/api/lease/member")
+                self.tell_setup_time()
                 return "RESTORING"
             if self.run_has_ended(body.get("status")):
                 return "EXITED"
@@ -6730,7 +6795,7 @@ class PodFleet:
     def pod_run_config(self, record: PodRecord) -> bytes:
         run = dataclasses.asdict(self.cfg.run)
         run.update(worker_id=record.name, relay_shared_secret="")  # the secret travels in relay.env only
-        run.update(self.node_fields(record))
+        run.update(self.node_fields(record), setup=self.cfg.worker.setup or self.cfg.run.setup)
         # (and so do run.env's ${NAME} values: the trainer inherits the worker's environment)
         run["env"] = {key: value for key, value in run["env"].items() if env_reference(value) is None}
         if self.cfg.commander.tls_ca_file:  # uploaded beside the run config (deploy_worker)
@@ -6804,8 +6869,6 @@ class PodFleet:
         bundle = self.upload(record, files)
         command = worker.command or (f"{worker.remote_python_bin} {q(remote_code[0])} worker "
                                      f"{q(worker.remote_config_path)}")
-        if worker.setup:  # before the worker, in its log; a failure reads as one every pod meets
-            command = f"bash -c {q(f'( {worker.setup} ) || {{ echo relay: error: worker.setup failed with status $?; exit 2; }}; exec {command}')}"
         # Only the worker goes to the background, with every descriptor redirected: `lium exec`
         # (an SSH session) returns at once, and $! is the worker's own pid, printed only when it
         # is still alive a second later (a bad config kills it at once).
@@ -7195,15 +7258,23 @@ class Supervisor:
                 print(check.line(), file=sys.stderr, flush=True)
         return len(failed)
 
-    def launch(self) -> dict:
+    def launch(self, supervising: bool = False) -> dict:
+        """The commander and a first unit; a rent that failed (nothing left billing) is, when
+        supervising, the loop's to try again."""
         commander = self.commander.ensure()
         self.commander.check_public_url()
         alive = self.fleet.live()
         if alive:
-            stack_say(f"pod {alive[-1].label} of this stack is already running: not renting another")
+            stack_say(f"{alive[-1].label} of this stack is already running: not renting another")
             unit, worker = alive[-1], None
         else:
-            unit, worker = self.fleet.rent_and_deploy()
+            try:
+                unit, worker = self.fleet.rent_and_deploy()
+            except LiumError as exc:
+                if not supervising:
+                    raise
+                stack_say(f"{exc}; the supervisor tries again")
+                return {"commander": commander, "spent_usd": self.fleet.spent_usd()}
         return {"commander": commander, **self.fleet.summary(unit, worker), "spent_usd": self.fleet.spent_usd()}
 
     def supervise(self) -> int:
@@ -7361,7 +7432,7 @@ def run_launch_stack(path: str, supervise: bool, dry_run: bool, detach: bool = F
     if supervise and not dry_run:
         supervisor.become_the_supervisor()
     try:
-        summary = supervisor.launch()
+        summary = supervisor.launch(supervising=supervise and not dry_run)
         print(json.dumps(summary, indent=2), flush=True)
         if dry_run:
             return 2 if failed else 0

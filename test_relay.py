@@ -3599,7 +3599,8 @@ def cluster_members(api) -> list:
 def test_a_two_node_cluster_is_rented_whole_each_node_gets_its_place_and_none_bills_after_the_run(cluster, lium, hub):
     # the mock trainer on node 0; node 1 only lends its GPUs (here: waits, as `ray start --block` does)
     stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "30", "MOCK_STEP_SECONDS": "0.1",
-                                               "SLIME_MEMBER_CMD": "exec sleep 100000"})
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"},
+                          worker={"setup": "test -n \"$HF_ENDPOINT\" && sleep 1"})  # e.g. slime's environment
     supervisor, events = supervise(cluster, lium, stack)
     assert supervisor.wait(120) == 0, events.read_text()
     text = events.read_text()
@@ -3608,8 +3609,43 @@ def test_a_two_node_cluster_is_rented_whole_each_node_gets_its_place_and_none_bi
         assert words in text, text
     run = cluster.run("r1")
     assert run["leases"][0]["worker_id"] == "relay-r1-1-node0" and run["nodes"] == 2
-    assert any("relay-r1-1-node1 joined epoch 1 as node 1" in e["msg"] for e in run["events"])
+    messages = [e["msg"] for e in run["events"]]
+    assert "relay-r1-1-node1 joined epoch 1 as node 1" in messages
+    for node in ("node0", "node1"):  # each node's setup, timed, on the page
+        assert any(re.fullmatch(rf"relay-r1-1-{node}: setup done in \d+ s", m) for m in messages), messages
+    assert run["hub"]["iteration"] == run["latest_checkpoint"]["iteration"] == 30  # the whole run, on the Hub
     assert cluster_members(lium) == []  # nothing left billing
+
+
+@pytest.mark.slow(30)
+def test_a_cluster_rent_that_left_a_member_failed_is_removed_whole_and_the_next_rent_runs(cluster, lium, hub):
+    lium.cluster_rent_outcome = "member_fails"  # node 1 ends CREATION_FAILED: node 0 bills all the same
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"})
+    supervisor, events = supervise(cluster, lium, stack)
+    assert supervisor.wait(150) == 0, events.read_text()
+    text = events.read_text()
+    for words in ("`lium clusters up` failed after renting (cluster_member_failed): removing cluster relay-r1-1",
+                  "cluster relay-r1-1 (", "removed: its rent did not complete", "creating cluster relay-r1-2",
+                  "run r1 COMPLETED"):
+        assert words in text, text
+    assert cluster.run("r1")["leases"][0]["worker_id"] == "relay-r1-2-node0"  # the half-made cluster never trained
+    assert cluster_members(lium) == []
+
+
+@pytest.mark.slow(30)
+def test_a_cluster_is_removed_once_the_runs_spend_reaches_the_budget_which_lium_cannot_enforce_on_clusters(
+        cluster, lium, hub):
+    # 2 nodes x 8 GPUs x $2.50/h = $40/h: $0.08 is about 7 s
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "100000", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"}, relay={"budget_usd": 0.08})
+    supervisor, events = supervise(cluster, lium, stack)
+    assert supervisor.wait(120) == 1, events.read_text()
+    text = events.read_text()
+    for words in ("removed: the run's GPU spend $", "reached relay.budget_usd", "stopped by the budget"):
+        assert words in text, text
+    assert "creating cluster relay-r1-2" not in text
+    assert cluster_members(lium) == []  # nothing bills past the budget
 
 
 def member_home(api, cluster_id: str, rank: int) -> Path:
