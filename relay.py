@@ -7059,7 +7059,7 @@ class ClusterFleet(PodFleet):
                         record.state = "removed"
                     continue
                 self.note_cluster(record, row)
-            lost = []
+            lost, node0_lost = [], False
             for member in record.members:
                 row = rows.get(member.id)
                 if row is not None and isinstance(row.get("spent_usd"), (int, float)):
@@ -7067,6 +7067,7 @@ class ClusterFleet(PodFleet):
                 status = str((row or {}).get("status") or "GONE").upper()
                 if member.state != "removed" and (row is None or status in POD_DEAD_STATUSES):
                     lost.append(f"node {member.node_rank} ({member.huid or member.id}) {status.lower()}")
+                    node0_lost = node0_lost or member.node_rank == 0
             if record.state == "keeping":
                 if run is not None and self.sole_keeper(run) != record.name:
                     self.remove(record, "the Hub has the last checkpoint now")
@@ -7075,7 +7076,7 @@ class ClusterFleet(PodFleet):
                 why = f"cluster {record.label} lost {', '.join(lost)}"
                 stack_say(f"{why}; {self.spend_line()}")
                 self.notify("pod_lost", why, pod=record.name)
-                self.remove_lost(record, why, run)
+                self.remove_lost(record, why, None if node0_lost else run)  # a lost node 0 keeps nothing
                 continue
             budget = self.cfg.relay.budget_usd
             if budget and self.spent_usd() >= budget:

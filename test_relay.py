@@ -3685,3 +3685,57 @@ def test_a_run_on_two_ray_nodes_survives_losing_a_member_by_renting_a_new_cluste
     assert (final / "common.pt").read_text() == expected_ray_slime_weights(str(cluster.tmp / "base_torch_dist"), 10)
     assert json.loads((final / "trained_batches.json").read_text()) == list(range(10))
     assert cluster_members(lium) == []  # no member of either cluster bills
+
+
+def test_a_new_epoch_waits_until_every_node_of_the_last_one_has_stopped_or_expired(cluster):
+    cluster.start_commander(lease=2, secret="s" * 40)
+    client = cluster.client()
+
+    def ask(path: str, **fields) -> relay.Reply:
+        return client.post(path, {"run_id": "r1", **fields})
+
+    grant = ask("/api/lease/acquire", worker_id="c1-node0", mode="sft", nodes=2, group="c1").body
+    assert ask("/api/lease/join", worker_id="c2-node1", group="c2", node_rank=1,  # another cluster's node: not yet
+               address="127.0.30.2:1").body["status"] == "waiting"
+    joined = ask("/api/lease/join", worker_id="c1-node1", group="c1", node_rank=1, address="127.0.30.1:1").body
+    assert joined["status"] == "joined" and joined["epoch"] == grant["epoch"]
+    # node 1 goes silent (its node died); node 0 keeps renewing, and is told at the first renewal after
+    renewals = []
+    wait_for("node 0's renewal to be refused", lambda: renewals.append(ask(
+        "/api/lease/renew", worker_id="c1-node0", lease_token=grant["lease_token"]).status) or renewals[-1] == 409, 10)
+    assert renewals[0] == 200 and "c1-node1 (node 1) stopped renewing" in json.dumps(cluster.run("r1")["events"])
+    # node 0 of the ended epoch may still run until its own expiry: a new cluster waits for it
+    denied = ask("/api/lease/acquire", worker_id="c2-node0", mode="sft", nodes=2, group="c2").body
+    assert denied["status"] == "denied" and denied["waiting_for"] == ["c1-node0"]
+    wait_for("the new cluster's grant once node 0's lease expired", lambda: ask(
+        "/api/lease/acquire", worker_id="c2-node0", mode="sft", nodes=2, group="c2").body["status"] == "granted", 10)
+    assert ask("/api/lease/member", worker_id="c1-node1", member_token=joined["member_token"]).status == 409
+    assert ask("/api/lease/join", worker_id="c2-node1", group="c2", node_rank=1,
+               address="127.0.30.2:1").body["status"] == "joined"
+
+
+@pytest.mark.slow(45)
+def test_losing_node_0_of_a_cluster_stops_its_members_and_a_new_cluster_resumes_from_the_hub_exactly(cluster, lium, hub,
+                                                                                                   tmp_path):
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "80", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"}, relay={"max_pods": 3})
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("checkpoint 20 on the Hub", lambda: cluster.healthy() and (cluster.run("r1").get("hub") or {}).get(
+        "iteration", -1) >= 20, 90)
+    first = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][0]
+    lium.preempt(first["members"][0]["id"], remove=True)  # node 0, the holder, gone with its disk
+    assert supervisor.wait(150) == 0, events.read_text()
+    text = events.read_text()
+    for words in ("lost node 0", "creating cluster relay-r1-2", "run r1 COMPLETED"):
+        assert words in text, text
+    run = cluster.run("r1")
+    # node 0's epoch (node 1 with it) ended by expiry before the new cluster's began
+    messages = [e["msg"] for e in run["events"]]
+    granted = messages.index(next(m for m in messages if "granted to relay-r1-2-node0" in m))
+    assert any("relay-r1-1-node0 ended: expired" in m for m in messages[:granted]), messages
+    resumed = next(m for m in messages if m.startswith("relay-r1-2-node0 resumes from checkpoint"))
+    assert int(resumed.split("checkpoint ")[1].split()[0]) >= 20 and "in the Hub" in resumed
+    second = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][1]
+    final = member_home(lium, second["id"], 0) / "relay-l1" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(80)
+    assert (final / "model.json").read_bytes() == reference_model(tmp_path, 80)
+    assert cluster_members(lium) == []

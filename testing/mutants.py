@@ -43,6 +43,10 @@ MUTANTS = [
            "        run = self._holder_run(run_id, token)\n        was_failing = bool(run.sync_error)",
            "        run = self._run(run_id)\n        was_failing = bool(run.sync_error)",
            "stale_lease_can_neither_renew_nor_report"),
+    Mutant("fence-ignored", "a multi-node run is granted again only when every node of the last epoch stopped",
+           "        if run is not None and run.fenced:  # nodes of the last epoch may still run: not yet",
+           "        if False:",
+           "new_epoch_waits_until_every_node"),
 ]
 
 
