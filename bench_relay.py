@@ -28,7 +28,7 @@ import time
 import types
 from pathlib import Path
 
-from testing.harness import Cluster, ray_slime_env, ray_slime_node_environments, relay, wait_for
+from testing.harness import Cluster, free_port, ray_slime_env, ray_slime_node_environments, relay, wait_for
 
 SIMULATED_WORKERS = (200, 1000)
 CLIENT_PROCESSES = 4
@@ -561,6 +561,41 @@ def bench_hub(tmp: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+# --------------------------------------------------------------------------- the nodes of a cluster
+
+def bench_gather(tmp: Path) -> list[tuple[str, str, str]]:
+    """Node 0 gathering a member's shards over the cluster's network (here loopback): the
+    member's signed listing (it hashes its shards once), then each file streamed and checked
+    against it.  The alternative, every member uploading its own shards to the Hub, would move
+    the same bytes over the Hub's uplink instead (the hub part measures that path)."""
+    secret = "bench-secret-" + "x" * 32
+    member_cfg = relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="bench", mode="sft", l1_root=str(tmp / "member"))
+    node0_cfg = relay.RunConfig(commander_url="http://127.0.0.1:9", run_id="bench", mode="sft", l1_root=str(tmp / "node0"))
+    member = relay.CheckpointDir(member_cfg.run_dir, require_dataset_state=False)
+    node0 = relay.CheckpointDir(node0_cfg.run_dir, require_dataset_state=False)
+    shard_dir = Path(member.path) / relay.iteration_dirname(1)
+    shard_dir.mkdir(parents=True)
+    for rank in range(2, 5):
+        (shard_dir / f"__{rank}_0.distcp").write_bytes(os.urandom(CHECKPOINT_MB // 3 << 20))
+    port = free_port()
+    server = relay.NodeCheckpointServer("127.0.40.2", port, member, secret)
+    try:
+        peer = relay.NodePeer(f"127.0.40.2:{port}", secret)
+        started = time.perf_counter()
+        files = relay.checked_file_listing(peer.ask("/shards/1")["files"])
+        listed = time.perf_counter() - started
+        started = time.perf_counter()
+        copied = peer.copy_files(files, node0, lambda: False)
+        moved = time.perf_counter() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    mb = copied / (1 << 20)
+    return [(f"node 0 gathers a member's {mb:.0f} MB of shards (signed listing, streamed, SHA-256 checked; loopback)",
+             f"{mb / moved:.0f} MB/s ({moved:.1f} s) after a {listed:.1f} s listing",
+             "a real overlay: 10-400 Gb/s; the Hub upload of the same bytes: the hub part")]
+
+
 # --------------------------------------------------------------------------- a ready standby
 
 STANDBY_CHECKPOINT_MB = 300
@@ -622,7 +657,8 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------- main
 
 PARTS = {"renewals": bench_renewals, "hostile": bench_hostile, "tls": bench_tls, "viewers": bench_viewers, "takeover": bench_takeover,
-         "slime-stop": bench_slime_stop, "ray-nodes": bench_ray_nodes, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby}
+         "slime-stop": bench_slime_stop, "ray-nodes": bench_ray_nodes, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby,
+         "gather": bench_gather}
 
 
 def main(argv: list[str]) -> int:
