@@ -451,7 +451,7 @@ class CommanderGroup:
 class LiumGroup:
     """stack.yaml `lium`: how pods are rented (`lium up`)."""
 
-    template_id: str
+    template_id: str = ""  # required for single pods (see load_stack_config)
     # What to rent: a node (`lium ls` NODE_ID, UUID or HUID) OR a GPU type with a count, the
     # cheapest node that has them.  `lium up --gpu H200` alone rents ONE GPU: gpu_count 8 is a whole node.
     node: str = ""
@@ -4400,12 +4400,30 @@ def trainer_environment(cfg: RunConfig, epoch: int, resume_iteration: int | None
     })
     if cfg.nodes > 1:  # slime probes the default route for its own address otherwise
         env.setdefault("SLIME_HOST_IP", cfg.node_ip)
+        interface = interface_of(cfg.node_ip)
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"):
+            if interface:  # torch, NCCL and NVSHMEM pick an interface of their own otherwise
+                env.setdefault(name, interface)
     # One Weights & Biases run per relayed run: every restart, on any pod, resumes the same
     # run instead of starting a new one (W&B reads these when slime calls wandb.init without
     # an id).  A user's own choice, from the worker's environment or `env`, wins.
     env.setdefault("WANDB_RUN_ID", wandb_run_id(cfg.run_id))
     env.setdefault("WANDB_RESUME", "allow")
     return env
+
+
+def interface_of(address: str) -> str:
+    """The network interface holding `address` (`ip -o addr`), '' when none or no `ip`: on a
+    Lium cluster, the overlay's, which slime's scripts name in GLOO/NCCL_SOCKET_IFNAME."""
+    try:
+        listing = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    for line in listing.splitlines():  # "3: ib0    inet 10.42.0.1/24 brd ..."
+        fields = line.split()
+        if len(fields) > 3 and fields[3].split("/")[0] == address:
+            return fields[1]
+    return ""
 
 
 def gpus_on_this_pod() -> int | None:

@@ -2203,10 +2203,10 @@ def test_every_flag_of_the_documented_slime_commands_is_one_slime_accepts():
     slime_page = open(os.path.join(root, "docs", "slime.md")).read()
     commands = [yaml.safe_load(block)["env"] for block in re.findall(r"```yaml\n(.*?)```", slime_page, re.S)]
     commands = [env[name] for env in commands for name in env if name.startswith("SLIME_")]
-    for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml"):
+    for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml", "stack.2nodes_sft.example.yaml"):
         env = yaml.safe_load(open(os.path.join(root, "examples", name)))["worker"]["env"]
         commands += [env[key] for key in env if key.startswith("SLIME_")]
-    assert len(commands) == 4
+    assert len(commands) == 5
     for command in commands:
         assert len(relay.slime_command_flags(command)) > 15
         assert relay.unknown_slime_flags(command, known) == []
@@ -3347,6 +3347,13 @@ def test_the_shipped_example_configs_are_valid_and_the_preflight_refuses_their_p
         if "liveweb_rl" in name:  # RL generates in LiveWeb-Arena's environment (SFT trains on its trajectories)
             assert "--custom-generate-function-path trainstack_plugins.http_env.adapter.generate" in command
             assert {"TRAINSTACK_HTTP_ENV_URL", "TRAINSTACK_LLM_URL"} <= set(stack.worker.env)
+    # a run on a 2-node cluster: no template or volume of its own, slime's environment by worker.setup
+    stack = relay.load_stack_config(os.path.join(root, "examples", "stack.2nodes_sft.example.yaml"))
+    assert stack.lium.nodes == 2 and not stack.lium.volume
+    refused = {check.what for check in relay.placeholder_checks(stack)}
+    assert refused == {"commander.public_url", "run.hf_repo", "worker.setup"}, refused
+    command = stack.worker.env["SLIME_SFT_CMD"]
+    assert "$RELAY_WAIT_FOR_NODES" in command and "--actor-num-nodes $RELAY_NUM_NODES" in command
 
 
 # --------------------------------------------------------------------------- fuzzing and models
