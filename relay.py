@@ -7555,7 +7555,13 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def format_run_detail(run: dict) -> str:
-    lines = [format_table(run_rows([run])), f"standing by: {standbys_text(run)}", "", "leases:"]
+    lines = [format_table(run_rows([run])), f"standing by: {standbys_text(run)}"]
+    if run.get("nodes", 1) > 1:
+        joined = ", ".join(f"{m['worker_id']} (node {m['node_rank']})" for m in run.get("members", [])) or "none yet"
+        fenced = ", ".join(p["worker_id"] for p in run.get("fenced", []))
+        lines.append(f"nodes: {run['nodes']} of cluster {run.get('group') or '?'}; joined: {joined}"
+                     + (f"; the last epoch's {fenced} may still run: no grant until they stop or expire" if fenced else ""))
+    lines += ["", "leases:"]
     for lease in run.get("leases", []):
         end = iso(lease["ended_at"]) or "now"
         lines.append(f"  epoch {lease['epoch']:>3}  {lease['worker_id']:<24} {iso(lease['started_at'])} -> {end:<20} "

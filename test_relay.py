@@ -3706,6 +3706,7 @@ def test_a_new_epoch_waits_until_every_node_of_the_last_one_has_stopped_or_expir
                address="127.0.30.2:1").body["status"] == "waiting"
     joined = ask("/api/lease/join", worker_id="c1-node1", group="c1", node_rank=1, address="127.0.30.1:1").body
     assert joined["status"] == "joined" and joined["epoch"] == grant["epoch"]
+    assert "nodes: 2 of cluster c1; joined: c1-node1 (node 1)" in relay.format_run_detail(cluster.run("r1"))
     # node 1 goes silent (its node died); node 0 keeps renewing, and is told at the first renewal after
     renewals = []
     wait_for("node 0's renewal to be refused", lambda: renewals.append(ask(
@@ -3714,6 +3715,7 @@ def test_a_new_epoch_waits_until_every_node_of_the_last_one_has_stopped_or_expir
     # node 0 of the ended epoch may still run until its own expiry: a new cluster waits for it
     denied = ask("/api/lease/acquire", worker_id="c2-node0", mode="sft", nodes=2, group="c2").body
     assert denied["status"] == "denied" and denied["waiting_for"] == ["c1-node0"]
+    assert "the last epoch's c1-node0 may still run" in relay.format_run_detail(cluster.run("r1"))  # `status` says why
     wait_for("the new cluster's grant once node 0's lease expired", lambda: ask(
         "/api/lease/acquire", worker_id="c2-node0", mode="sft", nodes=2, group="c2").body["status"] == "granted", 10)
     assert ask("/api/lease/member", worker_id="c1-node1", member_token=joined["member_token"]).status == 409
