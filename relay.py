@@ -6939,8 +6939,9 @@ class ClusterFleet(PodFleet):
         fault tolerance for a lost rank: a cluster with any member gone or dead is lost whole;
         its node 0 alone is kept while it holds the only copy of the run's last sealed
         checkpoint (its worker sends it to the Hub first thing: section 8), then removed;
-      - an unknown rent outcome (`cluster_rent_uncertain`, ...) is looked up in `clusters ps`
-        by the attempt's unique name; a cluster found half-made is removed, never used.
+      - after a failed rent, its cluster is looked up in `clusters ps` by the attempt's unique
+        name: one whose answer alone was lost (`cluster_rent_uncertain`, ...) is adopted once
+        whole; one left half-made (a member failed, not ready in time) is removed, never used.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -7007,32 +7008,47 @@ class ClusterFleet(PodFleet):
                 record.state = "removed"
                 self.state.save()
                 raise BudgetReached(f"Lium's account cannot pay for another cluster ({exc}); {self.spend_line()}") from None
-            self.remove_failed_rent(record, exc)
-            raise
+            if not self.settle_failed_rent(record, exc):
+                raise
         record.state = "active"
         self.state.save()
         stack_say(f"cluster {record.label} is rented (${record.price_per_hour:.2f}/h): "
                   + ", ".join(f"node {m.node_rank} {m.huid or m.id} at {m.overlay_ip}" for m in record.members))
         return record
 
-    def remove_failed_rent(self, record: ClusterRecord, exc: LiumError) -> None:
-        """After a failed `clusters up`: a cluster it may have left billing is found (its id in the
-        error, or by its unique name in `clusters ps`) and removed; it is never used half-made."""
+    def settle_failed_rent(self, record: ClusterRecord, exc: LiumError) -> bool:
+        """After a failed `clusters up`, the cluster it may have left billing is found (its id in
+        the error, or its unique name in `clusters ps`).  A rent whose answer alone was lost is
+        adopted once every member runs (True); any other is removed: a cluster is never used
+        half-made."""
         if exc.code not in CLUSTER_RENT_BILLING:
             record.state = "removed"  # nothing was rented
             self.state.save()
-            return
+            return False
         record.id = str(exc.data.get("cluster_id") or "")
+        unanswered = exc.code in ("cluster_rent_uncertain", "cluster_rented_not_listed")
+        stack_say(f"{exc}; looking for cluster {record.name} in `lium clusters ps` for "
+                  f"{self.cfg.lium.rent_lookup_seconds:g} s")
         give_up = time.monotonic() + self.cfg.lium.rent_lookup_seconds
-        while not record.id and time.monotonic() < give_up:
-            row = next((row for row in self.lium.clusters() if self.may_be_ours(record, row)), None)
+        while time.monotonic() < give_up:
+            row = next((row for row in self.lium.clusters() if self.may_be_ours(record, row)
+                        and (not record.id or row["id"] == record.id)), None)
             if row is not None:
                 record.id = str(row["id"])
-                break
+                running = [p for p in row.get("pods") or [] if str(p.get("status") or "").upper() == "RUNNING"]
+                if not unanswered or len(running) == record.nodes:
+                    break
             time.sleep(self.cfg.lium.poll_interval_seconds)
+        else:
+            row = None
         self.state.save()
+        if unanswered and row is not None:
+            self.note_cluster(record, row)
+            stack_say(f"the rent went through after all: cluster {record.label} is ours, using it")
+            return True
         stack_say(f"`lium clusters up` failed after renting ({exc.code}): removing cluster {record.label}")
         self.remove_cluster_only(record, f"its rent did not complete ({exc.code})")
+        return False
 
     @staticmethod
     def may_be_ours(record: Any, row: dict) -> bool:

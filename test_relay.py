@@ -3640,6 +3640,22 @@ def test_a_cluster_rent_that_left_a_member_failed_is_removed_whole_and_the_next_
     assert cluster_members(lium) == []
 
 
+@pytest.mark.slow(35)
+def test_a_cluster_rent_whose_answer_was_lost_is_adopted_once_it_shows_up_whole(cluster, lium, hub):
+    lium.cluster_rent_outcome = "lost"  # rented, but the CLI hears an error; its members are listed only later
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"})
+    supervisor, events = supervise(cluster, lium, stack)
+    assert supervisor.wait(150) == 0, events.read_text()
+    text = events.read_text()
+    for words in ("looking for cluster relay-r1-1 in `lium clusters ps`", "the rent went through after all: cluster relay-r1-1 (",
+                  "run r1 COMPLETED"):
+        assert words in text, text
+    assert "creating cluster relay-r1-2" not in text  # one cluster rented, one billed
+    assert cluster.run("r1")["leases"][0]["worker_id"] == "relay-r1-1-node0"
+    assert cluster_members(lium) == []
+
+
 @pytest.mark.slow(30)
 def test_a_cluster_is_removed_once_the_runs_spend_reaches_the_budget_which_lium_cannot_enforce_on_clusters(
         cluster, lium, hub):
