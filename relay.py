@@ -6521,6 +6521,7 @@ class PodFleet:
         self.cfg, self.state, self.lium, self.dry_run = cfg, state, lium, dry_run
         self.commander, self.notify = commander, notify  # where events of the pods are told
         self.units_wanted = 2 if cfg.relay.hot_standby else 1
+        self.unit_word = "pod"
         self.started = time.monotonic()
         self.worker_started: dict[str, float] = {}  # pod -> when this process started its worker
         self.unknown_status_since: dict[str, float] = {}  # pod id -> when its unknown status was first seen
@@ -6946,7 +6947,7 @@ class ClusterFleet(PodFleet):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.units_wanted = 1
+        self.units_wanted, self.unit_word = 1, "cluster"
 
     def rented(self) -> list[ClusterRecord]:  # type: ignore[override]
         return self.state.clusters
@@ -7446,7 +7447,7 @@ class Supervisor:
         self.notify("run_finished", f"run {self.cfg.run.run_id} {status} at step {run.get('step')}; pods removed: "
                     f"{', '.join(removed) or 'none'}", status=status, step=run.get("step"), pods_removed=removed)
         self.report_spend(run, supervising=False)
-        stack_say(f"run {self.cfg.run.run_id} {status}: {self.fleet.spend_line()} on {len(self.fleet.rented())} pod(s)")
+        stack_say(f"run {self.cfg.run.run_id} {status}: {self.fleet.spend_line()} on {len(self.fleet.rented())} {self.fleet.unit_word}(s)")
         return 1 if status == "FAILED" else 0
 
     def down(self) -> dict:
