@@ -2,7 +2,7 @@
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
     python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | hostile | tls | viewers | takeover | slime-stop | footprint | hub | standby
+    python bench_relay.py renewals   # one part: renewals | hostile | tls | viewers | takeover | slime-stop | footprint | hub | standby | env-route
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import http.server
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +28,7 @@ import tempfile
 import threading
 import time
 import types
+import urllib.request
 from pathlib import Path
 
 from testing.harness import Cluster, free_port, ray_slime_env, ray_slime_node_environments, relay, wait_for
@@ -654,11 +657,165 @@ def bench_standby(tmp: Path) -> list[tuple[str, str, str]]:
              f"without prefetch: {without:.2f} s (lease granted after {granted_without:.2f} s)")]
 
 
+# --------------------------------------------------------------------------- the trainer's environment on a member
+
+ENV_REQUIREMENTS = ("torch==2.13.0+cpu", "ray[default]==2.60.0", "numpy")  # a stand-in for slime's (much larger) Python
+LOCAL_TORCH_WHEELS = "/opt/wheels"  # this machine's CPU torch wheel (PyPI's torch is a CUDA build of several GB)
+PYPI = ["--isolated", "--disable-pip-version-check", "--index-url", "https://pypi.org/simple",
+        "--find-links", LOCAL_TORCH_WHEELS]  # --isolated: no pip config, so no local mirror in between
+
+
+def timed(command: list[str] | str, **kwargs: object) -> float:
+    os.sync()  # the writes of the step before are not this one's to flush
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, **kwargs)
+    return time.perf_counter() - started
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / (1 << 20)
+
+
+def lock_file(wheels: Path) -> str:
+    """A pip lock: one pinned line with its sha256 per wheel `pip download` chose (the name and
+    version are the first two fields of a wheel's file name)."""
+    lines = []
+    for wheel in sorted(wheels.glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        lines.append(f"{name}=={version} --hash=sha256:{relay.sha256_file(str(wheel))}")
+    return "\n".join(lines) + "\n"
+
+
+def new_venv_with_lock(env: Path, lock: Path, source: list[str]) -> float:
+    """What a member does on the lock route: a new venv, then `pip install --no-deps` of the lock."""
+    os.sync()
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--no-cache-dir", "--no-deps",
+                    "--require-hashes", "-r", str(lock), *source], check=True)
+    return time.perf_counter() - started
+
+
+def check_env_imports(env: Path) -> None:
+    subprocess.run([str(env / "bin" / "python"), "-c", "import numpy, ray, torch; torch.ones(2).numpy()"], check=True)
+
+
+def archive_through_hub(archive: Path, env: Path, endpoint: str, token: str, out: multiprocessing.Queue) -> None:
+    """In a fresh interpreter (HF_ENDPOINT is read at import): the real huggingface_hub + hf_xet
+    uploads the archive once, then a member downloads it and unpacks it where it was packed."""
+    os.environ.update(HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HOME=str(archive.parent / "hf-home"),
+                      HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api, repo = HfApi(), "tester/slime-env"
+    api.create_repo(repo, private=True)
+    started = time.perf_counter()
+    api.upload_file(path_or_fileobj=str(archive), path_in_repo=archive.name, repo_id=repo)
+    upload = time.perf_counter() - started
+    xet = any(getattr(entry, "xet_hash", None) for entry in api.list_repo_tree(repo) if entry.path == archive.name)
+    shutil.rmtree(env)  # the member: no environment, only the lium-cluster image
+    started = time.perf_counter()
+    path = hf_hub_download(repo, archive.name, local_dir=str(archive.parent / "member"))
+    download = time.perf_counter() - started
+    unpack = timed(f"zstd -dc {shlex.quote(path)} | tar -x -C {shlex.quote(str(env.parent))}", shell=True)
+    out.put((upload, xet, download, unpack))
+
+
+class QuietFileHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def bench_env_route(tmp: Path) -> list[tuple[str, str, str]]:
+    """The routes by which slime's Python could reach a cluster member that runs only Lium's
+    cluster image, on one stand-in environment (torch CPU + ray[default] in a venv): pip from a
+    lock (PyPI, then a local wheel cache), a packed archive through the Hub stand-in (real
+    huggingface_hub + hf_xet), and node 0 streaming it to a member over loopback HTTP."""
+    if shutil.which("zstd") is None or shutil.which("curl") is None:
+        raise SystemExit("env-route needs zstd and curl (apt-get install zstd curl)")
+    wheels, lock = tmp / "wheels", tmp / "lock.txt"
+    resolve = timed([sys.executable, "-m", "pip", "download", "-q", "--no-cache-dir", *PYPI, "-d", str(wheels),
+                     *ENV_REQUIREMENTS])
+    lock.write_text(lock_file(wheels))
+    wheels_mb = folder_mb(wheels)
+    torch_mb = sum(w.stat().st_size for w in wheels.glob("torch-*.whl")) / (1 << 20)
+    download = timed([sys.executable, "-m", "pip", "download", "-q", "--no-cache-dir", "--no-deps", "--require-hashes",
+                      *PYPI, "-d", str(tmp / "wheels-again"), "-r", str(lock)])
+    from_pypi = new_venv_with_lock(tmp / "from-pypi", lock, PYPI)
+    shutil.rmtree(tmp / "from-pypi")
+    env = tmp / "slime-env"  # a venv is not relocatable: it is packed and unpacked at this path
+    from_cache = new_venv_with_lock(env, lock, ["--isolated", "--no-index", "--find-links", str(wheels)])
+    check_env_imports(env)
+    env_mb = folder_mb(env)
+    archive = tmp / "archive" / "slime-env.tar.zst"
+    archive.parent.mkdir()
+    pack = timed(f"tar -c -C {shlex.quote(str(env.parent))} {env.name} | zstd -q -T0 -o {shlex.quote(str(archive))}",
+                 shell=True)
+    archive_mb = archive.stat().st_size / (1 << 20)
+
+    token = "hf_bench_token_0123456789"
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve_hub, args=(ports, token), daemon=True)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{ports.get(timeout=10)}"
+        spawn = multiprocessing.get_context("spawn")
+        results: multiprocessing.Queue = spawn.Queue()
+        child = spawn.Process(target=archive_through_hub, args=(archive, env, endpoint, token, results))
+        child.start()
+        upload, xet, hub_download, hub_unpack = results.get(timeout=1800)
+        child.join()
+    finally:
+        server.terminate()
+        server.join()
+    check_env_imports(env)
+
+    # The overlay route: node 0 serves the archive, a member streams it straight into tar.
+    node0 = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietFileHandler, directory=str(archive.parent)))
+    threading.Thread(target=node0.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{node0.server_address[1]}/{archive.name}"
+        started = time.perf_counter()
+        with urllib.request.urlopen(url) as response:
+            while response.read(1 << 20):
+                pass
+        stream = time.perf_counter() - started
+        shutil.rmtree(env)
+        streamed_unpack = timed(f"curl -sf {url} | zstd -dc | tar -x -C {shlex.quote(str(env.parent))}", shell=True)
+    finally:
+        node0.shutdown()
+        node0.server_close()
+    check_env_imports(env)
+
+    what = (f"a venv of {' + '.join(ENV_REQUIREMENTS)}: {len(lock.read_text().splitlines())} wheels, "
+            f"{wheels_mb:.0f} MB of wheels ({torch_mb:.0f} MB torch from this disk), {env_mb:.0f} MB installed")
+    hub_total = hub_download + hub_unpack
+    return [
+        (f"env route: the environment ({what})", f"zstd archive {archive_mb:.0f} MB (packed in {pack:.1f} s, "
+         f"{env_mb / pack:.0f} MB/s)", "figure only"),
+        ("env route (a): pip install --no-deps --require-hashes -r lock.txt into a new venv, from PyPI",
+         f"{from_pypi:.1f} s ({env_mb / from_pypi:.0f} MB/s installed)",
+         f"the wheels alone from PyPI: {download:.1f} s ({(wheels_mb - torch_mb) / download:.0f} MB/s over the network; "
+         f"resolving + downloading the first time {resolve:.1f} s)"),
+        ("env route (a): the same from a local wheel cache (--no-index --find-links)",
+         f"{from_cache:.1f} s ({env_mb / from_cache:.0f} MB/s installed)",
+         f"install only: {from_cache / from_pypi:.2f} of the PyPI route's time"),
+        (f"env route (b): archive on the Hub stand-in (hf_xet: {'yes' if xet else 'NO'}), hf_hub_download + "
+         "unpacked (zstd -d into tar -x), imports torch and ray",
+         f"{hub_total:.1f} s (download {hub_download:.1f} s, {archive_mb / hub_download:.0f} MB/s; unpack "
+         f"{hub_unpack:.1f} s, {env_mb / hub_unpack:.0f} MB/s written)",
+         f"the one-time upload: {upload:.1f} s ({archive_mb / upload:.0f} MB/s); pip from the cache {from_cache:.1f} s"),
+        ("env route (c): node 0 serves the archive over HTTP to a member on loopback",
+         f"{archive_mb / stream:.0f} MB/s read ({stream:.2f} s); streamed into zstd -d and tar -x: {streamed_unpack:.1f} s",
+         "figure only (a real overlay: its NIC's rate)"),
+    ]
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = {"renewals": bench_renewals, "hostile": bench_hostile, "tls": bench_tls, "viewers": bench_viewers, "takeover": bench_takeover,
          "slime-stop": bench_slime_stop, "ray-nodes": bench_ray_nodes, "footprint": bench_footprint, "hub": bench_hub, "standby": bench_standby,
-         "gather": bench_gather}
+         "gather": bench_gather, "env-route": bench_env_route}
 
 
 def main(argv: list[str]) -> int:
