@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """relay-trainer benchmarks: figures, printed side by side with their baselines.
 
-    python bench_relay.py            # everything (about 3 minutes)
-    python bench_relay.py renewals   # one part: renewals | hostile | tls | viewers | takeover | slime-stop | footprint | hub | standby | env-route
+    python bench_relay.py            # everything (about 9 minutes; env-route downloads ~130 MB from PyPI)
+    python bench_relay.py renewals   # one part: renewals | hostile | tls | viewers | takeover | slime-stop | ray-nodes | footprint | hub | standby | env-route
 
 Targets (from the relay-core issue): renewals at least half a bare stdlib HTTP server's
 throughput; takeover after SIGKILL at most 1.0 x TTL + 2 s, after SIGTERM under 1 s plus
