@@ -1694,6 +1694,8 @@ class Commander:
                 with self.durable_change(run_id):
                     self._unfence(run, own)
         if run is None or not run.holder or run.group != group:
+            if run is not None:  # heard, as a standby is: launch-stack tells a waiting node from a dead one
+                self.note_standby(run_id, worker_id, now)
             return {"status": "waiting", "holder": run.holder if run else "",
                     "retry_after_sec": standby_poll_seconds(self.lease_seconds)}
         if not 1 <= (node_rank or 0) < run.nodes:
@@ -6967,6 +6969,19 @@ class ClusterFleet(PodFleet):
     def worker_of(unit: Any) -> str:
         return unit.members[0].name if unit.members else f"{unit.name}-node0"
 
+    def silent(self, run: dict, alive: list) -> list:
+        """Clusters with a node whose worker is unheard: neither in the epoch (holder or member)
+        nor asking (a node waiting to join asks as a standby does).  One dead worker stalls the
+        whole cluster, so the cluster goes."""
+        silence = self.silence_seconds()
+        if run.get("standby_window_sec", 0) < silence:
+            return []
+        heard = {s["worker_id"] for s in run.get("standbys", []) if s["seen_sec_ago"] < silence}
+        heard |= {m["worker_id"] for m in run.get("members", [])} | {run.get("holder")}
+        now = time.monotonic()
+        return [unit for unit in alive if any(m.name not in heard for m in unit.members)
+                and now - max(self.worker_started.get(m.name, self.started) for m in unit.members) > silence]
+
     def summary(self, record: Any, worker: dict | None) -> dict:
         return {"cluster": {"name": record.name, "id": record.id or None, "nodes": record.nodes,
                             "price_per_hour": round(record.price_per_hour, 2),
@@ -7191,13 +7206,24 @@ class ClusterFleet(PodFleet):
 
     def give_up_on(self, record: Any, why: str) -> None:
         tail = self.remove(record, why)
+        if failure_every_pod_meets(tail):
+            self.stop_for(record, tail)
+
+    def check_for_a_failure_every_pod_meets(self, record: PodRecord, tail: list[str]) -> None:
+        """A member's worker that exited at its start: for a reason every cluster would meet, the
+        whole cluster goes (a member alone cannot be replaced) and nothing more is rented."""
+        if failure_every_pod_meets(tail):
+            cluster = next(c for c in self.state.clusters if record in c.members)
+            self.remove_cluster_only(cluster, f"the worker on {record.name} cannot work here")
+            self.stop_for(cluster, tail)
+
+    def stop_for(self, cluster: ClusterRecord, tail: list[str]) -> None:
         reason = failure_every_pod_meets(tail)
-        if reason:
-            message = (f"a worker on cluster {record.name} failed for a reason every cluster would meet: {reason}; no "
-                       f"other cluster is rented (fix it, then run `relay.py launch-stack {self.cfg.path}` again)")
-            self.commander.tell_the_run(message)
-            self.notify("worker_failed", message, pod=record.name, reason=reason, log_tail=tail[-10:])
-            raise EveryPodWouldFail(message)
+        message = (f"a worker on cluster {cluster.name} failed for a reason every cluster would meet: {reason}; no "
+                   f"other cluster is rented (fix it, then run `relay.py launch-stack {self.cfg.path}` again)")
+        self.commander.tell_the_run(message)
+        self.notify("worker_failed", message, pod=cluster.name, reason=reason, log_tail=tail[-10:])
+        raise EveryPodWouldFail(message)
 
 
 # -- the supervising loop ----------------------------------------------------------------

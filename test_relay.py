@@ -3764,3 +3764,45 @@ def test_losing_node_0_of_a_cluster_stops_its_members_and_a_new_cluster_resumes_
     final = member_home(lium, second["id"], 0) / "relay-l1" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(80)
     assert (final / "model.json").read_bytes() == reference_model(tmp_path, 80)
     assert cluster_members(lium) == []
+
+
+@pytest.mark.slow(45)
+def test_after_losing_a_member_node_0_is_kept_alone_until_the_hub_has_the_checkpoint_only_it_holds(cluster, lium, hub,
+                                                                                                  tmp_path):
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "80", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"},
+                          run={"hf_sync_interval_seconds": 3600}, relay={"max_pods": 3})  # no Hub copy before the loss
+    supervisor, events = supervise(cluster, lium, stack)
+    wait_for("checkpoint 20 sealed", lambda: cluster.healthy() and checkpoint_at_least(cluster, 20), 90)
+    assert not cluster.run("r1").get("hub")  # node 0's disk holds the only copy
+    first = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][0]
+    lium.preempt(first["members"][1]["id"])  # node 1 BROKEN
+    assert supervisor.wait(150) == 0, events.read_text()
+    text = events.read_text()
+    kept, removed = text.index("node 0 of cluster relay-r1-1"), text.index("removed: the Hub has the last checkpoint now")
+    assert kept < removed, text
+    run = cluster.run("r1")
+    # node 0 took the run again only to send its checkpoint; the new cluster resumed from that
+    holders = [lease["worker_id"] for lease in run["leases"]]
+    assert holders[:2] == ["relay-r1-1-node0"] * 2 and holders[-1] != holders[0], holders
+    resumed = next(e["msg"] for e in run["events"] if e["msg"].startswith(f"{holders[-1]} resumes from checkpoint"))
+    assert int(resumed.split("checkpoint ")[1].split()[0]) >= 20 and "in the Hub" in resumed  # nothing lost
+    last = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][-1]
+    final = member_home(lium, last["id"], 0) / "relay-l1" / "runs" / "r1" / "ckpt" / relay.iteration_dirname(80)
+    assert (final / "model.json").read_bytes() == reference_model(tmp_path, 80)
+    assert cluster_members(lium) == []
+
+
+@pytest.mark.slow(40)
+@pytest.mark.parametrize("after", [0, 4], ids=["at-once", "after-the-workers-start"])
+def test_a_member_whose_setup_fails_stops_the_supervisor_with_its_reason_instead_of_stalling_node_0(cluster, lium, hub,
+                                                                                                    after):
+    stack = cluster_stack(cluster, lium, hub, {"MOCK_MAX_STEPS": "20", "MOCK_STEP_SECONDS": "0.1",
+                                               "SLIME_MEMBER_CMD": "exec sleep 100000"},  # fails on node 1 only:
+                          worker={"setup": f"sleep {after}; grep -q '\"node_rank\": 0' relay/run.yaml"})
+    supervisor, events = supervise(cluster, lium, stack)
+    assert supervisor.wait(120) == 2, events.read_text()
+    text = events.read_text()
+    assert "failed for a reason every cluster would meet: setup failed with status 1" in text, text
+    assert "creating cluster relay-r1-2" not in text and cluster_members(lium) == []
+    assert cluster.run("r1")["holder"] in ("", "relay-r1-1-node0")  # node 0 got no further than waiting for node 1
