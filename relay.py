@@ -6598,16 +6598,21 @@ class PodFleet:
                 self.state.save()
                 raise BudgetReached(f"the {budget:.2f} USD left of relay.budget_usd is not enough for another pod "
                                     f"({exc}); {self.spend_line()}") from None
-            if exc.code in LIUM_FUNDS_REFUSED:  # refused before renting: nothing bills
-                record.state = "removed"
-                self.state.save()
-                raise BudgetReached(f"Lium's account cannot pay for another pod ({exc}); {self.spend_line()}") from None
+            self.refuse_unpaid(record, exc)
             if not self.adopt_unanswered_rent(record, exc):
                 raise
         record.state = "active"
         self.state.save()
         stack_say(f"pod {record.label} is rented (${record.price_per_hour:.2f}/h)")
         return record
+
+    def refuse_unpaid(self, record: Any, exc: LiumError) -> None:
+        """BudgetReached when Lium's account could not pay for the rent (refused before renting:
+        nothing bills, and renting again cannot help until someone adds funds)."""
+        if exc.code in LIUM_FUNDS_REFUSED:
+            record.state = "removed"
+            self.state.save()
+            raise BudgetReached(f"Lium's account cannot pay for another {self.unit_word} ({exc}); {self.spend_line()}") from None
 
     def adopt_unanswered_rent(self, record: PodRecord, exc: LiumError) -> bool:
         """After a failed `up`: remove the pod it left billing, or find the pod of a rent that
@@ -7020,10 +7025,7 @@ class ClusterFleet(PodFleet):
         try:
             self.note_cluster(record, self.lium.cluster_up(lium, name, lium.nodes, lium.fabric, lium.template_id))
         except LiumError as exc:
-            if exc.code in LIUM_FUNDS_REFUSED:  # refused before renting: nothing bills
-                record.state = "removed"
-                self.state.save()
-                raise BudgetReached(f"Lium's account cannot pay for another cluster ({exc}); {self.spend_line()}") from None
+            self.refuse_unpaid(record, exc)
             if not self.settle_failed_rent(record, exc):
                 raise
         record.state = "active"
