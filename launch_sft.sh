@@ -9,6 +9,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # command trains (docs/slime.md, "Several nodes"); $SLIME_MEMBER_CMD replaces this default.
 if [[ "${RELAY_NODE_RANK:-0}" != 0 ]]; then
   export PYTHONUNBUFFERED=1
+  # `ray start --address` gives up after ~20 s, and node 0 starts its head only after its restore
+  # and once every node joined: wait for the head's port first (the worker ends the wait with
+  # the epoch).
+  head="${RELAY_MASTER_ADDR}:${RELAY_RAY_PORT:-6379}"
+  echo "launch script: waiting for node 0's Ray at $head"
+  until (exec 3<>"/dev/tcp/${RELAY_MASTER_ADDR}/${RELAY_RAY_PORT:-6379}") 2>/dev/null; do sleep 2; done
   if [[ -n "${SLIME_MEMBER_CMD:-}" ]]; then
     exec bash -c "$SLIME_MEMBER_CMD"
   fi

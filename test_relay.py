@@ -2201,7 +2201,7 @@ def test_every_flag_of_the_documented_slime_commands_is_one_slime_accepts():
     assert known is not None and len(known.exact) > 1000  # slime's, Megatron's and SGLang's, as pinned
     root = os.path.dirname(RELAY)
     slime_page = open(os.path.join(root, "docs", "slime.md")).read()
-    commands = [yaml.safe_load(block)["env"] for block in re.findall(r"```yaml\n(.*?)```", slime_page, re.S)]
+    commands = [yaml.safe_load(block).get("env", {}) for block in re.findall(r"```yaml\n(.*?)```", slime_page, re.S)]
     commands = [env[name] for env in commands for name in env if name.startswith("SLIME_")]
     for name in ("stack.liveweb_sft.example.yaml", "stack.liveweb_rl.example.yaml", "stack.2nodes_sft.example.yaml"):
         env = yaml.safe_load(open(os.path.join(root, "examples", name)))["worker"]["env"]
@@ -3671,6 +3671,16 @@ def test_a_cluster_is_removed_once_the_runs_spend_reaches_the_budget_which_lium_
     assert cluster_members(lium) == []  # nothing bills past the budget
 
 
+def print_member_logs(api, events: Path) -> None:
+    """What a failed cluster test needs to be understood: the supervisor's events and each
+    member's worker log (they go with the test's folder)."""
+    print("----- supervisor -----", events.read_text(), sep="\n")
+    for pod in [*api.pods.values(), *api.removed]:
+        log = pod.folder / "root" / "relay" / "worker.log"
+        if pod.cluster_id and log.exists():
+            print(f"----- {pod.name} node {pod.cluster_node_index} -----", *log.read_text().splitlines()[-40:], sep="\n")
+
+
 def member_home(api, cluster_id: str, rank: int) -> Path:
     """A cluster member's /root as this machine sees it (after its removal too)."""
     pod = next(p for p in [*api.pods.values(), *api.removed] if p.cluster_id == cluster_id and p.cluster_node_index == rank)
@@ -3685,8 +3695,12 @@ def test_a_run_on_two_ray_nodes_survives_losing_a_member_by_renting_a_new_cluste
                                   extra="--fake-rollout-manager-on-last-node")
     stack = cluster_stack(cluster, lium, hub, env, run={"total_steps": 10}, relay={"max_pods": 3})
     supervisor, events = supervise(cluster, lium, stack)
-    wait_for("checkpoint 3 on the Hub", lambda: cluster.healthy() and (cluster.run("r1").get("hub") or {}).get(
-        "iteration", -1) >= 3, 240)
+    try:
+        wait_for("checkpoint 3 on the Hub", lambda: cluster.healthy() and (cluster.run("r1").get("hub") or {}).get(
+            "iteration", -1) >= 3, 240)
+    except AssertionError:
+        print_member_logs(lium, events)
+        raise
     first = json.loads((cluster.tmp / "launch" / "stack_state.json").read_text())["clusters"][0]
     node0, node1 = (member["id"] for member in first["members"])
     lium.preempt(node1)  # node 1 BROKEN: its processes die, its host is lost

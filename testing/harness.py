@@ -152,6 +152,7 @@ def ray_slime_multinode_env(tmp: Path, ray_dirs: list[str], num_rollout: int = 4
         f"else exec ray start --address $RELAY_MASTER_ADDR:$TEST_RAY_HEAD_PORT {node} --block; fi")
     # (relay's launch script runs $SLIME_MEMBER_CMD on nodes k > 0: here the same command)
     return {**env, "SLIME_SFT_CMD": command, "SLIME_MEMBER_CMD": command, "TEST_RAY_HEAD_PORT": str(head_port),
+            "RELAY_RAY_PORT": str(head_port),  # where relay's launch script waits for the head on nodes k > 0
             "RELAY_RAY_DASHBOARD_PORT": str(free_port()), "FAKE_GPU_COUNT": str(gpus_per_node),
             "PATH": f"{ROOT / 'testing' / 'bin'}:{os.environ['PATH']}"}
 
