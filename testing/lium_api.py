@@ -116,6 +116,7 @@ from pathlib import Path
 from testing.harness import free_port
 
 SSHD = "/usr/sbin/sshd"
+CHECKOUT = str(Path(__file__).resolve().parent.parent)
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 TEMPLATE_ID = "6f1c3b8e-2a45-4c1e-9a57-0d3e5b7c9f11"
 EXECUTOR_ID = "3d7e9a10-5b2c-4f8e-8c41-7a6b2e9d0c55"  # the first of the 8×H200 nodes
@@ -215,8 +216,11 @@ class LiumApi(http.server.ThreadingHTTPServer):
         self.mark = mark
         # Host folders the pod's image must show at their own paths although a pod has its own
         # /root, /tmp and /workspace: the Python the worker runs (a venv and the interpreter it
-        # was made from), wherever the tests run from.
-        self.image_paths = python_folders_in_sandbox_dirs(python)
+        # was made from), and this checkout (the stand-ins a test's trainer command runs, such as
+        # testing/fake_slime_ray.py and testing/bin/nvidia-smi, as an image would have them),
+        # wherever the tests run from (CI clones into /tmp).
+        checkout = [CHECKOUT] if any(CHECKOUT.startswith(d + "/") for d in SANDBOX_DIRS) else []
+        self.image_paths = tuple(sorted({*python_folders_in_sandbox_dirs(python), *checkout}))
         # folders the pod's image has at a path of its own (pod path -> host folder), e.g. the
         # image's /opt/relay; the host folder may lie anywhere, /tmp included
         self.image_dirs: dict[str, Path] = {}
