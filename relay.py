@@ -4588,14 +4588,14 @@ def stop_ray_job() -> int:
     return 0
 
 
-def ray_gpus_registered(dashboard: str) -> float:
-    """GPUs of the live nodes of the Ray cluster whose dashboard answers at `dashboard`, from
-    Ray's state API (what `ray list nodes` reads)."""
+def ray_nodes_registered(dashboard: str) -> tuple[int, float]:
+    """The live nodes of the Ray cluster whose dashboard answers at `dashboard`, and their GPUs,
+    from Ray's state API (what `ray list nodes` reads)."""
     with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=10000&detail=true", timeout=5) as answer:
         document = json.load(answer)
-    nodes = (((document.get("data") or {}).get("result") or {}).get("result")) or []
-    return sum(float((node.get("resources_total") or {}).get("GPU", 0)) for node in nodes
-               if isinstance(node, dict) and node.get("state") == "ALIVE")
+    nodes = [node for node in (((document.get("data") or {}).get("result") or {}).get("result")) or []
+             if isinstance(node, dict) and node.get("state") == "ALIVE"]
+    return len(nodes), sum(float((node.get("resources_total") or {}).get("GPU", 0)) for node in nodes)
 
 
 def wait_for_nodes(every: float) -> int:
@@ -4604,22 +4604,24 @@ def wait_for_nodes(every: float) -> int:
     placement group would wait for ever too; submitting only once it can be placed keeps
     the job's start quick and the waiting visible: the line printed meanwhile has slime's words,
     so a cluster that never completes is a stall whose reason names the GPUs missing."""
-    need = int(os.environ.get("RELAY_NUM_NODES", "1")) * int(os.environ.get("RELAY_NUM_GPUS", "0") or 0)
+    nodes = int(os.environ.get("RELAY_NUM_NODES", "1"))
+    need = nodes * int(os.environ.get("RELAY_NUM_GPUS", "0") or 0)
     dashboard = f"http://127.0.0.1:{os.environ.get('RELAY_RAY_DASHBOARD_PORT', '8265')}"
     started = time.monotonic()
     last_said = -every
     while True:
         try:
-            have = ray_gpus_registered(dashboard)
+            joined, have = ray_nodes_registered(dashboard)
         except (OSError, ValueError, AttributeError, http.client.HTTPException):
-            have = 0.0  # the dashboard is still starting
-        if have >= need:
-            print(f"relay: all {need} GPUs of {os.environ.get('RELAY_NUM_NODES', '1')} node(s) are in Ray", flush=True)
+            joined, have = 0, 0.0  # the dashboard is still starting
+        if joined >= nodes and have >= need:
+            print(f"relay: all {need} GPUs of {nodes} node(s) are in Ray", flush=True)
             return 0
         waited = time.monotonic() - started
         if waited - last_said >= every:
             print(f"relay: Waiting for placement group of {need} GPUs (elapsed {waited:.0f}s): {have:.0f} GPUs "
-                  f"registered with Ray; the other nodes' workers start Ray on theirs", flush=True)
+                  f"registered with Ray, on {joined} of {nodes} nodes; the other nodes' workers start Ray on theirs",
+                  flush=True)
             last_said = waited
         time.sleep(0.5)
 
