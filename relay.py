@@ -1680,7 +1680,7 @@ class Commander:
         run_id = body.str("run_id", pattern=RUN_ID_RE)
         worker_id = body.str("worker_id", pattern=WORKER_ID_RE)
         group = body.str("group", pattern=WORKER_ID_RE)
-        node_rank = body.int("node_rank", required=True, maximum=MAX_NODES - 1)
+        node_rank = body.int("node_rank", required=True, maximum=MAX_NODES - 1) or 0
         address = body.str("address", max_len=256, pattern=NODE_ADDRESS_RE)
         previous = body.str("previous_member_token", required=False, max_len=128)
         now = self.clock()
@@ -1698,7 +1698,7 @@ class Commander:
                 self.note_standby(run_id, worker_id, now)
             return {"status": "waiting", "holder": run.holder if run else "",
                     "retry_after_sec": standby_poll_seconds(self.lease_seconds)}
-        if not 1 <= (node_rank or 0) < run.nodes:
+        if not 1 <= node_rank < run.nodes:
             raise ApiError(409, f"node rank {node_rank} is not one of nodes 1..{run.nodes - 1} of run '{run_id}'")
         taken = next((m for m in run.members if m["node_rank"] == node_rank and m["worker_id"] != worker_id), None)
         if taken is not None:
@@ -1706,7 +1706,7 @@ class Commander:
         token = secrets.token_urlsafe(24)
         with self.durable_change(run_id):
             run.members = [m for m in run.members if m["worker_id"] != worker_id]
-            run.members.append(dataclasses.asdict(PartyRecord(worker_id, node_rank or 0, token_digest(token), address,
+            run.members.append(dataclasses.asdict(PartyRecord(worker_id, node_rank, token_digest(token), address,
                                                               utc_now())))
             self.party_expires.setdefault(run_id, {})[worker_id] = now + self.lease_seconds
             run.add_event(f"{worker_id} joined epoch {run.epoch} as node {node_rank}")
@@ -4694,11 +4694,14 @@ class LeaseKeeper:
 
     def __init__(self, client: CommanderClient, cfg: RunConfig, lease: Lease, progress: Progress,
                  watchdog: Watchdog, on_lost: Callable[[str], None], on_cancel: Callable[[], None],
-                 path: str = "/api/lease/renew") -> None:
+                 path: str = "/api/lease/renew", payload: Callable[[], dict] | None = None) -> None:
         self.client, self.cfg, self.lease, self.progress = client, cfg, lease, progress
         self.watchdog = watchdog
         self.on_lost, self.on_cancel = on_lost, on_cancel
-        self.path = path  # /api/lease/member for a member of a multi-node epoch: same rules
+        # A member of a multi-node epoch renews at /api/lease/member with a payload of its own:
+        # same rules, same deadline.
+        self.path = path
+        self.payload = payload or self.holder_payload
         self.deadline = lease.sent_at + lease.ttl - lease_margin(lease.ttl)
         self.phase = "RESTORING"
         self.answer: dict = {}  # the last renewal's answer (a multi-node holder's members ...)
@@ -4717,9 +4720,7 @@ class LeaseKeeper:
             self.lost.set()
             self.on_lost(why)
 
-    def payload(self) -> dict:
-        if self.path != "/api/lease/renew":  # a member: its node's trainer reports nothing itself
-            return {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "member_token": self.lease.token}
+    def holder_payload(self) -> dict:
         return {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "lease_token": self.lease.token,
                 "step": self.progress.step, "loss": self.progress.loss, "phase": self.phase,
                 "log_lines": self.progress.take_lines(), "losses": self.progress.take_losses()}
@@ -5469,7 +5470,8 @@ class MemberWorker(Worker):
                 self.previous_token = self.lease.token
                 self.say(f"joined epoch {self.lease.epoch} of {body.get('holder')} as node {self.cfg.node_rank}")
                 self.keeper = LeaseKeeper(self.client, self.cfg, self.lease, self.progress, self.watchdog,
-                                          self._on_lease_lost, lambda: None, path="/api/lease/member")
+                                          self._on_lease_lost, lambda: None, path="/api/lease/member",
+                                          payload=self.member_payload)
                 self.tell_setup_time()
                 return "RESTORING"
             if self.run_has_ended(body.get("status")):
@@ -5480,6 +5482,11 @@ class MemberWorker(Worker):
             self.stop_requested.wait(float(body.get("retry_after_sec", 1.0)))
         self.exit_code = 0
         return "EXITED"
+
+    def member_payload(self) -> dict:
+        """A member's renewal: its token alone (node 0 reports the run's progress)."""
+        lease = self.lease
+        return {"run_id": self.cfg.run_id, "worker_id": self.cfg.worker_id, "member_token": lease.token if lease else ""}
 
     def state_restoring(self) -> str:
         assert self.lease is not None and self.keeper is not None
@@ -6726,7 +6733,7 @@ class PodFleet:
         self.state.save()
         return alive
 
-    def keep_only_node0(self, unit: PodRecord) -> None:
+    def keep_only_node0(self, unit: PodRecord, run: dict) -> None:
         """Of a unit kept for the last checkpoint on its disk, what holds it (a pod: all of it)."""
 
     def give_up_on(self, record: PodRecord, why: str) -> None:
@@ -7145,7 +7152,12 @@ class ClusterFleet(PodFleet):
         sealed checkpoint: the other members go now, node 0 once the Hub has it."""
         if run is None or self.sole_keeper(run) != record.name:
             self.remove(record, why)
-            return
+        else:
+            self.keep_only_node0(record, run)
+
+    def keep_only_node0(self, record: Any, run: dict) -> None:
+        """The cluster reduced to its node 0, whose disk holds the run's last checkpoint: the
+        other members go now (they bill, and hold nothing node 0 lacks)."""
         for member in record.members[1:]:
             self.keep_worker_log(member)
             with contextlib.suppress(LiumError):
@@ -7163,9 +7175,6 @@ class ClusterFleet(PodFleet):
             return None
         return next((c.name for c in self.state.clusters if c.members and c.members[0].name == last.get("worker_id")),
                     None)
-
-    def keep_only_node0(self, unit: Any) -> None:
-        self.remove_lost(unit, "the run ended", {"latest_checkpoint": {"iteration": -1}})
 
     # -- removing --------------------------------------------------------------------------
 
@@ -7199,14 +7208,6 @@ class ClusterFleet(PodFleet):
             member.state = "removed"
         self.state.save()
         stack_say(f"cluster {record.label} removed: {why} (it cost ${record.spent_usd:.2f}; {self.spend_line()})")
-
-    def remove_all(self, why: str) -> list[str]:
-        self.live()
-        removed = []
-        for record in self.not_removed():
-            self.remove(record, why)
-            removed.append(record.name)
-        return removed
 
     def give_up_on(self, record: Any, why: str) -> None:
         tail = self.remove(record, why)
@@ -7467,7 +7468,7 @@ class Supervisor:
             keep = self.fleet.sole_keeper(run)
             for unit in live:
                 if unit.name == keep:
-                    self.fleet.keep_only_node0(unit)
+                    self.fleet.keep_only_node0(unit, run)
                     stack_say(f"pod {keep} kept: checkpoint {run['latest_checkpoint']['iteration']} is only on its own "
                               f"disk ({self.cfg.run.l1_root}), on no volume and not on the Hub; copy it off "
                               f"(`lium scp -d`), then `relay.py down {self.cfg.path}` removes the pod")
